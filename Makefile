@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine (README.md):
+#   make demo   train on MovieLens-100K, export a bundle, serve it, show a real exchange
+#   make test   lint + the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint clean
+
+$(BIN)/sidrec: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip wheel
+	# torch is pinned to the CPU build in the train extra; a looser pin would pull CUDA wheels.
+	$(BIN)/pip install --quiet -e ".[train,dev]"
+	touch $(BIN)/sidrec
+
+install: $(BIN)/sidrec
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/sidrec quickstart
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) runs bundles .pytest_cache .ruff_cache

@@ -1,0 +1,129 @@
+"""The model bundle: what `sidrec export` writes and `sidrec serve` loads (docs/bundle.md).
+
+Torch-free on purpose: the service imports this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+# Every bundle has these; the manifest may list more (e.g. tokenizer side files).
+REQUIRED_FILES = (
+    "user_encoder.onnx",
+    "item_vectors.npy",
+    "items.jsonl",
+    "sid_codebooks.npz",
+    "sid_to_vector.onnx",
+    "content_encoder.onnx",
+    "tokenizer.json",
+)
+
+
+class BundleError(RuntimeError):
+    """The bundle is missing, incomplete or altered. The message names the file."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file in the folder into `manifest["files"]` and write manifest.json."""
+    files = sorted(p for p in bundle_dir.iterdir() if p.is_file() and p.name != MANIFEST)
+    missing = [name for name in REQUIRED_FILES if not (bundle_dir / name).is_file()]
+    if missing:
+        raise BundleError(f"{bundle_dir}: cannot write a manifest, missing {', '.join(missing)}")
+    manifest = {**manifest, "format": FORMAT, "files": {p.name: sha256_of(p) for p in files}}
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    item_id: str
+    row: int
+    sid: tuple[int, ...]
+    title: str
+    text: str
+    popularity: int
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.manifest["model"]
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def item_vectors(self) -> np.ndarray:
+        """float32 [n + 1, d], raw vectors, row 0 padding."""
+        return np.load(self.file("item_vectors.npy"))
+
+    def items(self) -> list[ItemRecord]:
+        """Rows 1..n in order."""
+        records = []
+        with self.file("items.jsonl").open(encoding="utf-8") as f:
+            for line in f:
+                obj = json.loads(line)
+                records.append(
+                    ItemRecord(
+                        item_id=str(obj["item_id"]),
+                        row=int(obj["row"]),
+                        sid=tuple(int(c) for c in obj["sid"]),
+                        title=obj.get("title", ""),
+                        text=obj.get("text", ""),
+                        popularity=int(obj.get("popularity", 0)),
+                    )
+                )
+        return records
+
+
+def load_bundle(path: Path, verify: bool = True) -> Bundle:
+    """Open a bundle folder, checking every file's sha256 against manifest.json.
+
+    Raises BundleError naming the first file that is missing or differs.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: not found; is {path} a sidrec bundle?")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{manifest_path}: not valid JSON ({e})") from e
+    if manifest.get("format") != FORMAT:
+        raise BundleError(
+            f"{manifest_path}: bundle format {manifest.get('format')!r}, this sidrec reads {FORMAT}"
+        )
+    files: dict[str, str] = manifest.get("files", {})
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise BundleError(f"{manifest_path}: does not list required file {name}")
+    for name, expected in files.items():
+        file_path = path / name
+        if not file_path.is_file():
+            raise BundleError(f"{file_path}: listed in manifest.json but missing")
+        if verify and sha256_of(file_path) != expected:
+            raise BundleError(f"{file_path}: sha256 differs from manifest.json (altered or partial)")
+    return Bundle(path=path, manifest=manifest)
