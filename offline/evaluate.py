@@ -1,0 +1,143 @@
+"""Evaluate any scorer on the validation or test stage of a `Split`.
+
+A scorer maps an `EvalBatch` (users, their most recent history items, time of the target) to
+scores float[B, n + 1] over the whole catalog. Ranking (metrics.py) removes each user's FULL
+history from the candidates, not only the truncated part the scorer saw. Every stage is
+reported overall, per popularity bin of the target (hot / mild / cold, split.py) and split
+into cold-start targets (withheld items, candidates still the whole catalog) vs warm targets
+(every other target).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sidrec.offline.metrics import metrics_from_ranks, ranks_from_scores
+from sidrec.offline.split import BIN_NAMES, EvalSet, Split
+
+if TYPE_CHECKING:
+    from sidrec.model.hstu import HSTU
+    from sidrec.model.item_embedding import ItemEmbedding
+
+
+@dataclass
+class EvalBatch:
+    users: torch.Tensor  # int64[B] indices into Interactions.users
+    items: torch.Tensor  # int64[B, N] the max_history most recent history rows, right-padded 0
+    timestamps: torch.Tensor  # int64[B, N] unix seconds (zeros when the data has no time)
+    mask: torch.Tensor  # bool[B, N] True = real item
+    query_time: torch.Tensor  # int64[B] the target's timestamp (0 without time)
+    full_history: torch.Tensor  # int64[B, H] every history row, right-padded 0 (for exclusion)
+
+
+Scorer = Callable[[EvalBatch], torch.Tensor]  # -> float[B, n + 1]
+
+
+def _pad(rows: list[np.ndarray], width: int) -> np.ndarray:
+    out = np.zeros((len(rows), max(width, 1)), dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def eval_batches(
+    stage: EvalSet, batch_size: int = 512, max_history: int = 200, device: str = "cpu"
+) -> Iterator[tuple[EvalBatch, torch.Tensor]]:
+    """Yields (batch, targets int64[B]) in user order."""
+    for start in range(0, len(stage), batch_size):
+        idx = range(start, min(start + batch_size, len(stage)))
+        hist = [stage.histories[i] for i in idx]
+        recent = [h[-max_history:] for h in hist]
+        width = max(len(r) for r in recent)
+        items = _pad(recent, width)
+        if stage.history_timestamps is not None and stage.target_timestamps is not None:
+            ts = _pad([stage.history_timestamps[i][-max_history:] for i in idx], width)
+            query = stage.target_timestamps[start : start + len(idx)]
+        else:
+            ts = np.zeros_like(items)
+            query = np.zeros(len(idx), dtype=np.int64)
+        batch = EvalBatch(
+            users=torch.as_tensor(stage.users[start : start + len(idx)], device=device),
+            items=torch.as_tensor(items, device=device),
+            timestamps=torch.as_tensor(ts, device=device),
+            mask=torch.as_tensor(items != 0, device=device),
+            query_time=torch.as_tensor(query, device=device),
+            full_history=torch.as_tensor(_pad(hist, max(len(h) for h in hist)), device=device),
+        )
+        targets = torch.as_tensor(stage.targets[start : start + len(idx)], device=device)
+        yield batch, targets
+
+
+@torch.no_grad()
+def rank_targets(
+    scorer: Scorer,
+    split: Split,
+    stage: str = "valid",
+    batch_size: int = 512,
+    max_history: int = 200,
+    device: str = "cpu",
+) -> np.ndarray:
+    """int64[U] full-catalog rank of every evaluated user's target, in EvalSet order."""
+    ranks = []
+    for batch, targets in eval_batches(split.stage(stage), batch_size, max_history, device):
+        scores = scorer(batch)  # [B, n + 1]
+        if scores.shape != (len(targets), split.num_items + 1):
+            raise ValueError(f"scorer returned {tuple(scores.shape)}, expected [B, n + 1]")
+        ranks.append(ranks_from_scores(scores, targets, batch.full_history).cpu().numpy())
+    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+
+
+def summarize(ranks: np.ndarray, split: Split, stage: str = "valid") -> dict:
+    """Metrics overall, per popularity bin of the target, and cold-start vs warm targets."""
+    targets = split.stage(stage).targets
+    target_bin = split.popularity_bin[targets]
+    cold_start = split.withheld[targets]
+    return {
+        "overall": metrics_from_ranks(ranks),
+        "by_popularity": {
+            name: metrics_from_ranks(ranks[target_bin == b]) for b, name in enumerate(BIN_NAMES)
+        },
+        "cold_start": metrics_from_ranks(ranks[cold_start]),
+        "warm": metrics_from_ranks(ranks[~cold_start]),
+    }
+
+
+def evaluate(
+    scorer: Scorer,
+    split: Split,
+    stage: str = "valid",
+    batch_size: int = 512,
+    max_history: int = 200,
+    device: str = "cpu",
+) -> dict:
+    """The JSON-ready report of `summarize` for `scorer` on `stage` ("valid" or "test")."""
+    ranks = rank_targets(scorer, split, stage, batch_size, max_history, device)
+    return summarize(ranks, split, stage)
+
+
+def hstu_scorer(encoder: HSTU, items: ItemEmbedding, trained: np.ndarray | torch.Tensor) -> Scorer:
+    """Scores with the trained model exactly as the service will: item table with the id part
+    dropped for rows never trained (withheld / never-rated items get their SID-only vector),
+    user vector = encoder output at the last history position with the target's time as query
+    time, score = cosine against the L2-normalised table. Call under eval mode."""
+    from sidrec.model.hstu import UserEncoder
+
+    user_encoder = UserEncoder(encoder)
+    param = next(items.parameters())
+    with torch.no_grad():
+        trained_t = torch.as_tensor(trained, dtype=torch.bool, device=param.device)
+        table = items.table(trained_t)  # [n + 1, d] raw vectors
+        table_normed = F.normalize(table, dim=-1, eps=1e-6)
+
+    @torch.no_grad()
+    def score(batch: EvalBatch) -> torch.Tensor:
+        x = table[batch.items]  # [B, N, d]
+        user = user_encoder(x, batch.timestamps, batch.mask, batch.query_time)  # [B, d]
+        return user @ table_normed.T  # [B, n + 1]
+
+    return score
