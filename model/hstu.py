@@ -1,0 +1,183 @@
+"""HSTU (Hierarchical Sequential Transduction Unit) encoder, as in Meta's GR research code.
+
+Dense re-implementation of `generative_recommenders/research/modeling/sequential/hstu.py`
+(jagged fbgemm ops replaced by padded tensors + masks, so it exports to ONNX). Right padding:
+position 0 is the oldest item, `mask` is True on real items.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LN_EPS = 1e-6  # both no-affine LayerNorms and the final L2 norm, as in the reference
+TIME_BUCKET_DIVISOR = 0.301  # ln(dt) / 0.301: buckets grow by a factor of e^0.301 ~ 1.35
+
+
+def time_buckets(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """floor(ln(max(|dt|, 1)) / 0.301) clamped to [0, num_buckets]; dt int64 seconds."""
+    # float64 so that PyTorch and ONNX Runtime agree on bucket edges (a float32 log may
+    # differ by one ulp between the two and flip a bucket).
+    dt = dt.abs().clamp(min=1).to(torch.float64)
+    return torch.floor(torch.log(dt) / TIME_BUCKET_DIVISOR).long().clamp(0, num_buckets)
+
+
+class RelativeBias(nn.Module):
+    """Learned attention bias from relative position and time gap (one per block).
+
+    Scalars are shared across heads. For query i and key j:
+      position: w_pos[P - 1 + j - i]   (P = padded_len, 2P - 1 scalars)
+      time:     w_ts[bucket(next_ts[i] - ts[j])]   (num_buckets + 1 scalars)
+    `next_ts[i]` is the time of the event query i predicts, so the last real position sees
+    the query (request) time.
+    """
+
+    def __init__(self, padded_len: int, num_buckets: int, use_time: bool) -> None:
+        super().__init__()
+        self.padded_len = padded_len
+        self.num_buckets = num_buckets
+        self.use_time = use_time
+        self.pos_w = nn.Parameter(torch.empty(2 * padded_len - 1).normal_(0.0, 0.02))
+        # Kept even when use_time is False so checkpoints have one layout.
+        self.ts_w = nn.Parameter(torch.empty(num_buckets + 1).normal_(0.0, 0.02))
+
+    def forward(self, ts: torch.Tensor, next_ts: torch.Tensor) -> torch.Tensor:
+        # ts, next_ts: [B, N] int64 -> bias [B or 1, N, N]
+        n = ts.shape[1]
+        positions = torch.arange(n, device=ts.device)
+        rel = self.padded_len - 1 + positions[None, :] - positions[:, None]  # [N, N], j - i
+        bias = self.pos_w[rel][None]  # [1, N, N]
+        if self.use_time:
+            buckets = time_buckets(next_ts[:, :, None] - ts[:, None, :], self.num_buckets)
+            bias = bias + self.ts_w[buckets]  # [B, N, N]
+        return bias
+
+
+class HSTUBlock(nn.Module):
+    """Pre-norm pointwise-attention block: no softmax, no FFN, one residual."""
+
+    def __init__(
+        self,
+        d: int,
+        num_heads: int,
+        dqk: int,
+        dv: int,
+        padded_len: int,
+        dropout: float,
+        time_buckets: int,
+        use_time: bool,
+    ) -> None:
+        super().__init__()
+        self.d = d
+        self.num_heads = num_heads
+        self.dqk = dqk
+        self.dv = dv
+        self.padded_len = padded_len
+        self.dropout = dropout
+        # One matmul produces U, V, Q, K for all heads (no bias).
+        self.uvqk = nn.Parameter(torch.empty(d, num_heads * (2 * dv + 2 * dqk)).normal_(0, 0.02))
+        self.rel_bias = RelativeBias(padded_len, time_buckets, use_time)
+        self.out = nn.Linear(num_heads * dv, d)
+        nn.init.xavier_uniform_(self.out.weight)
+
+    def forward(
+        self, x: torch.Tensor, ts: torch.Tensor, next_ts: torch.Tensor, attn_mask: torch.Tensor
+    ) -> torch.Tensor:
+        # x: [B, N, d]; ts, next_ts: [B, N]; attn_mask: [B, N, N] float, 1 = query may see key
+        b, n, _ = x.shape
+        h = self.num_heads
+        normed = F.layer_norm(x, (self.d,), eps=LN_EPS)
+        uvqk = F.silu(normed @ self.uvqk)
+        u, v, q, k = torch.split(uvqk, [h * self.dv, h * self.dv, h * self.dqk, h * self.dqk], -1)
+        q = q.view(b, n, h, self.dqk)
+        k = k.view(b, n, h, self.dqk)
+        v = v.view(b, n, h, self.dv)
+        scores = torch.einsum("bnhd,bmhd->bhnm", q, k)  # [B, h, N, N], no 1/sqrt(dqk)
+        scores = scores + self.rel_bias(ts, next_ts)[:, None].to(scores.dtype)
+        # Divide by the constant padded length, not by N: the model is trained with every
+        # sequence padded to padded_len, so this keeps outputs independent of the padding.
+        scores = F.silu(scores) / self.padded_len * attn_mask[:, None]
+        attn = torch.einsum("bhnm,bmhd->bnhd", scores, v).reshape(b, n, h * self.dv)
+        y = u * F.layer_norm(attn, (h * self.dv,), eps=LN_EPS)  # [B, N, h * dv]
+        return x + self.out(F.dropout(y, p=self.dropout, training=self.training))
+
+
+class HSTU(nn.Module):
+    """Sequence of item vectors -> L2-normalised output per position.
+
+    forward(x[B, N, d], ts[B, N] int64, next_ts[B, N] int64, mask[B, N] bool) -> [B, N, d]
+    Works for any N <= padded_len; outputs at masked positions are finite but meaningless.
+    """
+
+    def __init__(
+        self,
+        d: int = 50,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        dqk: int = 50,
+        dv: int = 50,
+        padded_len: int = 211,
+        dropout: float = 0.2,
+        time_buckets: int = 128,
+        use_time: bool = True,
+    ) -> None:
+        super().__init__()
+        self.d = d
+        self.padded_len = padded_len
+        self.dropout = dropout
+        self.use_time = use_time
+        self.pos_emb = nn.Embedding(padded_len, d)
+        nn.init.xavier_normal_(self.pos_emb.weight)
+        self.blocks = nn.ModuleList(
+            HSTUBlock(d, num_heads, dqk, dv, padded_len, dropout, time_buckets, use_time)
+            for _ in range(num_blocks)
+        )
+
+    def forward(
+        self, x: torch.Tensor, ts: torch.Tensor, next_ts: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        n = x.shape[1]
+        positions = torch.arange(n, device=x.device)
+        x = x * math.sqrt(self.d) + self.pos_emb(positions)[None]  # [B, N, d]
+        x = F.dropout(x, p=self.dropout, training=self.training)
+        # where() rather than a multiply so that even NaN/inf garbage in padding is dropped.
+        x = torch.where(mask[..., None], x, torch.zeros_like(x))
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # [N, N], incl. diag
+        attn_mask = (causal[None] & mask[:, None, :]).to(x.dtype)  # [B, N, N], keys padded out
+        for block in self.blocks:
+            x = block(x, ts, next_ts, attn_mask)
+        return F.normalize(x, dim=-1, eps=LN_EPS)
+
+
+class UserEncoder(nn.Module):
+    """History -> one user vector: the HSTU output at the last real position.
+
+    forward(item_vectors[B, N, d], timestamps[B, N] int64, mask[B, N] bool, query_time[B] int64)
+    -> [B, d]. The last real position predicts the event at query_time, so its time bias uses
+    it (the reference puts the target's timestamp there at eval). A row with no real item
+    yields a finite but meaningless vector.
+    """
+
+    def __init__(self, hstu: HSTU) -> None:
+        super().__init__()
+        self.hstu = hstu
+
+    def forward(
+        self,
+        item_vectors: torch.Tensor,
+        timestamps: torch.Tensor,
+        mask: torch.Tensor,
+        query_time: torch.Tensor,
+    ) -> torch.Tensor:
+        b, n = mask.shape
+        d = self.hstu.d  # a Python int, so the exported output has a fixed last dim
+        last = (mask.long().sum(1) - 1).clamp(min=0)  # [B]
+        positions = torch.arange(n, device=item_vectors.device)
+        # Position i predicts the event at i + 1; the padding after `last` gets shifted
+        # (finite) values that only masked queries read.
+        shifted = torch.cat([timestamps[:, 1:], timestamps[:, -1:]], dim=1)  # [B, N]
+        is_last = positions[None, :] == last[:, None]  # [B, N]
+        next_ts = torch.where(is_last, query_time[:, None].expand(b, n), shifted)
+        out = self.hstu(item_vectors, timestamps, next_ts, mask)  # [B, N, d]
+        return out.gather(1, last.view(b, 1, 1).expand(b, 1, d)).squeeze(1)  # [B, d]

@@ -1,0 +1,403 @@
+"""HSTU, item embeddings and loss: behaviour the reference implementation guarantees."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sidrec.model.hstu import HSTU, RelativeBias, UserEncoder, time_buckets
+from sidrec.model.item_embedding import ItemEmbedding, SidToVector, prefix_rows
+from sidrec.model.loss import MASKED_LOGIT, sample_negatives, sampled_softmax_loss
+
+D = 16
+P = 30  # padded length of the small test model
+
+
+def small_hstu(use_time: bool = True, seed: int = 0) -> HSTU:
+    torch.manual_seed(seed)
+    model = HSTU(d=D, num_blocks=2, num_heads=2, dqk=8, dv=8, padded_len=P, use_time=use_time)
+    # Random init bias tables are tiny (std 0.02); make them matter so tests can see them.
+    with torch.no_grad():
+        for block in model.blocks:
+            block.rel_bias.pos_w.normal_(0, 1.0)
+            block.rel_bias.ts_w.normal_(0, 1.0)
+    return model.eval()
+
+
+def random_batch(b: int, n: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, D, generator=gen) * 0.1
+    gaps = torch.randint(1, 10**6, (b, n), generator=gen)
+    ts = 1_000_000_000 + gaps.cumsum(1)
+    next_ts = torch.cat([ts[:, 1:], ts[:, -1:] + 3600], dim=1)
+    return x, ts, next_ts
+
+
+# ---------------------------------------------------------------- HSTU
+
+
+def test_default_size_matches_reference() -> None:
+    # GR's ML-1M HSTU: 234k parameters of which 3,953 x 50 = 197,650 are the item table.
+    n_params = sum(p.numel() for p in HSTU().parameters())
+    assert n_params == 36_750
+    assert n_params + 3953 * 50 == 234_400
+
+
+def test_time_bucket_values() -> None:
+    seconds = torch.tensor([60, 3600, 86400, 7 * 86400, 365 * 86400])
+    assert time_buckets(seconds, 128).tolist() == [13, 27, 37, 44, 57]
+    # sign does not matter, gaps below a second go to bucket 0, huge gaps clamp to the top
+    assert time_buckets(torch.tensor([-3600, 0, 1, 10**18]), 128).tolist() == [
+        27,
+        0,
+        0,
+        128,
+    ]
+
+
+def test_relative_bias_matches_naive_loop() -> None:
+    torch.manual_seed(0)
+    n, padded = 6, 9
+    bias = RelativeBias(padded, num_buckets=128, use_time=True)
+    _, ts, next_ts = random_batch(2, n)
+    got = bias(ts, next_ts)  # [2, n, n]
+    for b in range(2):
+        for i in range(n):
+            for j in range(n):
+                dt = abs(int(next_ts[b, i]) - int(ts[b, j]))
+                bucket = min(max(int(math.log(max(dt, 1)) / 0.301), 0), 128)
+                want = bias.pos_w[padded - 1 + j - i] + bias.ts_w[bucket]
+                assert torch.isclose(got[b, i, j], want, atol=1e-6)
+    bias.use_time = False
+    no_time = bias(ts, next_ts)
+    assert no_time.shape == (1, n, n)
+    assert no_time[0, 2, 5] == bias.pos_w[padded - 1 + 3]
+
+
+def test_output_is_unit_norm_and_shaped() -> None:
+    model = small_hstu()
+    x, ts, next_ts = random_batch(3, 11)
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    out = model(x, ts, next_ts, mask)
+    assert out.shape == (3, 11, D)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3, 11))
+
+
+def test_causality() -> None:
+    model = small_hstu()
+    x, ts, next_ts = random_batch(2, 12)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    before = model(x, ts, next_ts, mask)
+    # Change everything from position 7 on: item, its timestamp, what it predicts.
+    x2, ts2, next_ts2 = x.clone(), ts.clone(), next_ts.clone()
+    x2[:, 7:] = torch.randn(2, 5, D)
+    ts2[:, 7:] += 12345
+    next_ts2[:, 7:] += 999
+    after = model(x2, ts2, next_ts2, mask)
+    torch.testing.assert_close(after[:, :7], before[:, :7], rtol=0, atol=1e-6)
+    assert not torch.allclose(after[:, 7:], before[:, 7:], atol=1e-3)
+
+
+def test_next_ts_feeds_time_bias_only_when_use_time() -> None:
+    x, ts, next_ts = random_batch(1, 5)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    later = next_ts.clone()
+    later[0, 2] += 30 * 86400
+    with_time = small_hstu(use_time=True)
+    a, b = with_time(x, ts, next_ts, mask), with_time(x, ts, later, mask)
+    assert not torch.allclose(a[0, 2], b[0, 2], atol=1e-4)
+    torch.testing.assert_close(a[0, :2], b[0, :2], rtol=0, atol=1e-6)
+    no_time = small_hstu(use_time=False)
+    torch.testing.assert_close(no_time(x, ts, next_ts, mask), no_time(x, ts, later, mask))
+
+
+def test_padding_to_longer_n_changes_nothing() -> None:
+    model = small_hstu()
+    x, ts, next_ts = random_batch(2, 7)
+    short = model(x, ts, next_ts, torch.ones(2, 7, dtype=torch.bool))
+    extra = 20
+    x_long = torch.cat([x, torch.randn(2, extra, D) * 50], dim=1)
+    x_long[0, 9] = float("nan")  # even NaN garbage in padding must not leak
+    ts_long = torch.cat([ts, torch.randint(0, 2**40, (2, extra))], dim=1)
+    next_long = torch.cat([next_ts, torch.randint(0, 2**40, (2, extra))], dim=1)
+    mask = torch.arange(7 + extra)[None].expand(2, -1) < 7
+    long = model(x_long, ts_long, next_long, mask)
+    torch.testing.assert_close(long[:, :7], short, rtol=0, atol=1e-6)
+    assert torch.isfinite(long).all()
+
+
+def test_key_padding_masks_garbage_in_the_middle() -> None:
+    model = small_hstu()
+    x, ts, next_ts = random_batch(1, 10)
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    mask[0, 4] = False
+    out = model(x, ts, next_ts, mask)
+    x2, ts2 = x.clone(), ts.clone()
+    x2[0, 4] = 1e3
+    ts2[0, 4] = 7
+    out2 = model(x2, ts2, next_ts, mask)
+    real = mask[0]
+    torch.testing.assert_close(out2[0, real], out[0, real], rtol=0, atol=1e-6)
+
+
+def test_attention_divides_by_padded_len_not_n() -> None:
+    # Same weights, different padded_len: outputs must differ even though N is the same.
+    a = small_hstu()
+    b = HSTU(d=D, num_blocks=2, num_heads=2, dqk=8, dv=8, padded_len=P + 10).eval()
+    state = a.state_dict()
+    for key, value in b.state_dict().items():
+        if key.endswith("pos_w"):  # 2P - 1 entries: centre the old table in the new one
+            value.zero_()
+            value[10 : 10 + 2 * P - 1] = state[key]
+        elif key == "pos_emb.weight":
+            value.zero_()
+            value[:P] = state[key]
+        else:
+            value.copy_(state[key])
+    x, ts, next_ts = random_batch(1, 6)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    for block_a, block_b in zip(a.blocks, b.blocks, strict=True):
+        assert block_b.rel_bias.pos_w[P + 9] == block_a.rel_bias.pos_w[P - 1]  # offset 0
+    assert not torch.allclose(a(x, ts, next_ts, mask), b(x, ts, next_ts, mask), atol=1e-4)
+
+
+def test_gradients_reach_every_parameter() -> None:
+    model = small_hstu().train()
+    x, ts, next_ts = random_batch(4, 10)
+    x.requires_grad_(True)
+    mask = torch.arange(10)[None].expand(4, -1) < torch.tensor([[10], [3], [7], [1]])
+    out = model(x, ts, next_ts, mask)
+    (out[mask] * torch.randn(int(mask.sum()), D)).sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert x.grad[mask].abs().sum() > 0
+    assert (x.grad[~mask] == 0).all()
+
+
+def test_user_encoder_reads_last_real_position_with_query_time() -> None:
+    model = small_hstu()
+    encoder = UserEncoder(model)
+    x, ts, _ = random_batch(3, 8)
+    lengths = torch.tensor([8, 3, 1])
+    mask = torch.arange(8)[None] < lengths[:, None]
+    query_time = ts.max(1).values + 86400
+    got = encoder(x, ts, mask, query_time)
+    assert got.shape == (3, D)
+    for row, n in enumerate(lengths.tolist()):
+        next_ts = torch.cat([ts[row, 1:n], query_time[row : row + 1]])[None]
+        want = model(x[row : row + 1, :n], ts[row : row + 1, :n], next_ts, mask[row : row + 1, :n])
+        torch.testing.assert_close(got[row], want[0, n - 1], rtol=0, atol=1e-6)
+    # The request time moves the user vector (it biases the last position's attention).
+    moved = encoder(x, ts, mask, query_time + 365 * 86400)
+    assert not torch.allclose(moved, got, atol=1e-4)
+
+
+# ---------------------------------------------------------------- item embeddings
+
+N_ITEMS, K, L = 40, 8, 3
+
+
+def make_sids(seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    sids = torch.randint(0, K, (N_ITEMS + 1, L + 1), generator=gen)
+    sids[:, L] = 0
+    sids[5, :L] = sids[4, :L]  # a collision: item 5 is item 4's twin with dedup digit 1
+    sids[5, L] = 1
+    sids[0] = 0
+    return sids
+
+
+def make_embedding(variant: str, **kwargs: object) -> ItemEmbedding:
+    torch.manual_seed(0)
+    return ItemEmbedding(variant, N_ITEMS, D, sids=make_sids(), codes_per_layer=K, **kwargs)
+
+
+ALL_VARIANTS = ["id", "sid-prefixn", "sid-rqsum", "hybrid"]
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_embedding_shapes_and_padding_row(variant: str) -> None:
+    emb = make_embedding(variant)
+    rows = torch.tensor([[1, 2, 0], [N_ITEMS, 0, 0]])
+    out = emb(rows)
+    assert out.shape == (2, 3, D)
+    assert (out[rows == 0] == 0).all()
+    assert (out[rows != 0].abs().sum(-1) > 0).all()
+    assert emb.uses_sid == (variant != "id")
+    table = emb.table(torch.ones(N_ITEMS + 1, dtype=torch.bool))
+    assert table.shape == (N_ITEMS + 1, D)
+    assert (table[0] == 0).all()
+    torch.testing.assert_close(table[1:], emb.eval()(torch.arange(1, N_ITEMS + 1)))
+
+
+def test_prefix_hash_distinguishes_prefix_lengths() -> None:
+    big = 10**9  # no mod collisions, so distinct prefixes must get distinct rows
+    rows = prefix_rows(torch.tensor([[3, 0, 0], [0, 3, 0]]), codes_per_layer=K, table_size=big)
+    assert len(set(rows.flatten().tolist())) == 6
+    # bijective base-K numbering: (c1) -> c1 + 1, (c1, c2) -> (c1 + 1) K + c2 + 1, mod table
+    rows = prefix_rows(torch.tensor([[2, 5, 7]]), codes_per_layer=K, table_size=97)
+    h1 = 3
+    h2 = h1 * K + 6
+    h3 = h2 * K + 8
+    assert rows.tolist() == [[h1 % 97, h2 % 97, h3 % 97]]
+
+
+def test_prefixn_sums_prefix_rows_and_ignores_dedup_digit() -> None:
+    emb = make_embedding("sid-prefixn", prefix_table_size=101).eval()
+    sids = make_sids()
+    want = emb.sid_emb.weight[prefix_rows(sids[7, :L], K, 101)].sum(0)
+    torch.testing.assert_close(emb(torch.tensor([7]))[0], want)
+    # Items 4 and 5 differ only in the dedup digit, so a pure-SID model cannot tell them apart.
+    torch.testing.assert_close(emb(torch.tensor([4]))[0], emb(torch.tensor([5]))[0])
+    assert emb.table_size == 101
+    assert make_embedding("sid-prefixn").table_size == 41  # smallest prime >= N_ITEMS + 1
+
+
+def test_rqsum_uses_layer_offsets() -> None:
+    emb = make_embedding("sid-rqsum").eval()
+    codes = make_sids()[9, :L]
+    want = sum(emb.sid_emb.weight[int(codes[i]) + i * K] for i in range(L))
+    torch.testing.assert_close(emb(torch.tensor([9]))[0], want)
+    assert emb.sid_emb.num_embeddings == L * K
+
+
+def test_sid_layers_uses_only_the_first_codes() -> None:
+    emb = make_embedding("sid-prefixn", sid_layers=2).eval()
+    codes = make_sids()[[7]]
+    other = codes.clone()
+    other[0, 2] = (other[0, 2] + 1) % K
+    torch.testing.assert_close(emb.from_sid(codes), emb.from_sid(other))
+
+
+@pytest.mark.parametrize("variant", ["id", "hybrid"])
+def test_id_dropout(variant: str) -> None:
+    rows = torch.randint(1, N_ITEMS + 1, (6, 9))
+    sid_only = make_embedding(variant).from_sid(make_sids()[rows].view(-1, L + 1)).view(6, 9, D)
+    always = make_embedding(variant, id_dropout=1.0).train()
+    torch.testing.assert_close(always(rows), sid_only)
+    never = make_embedding(variant, id_dropout=0.0).train()
+    assert not torch.allclose(never(rows), sid_only)
+    torch.testing.assert_close(never(rows), always.eval()(rows))  # eval never drops
+    # p = 0.5: some items dropped, some kept, and every occurrence of an item alike.
+    torch.manual_seed(3)
+    half = make_embedding(variant, id_dropout=0.5).train()
+    full = half.eval()(torch.arange(1, N_ITEMS + 1))
+    half.train()
+    out = half(torch.arange(1, N_ITEMS + 1).repeat(2))
+    first, second = out[:N_ITEMS], out[N_ITEMS:]
+    torch.testing.assert_close(first, second)
+    dropped = (first - full).abs().sum(-1) > 0
+    assert 0 < int(dropped.sum()) < N_ITEMS
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_table_and_from_sid_agree_for_untrained_items(variant: str) -> None:
+    emb = make_embedding(variant, fusion="alpha")
+    with torch.no_grad():
+        if emb.alpha is not None:
+            emb.alpha.fill_(0.3)
+    trained = torch.rand(N_ITEMS + 1, generator=torch.Generator().manual_seed(1)) < 0.5
+    table = emb.table(trained)
+    sids = make_sids()
+    untrained = (~trained).nonzero().flatten()
+    untrained = untrained[untrained > 0]
+    torch.testing.assert_close(table[untrained], emb.from_sid(sids[untrained]))
+    trained_rows = trained.nonzero().flatten()
+    trained_rows = trained_rows[trained_rows > 0]
+    torch.testing.assert_close(table[trained_rows], emb.eval()(trained_rows))
+    torch.testing.assert_close(SidToVector(emb)(sids[untrained]), table[untrained])
+    if variant == "id":  # no SID: every cold item is the one unknown vector
+        assert torch.equal(
+            table[untrained], emb.id_emb.weight[N_ITEMS + 1].expand(len(untrained), D)
+        )
+
+
+def test_hybrid_fusions() -> None:
+    summed = make_embedding("hybrid", fusion="sum").eval()
+    assert summed.alpha is None
+    rows = torch.tensor([3])
+    sid_part = summed.sid_emb(summed.sid_rows[rows]).sum(-2)
+    torch.testing.assert_close(summed(rows), sid_part + summed.id_emb(rows))
+
+    mixed = make_embedding("hybrid", fusion="alpha")
+    assert mixed.alpha.item() == 0.5
+    assert any(p is mixed.alpha for p in mixed.parameters())
+    optimizer = torch.optim.SGD(mixed.parameters(), lr=0.1)
+    mixed(torch.tensor([1, 2, 3])).pow(2).sum().backward()
+    assert mixed.alpha.grad is not None and mixed.alpha.grad != 0
+    optimizer.step()
+    assert mixed.alpha.item() != 0.5
+
+
+def test_embedding_rejects_bad_configuration() -> None:
+    with pytest.raises(ValueError, match="variant"):
+        ItemEmbedding("sid", N_ITEMS, D)
+    with pytest.raises(ValueError, match="sids"):
+        ItemEmbedding("hybrid", N_ITEMS, D)
+    with pytest.raises(ValueError, match="fusion"):
+        make_embedding("hybrid", fusion="mlp")
+    with pytest.raises(ValueError, match="sid_layers"):
+        make_embedding("sid-rqsum", sid_layers=L + 1)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def test_loss_matches_hand_computation() -> None:
+    user = F.normalize(torch.tensor([[1.0, 0.0]]), dim=-1)
+    pos = F.normalize(torch.tensor([[1.0, 1.0]]), dim=-1)
+    neg = F.normalize(torch.tensor([[[0.0, 1.0], [-1.0, 0.0]]]), dim=-1)
+    t = 0.5
+    loss = sampled_softmax_loss(user, pos, neg, torch.tensor([1]), torch.tensor([[2, 3]]), t)
+    cos_pos, cos_negs = 1 / math.sqrt(2), [0.0, -1.0]
+    want = -cos_pos / t + math.log(math.exp(cos_pos / t) + sum(math.exp(c / t) for c in cos_negs))
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_loss_masks_negative_equal_to_positive_and_averages() -> None:
+    torch.manual_seed(0)
+    user = F.normalize(torch.randn(3, D), dim=-1)
+    pos = F.normalize(torch.randn(3, D), dim=-1)
+    neg = F.normalize(torch.randn(3, 4, D), dim=-1)
+    pos_rows = torch.tensor([5, 6, 7])
+    neg_rows = torch.tensor([[1, 2, 3, 4], [6, 2, 6, 4], [1, 2, 3, 4]])
+    neg[1, 0] = pos[1]  # the sampler drew the positive itself, twice
+    neg[1, 2] = pos[1]
+    loss = sampled_softmax_loss(user, pos, neg, pos_rows, neg_rows)
+    per_row = [
+        sampled_softmax_loss(user[[0]], pos[[0]], neg[[0]], pos_rows[[0]], neg_rows[[0]]),
+        sampled_softmax_loss(
+            user[[1]], pos[[1]], neg[[1]][:, [1, 3]], pos_rows[[1]], neg_rows[[1]][:, [1, 3]]
+        ),
+        sampled_softmax_loss(user[[2]], pos[[2]], neg[[2]], pos_rows[[2]], neg_rows[[2]]),
+    ]
+    assert loss.item() == pytest.approx(sum(x.item() for x in per_row) / 3, rel=1e-5)
+    assert MASKED_LOGIT == -5e4
+
+
+def test_loss_gradient_flows() -> None:
+    torch.manual_seed(0)
+    user = torch.randn(4, D, requires_grad=True)
+    pos = torch.randn(4, D, requires_grad=True)
+    neg = torch.randn(4, 5, D, requires_grad=True)
+    loss = sampled_softmax_loss(
+        F.normalize(user, dim=-1),
+        F.normalize(pos, dim=-1),
+        F.normalize(neg, dim=-1),
+        torch.arange(4),
+        torch.randint(10, 20, (4, 5)),
+    )
+    loss.backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (user, pos, neg))
+
+
+def test_sample_negatives_uniform_over_candidates() -> None:
+    candidates = torch.tensor([3, 9, 11, 20])
+    gen = torch.Generator().manual_seed(0)
+    drawn = sample_negatives(candidates, (500, 8), gen)
+    assert drawn.shape == (500, 8)
+    counts = torch.stack([(drawn == c).sum() for c in candidates])
+    assert int(counts.sum()) == 4000  # nothing outside the candidates
+    assert (counts > 850).all() and (counts < 1150).all()  # ~1000 each
+    again = sample_negatives(candidates, (500, 8), torch.Generator().manual_seed(0))
+    assert torch.equal(drawn, again)
