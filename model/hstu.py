@@ -171,7 +171,7 @@ class UserEncoder(nn.Module):
         query_time: torch.Tensor,
     ) -> torch.Tensor:
         b, n = mask.shape
-        d = self.hstu.d  # a Python int, so the exported output has a fixed last dim
+        d = self.hstu.d  # a Python int (not a traced size): the ONNX output keeps a fixed d
         last = (mask.long().sum(1) - 1).clamp(min=0)  # [B]
         positions = torch.arange(n, device=item_vectors.device)
         # Position i predicts the event at i + 1; the padding after `last` gets shifted
@@ -180,4 +180,4 @@ class UserEncoder(nn.Module):
         is_last = positions[None, :] == last[:, None]  # [B, N]
         next_ts = torch.where(is_last, query_time[:, None].expand(b, n), shifted)
         out = self.hstu(item_vectors, timestamps, next_ts, mask)  # [B, N, d]
-        return out.gather(1, last.view(b, 1, 1).expand(b, 1, d)).squeeze(1)  # [B, d]
+        return out.gather(1, last.view(b, 1, 1).expand(b, 1, d)).view(-1, d)  # [B, d]

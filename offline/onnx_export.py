@@ -34,7 +34,6 @@ def _export(
         # turns this small graph into plain, dynamic-shaped ONNX ops without a torch.export
         # round trip; silence its deprecation notice only.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
         torch.onnx.export(
             module,
             args,
@@ -45,7 +44,31 @@ def _export(
             opset_version=OPSET,
             dynamo=False,
         )
-    onnx.checker.check_model(onnx.load(str(path)))
+    graph = onnx.load(str(path))
+    _restore_unused_inputs(graph, args, input_names, dynamic_axes)
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
+
+
+def _restore_unused_inputs(
+    graph: onnx.ModelProto,
+    args: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> None:
+    """Put back inputs the exporter pruned because the graph ignores them (query_time when
+    use_time is off), so every bundle's graph has the same inputs and callers need no case."""
+    present = {value.name for value in graph.graph.input}
+    inputs = []
+    for name, arg in zip(input_names, args, strict=True):
+        if name in present:
+            inputs.append(next(v for v in graph.graph.input if v.name == name))
+            continue
+        dims = [dynamic_axes.get(name, {}).get(i, size) for i, size in enumerate(arg.shape)]
+        elem_type = onnx.helper.np_dtype_to_tensor_dtype(arg.numpy().dtype)
+        inputs.append(onnx.helper.make_tensor_value_info(name, elem_type, dims))
+    del graph.graph.input[:]
+    graph.graph.input.extend(inputs)
 
 
 def _check_parity(
@@ -63,6 +86,8 @@ def export_user_encoder(hstu: HSTU, d: int, path: Path, max_len: int) -> None:
     """Write user_encoder.onnx: item_vectors [B, N, d] float32, timestamps [B, N] int64,
     mask [B, N] bool, query_time [B] int64 -> user_vectors [B, d]; B and N dynamic,
     1 <= N <= max_len <= hstu.padded_len."""
+    if d != hstu.d:
+        raise ValueError(f"d={d} but the model's item vectors are {hstu.d}-dimensional")
     if not 1 <= max_len <= hstu.padded_len:
         raise ValueError(f"max_len must be in [1, {hstu.padded_len}], got {max_len}")
     # A CPU copy, so the caller's model keeps its device and train/eval mode.

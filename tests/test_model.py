@@ -190,6 +190,9 @@ def test_user_encoder_reads_last_real_position_with_query_time() -> None:
     # The request time moves the user vector (it biases the last position's attention).
     moved = encoder(x, ts, mask, query_time + 365 * 86400)
     assert not torch.allclose(moved, got, atol=1e-4)
+    # A user with no history yet gets a finite (meaningless) vector, not NaN or an error.
+    empty = encoder(x[:1], ts[:1], torch.zeros(1, 8, dtype=torch.bool), query_time[:1])
+    assert torch.isfinite(empty).all()
 
 
 # ---------------------------------------------------------------- item embeddings

@@ -1,0 +1,111 @@
+"""ONNX graphs vs PyTorch: what the service runs must equal what was trained and evaluated."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from sidrec.model.hstu import HSTU, UserEncoder
+from sidrec.model.item_embedding import ItemEmbedding
+from sidrec.offline.onnx_export import export_sid_to_vector, export_user_encoder
+
+D, MAX_LEN = 50, 200
+
+
+def reference_hstu(use_time: bool) -> HSTU:
+    torch.manual_seed(0)
+    model = HSTU(d=D, num_blocks=2, num_heads=2, dqk=25, dv=25, use_time=use_time)
+    # Trained-looking bias tables (the std 0.02 init would hide indexing mistakes).
+    with torch.no_grad():
+        for block in model.blocks:
+            block.rel_bias.pos_w.normal_(0, 0.5)
+            block.rel_bias.ts_w.normal_(0, 0.5)
+    return model.train()  # export must switch to eval itself
+
+
+def ragged_batch(b: int, n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, n + 1, size=b)
+    lengths[0] = n  # one full row
+    mask = np.arange(n)[None, :] < lengths[:, None]
+    item_vectors = rng.normal(0, 0.1, (b, n, D)).astype(np.float32)
+    item_vectors[~mask] = rng.normal(0, 100, (int((~mask).sum()), D))  # garbage padding
+    gaps = rng.integers(0, 10**7, (b, n))
+    timestamps = (900_000_000 + gaps.cumsum(1)).astype(np.int64)
+    query_time = (timestamps.max(1) + rng.integers(0, 10**6, b)).astype(np.int64)
+    return {
+        "item_vectors": item_vectors,
+        "timestamps": timestamps,
+        "mask": mask,
+        "query_time": query_time,
+    }
+
+
+@pytest.mark.parametrize("use_time", [True, False])
+def test_user_encoder_parity(tmp_path: Path, use_time: bool) -> None:
+    hstu = reference_hstu(use_time)
+    path = tmp_path / "user_encoder.onnx"
+    export_user_encoder(hstu, D, path, MAX_LEN)
+    assert hstu.training  # the caller's model is left as it was
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = {i.name: (i.type, i.shape) for i in session.get_inputs()}
+    assert inputs == {
+        "item_vectors": ("tensor(float)", ["batch", "length", D]),
+        "timestamps": ("tensor(int64)", ["batch", "length"]),
+        "mask": ("tensor(bool)", ["batch", "length"]),
+        "query_time": ("tensor(int64)", ["batch"]),
+    }
+    assert [(o.name, o.shape) for o in session.get_outputs()] == [("user_vectors", ["batch", D])]
+
+    encoder = UserEncoder(hstu).eval()
+    # Export used N = 7; check other N, up to max_len, and batch sizes.
+    for seed, (b, n) in enumerate([(1, 1), (3, 5), (8, 64), (4, MAX_LEN), (2, 7)]):
+        feeds = ragged_batch(b, n, seed)
+        (got,) = session.run(None, feeds)
+        with torch.no_grad():
+            want = encoder(*(torch.from_numpy(feeds[k]) for k in feeds)).numpy()
+        assert got.shape == (b, D)
+        assert np.abs(got - want).max() < 1e-4, (b, n)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_user_encoder_rejects_max_len_beyond_padded_len(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_len"):
+        export_user_encoder(HSTU(padded_len=20), 50, tmp_path / "x.onnx", max_len=21)
+    with pytest.raises(ValueError, match="d=64"):
+        export_user_encoder(HSTU(padded_len=20), 64, tmp_path / "x.onnx", max_len=20)
+
+
+@pytest.mark.parametrize("variant", ["id", "sid-prefixn", "sid-rqsum", "hybrid"])
+def test_sid_to_vector_parity(tmp_path: Path, variant: str) -> None:
+    num_items, k, layers = 300, 64, 3
+    gen = torch.Generator().manual_seed(0)
+    sids = torch.randint(0, k, (num_items + 1, layers + 1), generator=gen)
+    sids[:, layers] = 0
+    sids[0] = 0
+    torch.manual_seed(0)
+    embedding = ItemEmbedding(variant, num_items, D, sids=sids, codes_per_layer=k, fusion="alpha")
+    path = tmp_path / "sid_to_vector.onnx"
+    export_sid_to_vector(embedding, path)
+
+    onnx.checker.check_model(onnx.load(str(path)))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["codes"]
+    assert session.get_inputs()[0].type == "tensor(int64)"
+    assert [o.name for o in session.get_outputs()] == ["vectors"]
+    for b in (1, 17):
+        codes = torch.randint(0, k, (b, layers + 1), generator=gen)
+        (got,) = session.run(None, {"codes": codes.numpy()})
+        with torch.no_grad():
+            want = embedding.from_sid(codes).numpy()
+        assert got.shape == (b, D)
+        assert np.abs(got - want).max() < 1e-5
+    # What the service computes for a cold item equals the offline table row for it.
+    table = embedding.table(torch.zeros(num_items + 1, dtype=torch.bool)).numpy()
+    (got,) = session.run(None, {"codes": sids[1:].numpy()})
+    assert np.abs(got - table[1:]).max() < 1e-5
