@@ -1,0 +1,137 @@
+"""Write the bundle the service loads (docs/bundle.md) from a trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sidrec.bundle import load_bundle, write_manifest
+from sidrec.item_text import item_text
+from sidrec.offline.content import export_content_encoder
+from sidrec.offline.data.dataset import Interactions
+from sidrec.offline.onnx_export import export_sid_to_vector, export_user_encoder
+from sidrec.offline.train import load_checkpoint
+from sidrec.sid_codebook import Codebooks
+
+POPULAR_LIST = 1000
+
+
+def content_encoder_files(cache_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The ONNX content encoder, exported once per cache (the weights never change)."""
+    folder = cache_dir / "content_encoder"
+    info_path = folder / "info.json"
+    if not info_path.is_file():
+        tmp = cache_dir / "content_encoder.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        info = export_content_encoder(tmp)
+        (tmp / "info.json").write_text(json.dumps(info))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+    return folder, json.loads(info_path.read_text())
+
+
+def export_bundle(
+    checkpoint: Path,
+    data: Interactions,
+    codebooks: Codebooks,
+    out_dir: Path,
+    cache_dir: Path,
+    metrics: dict[str, Any] | None = None,
+    variant_name: str | None = None,
+) -> Path:
+    """Export `checkpoint` (offline/train.py) as a bundle folder; returns its path.
+
+    The folder is written next to `out_dir` first and renamed into place, so a half-written
+    bundle never sits where the service looks.
+    """
+    model, cfg, ckpt = load_checkpoint(checkpoint)
+    if ckpt["num_items"] != data.num_items:
+        raise ValueError(
+            f"{checkpoint} was trained on {ckpt['num_items']} items, data has {data.num_items}"
+        )
+    sids = ckpt["sids"]
+    if sids is None:
+        raise ValueError(f"{checkpoint} has no SIDs; every bundle needs them for new items")
+    trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
+    counts = np.asarray(ckpt["train_counts"])
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    with torch.no_grad():
+        table = model.items.table(trained).numpy().astype(np.float32)  # [n + 1, d]
+    np.save(tmp / "item_vectors.npy", table)
+    export_user_encoder(model.encoder, cfg.d, tmp / "user_encoder.onnx", cfg.max_len)
+    export_sid_to_vector(model.items, tmp / "sid_to_vector.onnx")
+    codebooks.save(tmp / "sid_codebooks.npz")
+
+    catalog = data.catalog
+    with (tmp / "items.jsonl").open("w", encoding="utf-8") as f:
+        for i, item_id in enumerate(catalog.ids):
+            row = i + 1
+            record = {
+                "item_id": item_id,
+                "row": row,
+                "sid": [int(c) for c in sids[row]],
+                "title": catalog.titles[i],
+                "text": item_text(catalog.titles[i], catalog.fields[i]),
+                "popularity": int(counts[row]),
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    encoder_dir, content_info = content_encoder_files(cache_dir)
+    for name in ("content_encoder.onnx", "tokenizer.json"):
+        shutil.copy2(encoder_dir / name, tmp / name)
+
+    order = np.argsort(-counts[1:], kind="stable")[:POPULAR_LIST]
+    popular = [catalog.ids[i] for i in order if counts[i + 1] > 0]
+    now = datetime.now(UTC)
+    variant = variant_name or cfg.variant
+    manifest = {
+        "version": f"{data.name}-{variant}-{now:%Y%m%dT%H%M%SZ}",
+        "created": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "dataset": {
+            "name": data.name,
+            "users": len(data.users),
+            "items": data.num_items,
+            "events": data.num_events,
+            "time_source": data.time_source,
+        },
+        "model": {
+            "variant": cfg.variant,
+            "fusion": cfg.fusion,
+            "d": cfg.d,
+            "num_blocks": cfg.num_blocks,
+            "num_heads": cfg.num_heads,
+            "dqk": cfg.dqk,
+            "dv": cfg.dv,
+            "max_len": cfg.max_len,
+            "padded_len": cfg.padded_len,
+            "use_time": cfg.use_time,
+            "id_dropout": cfg.id_dropout,
+            "best_epoch": ckpt["epoch"],
+        },
+        "sid": {
+            "layers": codebooks.layers,
+            "codes": codebooks.codes,
+            "dim": codebooks.dim,
+            "normalize_residuals": codebooks.normalize_residuals,
+        },
+        "content": content_info,
+        "metrics": metrics or {},
+        "popular": popular,
+    }
+    write_manifest(tmp, manifest)
+    load_bundle(tmp)  # the service's own check, before the bundle replaces anything
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.replace(out_dir)
+    return out_dir

@@ -1,0 +1,281 @@
+"""The offline steps behind the CLI, sharing one run folder.
+
+run/
+  content_vectors.npy       MiniLM vectors of the catalog (rows 1..n)
+  sids/                     sids.npy, sid_codebooks.npz, sid_report.json
+  <variant>/                checkpoint.pt, train_log.jsonl, metrics.json (train.py)
+  baselines.json            most-popular and content-only, validation and test
+  results.json, plots/      every variant + baselines side by side
+  bundle/                   what `sidrec serve` loads
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from sidrec.offline.data.dataset import DataError, Interactions
+from sidrec.sid_codebook import Codebooks
+
+console = Console()
+
+# CLI name -> (ItemEmbedding variant, fusion)
+VARIANTS: dict[str, tuple[str, str]] = {
+    "id": ("id", "sum"),
+    "sid-prefixn": ("sid-prefixn", "sum"),
+    "sid-rqsum": ("sid-rqsum", "sum"),
+    "hybrid-sum": ("hybrid", "sum"),
+    "hybrid-alpha": ("hybrid", "alpha"),
+}
+BASELINES = ("most-popular", "content-only")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SIDREC_CACHE", Path.home() / ".cache" / "sidrec"))
+
+
+def resolve_data(data: str | Path, data_root: Path = Path("data")) -> Path:
+    """A folder as given, or the name of a data set we can fetch (ml-100k)."""
+    if str(data) == "ml-100k" and not Path(data).exists():
+        from sidrec.offline.data.fetch import get_ml100k
+
+        return get_ml100k(data_root / "ml-100k")
+    path = Path(data)
+    if not path.exists():
+        raise DataError(path, "no such data folder (give a folder, or 'ml-100k' to fetch it)")
+    return path
+
+
+def _check_variant(name: str) -> tuple[str, str]:
+    if name not in VARIANTS:
+        raise DataError("--variants", f"unknown variant {name!r}; use one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+@dataclass
+class Steps:
+    data: Interactions
+    run: Path
+    seed: int = 0
+    cold_fraction: float = 0.05
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def open(
+        cls, data: str | Path, run: Path, seed: int = 0, cold_fraction: float = 0.05
+    ) -> Steps:
+        from sidrec.offline.data.load import load_dataset
+
+        started = time.perf_counter()
+        interactions = load_dataset(resolve_data(data))
+        run.mkdir(parents=True, exist_ok=True)
+        console.print(
+            f"[bold]{interactions.name}[/]: {len(interactions.users):,} users, "
+            f"{interactions.num_items:,} items, {interactions.num_events:,} events, "
+            f"time: {interactions.time_source}"
+        )
+        for note in interactions.notes:
+            console.print(f"  note: {note}")
+        steps = cls(interactions, run, seed, cold_fraction)
+        steps.timings["load"] = time.perf_counter() - started
+        return steps
+
+    # ---- content and SIDs -------------------------------------------------------------
+
+    @cached_property
+    def content_vectors(self) -> np.ndarray:
+        """float32[n, 384], row i = item row i + 1."""
+        from sidrec.offline.content import encode_catalog
+
+        path = self.run / "content_vectors.npy"
+        started = time.perf_counter()
+        vectors = encode_catalog(self.data.catalog, cache_dir() / "content")
+        np.save(path, vectors)
+        self.timings["content"] = time.perf_counter() - started
+        return vectors
+
+    def build_sids(
+        self,
+        layers: int | None = None,
+        codes: int | None = None,
+        normalize_residuals: bool = False,
+    ) -> tuple[Codebooks, np.ndarray]:
+        from sidrec.offline.sids import build_sids, default_sid_shape, print_sid_report, sid_report
+
+        default_layers, default_codes = default_sid_shape(self.data.num_items)
+        layers, codes = layers or default_layers, codes or default_codes
+        vectors = self.content_vectors
+        started = time.perf_counter()
+        codebooks, sids = build_sids(vectors, layers, codes, normalize_residuals, seed=self.seed)
+        folder = self.run / "sids"
+        folder.mkdir(exist_ok=True)
+        np.save(folder / "sids.npy", sids)
+        codebooks.save(folder / "sid_codebooks.npz")
+        report = sid_report(sids, self.data.catalog.genres, codebooks)
+        (folder / "sid_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        self.timings["sids"] = time.perf_counter() - started
+        print_sid_report(report, console)
+        return codebooks, sids
+
+    def sids(self) -> tuple[Codebooks, np.ndarray]:
+        """The run's SIDs, built with defaults when no earlier `sids build` made them."""
+        folder = self.run / "sids"
+        if (folder / "sids.npy").is_file():
+            sids = np.load(folder / "sids.npy")
+            if len(sids) == self.data.num_items + 1:
+                return Codebooks.load(folder / "sid_codebooks.npz"), sids
+            console.print("[yellow]SIDs in the run folder are for another catalog: rebuilding")
+        return self.build_sids()
+
+    # ---- split, training, evaluation --------------------------------------------------
+
+    @cached_property
+    def split(self):  # noqa: ANN201 - offline.split.Split, imported lazily
+        from sidrec.offline.split import make_split
+
+        return make_split(self.data, cold_fraction=self.cold_fraction, seed=self.seed)
+
+    def train(
+        self, name: str, epochs: int = 60, patience: int = 8, id_dropout: float = 0.2
+    ) -> dict[str, Any]:
+        """Train one variant into run/<name>/; returns its metrics.json content."""
+        from sidrec.offline.train import METRICS_FILE, TrainConfig, train
+
+        variant, fusion = _check_variant(name)
+        codebooks, sids = self.sids()
+        cfg = TrainConfig(
+            variant=variant,
+            fusion=fusion,
+            epochs=epochs,
+            patience=patience,
+            id_dropout=id_dropout if variant == "hybrid" else 0.0,
+            use_time=self.data.timestamps is not None,
+            seed=self.seed,
+        )
+        console.rule(f"train {name}")
+        started = time.perf_counter()
+        train(self.data, self.split, sids, codebooks.codes, cfg, self.run / name, log=console.print)
+        self.timings[f"train {name}"] = time.perf_counter() - started
+        return json.loads((self.run / name / METRICS_FILE).read_text())
+
+    def baselines(self) -> dict[str, dict[str, Any]]:
+        from sidrec.offline.baselines import content_scorer, most_popular_scorer
+        from sidrec.offline.evaluate import evaluate
+
+        scorers = {
+            "most-popular": most_popular_scorer(self.split),
+            "content-only": content_scorer(self.content_vectors),
+        }
+        results = {
+            name: {stage: evaluate(scorer, self.split, stage) for stage in ("valid", "test")}
+            for name, scorer in scorers.items()
+        }
+        (self.run / "baselines.json").write_text(json.dumps(results, indent=2) + "\n")
+        return results
+
+    def evaluate(self) -> dict[str, dict[str, Any]]:
+        """Baselines + every trained variant in the run; prints the table, writes JSON + plots.
+
+        Variants' test metrics come from their metrics.json: train.py touches the test item
+        once, with the best-validation checkpoint.
+        """
+        from sidrec.offline.plots import write_plots
+        from sidrec.offline.train import LOG_FILE, METRICS_FILE
+
+        results: dict[str, dict[str, Any]] = dict(self.baselines())
+        curves: dict[str, list[dict]] = {}
+        for name in VARIANTS:
+            metrics_path = self.run / name / METRICS_FILE
+            if metrics_path.is_file():
+                metrics = json.loads(metrics_path.read_text())
+                results[name] = {"valid": metrics["valid"], "test": metrics["test"]}
+                log_lines = (self.run / name / LOG_FILE).read_text().splitlines()
+                curves[name] = [json.loads(line) for line in log_lines if line]
+        (self.run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_plots(results, curves, self.run / "plots")
+        print_results(results, self.data.name)
+        return results
+
+    def export(self, name: str, out: Path | None = None) -> Path:
+        from sidrec.offline.export import export_bundle
+        from sidrec.offline.train import CHECKPOINT_FILE, METRICS_FILE
+
+        _check_variant(name)
+        checkpoint = self.run / name / CHECKPOINT_FILE
+        if not checkpoint.is_file():
+            raise DataError(checkpoint, f"not found: train the {name!r} variant first")
+        metrics = json.loads((self.run / name / METRICS_FILE).read_text())
+        codebooks, _ = self.sids()
+        started = time.perf_counter()
+        bundle = export_bundle(
+            checkpoint,
+            self.data,
+            codebooks,
+            out or self.run / "bundle",
+            cache_dir(),
+            metrics={"valid": metrics["valid"]["overall"], "test": metrics["test"]["overall"]},
+            variant_name=name,
+        )
+        self.timings["export"] = time.perf_counter() - started
+        console.print(f"bundle written to [bold]{bundle}[/]")
+        return bundle
+
+    def all(
+        self,
+        variants: list[str],
+        export_variant: str = "hybrid-sum",
+        epochs: int = 60,
+        patience: int = 8,
+        id_dropout: float = 0.2,
+    ) -> Path:
+        for name in [*variants, export_variant]:
+            _check_variant(name)
+        if export_variant not in variants:
+            variants = [*variants, export_variant]
+        self.sids()
+        for name in variants:
+            self.train(name, epochs=epochs, patience=patience, id_dropout=id_dropout)
+        self.evaluate()
+        bundle = self.export(export_variant)
+        console.print(
+            "timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items())
+        )
+        return bundle
+
+
+METRIC_COLUMNS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")
+
+
+def print_results(results: dict[str, dict[str, Any]], dataset: str) -> None:
+    table = Table(title=f"{dataset}: test metrics (leave-one-out, full ranking, history excluded)")
+    table.add_column("model")
+    for column in METRIC_COLUMNS:
+        table.add_column(column.upper(), justify="right")
+    for column in ("hot HR@10", "mild HR@10", "cold HR@10", "cold-start HR@10"):
+        table.add_column(column, justify="right")
+    for name, stages in results.items():
+        test = stages["test"]
+        overall = test["overall"]
+        bins = test["by_popularity"]
+        table.add_row(
+            name,
+            *(f"{overall[c]:.4f}" for c in METRIC_COLUMNS),
+            *(f"{bins[b]['hr@10']:.4f}" for b in ("hot", "mild", "cold")),
+            f"{test['cold_start']['hr@10']:.4f}",
+        )
+    console.print(table)
+    first = next(iter(results.values()))["test"]
+    console.print(
+        f"test users: {first['overall']['count']}, of which cold-start targets: "
+        f"{first['cold_start']['count']}; bins by target popularity: "
+        + ", ".join(f"{b} {first['by_popularity'][b]['count']}" for b in ("hot", "mild", "cold"))
+    )
