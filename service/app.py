@@ -1,0 +1,310 @@
+"""The FastAPI application: lifespan (load everything once), middleware, error answers, routers.
+
+`create_app()` with no argument reads Settings from the environment; that is what each uvicorn
+worker calls (see server.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sidrec.bundle import load_bundle
+from sidrec.sid_codebook import Codebooks
+
+from . import metrics
+from .catalog import Catalog, MemoryCatalogStore, RedisCatalogStore
+from .deps import ApiError, Services, error_list
+from .history_store import MemoryHistoryStore, RedisHistoryStore
+from .retrieval import ItemTable
+from .routers import events, health, items, recommend, users
+from .runtime import Runtime
+from .settings import Settings
+
+log = logging.getLogger("sidrec.service")
+
+# Probes and scrapes are not traffic: kept out of the request metrics.
+UNMETERED = {"/healthz", "/readyz", "/metrics"}
+_CONVERTER = re.compile(r":\w+}")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def build_services(settings: Settings) -> Services:
+    """Everything heavy, once per process: bundle (sha256-checked), ORT, FAISS, stores."""
+    bundle = load_bundle(settings.bundle)
+    runtime = Runtime(bundle, settings.device, settings.ort_threads)
+    codebooks = Codebooks.load(bundle.file("sid_codebooks.npz"))
+    records = bundle.items()
+    vectors = bundle.item_vectors()  # [n + 1, d]
+    sids = np.zeros((len(records) + 1, codebooks.layers + 1), np.int64)  # [n + 1, L + 1]
+    for r in records:
+        sids[r.row] = r.sid
+    if [r.row for r in records] != list(range(1, len(records) + 1)):
+        raise ValueError(f"{bundle.file('items.jsonl')}: rows are not 1..n in order")
+    table = ItemTable(
+        vectors,
+        [r.item_id for r in records],
+        sids,
+        codebooks.codes,
+        use_gpu=settings.device != "cpu",
+    )
+    redis: Redis | None = None
+    if settings.redis_url:
+        redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            health_check_interval=10,
+        )
+        history = RedisHistoryStore(
+            redis, settings.key_prefix, settings.history_len, settings.event_id_ttl_s
+        )
+        store = RedisCatalogStore(redis, settings.key_prefix)
+    else:
+        log.warning(
+            "\n" + "!" * 78 + "\n"
+            "!! SIDREC_REDIS_URL is not set: histories and ingested items live in THIS PROCESS\n"
+            "!! only and are LOST when it stops. Set SIDREC_REDIS_URL for anything but a demo.\n"
+            + "!"
+            * 78
+        )
+        history = MemoryHistoryStore(settings.history_len, settings.event_id_ttl_s)
+        store = MemoryCatalogStore()
+    catalog = Catalog(bundle, runtime, codebooks, table, vectors, store)
+    popular = [str(i) for i in bundle.manifest.get("popular", [])]
+    services = Services(settings, bundle, runtime, catalog, history, redis, popular)
+    # One call each now, so the first request does not pay ORT's first-run cost.
+    runtime.encode_users(
+        vectors[None, 1:2],
+        np.zeros((1, 1), np.int64),
+        np.ones((1, 1), np.bool_),
+        np.zeros(1, np.int64),
+    )
+    runtime.vectors_from_sids(sids[1:2])
+    runtime.content_vectors(["warm-up"])
+    metrics.MODEL_INFO.labels(version=bundle.version, provider=runtime.provider).set(1)
+    catalog.update_gauges()
+    log.info(
+        "bundle %s: %d items, d=%d, provider %s, index %s, store %s",
+        bundle.version,
+        len(records),
+        runtime.d,
+        runtime.provider,
+        table.index_kind,
+        history.kind,
+    )
+    return services
+
+
+async def sync_catalog(services: Services) -> None:
+    """Load ingested items from the store (retrying while Redis is away), then follow it."""
+    catalog = services.catalog
+    delay = 0.2
+    while not services.rebuilt:
+        try:
+            loaded = await catalog.rebuild()
+            services.rebuilt = True
+            services.rebuild_error = None
+            log.info(
+                "catalog: %d ingested items loaded from the %s store", loaded, catalog.store.kind
+            )
+        except (RedisError, OSError) as e:
+            services.rebuild_error = f"{type(e).__name__}: {e}"
+            log.warning("catalog: cannot load ingested items yet (%s); retrying", e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    if isinstance(catalog.store, RedisCatalogStore):
+        await catalog.follow()
+
+
+def route_template(app: ASGIApp, scope: Scope) -> str:
+    """The matched route's path template, never the raw path (ids stay out of labels)."""
+    route = scope.get("route")
+    if route is None:
+        route = next(
+            (r for r in getattr(app, "routes", []) if r.matches(scope)[0] == Match.FULL), None
+        )
+    if route is None:
+        return "unmatched"
+    return _CONVERTER.sub("}", route.path)  # "/v1/items/{item_id:path}" -> "/v1/items/{item_id}"
+
+
+class RequestContext:
+    """Request id, body size limit and request metrics, as plain ASGI middleware."""
+
+    def __init__(self, app: ASGIApp, fastapi_app: FastAPI, max_body_bytes: int) -> None:
+        self.app = app
+        self.fastapi_app = fastapi_app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise StarletteHTTPException(413, self._too_large())
+            return message
+
+        try:
+            declared = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            declared = 0
+        try:
+            if declared > self.max_body_bytes:
+                body = _error_body(413, "body_too_large", self._too_large(), [], request_id)
+                await body(scope, receive, send_with_id)
+            else:
+                await self.app(scope, limited_receive, send_with_id)
+        finally:
+            route = route_template(self.fastapi_app, scope)
+            if route not in UNMETERED:
+                elapsed = time.perf_counter() - start
+                metrics.HTTP_REQUESTS.labels(
+                    route=route, method=scope["method"], status=str(status)
+                ).inc()
+                metrics.HTTP_LATENCY.labels(route=route).observe(elapsed)
+
+    def _too_large(self) -> str:
+        return f"body: larger than {self.max_body_bytes} bytes (SIDREC_MAX_BODY_BYTES)"
+
+
+def _error_body(
+    status: int, error: str, detail: str, errors: list[tuple[str, str]], request_id: str
+) -> JSONResponse:
+    content: dict[str, Any] = {
+        "error": error,
+        "detail": detail,
+        "errors": [{"field": f, "problem": p} for f, p in errors],
+        "request_id": request_id,
+    }
+    return JSONResponse(content, status_code=status)
+
+
+def _rid(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "")
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return _error_body(exc.status, exc.error, exc.detail, exc.errors, _rid(request))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    raw = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in raw):
+        e = next(e for e in raw if e.get("type") == "json_invalid")
+        where = e.get("loc", ("body", 0))[-1]
+        reason = e.get("ctx", {}).get("error", "invalid JSON")
+        problem = f"not valid JSON ({reason} at character {where})"
+        return _error_body(
+            400, "invalid_json", f"body: {problem}", [("body", problem)], _rid(request)
+        )
+    errors = error_list(raw)
+    detail = "; ".join(f"{f}: {p}" for f, p in errors[:10])
+    return _error_body(422, "invalid_request", detail, errors, _rid(request))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    names = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
+    error = names.get(exc.status_code, "http_error")
+    detail = str(exc.detail)
+    if exc.status_code == 400 and "parsing the body" in detail:
+        # FastAPI's answer to a body it could not decode (e.g. not UTF-8).
+        detail = "body: could not be read as JSON text (is it UTF-8?)"
+    return _error_body(exc.status_code, error, detail, [], _rid(request))
+
+
+async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis unavailable during %s %s: %s", request.method, request.url.path, exc)
+    detail = f"store unavailable: Redis did not answer ({type(exc).__name__}); nothing was stored"
+    return _error_body(503, "store_unavailable", detail, [], _rid(request))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+        )
+    log.setLevel(settings.log_level.upper())
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # one line per CPU feature probe
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = build_services(settings)
+        app.state.services = services
+        sync_task = asyncio.create_task(sync_catalog(services), name="catalog-sync")
+        if not isinstance(services.catalog.store, RedisCatalogStore):
+            await sync_task  # the in-process store has nothing to load: done at once
+        try:
+            yield
+        finally:
+            sync_task.cancel()
+            with suppress(asyncio.CancelledError):
+                await sync_task
+            if services.redis is not None:
+                await services.redis.aclose()
+
+    app = FastAPI(
+        title="sidrec",
+        summary="Next-item recommendations from an HSTU model with Semantic IDs",
+        version="1",
+        lifespan=lifespan,
+        default_response_class=_OrjsonResponse,
+    )
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RedisError, _redis_error)
+    for router in (recommend.router, events.router, items.router, users.router, health.router):
+        app.include_router(router)
+    app.add_middleware(RequestContext, fastapi_app=app, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+class _OrjsonResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,164 @@
+"""The item table and the FAISS index over it: one row numbering for both.
+
+Rows: 0 = padding (never returned), 1..n = the bundle's items, n+1.. = items ingested while
+running, in the order this process learnt of them (so row numbers are local to a process; item
+ids are what crosses process boundaries). The table keeps the raw vectors the user encoder
+reads; the index holds their L2-normalised copies, and an inner product over it is the score
+the offline evaluator ranks by.
+
+Rows are append-only, because a flat GPU index cannot overwrite a vector in place. When an
+item's vector changes (re-ingested with new content) it gets a new row and its old row is
+marked dead; searches over-fetch by the number of dead rows and drop them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import faiss
+import numpy as np
+
+log = logging.getLogger("sidrec.service")
+
+
+def normalized(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def gpu_count() -> int:
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+class ItemTable:
+    def __init__(
+        self,
+        vectors: np.ndarray,  # float32 [n + 1, d] raw, row 0 padding
+        item_ids: list[str],  # [n], rows 1..n
+        sids: np.ndarray,  # int64 [n + 1, L + 1]
+        codes_per_layer: int,
+        use_gpu: bool = True,
+    ) -> None:
+        n_rows, self.d = vectors.shape
+        if len(item_ids) != n_rows - 1 or len(sids) != n_rows:
+            raise ValueError("vectors, item ids and SIDs disagree on the number of items")
+        self.num_bundle_items = n_rows - 1
+        self.codes_per_layer = codes_per_layer
+        self._capacity = max(16, 2 * n_rows)
+        self.vectors = np.zeros((self._capacity, self.d), np.float32)  # [capacity, d]
+        self.vectors[:n_rows] = vectors
+        self.sids = np.zeros((self._capacity, sids.shape[1]), np.int64)  # [capacity, L + 1]
+        self.sids[:n_rows] = sids
+        self.alive = np.zeros(self._capacity, bool)
+        self.alive[1:n_rows] = True
+        self.size = n_rows
+        self.item_ids: list[str] = ["", *item_ids]  # by row
+        self.row_of: dict[str, int] = {item_id: row for row, item_id in enumerate(self.item_ids)}
+        del self.row_of[""]
+        self.dead = 0
+        # code_counts[l, c] = live items whose layer-l code is c: codebook usage without a scan.
+        layers = sids.shape[1] - 1
+        self.code_counts = np.zeros((layers, codes_per_layer), np.int64)
+        for layer in range(layers):
+            self.code_counts[layer] = np.bincount(sids[1:n_rows, layer], minlength=codes_per_layer)[
+                :codes_per_layer
+            ]
+        self.index: faiss.Index = faiss.IndexFlatIP(self.d)
+        self.on_gpu = False
+        if use_gpu and gpu_count() > 0:
+            self._gpu_resources = faiss.StandardGpuResources()
+            self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
+            self.on_gpu = True
+        self.index.add(normalized(vectors))  # row 0's zero vector keeps positions == rows
+        # FAISS indexes are not safe to search while another thread adds to them.
+        self.lock = threading.Lock()
+
+    @property
+    def live_items(self) -> int:
+        return self.size - 1 - self.dead
+
+    @property
+    def index_kind(self) -> str:
+        return ("faiss-gpu" if self.on_gpu else "faiss-cpu") + " IndexFlatIP"
+
+    def codebook_usage(self) -> list[float]:
+        return [float(u) for u in (self.code_counts > 0).mean(axis=1)]
+
+    def row(self, item_id: str) -> int | None:
+        return self.row_of.get(item_id)
+
+    def upsert(self, item_id: str, sid: np.ndarray, vector: np.ndarray) -> bool:
+        """Add an item or replace its SID and vector. Returns True if the item is new here."""
+        sid = np.asarray(sid, np.int64)
+        vector = np.asarray(vector, np.float32)
+        with self.lock:
+            old = self.row_of.get(item_id)
+            unchanged = (
+                old is not None
+                and np.array_equal(self.sids[old], sid)
+                and np.array_equal(self.vectors[old], vector)
+            )
+            if unchanged:
+                return False  # e.g. our own ingest coming back through the stream
+            if old is not None:
+                self.alive[old] = False
+                self.dead += 1
+                self._count_codes(self.sids[old], -1)
+            if self.size == self._capacity:
+                self._grow()
+            row = self.size
+            self.vectors[row] = vector
+            self.sids[row] = sid
+            self.alive[row] = True
+            self.index.add(normalized(vector[None, :]))
+            self.item_ids.append(item_id)
+            self.row_of[item_id] = row
+            self.size += 1
+            self._count_codes(sid, +1)
+            return old is None
+
+    def _count_codes(self, sid: np.ndarray, delta: int) -> None:
+        layers = self.code_counts.shape[0]
+        self.code_counts[np.arange(layers), sid[:layers]] += delta
+
+    def _grow(self) -> None:
+        self._capacity *= 2
+
+        def grown(a: np.ndarray) -> np.ndarray:
+            out = np.zeros((self._capacity, *a.shape[1:]), a.dtype)
+            out[: self.size] = a[: self.size]
+            return out
+
+        self.vectors, self.sids, self.alive = (
+            grown(self.vectors),
+            grown(self.sids),
+            grown(self.alive),
+        )
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """rows int64 [N] -> raw vectors float32 [N, d] (a copy)."""
+        with self.lock:
+            return self.vectors[rows]
+
+    def search(
+        self,
+        query: np.ndarray,  # float32 [d], L2-normalised
+        k: int,
+        exclude_rows: set[int],
+    ) -> list[tuple[int, float]]:
+        """Top-k live rows by inner product, best first, skipping exclude_rows."""
+        with self.lock:
+            # Enough candidates that k survive after dropping excluded and dead rows.
+            fetch = min(self.size, k + len(exclude_rows) + self.dead + 1)
+            scores, rows = self.index.search(query[None, :].astype(np.float32), fetch)
+            alive = self.alive
+            hits = []
+            for row, score in zip(rows[0].tolist(), scores[0].tolist(), strict=True):
+                if row <= 0 or not alive[row] or row in exclude_rows:
+                    continue
+                hits.append((row, score))
+                if len(hits) == k:
+                    break
+            return hits

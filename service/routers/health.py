@@ -1,0 +1,49 @@
+"""GET /healthz (the process answers), /readyz (can serve: model, index, Redis), /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+
+from .. import metrics
+from ..deps import Services, get_services
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
+    reasons = []
+    if services.redis is not None:
+        try:
+            await asyncio.wait_for(services.redis.ping(), services.settings.redis_timeout_s)
+        except Exception as e:  # any failure to answer means not ready, whatever its type
+            reasons.append(f"redis: not answering ({type(e).__name__}: {e})")
+    if not services.rebuilt:
+        why = f" ({services.rebuild_error})" if services.rebuild_error else ""
+        reasons.append(f"catalog: ingested items not yet loaded from the store{why}")
+    if services.catalog.follower_error is not None:
+        reasons.append(f"catalog stream: {services.catalog.follower_error}")
+    body = {
+        "status": "not_ready" if reasons else "ready",
+        "reasons": reasons,
+        "model_version": services.bundle.version,
+        "provider": services.runtime.provider,
+        "index": services.catalog.table.index_kind,
+        "index_items": services.catalog.table.live_items,
+        "store": services.history.kind,
+    }
+    return JSONResponse(body, status_code=503 if reasons else 200)
+
+
+@router.get("/metrics")
+async def metrics_text() -> Response:
+    payload, content_type = metrics.render()
+    return Response(payload, media_type=content_type)

@@ -1,0 +1,116 @@
+"""POST /v1/recommend: history -> item vectors -> user encoder -> FAISS top-k minus seen."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from .. import metrics
+from ..deps import ApiError, Services, get_services, invalid, request_id
+from ..retrieval import ItemTable
+from ..runtime import Runtime
+from ..schemas import HistoryEvent, RecommendRequest, RecommendResponse, ScoredItem
+
+router = APIRouter(tags=["recommend"])
+
+
+def rank(
+    runtime: Runtime,
+    table: ItemTable,
+    rows: np.ndarray,  # int64 [N] history rows, oldest first
+    timestamps: np.ndarray,  # int64 [N]
+    query_time: int,
+    k: int,
+    exclude_rows: set[int],
+) -> list[tuple[int, float]]:
+    """The blocking part of a recommendation (runs in a worker thread)."""
+    # The model saw at most max_len items; keep the most recent ones.
+    rows, timestamps = rows[-runtime.max_len :], timestamps[-runtime.max_len :]
+    with metrics.stage("gather"):
+        vectors = table.gather(rows)[None]  # [1, N, d]
+    with metrics.stage("encode"):
+        user = runtime.encode_users(
+            vectors,
+            timestamps[None],  # [1, N]
+            np.ones((1, len(rows)), np.bool_),  # [1, N]
+            np.array([query_time], np.int64),  # [1]
+        )[0]  # [d]
+    with metrics.stage("retrieve"):
+        return table.search(user, k, exclude_rows)
+
+
+@router.post("/v1/recommend", response_model=RecommendResponse)
+async def recommend(
+    body: RecommendRequest, request: Request, services: Services = Depends(get_services)
+) -> RecommendResponse:
+    settings = services.settings
+    if body.k > settings.max_k:
+        raise invalid("k", f"must be at most {settings.max_k} (SIDREC_MAX_K), got {body.k}")
+    now = int(time.time())
+    query_time = body.query_time if body.query_time is not None else now
+    catalog = services.catalog
+    if body.history is not None:
+        events = [
+            e if isinstance(e, HistoryEvent) else HistoryEvent(item_id=e) for e in body.history
+        ]
+        history = sorted(
+            ((e.item_id, e.ts if e.ts is not None else query_time) for e in events),
+            key=lambda e: e[1],
+        )
+        unknown = await catalog.ensure_known([item_id for item_id, _ in history])
+        if unknown:
+            positions: dict[str, int] = {}
+            for i, e in enumerate(events):
+                positions.setdefault(e.item_id, i)
+            raise ApiError(
+                422,
+                "unknown_items",
+                f"history: {len(unknown)} unknown item id(s): {', '.join(map(repr, unknown[:20]))}",
+                [(f"history[{positions[i]}]", f"unknown item {i!r}") for i in unknown],
+            )
+    else:
+        assert body.user_id is not None
+        with metrics.stage("history"):
+            history = await services.history.history(body.user_id)
+        # Items stored under an older catalog may be gone; they cannot be encoded, skip them.
+        await catalog.ensure_known([item_id for item_id, _ in history])
+        history = [(i, ts) for i, ts in history if catalog.table.row(i) is not None]
+
+    table = catalog.table
+    seen = {table.row(item_id) for item_id, _ in history}
+    exclude = {r for r in seen if r is not None} if body.exclude_seen else set()
+    if history:
+        rows = np.array([table.row(item_id) for item_id, _ in history], np.int64)
+        timestamps = np.array([ts for _, ts in history], np.int64)
+        hits = await run_in_threadpool(
+            rank, services.runtime, table, rows, timestamps, query_time, body.k, exclude
+        )
+        items = [
+            ScoredItem(item_id=table.item_ids[row], score=score, sid=table.sids[row].tolist())
+            for row, score in hits
+        ]
+        fallback = None
+    else:
+        items = []
+        for item_id in services.popular:
+            row = table.row(item_id)
+            if row is None or row in exclude or not table.alive[row]:
+                continue
+            popularity = catalog.meta.get(item_id, {}).get("popularity", 0)
+            items.append(
+                ScoredItem(item_id=item_id, score=float(popularity), sid=table.sids[row].tolist())
+            )
+            if len(items) == body.k:
+                break
+        fallback = "popular"
+    return RecommendResponse(
+        user_id=body.user_id,
+        items=items,
+        fallback=fallback,
+        history_len=len(history),
+        model_version=services.bundle.version,
+        request_id=request_id(request),
+    )

@@ -1,0 +1,128 @@
+"""Request and response bodies of the v1 API (pydantic). Unknown fields are rejected, so a typo
+("itemid") is a 422 naming it rather than a silently ignored value."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+# Unix seconds up to the year ~36800: rules out milliseconds sent by mistake being read as
+# dates 1000x in the future only loosely, but keeps int64 arithmetic in the model safe.
+MAX_TS = 2**40
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _as_id(value: Any) -> Any:
+    # ML-style ids are numbers in many clients' JSON; accept them, store them as text.
+    if isinstance(value, bool):
+        raise ValueError("must be a string or an integer, not a boolean")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and _CONTROL.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+Id = Annotated[str, BeforeValidator(_as_id), Field(min_length=1, max_length=256)]
+Timestamp = Annotated[int, Field(ge=0, le=MAX_TS, strict=True)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HistoryEvent(Strict):
+    item_id: Id
+    ts: Timestamp | None = None
+
+
+class RecommendRequest(Strict):
+    user_id: Id | None = None
+    k: Annotated[int, Field(ge=1, strict=True)] = 10
+    exclude_seen: Annotated[bool, Field(strict=True)] = True
+    # Use this history instead of the stored one (oldest first): item ids or {item_id, ts}.
+    history: list[Id | HistoryEvent] | None = None
+    # The time the recommendation is for (unix s); default now. The model's time features
+    # read it the way the offline evaluator reads the held-out item's timestamp.
+    query_time: Timestamp | None = None
+
+    @model_validator(mode="after")
+    def _someone(self) -> RecommendRequest:
+        if self.user_id is None and self.history is None:
+            raise ValueError("give user_id, or history for an anonymous request")
+        return self
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float
+    sid: list[int]
+
+
+class RecommendResponse(BaseModel):
+    user_id: str | None
+    items: list[ScoredItem]
+    # "popular" when the user had no usable history: items are the bundle's popularity list
+    # and score is the item's number of training interactions.
+    fallback: str | None
+    history_len: int
+    model_version: str
+    request_id: str
+
+
+class EventIn(Strict):
+    user_id: Id
+    item_id: Id
+    ts: Timestamp | None = None
+    # Same id again (within event_id_ttl_s) = a retry: acknowledged, stored once.
+    event_id: (
+        Annotated[str, BeforeValidator(_as_id), Field(min_length=1, max_length=128)] | None
+    ) = None
+
+
+class EventsResponse(BaseModel):
+    accepted: int  # events received and stored (now or by an earlier try)
+    duplicates: int  # of those, retries of an event_id already stored
+    request_id: str
+
+
+FieldValue = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int | float) else v)]
+
+
+class ItemIn(Strict):
+    item_id: Id
+    title: Annotated[str, Field(max_length=2_000)] = ""
+    # Free text about the item; embedded after title and fields (same template as offline).
+    text: Annotated[str, Field(max_length=100_000)] = ""
+    fields: Annotated[
+        dict[Annotated[str, Field(max_length=200)], FieldValue], Field(max_length=100)
+    ] = Field(default_factory=dict)
+    # A precomputed content vector (the bundle's content model, e.g. 384 numbers) instead of text.
+    content_vector: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None
+
+
+class IngestedItem(BaseModel):
+    item_id: str
+    sid: list[int]
+    collided: bool
+    status: str  # "created" | "updated"
+
+
+class ItemsResponse(BaseModel):
+    items: list[IngestedItem]
+    model_version: str
+    request_id: str
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    problem: str
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
+    errors: list[ErrorDetail] = []
+    request_id: str | None = None

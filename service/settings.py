@@ -1,0 +1,51 @@
+"""Every knob of the online service, read once from the environment (prefix SIDREC_).
+
+Example: SIDREC_BUNDLE=bundles/ml-100k SIDREC_REDIS_URL=redis://localhost:6379/0 sidrec serve
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SIDREC_", extra="ignore")
+
+    bundle: Path = Field(Path("bundle"), description="bundle folder written by `sidrec export`")
+    # Unset = histories and ingested items live in this process only and die with it. Fine for
+    # a demo; start-up says so loudly. Several workers or replicas need Redis.
+    redis_url: str | None = None
+    # Every Redis key starts with this, so several deployments can share one Redis.
+    key_prefix: str = "sidrec:"
+    history_len: int = Field(200, ge=1, le=100_000, description="events kept per user")
+    max_k: int = Field(1000, ge=1, le=100_000)
+    max_batch: int = Field(1000, ge=1, description="events or items in one write request")
+    api_key: str | None = Field(None, description="if set, write routes need X-API-Key")
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    # How long an event_id is remembered for idempotent retries.
+    event_id_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    workers: int = Field(1, ge=1, le=256)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # Retrieval index. "flat" = exact inner product, what the offline evaluator computes.
+    index: Literal["flat"] = "flat"
+    # "auto" = CUDA when the onnxruntime-gpu build and a GPU are there, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # ONNX Runtime threads per session; 0 = ORT's default (all cores). With several workers
+    # on one machine, set about cores / workers.
+    ort_threads: int = Field(0, ge=0)
+    redis_timeout_s: float = Field(2.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _workers_need_redis(self) -> Settings:
+        if self.workers > 1 and not self.redis_url:
+            raise ValueError(
+                "workers > 1 needs SIDREC_REDIS_URL: the in-process store is per process, "
+                "so workers would see different histories and catalogs"
+            )
+        return self
