@@ -46,6 +46,18 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.users)
 
+    def subset(self, index: np.ndarray) -> EvalSet:
+        """The rows at `index` (int positions), in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        has_time = self.history_timestamps is not None and self.target_timestamps is not None
+        return EvalSet(
+            users=self.users[index],
+            histories=[self.histories[i] for i in index],
+            history_timestamps=[self.history_timestamps[i] for i in index] if has_time else None,
+            targets=self.targets[index],
+            target_timestamps=self.target_timestamps[index] if has_time else None,
+        )
+
 
 @dataclass
 class Split:

@@ -1,0 +1,487 @@
+"""Train the HSTU recommender on a `Split`: autoregressive sampled softmax, early stopping on
+validation NDCG@10, test metrics once from the best-validation checkpoint.
+
+The same `train` runs in one process or under `torchrun` (DistributedDataParallel, gloo on
+CPU, nccl on CUDA): users are sharded with a DistributedSampler, `batch_size` is the global
+batch, rank 0 evaluates, logs and saves, and every rank stops at the same epoch.
+
+Training sequences: per user the split's training sequence t (= s[:-2] minus withheld
+items); inputs t[:-1] predict t[1:] at every position, both cut to the `max_len` most recent.
+Position i's time bias uses next_ts = the time of t[i + 1], the event it predicts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sidrec.model.hstu import HSTU
+from sidrec.model.item_embedding import ItemEmbedding
+from sidrec.model.loss import MASKED_LOGIT, sample_negatives, sampled_softmax_loss
+from sidrec.offline.data.dataset import Interactions
+from sidrec.offline.evaluate import evaluate, hstu_scorer
+from sidrec.offline.split import Split, split_summary
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+LOG_FILE = "train_log.jsonl"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    variant: str = "hybrid"  # id | sid-prefixn | sid-rqsum | hybrid
+    fusion: str = "sum"  # sum | alpha (hybrid only)
+    d: int = 50
+    num_blocks: int = 2
+    num_heads: int = 1
+    dqk: int = 50
+    dv: int = 50
+    max_len: int = 200
+    padded_len: int = 211
+    dropout: float = 0.2
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    batch_size: int = 128  # global: split across DDP ranks
+    epochs: int = 100
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    num_negatives: int = 128
+    temperature: float = 0.05
+    id_dropout: float = 0.0
+    use_time: bool = True
+    sid_layers: int | None = None  # None = every semantic layer of `sids`
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    device: str = "auto"  # auto | cpu | cuda
+    eval_batch_size: int = 512
+    progress: bool = True  # tqdm bar per epoch (rank 0)
+
+    def __post_init__(self) -> None:
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if self.max_len > self.padded_len:
+            raise ValueError(f"max_len {self.max_len} exceeds padded_len {self.padded_len}")
+
+
+@dataclass
+class TrainResult:
+    checkpoint_path: Path | None  # rank 0 only
+    best_epoch: int
+    epochs: list[dict]  # one log line per epoch (as written to train_log.jsonl)
+    valid: dict  # evaluation report of the best epoch on the validation stage
+    test: dict  # the same on the test stage, computed once at the end; {} on ranks > 0
+    model: SequentialRecommender  # best weights loaded, eval mode, on CPU
+    best_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+
+class SequentialRecommender(nn.Module):
+    """Item embedding + HSTU encoder; forward returns the training loss (so DDP can wrap it)."""
+
+    def __init__(self, items: ItemEmbedding, encoder: HSTU) -> None:
+        super().__init__()
+        self.items = items
+        self.encoder = encoder
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        timestamps: torch.Tensor,
+        next_timestamps: torch.Tensor,
+        targets: torch.Tensor,
+        negatives: torch.Tensor,
+        temperature: float,
+    ) -> torch.Tensor:
+        # inputs, timestamps, next_timestamps, targets: [B, N]; negatives: [P, R] where
+        # P = number of real positions (inputs != 0), in row-major order.
+        mask = inputs != 0  # [B, N]
+        # One embedding call per step: id dropout then drops an item everywhere at once
+        # (input, positive and negative alike). The whole table is cheaper than torch.unique
+        # over P * R rows for catalogs of this size.
+        all_rows = torch.arange(self.items.num_items + 1, device=inputs.device)
+        table = self.items(all_rows)  # [n + 1, d] raw
+        table_normed = F.normalize(table, dim=-1, eps=1e-6)
+        out = self.encoder(table[inputs], timestamps, next_timestamps, mask)  # [B, N, d]
+        user = out[mask]  # [P, d], only real positions: padding costs no negatives
+        pos_rows = targets[mask]  # [P]
+        if table.shape[0] <= negatives.shape[1] * table.shape[1]:
+            return sampled_softmax_via_table(user, table_normed, pos_rows, negatives, temperature)
+        return sampled_softmax_loss(
+            user, table_normed[pos_rows], table_normed[negatives], pos_rows, negatives, temperature
+        )
+
+
+def sampled_softmax_via_table(
+    user: torch.Tensor,
+    table_normed: torch.Tensor,
+    pos_rows: torch.Tensor,
+    neg_rows: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """model.loss.sampled_softmax_loss computed through the whole item table.
+
+    user [P, d], table_normed [n + 1, d], pos_rows [P], neg_rows [P, R]. Gathering the
+    negatives' vectors [P, R, d] and scattering their gradients back is the costliest part of
+    a CPU step; scoring every row [P, n + 1] and gathering R logits is the same loss and
+    several times faster whenever n + 1 <= R * d (MovieLens: 1,683 or 3,953 rows vs 6,400).
+    """
+    logits = (user / temperature) @ table_normed.T  # [P, n + 1]
+    pos_logits = logits.gather(1, pos_rows[:, None])  # [P, 1]
+    neg_logits = logits.gather(1, neg_rows)  # [P, R]
+    neg_logits = neg_logits.masked_fill(neg_rows == pos_rows[:, None], MASKED_LOGIT)
+    return -F.log_softmax(torch.cat([pos_logits, neg_logits], dim=1), dim=1)[:, 0].mean()
+
+
+def build_model(
+    cfg: TrainConfig, num_items: int, sids: np.ndarray | None, codes_per_layer: int | None
+) -> SequentialRecommender:
+    items = ItemEmbedding(
+        cfg.variant,
+        num_items,
+        cfg.d,
+        sids=None if sids is None else torch.as_tensor(sids, dtype=torch.int64),
+        codes_per_layer=codes_per_layer,
+        sid_layers=cfg.sid_layers,
+        fusion=cfg.fusion,
+        id_dropout=cfg.id_dropout,
+    )
+    encoder = HSTU(
+        cfg.d,
+        cfg.num_blocks,
+        cfg.num_heads,
+        cfg.dqk,
+        cfg.dv,
+        padded_len=cfg.padded_len,
+        dropout=cfg.dropout,
+        use_time=cfg.use_time,
+    )
+    return SequentialRecommender(items, encoder)
+
+
+def load_checkpoint(path: str | Path) -> tuple[SequentialRecommender, TrainConfig, dict]:
+    """(model in eval mode on CPU, its config, the checkpoint dict: sids, trained, ...)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = TrainConfig(**ckpt["config"])
+    model = build_model(cfg, ckpt["num_items"], ckpt["sids"], ckpt["codes_per_layer"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), cfg, ckpt
+
+
+@dataclass
+class TrainingSequences:
+    """Training sequences right-padded to max_len (rows = users with >= 2 training events)."""
+
+    inputs: torch.Tensor  # int64[U, max_len]
+    targets: torch.Tensor  # int64[U, max_len]
+    timestamps: torch.Tensor  # int64[U, max_len] time of each input
+    next_timestamps: torch.Tensor  # int64[U, max_len] time of each target
+    lengths: torch.Tensor  # int64[U]
+
+
+def training_sequences(split: Split, max_len: int) -> TrainingSequences:
+    users = [u for u, s in enumerate(split.train_sequences) if len(s) >= 2]
+    shape = (len(users), max_len)
+    inputs, targets = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    ts, next_ts = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    lengths = np.zeros(len(users), np.int64)
+    for i, u in enumerate(users):
+        s = split.train_sequences[u]
+        k = min(len(s) - 1, max_len)
+        inputs[i, :k] = s[:-1][-k:]
+        targets[i, :k] = s[1:][-k:]
+        if split.train_timestamps is not None:
+            t = split.train_timestamps[u]
+            ts[i, :k] = t[:-1][-k:]
+            next_ts[i, :k] = t[1:][-k:]
+        lengths[i] = k
+    return TrainingSequences(
+        *(torch.from_numpy(a) for a in (inputs, targets, ts, next_ts, lengths))
+    )
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device(name)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def train(
+    data: Interactions,
+    split: Split,
+    sids: np.ndarray | None,
+    codes_per_layer: int | None,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train, early-stop on validation NDCG@10, evaluate the best checkpoint on test once.
+
+    Writes (rank 0) out_dir/train_log.jsonl (one JSON line per epoch), out_dir/checkpoint.pt
+    (best epoch; see load_checkpoint) and out_dir/metrics.json. Under torchrun every rank
+    calls this with the same arguments.
+    """
+    out_dir = Path(out_dir)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.device, local_rank)
+    own_group = False
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        own_group = True
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    is_main = rank == 0
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # Required by cuBLAS for deterministic matmuls; must be set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+    previous_threads = torch.get_num_threads()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    try:
+        return _train(
+            data, split, sids, codes_per_layer, cfg, out_dir, log, device, rank, world, is_main
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(previous_deterministic)
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(
+    data: Interactions,
+    split: Split,
+    sids: np.ndarray | None,
+    codes_per_layer: int | None,
+    cfg: TrainConfig,
+    out_dir: Path,
+    log: Callable[[str], None],
+    device: torch.device,
+    rank: int,
+    world: int,
+    is_main: bool,
+) -> TrainResult:
+    if split.num_items != data.num_items:
+        raise ValueError("split and data have different catalogs")
+    if cfg.use_time and data.timestamps is None:
+        raise ValueError(f"{data.name} has no timestamps: train with use_time=False")
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / LOG_FILE).write_text("")
+
+    # Same seed on every rank for the weights (DDP also broadcasts rank 0's), then a
+    # per-rank seed so dropout and negatives differ between ranks.
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.num_items, sids, codes_per_layer).to(device)
+    torch.manual_seed(cfg.seed + 1000 * rank)
+    negatives_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank + 1)
+    ddp_model: nn.Module = model
+    if world > 1:
+        # static_graph: the same parameters are used every step, and it tolerates ones that
+        # never get a gradient (the time-bias table when use_time is False).
+        ddp_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
+        )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+    )
+
+    seqs = training_sequences(split, cfg.max_len)
+    if len(seqs.lengths) == 0:
+        raise ValueError("no user has two training events: nothing to train on")
+    negative_pool = torch.as_tensor(np.flatnonzero(split.trained), device=device)  # [M]
+    sampler = DistributedSampler(
+        range(len(seqs.lengths)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed
+    )
+    local_batch = max(1, math.ceil(cfg.batch_size / world))
+
+    epochs: list[dict] = []
+    best_ndcg, best_epoch, best_valid = -1.0, 0, {}
+    best_state = _cpu_state(model)
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        sampler.set_epoch(epoch)
+        order = torch.as_tensor(list(sampler))
+        batches = order.split(local_batch)
+        total_loss = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses, batches)
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch}",
+            disable=not (is_main and cfg.progress),
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for idx in bar:
+            width = int(seqs.lengths[idx].max())  # trim padding columns past the longest row
+            inputs = seqs.inputs[idx, :width].to(device)
+            targets = seqs.targets[idx, :width].to(device)
+            num_positions = int((inputs != 0).sum())
+            negatives = sample_negatives(
+                negative_pool, (num_positions, cfg.num_negatives), negatives_rng
+            )
+            loss = ddp_model(
+                inputs,
+                seqs.timestamps[idx, :width].to(device),
+                seqs.next_timestamps[idx, :width].to(device),
+                targets,
+                negatives,
+                cfg.temperature,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if world > 1:
+            dist.all_reduce(total_loss)
+        train_seconds = time.perf_counter() - started
+
+        stop = torch.zeros(1, dtype=torch.int64)
+        if is_main:
+            model.eval()
+            valid = evaluate(
+                hstu_scorer(model.encoder, model.items, split.trained),
+                split,
+                "valid",
+                batch_size=cfg.eval_batch_size,
+                max_history=cfg.max_len,
+                device=str(device),
+            )
+            ndcg = valid["overall"]["ndcg@10"]
+            if ndcg > best_ndcg:
+                best_ndcg, best_epoch, best_valid = ndcg, epoch, valid
+                best_state = _cpu_state(model)
+                _save_checkpoint(out_dir, model, cfg, data, split, sids, codes_per_layer, epoch)
+            line = {
+                "epoch": epoch,
+                "train_loss": float(total_loss[0] / total_loss[1]),
+                "valid": valid["overall"],
+                "train_seconds": round(train_seconds, 3),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            epochs.append(line)
+            with (out_dir / LOG_FILE).open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            log(
+                f"epoch {epoch}: loss {line['train_loss']:.4f}  valid ndcg@10 {ndcg:.4f} "
+                f"hr@10 {valid['overall']['hr@10']:.4f}  ({line['seconds']:.1f}s)"
+                + ("  *" if best_epoch == epoch else "")
+            )
+            stop[0] = int(epoch - best_epoch >= cfg.patience)
+        if world > 1:
+            dist.broadcast(stop, src=0)
+        if stop.item():
+            if is_main:
+                log(f"early stop: no better validation NDCG@10 for {cfg.patience} epochs")
+            break
+
+    replica_diff = _replica_difference(model) if world > 1 else 0.0
+    model.load_state_dict(best_state)
+    model.eval()
+    test: dict = {}
+    checkpoint_path = None
+    if is_main:
+        test = evaluate(
+            hstu_scorer(model.encoder, model.items, split.trained),
+            split,
+            "test",
+            batch_size=cfg.eval_batch_size,
+            max_history=cfg.max_len,
+            device=str(device),
+        )
+        checkpoint_path = out_dir / CHECKPOINT_FILE
+        _write_json(
+            out_dir / METRICS_FILE,
+            {
+                "dataset": data.name,
+                "config": asdict(cfg),
+                "world_size": world,
+                "device": str(device),
+                "best_epoch": best_epoch,
+                "epochs_run": len(epochs),
+                "mean_epoch_train_seconds": float(np.mean([e["train_seconds"] for e in epochs])),
+                "ddp_max_param_diff": replica_diff,
+                "split": split_summary(split),
+                "valid": best_valid,
+                "test": test,
+            },
+        )
+        log(
+            f"best epoch {best_epoch}: test ndcg@10 {test['overall']['ndcg@10']:.4f} "
+            f"hr@10 {test['overall']['hr@10']:.4f}"
+        )
+    if world > 1:
+        dist.barrier()
+    return TrainResult(
+        checkpoint_path=checkpoint_path,
+        best_epoch=best_epoch,
+        epochs=epochs,
+        valid=best_valid,
+        test=test,
+        model=model.to("cpu"),
+        best_state=best_state,
+    )
+
+
+def _replica_difference(model: nn.Module) -> float:
+    """Largest absolute difference of any parameter between this rank and the others
+    (all ranks get the same value). DDP should keep it at exactly 0."""
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to("cpu")
+    lowest, highest = flat.clone(), flat.clone()
+    dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+    return float((highest - lowest).max())
+
+
+def _save_checkpoint(
+    out_dir: Path,
+    model: SequentialRecommender,
+    cfg: TrainConfig,
+    data: Interactions,
+    split: Split,
+    sids: np.ndarray | None,
+    codes_per_layer: int | None,
+    epoch: int,
+) -> None:
+    ckpt = {
+        "config": asdict(cfg),
+        "epoch": epoch,
+        "dataset": data.name,
+        "num_items": data.num_items,
+        "codes_per_layer": codes_per_layer,
+        "sids": None if sids is None else np.asarray(sids, dtype=np.int64),
+        "trained": np.asarray(split.trained),
+        "train_counts": np.asarray(split.train_counts),
+        "state_dict": _cpu_state(model),
+    }
+    tmp = out_dir / (CHECKPOINT_FILE + ".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(out_dir / CHECKPOINT_FILE)
