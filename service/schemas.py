@@ -6,12 +6,22 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 # Unix seconds up to the year ~36800: rules out milliseconds sent by mistake being read as
 # dates 1000x in the future only loosely, but keeps int64 arithmetic in the model safe.
 MAX_TS = 2**40
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _unicode(value: Any) -> Any:
+    # JSON may carry lone surrogates ("\ud800"); they cannot be stored or encoded as UTF-8.
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("is not valid Unicode (lone surrogate)") from None
+    return value
 
 
 def _as_id(value: Any) -> Any:
@@ -22,10 +32,11 @@ def _as_id(value: Any) -> Any:
         return str(value)
     if isinstance(value, str) and _CONTROL.search(value):
         raise ValueError("must not contain control characters")
-    return value
+    return _unicode(value)
 
 
 Id = Annotated[str, BeforeValidator(_as_id), Field(min_length=1, max_length=256)]
+Text = Annotated[str, AfterValidator(_unicode)]
 Timestamp = Annotated[int, Field(ge=0, le=MAX_TS, strict=True)]
 
 
@@ -88,16 +99,21 @@ class EventsResponse(BaseModel):
     request_id: str
 
 
-FieldValue = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int | float) else v)]
+FieldValue = Annotated[
+    Text,
+    BeforeValidator(
+        lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+    ),
+]
 
 
 class ItemIn(Strict):
     item_id: Id
-    title: Annotated[str, Field(max_length=2_000)] = ""
+    title: Annotated[Text, Field(max_length=2_000)] = ""
     # Free text about the item; embedded after title and fields (same template as offline).
-    text: Annotated[str, Field(max_length=100_000)] = ""
+    text: Annotated[Text, Field(max_length=100_000)] = ""
     fields: Annotated[
-        dict[Annotated[str, Field(max_length=200)], FieldValue], Field(max_length=100)
+        dict[Annotated[Text, Field(max_length=200)], FieldValue], Field(max_length=100)
     ] = Field(default_factory=dict)
     # A precomputed content vector (the bundle's content model, e.g. 384 numbers) instead of text.
     content_vector: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None

@@ -1,0 +1,260 @@
+"""Shared fixtures: a real Redis (the redis-server binary), real uvicorn servers in
+subprocesses, and a real bundle made by the project's own pipeline.
+
+The bundle: SIDREC_TEST_BUNDLE=DIR uses an existing bundle folder; otherwise one is trained
+once per session on a small synthetic catalog (six themes of items with titles, genres and
+plots; users who mostly stay within one theme) by `offline.pipeline.Steps` - the same code
+`sidrec pipeline` runs - and exported. That takes about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+REDIS_BIN = shutil.which("redis-server")
+TEST_EPOCHS = 12
+
+# Each theme: genres -> (title words A, title words B, plot). Titles are "A B n (year)".
+THEMES: dict[str, tuple[list[str], list[str], str]] = {
+    "Sci-Fi|Adventure": (
+        ["Star", "Galaxy", "Orbit", "Nebula", "Comet", "Rocket"],
+        ["Voyage", "Frontier", "Command", "Odyssey"],
+        "A starship crew explores distant planets, fights alien fleets and travels through space.",
+    ),
+    "Romance|Drama": (
+        ["Love", "Heart", "Summer", "Kiss", "Wedding", "Paris"],
+        ["Letters", "Promise", "Affair", "Story"],
+        "Two lovers meet by chance, fall in love and struggle to stay together.",
+    ),
+    "Horror|Thriller": (
+        ["Blood", "Ghost", "Night", "Shadow", "Scream", "Grave"],
+        ["House", "Curse", "Terror", "Ritual"],
+        "A haunted house terrorises a family as a demon hunts them through the night.",
+    ),
+    "Western": (
+        ["Dusty", "Outlaw", "Sheriff", "Canyon", "Colt", "Prairie"],
+        ["Trail", "Showdown", "Ranch", "Saloon"],
+        "A lone gunslinger rides into a frontier town to face cattle rustlers and bandits.",
+    ),
+    "Animation|Children's": (
+        ["Bunny", "Puppy", "Dragon", "Teddy", "Kitten", "Pony"],
+        ["Friends", "Party", "Magic", "Adventure"],
+        "Cute talking animals go on a colourful cartoon adventure for kids and families.",
+    ),
+    "War|History": (
+        ["Battle", "Trench", "Sniper", "Bomber", "Fortress", "Regiment"],
+        ["Front", "Siege", "Command", "Brigade"],
+        "Soldiers fight a brutal battle on the front line of the Second World War.",
+    ),
+}
+
+
+def write_synthetic_dataset(
+    folder: Path, users: int = 600, per_theme: int = 30, seed: int = 0
+) -> None:
+    """items.csv + interactions.csv in the generic format; 90% of a user's events in one theme."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    items: list[tuple[str, str, str, str]] = []
+    by_theme: dict[str, list[str]] = {}
+    for genres, (words_a, words_b, plot) in THEMES.items():
+        for j in range(per_theme):
+            item_id = str(len(items) + 1)
+            a, b = words_a[j % len(words_a)], words_b[(j // len(words_a)) % len(words_b)]
+            title = f"{a} {b} {j // (len(words_a) * len(words_b)) + 1} ({1970 + j})"
+            items.append((item_id, title, genres, plot))
+            by_theme.setdefault(genres, []).append(item_id)
+    with (folder / "items.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item_id", "title", "genres", "plot"])
+        writer.writerows(items)
+    themes = list(by_theme)
+    with (folder / "interactions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user_id", "item_id", "timestamp"])
+        for u in range(users):
+            favourite = themes[u % len(themes)]
+            ts = 1_000_000_000 + int(rng.integers(0, 10_000_000))
+            for _ in range(int(rng.integers(15, 30))):
+                theme = favourite if rng.random() < 0.9 else themes[int(rng.integers(len(themes)))]
+                pool = by_theme[theme]
+                writer.writerow([f"u{u}", pool[int(rng.integers(len(pool)))], ts])
+                ts += int(rng.integers(60, 86_400))
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    given = os.environ.get("SIDREC_TEST_BUNDLE")
+    if given:
+        return Path(given)
+    from sidrec.offline import pipeline  # torch: only in the test process, never the service
+
+    root = tmp_path_factory.mktemp("pipeline")
+    write_synthetic_dataset(root / "data")
+    old_cache = os.environ.get("SIDREC_CACHE")
+    os.environ["SIDREC_CACHE"] = str(root / "cache")
+    try:
+        steps = pipeline.Steps.open(root / "data", root / "run")
+        steps.train("hybrid-sum", epochs=TEST_EPOCHS, patience=TEST_EPOCHS)
+        return steps.export("hybrid-sum", root / "bundle")
+    finally:
+        if old_cache is None:
+            os.environ.pop("SIDREC_CACHE", None)
+        else:
+            os.environ["SIDREC_CACHE"] = old_cache
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server process on a free port, no persistence; stop() and start() again keep
+    the port, so a client sees the same address come back (empty)."""
+
+    def __init__(self, folder: Path) -> None:
+        if REDIS_BIN is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        self.folder = folder
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert REDIS_BIN is not None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "no", "--dir", str(self.folder)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.client().ping():
+                    return
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+class Service:
+    """`python -m sidrec.service` in a subprocess with SIDREC_* settings, on a free port."""
+
+    def __init__(self, bundle: Path, log_path: Path, **settings: Any) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "SIDREC_BUNDLE": str(bundle),
+            "SIDREC_PORT": str(self.port),
+            "SIDREC_ORT_THREADS": "1",  # two cores, shared with the test and Redis
+        }
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        for name, value in settings.items():
+            self.env[f"SIDREC_{name.upper()}"] = str(value)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait_ready: bool = True, timeout: float = 90) -> Service:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidrec.service"], env=self.env, stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                r = self.http.get("/readyz" if wait_ready else "/healthz")
+                if r.status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"service not ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        return self.http.get(path, **kw)
+
+    def post(self, path: str, json: Any = None, **kw: Any) -> httpx.Response:
+        return self.http.post(path, json=json, **kw)
+
+
+@pytest.fixture
+def start_service(tmp_path: Path, bundle_dir: Path) -> Iterator[Any]:
+    """Factory: start_service(**settings) -> a ready Service; all stopped at the end."""
+    started: list[Service] = []
+
+    def start(wait_ready: bool = True, bundle: Path | None = None, **settings: Any) -> Service:
+        log_path = tmp_path / f"service-{len(started)}.log"
+        service = Service(bundle or bundle_dir, log_path, **settings)
+        started.append(service)
+        return service.start(wait_ready=wait_ready)
+
+    yield start
+    for service in started:
+        service.stop()

@@ -1,0 +1,366 @@
+"""HTTP contract of every route against one real service (uvicorn subprocess + real Redis):
+successes, each client mistake with its status and named field, and malformed input that must
+never produce a 500."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import RedisServer, Service
+
+from sidrec.bundle import load_bundle
+
+API_KEY = "test-key-123"
+AUTH = {"X-API-Key": API_KEY}
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path, shared_redis: RedisServer
+) -> Iterator[Service]:
+    log = tmp_path_factory.mktemp("api") / "service.log"
+    svc = Service(
+        bundle_dir,
+        log,
+        redis_url=shared_redis.url,
+        key_prefix="api-test:",
+        api_key=API_KEY,
+        max_body_bytes=64 * 1024,
+        max_k=500,
+        history_len=50,
+    )
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def catalog(bundle_dir: Path) -> list[Any]:
+    return load_bundle(bundle_dir).items()
+
+
+def assert_error(r: Any, status: int, field: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"] and body["detail"], body
+    assert body["request_id"] == r.headers["x-request-id"]
+    if field is not None:
+        assert field in [e["field"] for e in body["errors"]], body
+    return body
+
+
+def test_health_and_ready_name_the_provider(service: Service, bundle_dir: Path) -> None:
+    assert service.get("/healthz").json() == {"status": "ok"}
+    ready = service.get("/readyz")
+    assert ready.status_code == 200
+    body = ready.json()
+    assert body["status"] == "ready" and body["reasons"] == []
+    assert body["provider"] == "CPUExecutionProvider"
+    assert body["store"] == "redis"
+    assert body["model_version"] == load_bundle(bundle_dir).version
+    assert body["index_items"] >= len(load_bundle(bundle_dir).items())
+
+
+def test_recommend_without_history_falls_back_to_popular(
+    service: Service, bundle_dir: Path
+) -> None:
+    r = service.post("/v1/recommend", {"user_id": "nobody-ever", "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["fallback"] == "popular" and body["history_len"] == 0
+    popular = load_bundle(bundle_dir).manifest["popular"]
+    assert [i["item_id"] for i in body["items"]] == popular[:5]
+    assert body["request_id"] == r.headers["x-request-id"]
+
+
+def test_events_then_recommend_uses_history_and_drops_seen(
+    service: Service, catalog: list[Any]
+) -> None:
+    user = "api-user-1"
+    seen = [r.item_id for r in catalog[:5]]
+    events = [{"user_id": user, "item_id": i, "ts": 1_100_000_000 + n} for n, i in enumerate(seen)]
+    r = service.post("/v1/events", events, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["accepted"] == 5 and r.json()["duplicates"] == 0
+
+    history = service.get(f"/v1/users/{user}/history").json()
+    assert [e["item_id"] for e in history["events"]] == seen
+    assert [e["ts"] for e in history["events"]] == sorted(e["ts"] for e in history["events"])
+
+    r = service.post("/v1/recommend", {"user_id": user, "k": 20})
+    body = r.json()
+    assert r.status_code == 200 and body["fallback"] is None and body["history_len"] == 5
+    ids = [i["item_id"] for i in body["items"]]
+    assert len(ids) == 20 and not set(ids) & set(seen)
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(len(i["sid"]) == len(catalog[0].sid) for i in body["items"])
+
+    keep = service.post("/v1/recommend", {"user_id": user, "k": 500, "exclude_seen": False})
+    assert set(seen) <= {i["item_id"] for i in keep.json()["items"]}
+
+
+def test_history_override_and_anonymous_request(service: Service, catalog: list[Any]) -> None:
+    history = [catalog[0].item_id, {"item_id": catalog[1].item_id, "ts": 1_200_000_000}]
+    r = service.post("/v1/recommend", {"history": history, "k": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["user_id"] is None and r.json()["history_len"] == 2
+
+
+def test_event_ids_make_retries_idempotent(service: Service, catalog: list[Any]) -> None:
+    event = {"user_id": "retry-user", "item_id": catalog[3].item_id, "event_id": "evt-1"}
+    first = service.post("/v1/events", event, headers=AUTH).json()
+    again = service.post("/v1/events", [event, {**event, "event_id": "evt-2"}], headers=AUTH)
+    assert first["duplicates"] == 0
+    assert again.json() == {**again.json(), "accepted": 2, "duplicates": 1}
+    assert len(service.get("/v1/users/retry-user/history").json()["events"]) == 2
+
+
+def test_history_is_capped(service: Service, catalog: list[Any]) -> None:
+    events = [
+        {"user_id": "cap-user", "item_id": catalog[n % 10].item_id, "ts": n} for n in range(70)
+    ]
+    assert service.post("/v1/events", events, headers=AUTH).status_code == 200
+    kept = service.get("/v1/users/cap-user/history").json()["events"]
+    assert len(kept) == 50 and kept[0]["ts"] == 20 and kept[-1]["ts"] == 69  # newest 50
+
+
+def test_item_ingest_get_and_update(service: Service, catalog: list[Any]) -> None:
+    body = {"item_id": "api-new-1", "title": "Orbit Siege 9 (2040)", "fields": {"genres": "Sci-Fi"}}
+    r = service.post("/v1/items", body, headers=AUTH)
+    assert r.status_code == 200, r.text
+    (created,) = r.json()["items"]
+    assert created["status"] == "created" and created["item_id"] == "api-new-1"
+    assert len(created["sid"]) == len(catalog[0].sid)
+    record = service.get("/v1/items/api-new-1").json()
+    assert record["sid"] == created["sid"] and record["source"] == "ingested"
+    assert record["text"].startswith("Orbit Siege 9 (2040). Genres: Sci-Fi.")
+
+    # Same content again: same SID (the dedup digit is not handed out twice), "updated".
+    again = service.post("/v1/items", body, headers=AUTH).json()["items"][0]
+    assert again["status"] == "updated" and again["sid"] == created["sid"]
+    # New content: new text, possibly a new SID.
+    changed = {**body, "title": "Love Letters 9 (2040)", "fields": {"genres": "Romance"}}
+    service.post("/v1/items", changed, headers=AUTH)
+    assert service.get("/v1/items/api-new-1").json()["title"] == "Love Letters 9 (2040)"
+
+    bundle_item = service.get(f"/v1/items/{catalog[0].item_id}").json()
+    assert bundle_item["source"] == "bundle" and bundle_item["sid"] == list(catalog[0].sid)
+    assert bundle_item["title"] == catalog[0].title
+
+
+def test_reingesting_a_bundle_item_with_its_own_text_keeps_its_sid(
+    service: Service, bundle_dir: Path
+) -> None:
+    item = load_bundle(bundle_dir).items()[0]
+    # The template leaves a finished sentence alone, so the bundle's own text as the title
+    # embeds to exactly the text the bundle's SID was built from.
+    r = service.post("/v1/items", {"item_id": item.item_id, "title": item.text}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    got = r.json()["items"][0]
+    assert got["status"] == "updated" and got["sid"] == list(item.sid)
+
+
+def test_batch_ingest_with_precomputed_vector(service: Service, bundle_dir: Path) -> None:
+    dim = load_bundle(bundle_dir).manifest["content"]["dim"]
+    vec = [0.0] * dim
+    vec[3] = 1.0
+    r = service.post(
+        "/v1/items",
+        [{"item_id": "vec-1", "content_vector": vec}, {"item_id": "vec-2", "content_vector": vec}],
+        headers=AUTH,
+    )
+    assert r.status_code == 200, r.text
+    a, b = r.json()["items"]
+    # Same vector -> same codes -> different dedup digits, never the same SID.
+    assert a["sid"][:-1] == b["sid"][:-1] and a["sid"][-1] != b["sid"][-1] and b["collided"]
+
+
+def test_write_routes_need_the_api_key(service: Service, catalog: list[Any]) -> None:
+    event = {"user_id": "u", "item_id": catalog[0].item_id}
+    assert_error(service.post("/v1/events", event), 401)
+    assert_error(service.post("/v1/events", event, headers={"X-API-Key": "wrong"}), 401)
+    assert_error(service.post("/v1/items", {"item_id": "x", "title": "t"}), 401)
+    # Reads, health and metrics stay open.
+    assert service.post("/v1/recommend", {"user_id": "u"}).status_code == 200
+    for path in ("/healthz", "/readyz", "/metrics", f"/v1/items/{catalog[0].item_id}"):
+        assert service.get(path).status_code == 200, path
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"user_id": "u", "k": 0}, 422, "k"),
+        ({"user_id": "u", "k": 501}, 422, "k"),  # over SIDREC_MAX_K
+        ({"user_id": "u", "k": "ten"}, 422, "k"),
+        ({"user_id": "u", "k": 2.5}, 422, "k"),
+        ({"user_id": "u", "k": True}, 422, "k"),
+        ({"user_id": "u", "exclude_seen": "yes"}, 422, "exclude_seen"),
+        ({"user_id": ""}, 422, "user_id"),
+        ({"user_id": True}, 422, "user_id"),
+        ({"user_id": "a" * 300}, 422, "user_id"),
+        ({"user_id": "bad\x00id"}, 422, "user_id"),
+        ({"k": 3}, 422, "body"),
+        ({"user_id": "u", "kk": 3}, 422, "kk"),
+        ({"user_id": "u", "history": "1"}, 422, "history"),
+        ({"user_id": "u", "history": [{"item_id": "1", "ts": -5}]}, 422, "history[0].ts"),
+        ({"user_id": "u", "query_time": "now"}, 422, "query_time"),
+        ([1, 2, 3], 422, "body"),
+    ],
+)
+def test_recommend_client_mistakes(service: Service, body: Any, status: int, field: str) -> None:
+    assert_error(service.post("/v1/recommend", body), status, field)
+
+
+def test_unknown_items_are_listed(service: Service, catalog: list[Any]) -> None:
+    history = [catalog[0].item_id, "no-such-item", "nor-this"]
+    body = assert_error(service.post("/v1/recommend", {"user_id": "u", "history": history}), 422)
+    assert body["error"] == "unknown_items"
+    assert {e["field"] for e in body["errors"]} == {"history[1]", "history[2]"}
+    assert "no-such-item" in body["detail"] and "nor-this" in body["detail"]
+
+    events = [{"user_id": "u", "item_id": catalog[0].item_id}, {"user_id": "u", "item_id": "ghost"}]
+    body = assert_error(service.post("/v1/events", events, headers=AUTH), 422, "[1].item_id")
+    assert "ghost" in body["detail"]
+    # Nothing of a rejected batch is stored.
+    assert service.get("/v1/users/u/history").json()["events"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"item_id": "1"}, "user_id"),
+        ({"user_id": "u", "item_id": "1", "ts": "yesterday"}, "ts"),
+        ({"user_id": "u", "item_id": "1", "ts": 2**62}, "ts"),
+        ({"user_id": "u", "item_id": "1", "rating": 5}, "rating"),
+        ([{"user_id": "u", "item_id": "1"}, {"user_id": "u"}], "[1].item_id"),
+        ([], "body"),
+        ("just a string", "body"),
+        (None, "body"),
+    ],
+)
+def test_event_client_mistakes(service: Service, body: Any, field: str) -> None:
+    assert_error(service.post("/v1/events", body, headers=AUTH), 422, field)
+
+
+def test_event_batch_limit(service: Service, catalog: list[Any]) -> None:
+    big = [{"user_id": "u", "item_id": catalog[0].item_id}] * 1001
+    body = assert_error(service.post("/v1/events", big, headers=AUTH), 422, "body")
+    assert "1000" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"title": "no id"}, "item_id"),
+        ({"item_id": "x"}, "body"),  # no text at all
+        ({"item_id": "x", "content_vector": [1.0, 2.0]}, "content_vector"),
+        ({"item_id": "x", "content_vector": [0.0] * 384}, "content_vector"),
+        ({"item_id": "x", "fields": ["genres"]}, "fields"),
+        ({"item_id": "x", "title": 5}, "title"),
+        ([{"item_id": "d", "title": "a"}, {"item_id": "d", "title": "b"}], "[1].item_id"),
+        ([{"item_id": "ok", "title": "a"}, {"item_id": "y"}], "[1]"),
+    ],
+)
+def test_item_client_mistakes(service: Service, body: Any, field: str) -> None:
+    assert_error(service.post("/v1/items", body, headers=AUTH), 422, field)
+    # A rejected batch stores nothing.
+    assert service.get("/v1/items/ok").status_code == 404
+
+
+def test_not_found_and_bad_method(service: Service) -> None:
+    assert_error(service.get("/v1/items/does-not-exist"), 404, "item_id")
+    assert_error(service.get("/v2/anything"), 404)
+    assert_error(service.get("/v1/recommend"), 405)
+
+
+def test_invalid_json_and_body_limits(service: Service) -> None:
+    headers = {"content-type": "application/json"}
+    body = assert_error(
+        service.post("/v1/recommend", content=b'{"user_id": "u",', headers=headers), 400, "body"
+    )
+    assert "JSON" in body["detail"]
+    assert_error(
+        service.post("/v1/events", content=b"\xff\xfe\x00garbage", headers={**headers, **AUTH}), 400
+    )
+    huge = json.dumps({"user_id": "u", "history": ["1"] * 40_000}).encode()
+    assert_error(service.post("/v1/recommend", content=huge, headers=headers), 413)
+
+    # Chunked, no Content-Length: the limit must hold while the body streams in. A raw socket,
+    # because the server answers before the body ends and HTTP clients insist on sending it all.
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        head = "POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall((head + "Transfer-Encoding: chunked\r\n\r\n").encode())
+        chunk = b'"1",' * 1024
+        for _ in range(20):  # 80 KiB > the 64 KiB limit; the final chunk is never sent
+            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        reply = b""
+        while not reply.endswith(b"}"):  # headers and the JSON body may come in two reads
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 413"), reply[:300]
+    assert "SIDREC_MAX_BODY_BYTES" in reply
+
+
+def test_request_id_is_echoed_or_made(service: Service) -> None:
+    r = service.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    made = service.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+    assert made.headers["x-request-id"] != "bad id with spaces"
+    assert len(made.headers["x-request-id"]) == 32
+
+
+MALFORMED: list[bytes] = [
+    b"",
+    b"null",
+    b"[]",
+    b"{}",
+    b"0",
+    b'"string"',
+    b"[" * 5000 + b"]" * 5000,
+    b'{"user_id": {"nested": [1, 2, {"x": null}]}}',
+    b'{"user_id": "u", "k": 1e309}',
+    b'{"user_id": "u", "k": 99999999999999999999999999999}',
+    b'{"user_id": "u", "k": NaN}',
+    b'{"user_id": "u", "history": [null]}',
+    b'{"user_id": "u", "history": [{"item_id": null}]}',
+    b'{"user_id": "u", "history": [[1, 2]]}',
+    b'{"user_id": "u", "query_time": -1}',
+    b'{"user_id": "u", "query_time": 1e20}',
+    b'{"user_id": "\\ud800"}',
+    '{"user_id": "ユーザー🙂", "k": 1}'.encode(),
+    b'{"user_id": "u"}{"user_id": "v"}',
+    b'{"item_id": "x", "content_vector": [NaN, Infinity]}',
+    b'{"item_id": "x", "content_vector": "abc"}',
+    b'{"item_id": "x", "fields": {"a": {"b": 1}}}',
+    b'{"item_id": "x", "title": "' + b"t" * 3000 + b'"}',
+    b'{"user_id": "u", "item_id": "1", "event_id": ""}',
+    b'{"user_id": "u", "item_id": 1.5}',
+    b"\x00\x01\x02",
+]
+
+
+@pytest.mark.parametrize("route", ["/v1/recommend", "/v1/events", "/v1/items"])
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])
+def test_malformed_input_never_500(service: Service, route: str, content_type: str | None) -> None:
+    headers = dict(AUTH)
+    if content_type:
+        headers["content-type"] = content_type
+    for payload in MALFORMED:
+        r = service.http.post(route, content=payload, headers=headers)
+        assert r.status_code < 500, (route, payload[:80], r.status_code, r.text)
+        assert r.headers["content-type"].startswith("application/json")
+
+
+def test_odd_ids_in_paths_never_500(service: Service) -> None:
+    for raw in ("%00", "a%2Fb", "..%2F..", "%F0%9F%99%82", "x" * 2000, "%ff"):
+        for path in (f"/v1/items/{raw}", f"/v1/users/{raw}/history"):
+            assert service.get(path).status_code < 500, path
