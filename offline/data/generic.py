@@ -25,7 +25,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -115,12 +116,11 @@ def scan_plain(
     *,
     skip: int,
     encoding: str,
-    check: Callable[[list[str]], str | None] | None = None,
 ) -> None:
     """Validates every line of a delimited file and raises DataError at the first bad one.
 
     The slow, precise twin of `read_plain_table`'s pandas path: called only when that path
-    has seen a problem, to say where it is. `check` adds a per-line rule (e.g. known ids).
+    has seen a problem, to say where it is.
     """
     for number, text in text_lines(path, encoding):
         if number <= skip or is_blank(text, sep):
@@ -130,10 +130,6 @@ def scan_plain(
             raise DataError(path, f"{expected_fields(sep, fields)}, got {len(parts)}", number)
         for field, value in zip(fields, parts, strict=True):
             problem = _problem_with_value(field, value.strip())
-            if problem is not None:
-                raise DataError(path, problem, number)
-        if check is not None:
-            problem = check(parts)
             if problem is not None:
                 raise DataError(path, problem, number)
 
@@ -189,22 +185,27 @@ def read_plain_table(
         source, parser_sep = io.BytesIO(path.read_bytes().replace(sep.encode(), b"\x1f")), "\x1f"
     columns: list[np.ndarray] | None = None
     try:
-        frame = pd.read_csv(
-            source,
-            sep=parser_sep,
-            header=None,
-            names=[f.name for f in fields],
-            skiprows=skip,
-            index_col=False,
-            quoting=csv.QUOTE_NONE,
-            encoding=encoding,
-            dtype={f.name: str for f in fields if f.kind == "text"},
-            keep_default_na=False,
-            na_values={f.name: [""] for f in fields if f.kind != "text"},
-            engine="c",
-        )
-        columns = _typed_columns(frame, fields)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeDecodeError):
+        with warnings.catch_warnings():
+            # Extra fields on the first line only warn (and get cut off): make that an error.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(
+                source,
+                sep=parser_sep,
+                header=None,
+                names=[f.name for f in fields],
+                skiprows=skip,
+                index_col=False,
+                quoting=csv.QUOTE_NONE,
+                encoding=encoding,
+                dtype={f.name: str for f in fields if f.kind == "text"},
+                keep_default_na=False,
+                na_values={f.name: [""] for f in fields if f.kind != "text"},
+                engine="c",
+            )
+        columns = _typed_columns(frame, fields) if len(frame) else [np.empty(0)]
+    except pd.errors.EmptyDataError:
+        columns = [np.empty(0)]
+    except (pd.errors.ParserError, pd.errors.ParserWarning, ValueError, UnicodeDecodeError):
         columns = None
     if columns is None:
         scan_plain(path, sep, fields, skip=skip, encoding=encoding)
@@ -244,24 +245,34 @@ def rows_of_int_ids(ids: np.ndarray, catalog_ids: np.ndarray) -> tuple[np.ndarra
 
     Returns (rows[E] int64 with 0 where unknown, known[E] bool).
     """
-    where = np.searchsorted(catalog_ids, ids)
-    clipped = np.minimum(where, len(catalog_ids) - 1)
-    known = catalog_ids[clipped] == ids if len(catalog_ids) else np.zeros(len(ids), dtype=bool)
-    return np.where(known, clipped + 1, 0).astype(np.int64), known
+    if len(catalog_ids) == 0:
+        return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
+    low, high = int(catalog_ids[0]), int(catalog_ids[-1])
+    if low >= 0 and high <= 4 * len(ids) + 1_000_000:
+        # A dense id -> row table: one gather, ~5x faster than searchsorted on 20M ids.
+        table = np.zeros(high + 2, dtype=np.int64)  # the last slot catches out-of-range ids
+        table[catalog_ids] = np.arange(1, len(catalog_ids) + 1)
+        rows = table[np.where((ids >= 0) & (ids <= high), ids, high + 1)]
+        return rows, rows > 0
+    where = np.minimum(np.searchsorted(catalog_ids, ids), len(catalog_ids) - 1)
+    known = catalog_ids[where] == ids
+    return np.where(known, where + 1, 0).astype(np.int64), known
 
 
 def users_of(raw_users: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Dense user codes[E] and the user ids in order (numeric when every id is an integer,
     else first appearance)."""
-    if raw_users.dtype.kind in "iu":
-        unique, codes = np.unique(raw_users, return_inverse=True)
-        return codes.astype(np.int64), [str(u) for u in unique.tolist()]
-    codes, unique = pd.factorize(raw_users)
-    ids = [str(u) for u in unique]
-    order = id_order(ids)
+    codes, unique = pd.factorize(raw_users)  # hashing: faster than np.unique's sort
+    if np.asarray(unique).dtype.kind in "iu":
+        order = np.argsort(np.asarray(unique), kind="stable")
+        ids = [str(u) for u in np.asarray(unique)[order].tolist()]
+    else:
+        unsorted = [str(u) for u in unique]
+        order = np.array(id_order(unsorted), dtype=np.int64)
+        ids = [unsorted[k] for k in order]
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
-    return rank[codes], [ids[i] for i in order]
+    return rank[codes], ids
 
 
 def make_interactions(
@@ -321,7 +332,8 @@ def read_generic(directory: Path, name: str | None = None) -> Interactions:
     known = {item_id: k for k, item_id in enumerate(item_ids)}
     # Items with history but no description: appended with empty text (see module docstring).
     codes, unique = pd.factorize(events["item_id"])
-    extra = [str(i) for i in unique if i not in known]
+    unique_ids = [str(i) for i in unique]
+    extra = [i for i in unique_ids if i not in known]
     notes = []
     if extra:
         shown = ", ".join(repr(i) for i in extra[:5])
@@ -344,7 +356,7 @@ def read_generic(directory: Path, name: str | None = None) -> Interactions:
     )
     row_of_file_index = np.empty(len(order), dtype=np.int64)
     row_of_file_index[order] = np.arange(1, len(order) + 1)
-    unique_rows = np.array([row_of_file_index[known[str(i)]] for i in unique], dtype=np.int64)
+    unique_rows = np.array([row_of_file_index[known[i]] for i in unique_ids], dtype=np.int64)
     rows = unique_rows[codes]
     timestamps = events.get("timestamp")
     return make_interactions(
@@ -359,7 +371,7 @@ def read_generic(directory: Path, name: str | None = None) -> Interactions:
 
 
 def _read_events(path: Path) -> dict[str, np.ndarray]:
-    """user_id, item_id (object arrays of str), timestamp (int64) and order (float64) if there."""
+    """user_id, item_id (str, or int64 from Parquet), timestamp (int64), order (float64)."""
     if path.suffix == ".parquet":
         return _read_events_parquet(path)
     require_file(path, f"a CSV file with a header naming {INTERACTION_COLUMNS}")
@@ -370,19 +382,21 @@ def _read_events(path: Path) -> dict[str, np.ndarray]:
         )
     wanted = [c for c in ("user_id", "item_id", "timestamp", "order") if c in header]
     try:
-        frame = pd.read_csv(
-            path,
-            header=0,
-            names=header,
-            usecols=wanted,
-            dtype={"user_id": str, "item_id": str},
-            keep_default_na=False,
-            na_values={"timestamp": [""], "order": [""]},
-            encoding="utf-8-sig",
-            engine="c",
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(
+                path,
+                header=0,
+                names=header,
+                index_col=False,
+                dtype={"user_id": str, "item_id": str},
+                keep_default_na=False,
+                na_values={"timestamp": [""], "order": [""]},
+                encoding="utf-8-sig",
+                engine="c",
+            )
         events = _checked_events(frame, wanted)
-    except (pd.errors.ParserError, ValueError, UnicodeDecodeError):
+    except (pd.errors.ParserError, pd.errors.ParserWarning, ValueError, UnicodeDecodeError):
         events = None
     if events is None:
         _scan_events_csv(path, header)
@@ -397,7 +411,8 @@ def _checked_events(frame: pd.DataFrame, wanted: list[str]) -> dict[str, np.ndar
     events: dict[str, np.ndarray] = {}
     for column in ("user_id", "item_id"):
         values = frame[column]
-        if values.isna().any() or (values.str.strip() == "").any():
+        values = values.str.strip()
+        if values.isna().any() or (values == "").any():
             return None
         events[column] = values.to_numpy(dtype=object)
     if "timestamp" in wanted:
@@ -483,7 +498,11 @@ def _read_events_parquet(path: Path) -> dict[str, np.ndarray]:
         missing = values.isna().to_numpy()
         if missing.any():
             raise DataError(path, f"row {int(np.argmax(missing)) + 1}: {column} is missing")
-        events[column] = values.astype(str).to_numpy(dtype=object)
+        # Integer ids stay integers (str() of 20M ints is slow); they become strings per unique.
+        if values.dtype.kind in "iu":
+            events[column] = values.to_numpy(dtype=np.int64)
+        else:
+            events[column] = values.astype(str).str.strip().to_numpy(dtype=object)
     if "timestamp" in wanted:
         events["timestamp"] = _parquet_seconds(path, frame["timestamp"])
     if "order" in wanted:
@@ -508,6 +527,17 @@ def _parquet_seconds(path: Path, values: pd.Series) -> np.ndarray:
         return values.to_numpy(dtype="datetime64[s]").astype(np.int64)
     if values.dtype.kind in "iu":
         return values.to_numpy(dtype=np.int64)
+    if values.dtype.kind == "f":
+        seconds = values.to_numpy(dtype=np.float64)
+        whole = np.isfinite(seconds) & (seconds == np.floor(seconds))
+        if whole.all():
+            return seconds.astype(np.int64)
+        bad = ~whole
+        first = int(np.argmax(bad))
+        raise DataError(
+            path,
+            f"row {first + 1}: expected timestamp to be whole unix seconds, got {seconds[first]}",
+        )
     bad = values.isna().to_numpy()
     if not bad.any():
         bad = np.ones(len(values), dtype=bool)
@@ -542,10 +572,7 @@ def _read_items(
             records.append(
                 (
                     None,
-                    {
-                        c: "" if _is_missing(v) else str(v).strip()
-                        for c, v in zip(columns, values, strict=True)
-                    },
+                    {c: _cell_text(v) for c, v in zip(columns, values, strict=True)},
                 )
             )
     else:
@@ -616,8 +643,13 @@ def _read_items(
     return ids, titles, fields, genres
 
 
-def _is_missing(value: object) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+def _cell_text(value: object) -> str:
+    """A Parquet cell as text: lists (e.g. genres) joined with '|', missing values empty."""
+    if isinstance(value, list | tuple | np.ndarray):
+        return "|".join(str(v).strip() for v in value)
+    if value is None or pd.isna(value):
+        return ""
+    return str(value).strip()
 
 
 # --- RecBole atomic files --------------------------------------------------------------------
@@ -680,6 +712,15 @@ def read_recbole(directory: Path, name: str | None = None) -> Interactions:
     # Token columns are text; RecBole writes no quotes, so the plain reader fits.
     values = read_plain_table(inter_path, "\t", fields, header=first_line(inter_path, "utf-8"))
     columns = dict(zip(names, values, strict=True))
+    for needed in ("user_id", "item_id"):
+        stripped = pd.Series(columns[needed]).str.strip()
+        empty = (stripped == "").to_numpy()
+        if empty.any():
+            line = record_line(
+                inter_path, int(np.argmax(empty)), sep="\t", skip=1, encoding="utf-8"
+            )
+            raise DataError(inter_path, f"{needed} is empty", line)
+        columns[needed] = stripped.to_numpy(dtype=object)
     ids_known = {item_id: row for row, item_id in enumerate(catalog.ids, start=1)}
     item_codes, unique_items = pd.factorize(columns["item_id"])
     unique_rows = np.array([ids_known.get(i, 0) for i in unique_items], dtype=np.int64)

@@ -83,7 +83,14 @@ def detect_format(path: Path) -> Format:
         if _present(directory, candidate.marker):
             return candidate
     looked_for = "; ".join(f"{f.marker} + {f.needs} ({f.description})" for f in FORMATS)
-    raise DataError(directory, f"no known data set files here. Looked for: {looked_for}")
+    # A zip extracted one level up (data/ml-1m/...) is the usual slip: name the folder.
+    inside = sorted(
+        str(sub)
+        for sub in directory.iterdir()
+        if sub.is_dir() and any(_present(sub, f.marker) for f in FORMATS)
+    )
+    hint = f" (found data in {', '.join(inside)}: give that folder)" if inside else ""
+    raise DataError(directory, f"no known data set files here{hint}. Looked for: {looked_for}")
 
 
 def load_dataset(path: Path, name: str | None = None) -> Interactions:

@@ -199,7 +199,7 @@ def _rows_or_error(
 
 
 def _unrated_note(catalog: Catalog, rows: np.ndarray) -> list[str]:
-    unrated = len(catalog) - len(np.unique(rows))
+    unrated = int((np.bincount(rows, minlength=len(catalog) + 1)[1:] == 0).sum())
     return [f"{unrated} of {len(catalog)} catalog items have no interactions"] if unrated else []
 
 
