@@ -593,4 +593,4 @@ def test_detect_format(tmp_path: Path) -> None:
     ):
         assert marker in message
     assert "no such file or directory" in error_of(load_dataset, tmp_path / "missing")
-    assert f"(found data in {tmp_path / 'generic'}, " in error_of(load_dataset, tmp_path)
+    assert f"(data found in {tmp_path / 'generic'}, " in error_of(load_dataset, tmp_path)

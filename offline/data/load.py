@@ -57,8 +57,8 @@ FORMATS = (
     Format(
         "generic",
         "interactions.*",
-        "items.csv or items.parquet",
-        "generic interactions + items (CSV or Parquet)",
+        "items.csv|parquet",
+        "generic, CSV or Parquet",
         read_generic,
     ),
 )
@@ -89,7 +89,7 @@ def detect_format(path: Path) -> Format:
         for sub in directory.iterdir()
         if sub.is_dir() and any(_present(sub, f.marker) for f in FORMATS)
     )
-    hint = f" (found data in {', '.join(inside)}: give that folder)" if inside else ""
+    hint = f" (data found in {', '.join(inside)}: give one of those folders)" if inside else ""
     raise DataError(directory, f"no known data set files here{hint}. Looked for: {looked_for}")
 
 
