@@ -236,9 +236,8 @@ class RedisCatalogStore:
     async def scan_ids(self) -> AsyncIterator[list[str]]:
         cursor = 0
         while True:
-            cursor, chunk = await self.redis.hscan(
-                self.items_key, cursor, count=1000, no_values=True
-            )
+            # HSCAN's NOVALUES needs Redis 7.4; the values are dropped here instead.
+            cursor, chunk = await self.redis.hscan(self.items_key, cursor, count=500)
             if chunk:
                 yield [k.decode() for k in chunk]
             if cursor == 0:
