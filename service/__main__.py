@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from sidrec.bundle import BundleError
 
+from .runtime import ProviderError
 from .server import serve
 from .settings import Settings
 
@@ -22,6 +23,9 @@ def main() -> int:
         serve(settings)
     except BundleError as e:
         print(f"sidrec serve: cannot load the bundle: {e}", file=sys.stderr)
+        return 2
+    except ProviderError as e:
+        print(f"sidrec serve: {e}", file=sys.stderr)
         return 2
     return 0
 

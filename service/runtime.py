@@ -20,11 +20,15 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
+class ProviderError(RuntimeError):
+    """The requested execution provider is not available."""
+
+
 def choose_providers(device: str) -> list[str]:
     """ORT providers for a device setting: CUDA first when asked for or available, CPU always."""
     available = ort.get_available_providers()
     if device == "cuda" and CUDA not in available:
-        raise RuntimeError(
+        raise ProviderError(
             "SIDREC_DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider "
             f"(available: {', '.join(available)}); install the gpu extra or use auto/cpu"
         )

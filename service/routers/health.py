@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
@@ -39,6 +40,7 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
         "index": services.catalog.table.index_kind,
         "index_items": services.catalog.table.live_items,
         "store": services.history.kind,
+        "pid": os.getpid(),  # which worker answered: several share one port
     }
     return JSONResponse(body, status_code=503 if reasons else 200)
 
