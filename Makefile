@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean loadtest
 
 $(BIN)/sidrec: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ lint: install
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+# Locust against a service started on a trained bundle (loadtests/run_loadtest.py --help):
+# reports in runs/loadtest, non-zero exit on any failed request or a p99 over the threshold.
+BUNDLE ?= runs/ml-100k/bundle
+LOADTEST_ARGS ?= --store redis --workers 2 --users 20 --run-time 30s
+loadtest: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtests.run_loadtest --bundle $(BUNDLE) --out runs/loadtest $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs bundles .pytest_cache .ruff_cache
