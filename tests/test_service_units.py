@@ -1,0 +1,121 @@
+"""The service's parts on their own: history stores (Redis and in-process behave alike), the
+atomic SID dedup counter, the item table + FAISS index."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import RedisServer
+from redis.asyncio import Redis
+from sidrec.service.catalog import MemoryCatalogStore, RedisCatalogStore
+from sidrec.service.history_store import Event, MemoryHistoryStore, RedisHistoryStore
+from sidrec.service.retrieval import ItemTable
+
+
+def run(make: Callable[[Redis], Awaitable[Any]], redis_server: RedisServer) -> Any:
+    async def main() -> Any:
+        redis = Redis.from_url(redis_server.url)
+        try:
+            return await make(redis)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+def test_history_stores_behave_alike(kind: str, redis_server: RedisServer) -> None:
+    async def scenario(redis: Redis) -> None:
+        store = (
+            RedisHistoryStore(redis, "t:", history_len=4, event_id_ttl_s=60)
+            if kind == "redis"
+            else MemoryHistoryStore(history_len=4, event_id_ttl_s=60)
+        )
+        assert await store.history("u") == []
+        # Arrives out of order: read back by time, ties in arrival order.
+        stored = await store.append([Event("u", "b", 20), Event("u", "a", 10), Event("u", "c", 20)])
+        assert stored == 3
+        assert await store.history("u") == [("a", 10), ("b", 20), ("c", 20)]
+        # A retried event id is stored once; the same id for another user is another event.
+        assert await store.append([Event("u", "d", 30, "e1"), Event("u", "d", 30, "e1")]) == 1
+        assert await store.append([Event("v", "d", 30, "e1")]) == 1
+        # Capped: the 4 newest arrivals are kept ("b" arrived first), read back by time.
+        await store.append([Event("u", "e", 40)])
+        assert await store.history("u") == [("a", 10), ("c", 20), ("d", 30), ("e", 40)]
+        assert await store.history("v") == [("d", 30)]
+        # Item ids with spaces survive the "ts item" encoding.
+        await store.append([Event("w", "an item id", 5)])
+        assert await store.history("w") == [("an item id", 5)]
+        await store.ping()
+
+    run(scenario, redis_server)
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+def test_dedup_digits_are_unique_under_concurrency_and_idempotent(
+    kind: str, redis_server: RedisServer
+) -> None:
+    async def scenario(redis: Redis) -> None:
+        other = Redis.from_url(redis_server.url)  # a second "worker" connection
+        stores: list[Any]
+        if kind == "redis":
+            stores = [RedisCatalogStore(redis, "t:"), RedisCatalogStore(other, "t:")]
+        else:
+            stores = [MemoryCatalogStore()] * 2
+        # 40 items with one code tuple, asked for from two stores at once; the bundle already
+        # holds digits 0..2 of that tuple.
+        calls = [stores[i % 2].assign_dedup("v1", [("1,2,3", f"item-{i}", 3)]) for i in range(40)]
+        digits = [d for (d,) in await asyncio.gather(*calls)]
+        assert sorted(digits) == list(range(3, 43))
+        # Asking again for the same item and tuple (a retry) gives the same digit.
+        again = await stores[1].assign_dedup("v1", [("1,2,3", "item-7", 3)])
+        assert again == [digits[7]]
+        # Another bundle version counts on its own.
+        assert await stores[0].assign_dedup("v2", [("1,2,3", "item-7", 3)]) == [3]
+        await other.aclose()
+
+    run(scenario, redis_server)
+
+
+def make_table(n: int = 6, d: int = 4) -> ItemTable:
+    rng = np.random.default_rng(0)
+    vectors = np.zeros((n + 1, d), np.float32)
+    vectors[1:] = rng.normal(size=(n, d))
+    sids = np.zeros((n + 1, 3), np.int64)
+    sids[1:, 0] = np.arange(n) % 2
+    sids[1:, 1] = np.arange(n) % 3
+    return ItemTable(vectors, [f"i{r}" for r in range(1, n + 1)], sids, codes_per_layer=4)
+
+
+def test_item_table_search_skips_padding_excluded_and_replaced_rows() -> None:
+    table = make_table()
+    query = table.vectors[1] / np.linalg.norm(table.vectors[1])
+    hits = table.search(query, k=6, exclude_rows=set())
+    assert hits[0][0] == 1 and len(hits) == 6 and 0 not in [r for r, _ in hits]
+    assert [s for _, s in hits] == sorted([s for _, s in hits], reverse=True)
+    assert 1 not in [r for r, _ in table.search(query, k=3, exclude_rows={1})]
+
+    # Re-ingesting i1 with another vector: new row, the old one is never returned again.
+    assert table.upsert("i1", np.array([1, 1, 0]), -table.vectors[1]) is False
+    new_row = table.row("i1")
+    assert new_row == 7 and table.live_items == 6 and table.dead == 1
+    rows = [r for r, _ in table.search(query, k=6, exclude_rows=set())]
+    assert 1 not in rows and len(rows) == 6 and rows[-1] == new_row  # now the farthest
+    # Same SID and vector again: nothing changes.
+    assert table.upsert("i1", np.array([1, 1, 0]), table.vectors[new_row].copy()) is False
+    assert table.size == 8
+
+
+def test_item_table_grows_and_counts_codebook_usage() -> None:
+    table = make_table()
+    assert table.codebook_usage() == [0.5, 0.75]  # layer 0 uses 2 of 4 codes, layer 1 uses 3
+    for i in range(40):  # past the initial capacity
+        vector = np.full(4, float(i + 1), np.float32)
+        assert table.upsert(f"new-{i}", np.array([3, 3, i]), vector) is True
+    assert table.live_items == 46 and table.codebook_usage() == [0.75, 1.0]
+    assert np.array_equal(table.gather(np.array([table.row("new-39")]))[0], np.full(4, 40.0))
+    assert table.item_ids[table.row("new-0")] == "new-0"
