@@ -188,7 +188,7 @@ class Steps:
         Variants' test metrics come from their metrics.json: train.py touches the test item
         once, with the best-validation checkpoint.
         """
-        from sidrec.offline.plots import write_plots
+        from sidrec.offline.plots import plot_all
         from sidrec.offline.train import LOG_FILE, METRICS_FILE
 
         results: dict[str, dict[str, Any]] = dict(self.baselines())
@@ -201,7 +201,7 @@ class Steps:
                 log_lines = (self.run / name / LOG_FILE).read_text().splitlines()
                 curves[name] = [json.loads(line) for line in log_lines if line]
         (self.run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        write_plots(results, curves, self.run / "plots")
+        plot_all(curves, {name: r["test"] for name, r in results.items()}, self.run / "plots")
         print_results(results, self.data.name)
         return results
 
