@@ -316,6 +316,12 @@ class ClientError(ValueError):
         self.problem = problem
 
 
+def stream_id(entry_id: str) -> tuple[int, int]:
+    """ "1700000000000-3" -> (1700000000000, 3), comparable in stream order."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def tuple_key(codes: np.ndarray) -> str:
     return ",".join(str(int(c)) for c in codes)
 
@@ -524,7 +530,7 @@ class Catalog:
                 if self.follower_error is not None:
                     # Back after an outage. A Redis that restarted empty restarts stream ids,
                     # and reading after our old id would skip every new entry.
-                    if await store.stream_last_id() < self.stream_position:
+                    if stream_id(await store.stream_last_id()) < stream_id(self.stream_position):
                         self.stream_position = "0-0"
                     log.info("catalog stream: reconnected")
                     self.follower_error = None
