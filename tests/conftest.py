@@ -97,6 +97,10 @@ def write_synthetic_dataset(
                 ts += int(rng.integers(60, 86_400))
 
 
+# The run folder (checkpoint etc.) behind the session's bundle, when this session trained it.
+_RUN: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     given = os.environ.get("SIDREC_TEST_BUNDLE")
@@ -111,12 +115,28 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         steps = pipeline.Steps.open(root / "data", root / "run")
         steps.train("hybrid-sum", epochs=TEST_EPOCHS, patience=TEST_EPOCHS)
+        _RUN["run"] = root / "run"
         return steps.export("hybrid-sum", root / "bundle")
     finally:
         if old_cache is None:
             os.environ.pop("SIDREC_CACHE", None)
         else:
             os.environ["SIDREC_CACHE"] = old_cache
+
+
+@pytest.fixture(scope="session")
+def checkpoint_path(bundle_dir: Path) -> Path:
+    """The trained checkpoint the session's bundle was exported from (skips if unknown)."""
+    candidates = [
+        bundle_dir.parent / "hybrid-sum" / "checkpoint.pt",  # `sidrec pipeline`: run/bundle
+        bundle_dir.parent / "run" / "hybrid-sum" / "checkpoint.pt",  # this file's layout
+    ]
+    if "run" in _RUN:
+        candidates.insert(0, _RUN["run"] / "hybrid-sum" / "checkpoint.pt")
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        pytest.skip(f"no checkpoint next to {bundle_dir} (SIDREC_TEST_BUNDLE without its run)")
+    return found
 
 
 def free_port() -> int:
