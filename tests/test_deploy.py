@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from sidrec.service.routers.health import router as health_router
 from sidrec.service.settings import Settings
 
