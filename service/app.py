@@ -36,6 +36,7 @@ from .history_store import MemoryHistoryStore, RedisHistoryStore
 from .retrieval import ItemTable
 from .routers import events, health, items, recommend, users
 from .runtime import Runtime
+from .schemas import ErrorResponse
 from .settings import Settings
 
 log = logging.getLogger("sidrec.service")
@@ -294,6 +295,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         lifespan=lifespan,
         default_response_class=_OrjsonResponse,
+        # Every error has one shape; listed so /docs shows it.
+        responses={
+            status: {"model": ErrorResponse, "description": what}
+            for status, what in (
+                (400, "body is not valid JSON"),
+                (401, "write route without the right X-API-Key"),
+                (413, "body larger than SIDREC_MAX_BODY_BYTES"),
+                (422, "a field is wrong: errors[] names it"),
+                (503, "Redis did not answer; nothing was stored"),
+            )
+        },
     )
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -225,3 +225,14 @@ def test_asking_for_cuda_without_it_is_a_clear_error(bundle_dir: Path, tmp_path:
     done = run_service(bundle_dir, tmp_path, device="cuda")
     assert done.returncode == 2 and "CUDAExecutionProvider" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_service_imports_no_training_stack() -> None:
+    code = (
+        "import sys, sidrec.service.app, sidrec.service.server\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', "
+        "'sentence_transformers') or m.startswith(('sidrec.offline', 'sidrec.model'))]\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
