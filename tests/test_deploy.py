@@ -108,6 +108,25 @@ def test_dockerfile_runtime_stage() -> None:
     assert "[train" not in (ROOT / "Dockerfile").read_text()
 
 
+def healthcheck_command() -> list[str]:
+    healthcheck = next(a for i, a in dockerfile_stages()[2] if i == "HEALTHCHECK")
+    return json.loads(healthcheck.split(" CMD ", 1)[1])
+
+
+@pytest.mark.slow
+def test_dockerfile_healthcheck_command_probes_the_service(start_service: Any) -> None:
+    """The image's HEALTHCHECK, run as Docker would (exec form, SIDREC_PORT from the env)."""
+    command = healthcheck_command()
+    assert command[0] == "python"
+    service = start_service()
+    env = {**os.environ, "SIDREC_PORT": str(service.port)}
+    alive = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30)
+    assert alive.returncode == 0, alive.stderr
+    service.stop()
+    dead = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30)
+    assert dead.returncode != 0
+
+
 def test_dockerfile_copies_every_package_and_gpu_variant_installs_the_gpu_extra() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     folders = {
