@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from sidrec.offline.evaluate import EvalBatch, Scorer
 from sidrec.offline.split import Split
 
 
 def most_popular_scorer(split: Split) -> Scorer:
     """Every user gets the items ranked by training interactions. Withheld and never-trained
-    items all score 0 and so share the optimistic rank of their tie group (metrics.py)."""
+    items all score 0: a target among them ranks last of its tie group (metrics.py)."""
     counts = torch.as_tensor(split.train_counts, dtype=torch.float32)  # [n + 1]
 
     def score(batch: EvalBatch) -> torch.Tensor:

@@ -24,16 +24,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
 from sidrec.model.hstu import HSTU
 from sidrec.model.item_embedding import ItemEmbedding
 from sidrec.model.loss import MASKED_LOGIT, sample_negatives, sampled_softmax_loss
 from sidrec.offline.data.dataset import Interactions
 from sidrec.offline.evaluate import evaluate, hstu_scorer
 from sidrec.offline.split import Split, split_summary
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
 LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
@@ -68,6 +69,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     eval_batch_size: int = 512
     progress: bool = True  # tqdm bar per epoch (rank 0)
+    # Batch users of similar length (sorted within windows of 16 batches, batch order
+    # shuffled): far less padding, so far less [N, N] attention work on real data.
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
@@ -210,6 +214,19 @@ def training_sequences(split: Split, max_len: int) -> TrainingSequences:
     )
 
 
+def length_grouped_batches(
+    order: torch.Tensor, lengths: torch.Tensor, batch_size: int, seed: int, epoch: int
+) -> list[torch.Tensor]:
+    """Cut shuffled users `order` into batches of similar length: sort each window of 16
+    batches by length, cut, then shuffle the batches (seeded by seed and epoch)."""
+    batches: list[torch.Tensor] = []
+    for window in order.split(16 * batch_size):
+        by_length = window[torch.argsort(lengths[window], stable=True)]
+        batches.extend(by_length.split(batch_size))
+    shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + epoch))
+    return [batches[i] for i in shuffle]
+
+
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -329,8 +346,10 @@ def _train(
         started = time.perf_counter()
         model.train()
         sampler.set_epoch(epoch)
-        order = torch.as_tensor(list(sampler))
-        batches = order.split(local_batch)
+        order = torch.as_tensor(list(sampler))  # this rank's users, shuffled
+        batches = list(order.split(local_batch))
+        if cfg.group_by_length:
+            batches = length_grouped_batches(order, seqs.lengths, local_batch, cfg.seed, epoch)
         total_loss = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses, batches)
         bar = tqdm(
             batches,

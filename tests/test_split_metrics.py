@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from sidrec.offline.baselines import content_scorer, most_popular_scorer
 from sidrec.offline.data.dataset import Catalog, Interactions
 from sidrec.offline.evaluate import EvalBatch, evaluate, rank_targets
@@ -127,20 +128,26 @@ def test_ranks_and_metrics_hand_example() -> None:
     scores = torch.tensor(
         [
             [9.0, 0.1, 0.5, 0.9, 0.3, 0.7],  # target 2, row 3 seen -> only row 5 is above: rank 2
-            [0.0, 0.2, 0.2, 0.8, 0.1, 0.0],  # target 1 also in history, row 3 seen, tie: rank 1
+            [0.0, 0.2, 0.2, 0.8, 0.1, 0.0],  # target 1 also in history, row 3 seen, row 2 ties: 2
             [0.0, 0.5, 0.4, 0.3, 0.2, 0.1],  # target 5, row 4 seen: rows 1-3 above: rank 4
+            [5.0, 0.9, 0.2, 0.2, 0.1, 0.0],  # target 1, nothing seen, row 0 never counts: rank 1
         ]
     )
-    targets = torch.tensor([2, 1, 5])
-    history = torch.tensor([[3, 0], [3, 1], [4, 0]])
+    targets = torch.tensor([2, 1, 5, 1])
+    history = torch.tensor([[3, 0], [3, 1], [4, 0], [0, 0]])
     ranks = ranks_from_scores(scores, targets, history)
-    assert ranks.tolist() == [2, 1, 4]
+    assert ranks.tolist() == [2, 2, 4, 1]
     m = metrics_from_ranks(ranks.numpy(), cutoffs=(1, 3))
-    assert m["count"] == 3
-    assert m["hr@1"] == pytest.approx(1 / 3) and m["hr@3"] == pytest.approx(2 / 3)
-    assert m["ndcg@1"] == pytest.approx(1 / 3)
-    assert m["ndcg@3"] == pytest.approx((1 / math.log2(3) + 1) / 3)
-    assert m["mrr"] == pytest.approx((1 / 2 + 1 + 1 / 4) / 3)
+    assert m["count"] == 4
+    assert m["hr@1"] == pytest.approx(1 / 4) and m["hr@3"] == pytest.approx(3 / 4)
+    assert m["ndcg@1"] == pytest.approx(1 / 4)
+    assert m["ndcg@3"] == pytest.approx((2 / math.log2(3) + 1) / 4)
+    assert m["mrr"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 4 + 1) / 4)
+    # A constant scorer ranks every target last, not first.
+    flat = ranks_from_scores(torch.zeros(2, 6), torch.tensor([1, 4]), torch.tensor([[2], [0]]))
+    assert flat.tolist() == [4, 5]
+    with pytest.raises(ValueError, match="NaN"):
+        ranks_from_scores(torch.full((1, 6), torch.nan), torch.tensor([1]), history[:1])
     full = metrics_from_ranks(np.array([1, 11, 51, 201]))
     assert [full[f"hr@{k}"] for k in (10, 50, 200)] == [0.25, 0.5, 0.75]
     assert full["ndcg@10"] == pytest.approx(0.25)
@@ -213,12 +220,12 @@ def test_most_popular_baseline_toy() -> None:
     assert split.train_counts.tolist() == [0, 3, 5, 2, 0, 0]
     ranks = rank_targets(most_popular_scorer(split), split, "test")
     # a: target 5, history 2,1,3,4 -> alone: 1. b: target 4, history 2,1,2,5 -> item 3 above: 2.
-    # c: target 4, history 2,3,1 -> item 5 ties at 0, ties favour the target: 1.
-    assert ranks.tolist() == [1, 2, 1]
+    # c: target 4, history 2,3,1 -> item 5 ties at 0, ties count against the target: 2.
+    assert ranks.tolist() == [1, 2, 2]
     ranks = rank_targets(most_popular_scorer(split), split, "valid")
-    # a: target 4 ties with 5: 1. b: target 5, history 2,1,2 -> item 3 above: 2.
-    # c: target 1, history 2,3 -> nothing above: 1.
-    assert ranks.tolist() == [1, 2, 1]
+    # a: target 4 ties with 5: 2. b: target 5, history 2,1,2 -> item 3 above, 4 ties: 3.
+    # c: target 1, history 2,3 -> only zero-count items left: 1.
+    assert ranks.tolist() == [2, 3, 1]
 
 
 def test_content_baseline_toy() -> None:
@@ -263,6 +270,7 @@ def test_ranks_come_back_in_user_order() -> None:
 
 def test_plots_are_written(tmp_path) -> None:
     import matplotlib.image
+
     from sidrec.offline.plots import plot_all
 
     split = make_split(random_interactions(num_users=150, seed=4), 0.1, seed=0)
