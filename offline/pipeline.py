@@ -272,7 +272,8 @@ def print_results(results: dict[str, dict[str, Any]], dataset: str) -> None:
             *(f"{bins[b]['hr@10']:.4f}" for b in ("hot", "mild", "cold")),
             f"{test['cold_start']['hr@10']:.4f}",
         )
-    console.print(table)
+    # Wide enough for every column even when stdout is not a terminal (CI logs, pipes).
+    console.print(table, width=max(console.width, 150))
     first = next(iter(results.values()))["test"]
     console.print(
         f"test users: {first['overall']['count']}, of which cold-start targets: "
