@@ -264,6 +264,9 @@ def train(
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        # Required by cuBLAS for deterministic matmuls; read when its first handle is made.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     own_group = False
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -273,8 +276,6 @@ def train(
     is_main = rank == 0
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # Required by cuBLAS for deterministic matmuls; must be set before its first use.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
     previous_threads = torch.get_num_threads()
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -350,7 +351,8 @@ def _train(
         batches = list(order.split(local_batch))
         if cfg.group_by_length:
             batches = length_grouped_batches(order, seqs.lengths, local_batch, cfg.seed, epoch)
-        total_loss = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses, batches)
+        # (sum of batch losses, batches); on `device` because nccl reduces CUDA tensors only
+        total_loss = torch.zeros(2, dtype=torch.float64, device=device)
         bar = tqdm(
             batches,
             desc=f"epoch {epoch}",
@@ -377,13 +379,15 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            total_loss[0] += loss.detach()
+            total_loss[1] += 1
+            if not bar.disable:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
         if world > 1:
             dist.all_reduce(total_loss)
         train_seconds = time.perf_counter() - started
 
-        stop = torch.zeros(1, dtype=torch.int64)
+        stop = torch.zeros(1, dtype=torch.int64, device=device)
         if is_main:
             model.eval()
             valid = evaluate(
@@ -473,7 +477,7 @@ def _train(
 def _replica_difference(model: nn.Module) -> float:
     """Largest absolute difference of any parameter between this rank and the others
     (all ranks get the same value). DDP should keep it at exactly 0."""
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to("cpu")
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     lowest, highest = flat.clone(), flat.clone()
     dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
     dist.all_reduce(highest, op=dist.ReduceOp.MAX)

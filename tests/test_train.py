@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from sidrec.model.loss import sampled_softmax_loss
 from sidrec.offline.baselines import most_popular_scorer
 from sidrec.offline.data.dataset import Catalog, Interactions
@@ -19,7 +20,6 @@ from sidrec.offline.train import (
     train,
 )
 from sidrec.offline.train_ddp import launch, save_job
-
 from sidrec.sid_codebook import dedup_digits
 
 NUM_ITEMS = 60
@@ -161,3 +161,22 @@ def test_ddp_two_processes_stay_in_sync(tmp_path) -> None:
         evaluate(hstu_scorer(model.encoder, model.items, ckpt["trained"]), split, "test")
         == (metrics["test"])
     )
+
+
+def test_length_grouped_batches_partition_users() -> None:
+    from sidrec.offline.train import length_grouped_batches
+
+    lengths = torch.as_tensor(np.random.default_rng(0).integers(1, 200, size=300))
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    batches = length_grouped_batches(order, lengths, 8, seed=0, epoch=1)
+    assert sorted(torch.cat(batches).tolist()) == list(range(300))
+    assert all(len(b) <= 8 for b in batches)
+
+    # Within a window of 16 batches users are sorted, so batches hold similar lengths: the
+    # padding (sum of batch width * batch size) is far below that of the shuffled order.
+    def padded(bs: list[torch.Tensor]) -> int:
+        return sum(int(lengths[b].max()) * len(b) for b in bs)
+
+    assert padded(batches) < 0.7 * padded(list(order.split(8)))
+    again = length_grouped_batches(order, lengths, 8, seed=0, epoch=1)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
