@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import RedisServer
 from redis.asyncio import Redis
+
 from sidrec.service.catalog import MemoryCatalogStore, RedisCatalogStore
 from sidrec.service.history_store import Event, MemoryHistoryStore, RedisHistoryStore
 from sidrec.service.retrieval import ItemTable
