@@ -43,13 +43,17 @@ def _offline_env() -> None:
 
 def _user_errors():  # noqa: ANN202 - a tuple of exception types
     """Exceptions that are the user's mistake: print the message, exit 2, no traceback."""
-    from sidrec.bundle import BundleError
+    from pydantic import ValidationError
 
+    from sidrec.bundle import BundleError
+    from sidrec.offline.data.dataset import DataError  # plain numpy: fine in a service install
+
+    errors: tuple[type[Exception], ...] = (BundleError, DataError, ValidationError)
     try:
-        from sidrec.offline.data.dataset import DataError
-    except ImportError:  # the service-only install has no offline extras
-        return (BundleError,)
-    return (BundleError, DataError)
+        from sidrec.service.runtime import ProviderError
+    except ImportError:
+        return errors
+    return (*errors, ProviderError)
 
 
 def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -199,7 +203,7 @@ def serve(
         }.items()
         if v is not None
     }
-    _run(run_server, Settings(**overrides))
+    _run(lambda: run_server(Settings(**overrides)))
 
 
 @app.command()
