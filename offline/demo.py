@@ -27,7 +27,7 @@ console = Console()
 NEW_ITEM = {
     "item_id": "new-toy-story-5",
     "title": "Toy Story 5",
-    "attributes": {
+    "fields": {
         "year": "2026",
         "genres": "Animation, Children's, Comedy, Adventure",
         "plot": "Woody, Buzz and the toys face a new rival when a tablet arrives in the kids' "
@@ -108,15 +108,19 @@ def run_demo(bundle_dir: Path, port: int = 8000, keep_serving: bool = False) -> 
         console.print(f"POST /v1/items -> {status} {answer}")
         if status != 200:
             return False
-        sid = answer["items"][0]["sid"] if "items" in answer else answer["sid"]
+        sid = answer["items"][0]["sid"]
         titles[NEW_ITEM["item_id"]] = NEW_ITEM["title"]
 
         console.rule("4. the new item for a user whose history is about the same thing")
         # Its look-alikes: catalogue items sharing the longest SID prefix with it.
         history = _same_topic(items, sid)
         for i, item_id in enumerate(history):
-            _call(base, "POST", "/v1/events", {"user_id": "demo-fan", "item_id": item_id,
-                                               "ts": 1_700_000_000 + i})
+            _call(
+                base,
+                "POST",
+                "/v1/events",
+                {"user_id": "demo-fan", "item_id": item_id, "ts": 1_700_000_000 + i},
+            )
         console.print("history of demo-fan: " + "; ".join(titles[i] for i in history))
         status, answer = _call(base, "POST", "/v1/recommend", {"user_id": "demo-fan", "k": 10})
         _show("demo-fan (new item in green)", answer, titles, mark=NEW_ITEM["item_id"])

@@ -70,9 +70,7 @@ class Steps:
     timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def open(
-        cls, data: str | Path, run: Path, seed: int = 0, cold_fraction: float = 0.05
-    ) -> Steps:
+    def open(cls, data: str | Path, run: Path, seed: int = 0, cold_fraction: float = 0.05) -> Steps:
         from sidrec.offline.data.load import load_dataset
 
         started = time.perf_counter()
@@ -246,9 +244,7 @@ class Steps:
             self.train(name, epochs=epochs, patience=patience, id_dropout=id_dropout)
         self.evaluate()
         bundle = self.export(export_variant)
-        console.print(
-            "timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items())
-        )
+        console.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()))
         return bundle
 
 

@@ -125,5 +125,7 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
         if not file_path.is_file():
             raise BundleError(f"{file_path}: listed in manifest.json but missing")
         if verify and sha256_of(file_path) != expected:
-            raise BundleError(f"{file_path}: sha256 differs from manifest.json (altered or partial)")
+            raise BundleError(
+                f"{file_path}: sha256 differs from manifest.json (altered or partial)"
+            )
     return Bundle(path=path, manifest=manifest)

@@ -73,7 +73,9 @@ def data_get(
     from sidrec.offline.data.fetch import get_ml100k
 
     if name != "ml-100k":
-        err.print(f"[bold red]error:[/] only ml-100k can be fetched; point --data at a folder for {name}")
+        err.print(
+            f"[bold red]error:[/] only ml-100k can be fetched; point --data at a folder for {name}"
+        )
         raise typer.Exit(2)
     path = _run(get_ml100k, dest / name)
     console.print(f"{name} ready in [bold]{path}[/]")
@@ -83,9 +85,15 @@ def data_get(
 def sids_build(
     data: DataOpt = DEFAULT_DATA,
     run: RunOpt = Path("runs/ml-100k"),
-    layers: Annotated[int | None, typer.Option(help="SID layers L (default: sized to the catalog).")] = None,
-    codes: Annotated[int | None, typer.Option(help="Codes per layer K (default: sized to the catalog).")] = None,
-    normalize_residuals: Annotated[bool, typer.Option(help="L2-normalise residuals per layer.")] = False,
+    layers: Annotated[
+        int | None, typer.Option(help="SID layers L (default: sized to the catalog).")
+    ] = None,
+    codes: Annotated[
+        int | None, typer.Option(help="Codes per layer K (default: sized to the catalog).")
+    ] = None,
+    normalize_residuals: Annotated[
+        bool, typer.Option(help="L2-normalise residuals per layer.")
+    ] = False,
     seed: int = 0,
 ) -> None:
     """Encode item text (MiniLM) and build Semantic IDs by residual k-means; print the report."""
@@ -104,10 +112,16 @@ def train(
         str,
         typer.Option(help="Comma-separated: id, sid-prefixn, sid-rqsum, hybrid-sum, hybrid-alpha."),
     ] = DEFAULT_VARIANTS,
-    epochs: Annotated[int, typer.Option(help="Most epochs; early stopping on validation NDCG@10.")] = 60,
+    epochs: Annotated[
+        int, typer.Option(help="Most epochs; early stopping on validation NDCG@10.")
+    ] = 60,
     patience: int = 8,
-    id_dropout: Annotated[float, typer.Option(help="Hybrid: share of items whose id part is dropped.")] = 0.2,
-    cold_fraction: Annotated[float, typer.Option(help="Share of items withheld for cold start.")] = 0.05,
+    id_dropout: Annotated[
+        float, typer.Option(help="Hybrid: share of items whose id part is dropped.")
+    ] = 0.2,
+    cold_fraction: Annotated[
+        float, typer.Option(help="Share of items withheld for cold start.")
+    ] = 0.05,
     seed: int = 0,
 ) -> None:
     """Train HSTU variants (leave-one-out, validation item selects the epoch)."""
@@ -183,7 +197,9 @@ def serve(
     bundle: Annotated[Path | None, typer.Option(help="Bundle folder (env SIDREC_BUNDLE).")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (env SIDREC_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (env SIDREC_PORT).")] = None,
-    workers: Annotated[int | None, typer.Option(help="uvicorn workers (env SIDREC_WORKERS).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="uvicorn workers (env SIDREC_WORKERS).")
+    ] = None,
     redis_url: Annotated[
         str | None, typer.Option(help="Redis URL (env SIDREC_REDIS_URL); unset = in-process store.")
     ] = None,
@@ -219,7 +235,9 @@ def quickstart(
     from sidrec.offline.demo import run_demo
 
     steps = _run(pipeline.Steps.open, data, run)
-    bundle = _run(steps.all, _split_variants(DEFAULT_VARIANTS), export_variant="hybrid-sum", epochs=epochs)
+    bundle = _run(
+        steps.all, _split_variants(DEFAULT_VARIANTS), export_variant="hybrid-sum", epochs=epochs
+    )
     _run(run_demo, bundle, port=port)
 
 

@@ -138,3 +138,28 @@ def test_loadtest_fails_on_failed_requests(
     with (out / "locust_failures.csv").open(newline="") as f:
         errors = " ".join(row["Error"] for row in csv.DictReader(f))
     assert "503" in errors, errors
+
+
+def test_sequential_latency_reports_both_routes(bundle_dir: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtests.sequential_latency",
+            "--bundle",
+            str(bundle_dir),
+            "--requests",
+            "20",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("command: python -m loadtests.sequential_latency")
+    for route in ("POST /v1/recommend", "POST /v1/items"):
+        row = next(line for line in lines if line.startswith(route))
+        p50, p99 = (float(row.split(key)[1].split("ms")[0]) for key in ("p50", "p99"))
+        assert 0 < p50 <= p99
