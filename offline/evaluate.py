@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from sidrec.offline.metrics import metrics_from_ranks, ranks_from_scores
 from sidrec.offline.split import BIN_NAMES, EvalSet, Split
 
@@ -46,7 +47,7 @@ def _pad(rows: list[np.ndarray], width: int) -> np.ndarray:
 
 
 def eval_batches(
-    stage: EvalSet, batch_size: int = 512, max_history: int = 200, device: str = "cpu"
+    stage: EvalSet, batch_size: int = 64, max_history: int = 200, device: str = "cpu"
 ) -> Iterator[tuple[EvalBatch, torch.Tensor]]:
     """Yields (batch, targets int64[B]) in user order."""
     for start in range(0, len(stage), batch_size):
@@ -78,12 +79,16 @@ def rank_targets(
     scorer: Scorer,
     split: Split,
     stage: str = "valid",
-    batch_size: int = 512,
+    batch_size: int = 64,
     max_history: int = 200,
     device: str = "cpu",
+    subset: np.ndarray | None = None,
 ) -> np.ndarray:
-    """int64[U] full-catalog rank of every evaluated user's target, in EvalSet order."""
+    """int64 full-catalog rank of the target of every evaluated user (EvalSet order), or only
+    of the users at positions `subset` (in that order): lets DDP ranks share the work."""
     users = split.stage(stage)
+    if subset is not None:
+        users = users.subset(subset)
     # Batches of similar history length: padding (and the model's [N, N] attention) shrinks a
     # lot on real data, where most histories are far shorter than the longest one.
     lengths = np.array([min(len(h), max_history) for h in users.histories], dtype=np.int64)
@@ -119,7 +124,7 @@ def evaluate(
     scorer: Scorer,
     split: Split,
     stage: str = "valid",
-    batch_size: int = 512,
+    batch_size: int = 64,
     max_history: int = 200,
     device: str = "cpu",
 ) -> dict:
