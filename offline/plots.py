@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window; must precede pyplot
 import matplotlib.pyplot as plt
 import numpy as np
+
 from sidrec.offline.split import BIN_NAMES
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from sidrec.offline.data.dataset import Interactions
 
 BIN_NAMES: tuple[str, ...] = ("hot", "mild", "cold")

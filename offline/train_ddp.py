@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from sidrec.offline.data.dataset import Interactions
 from sidrec.offline.split import Split
 from sidrec.offline.train import TrainConfig, train
