@@ -17,6 +17,8 @@ from torch import nn
 
 VARIANTS = ("id", "sid-prefixn", "sid-rqsum", "hybrid")
 FUSIONS = ("sum", "alpha")
+UNKNOWN_IDS = ("learned", "zero")
+PREFIX_TABLES = ("hashed", "exact")
 
 
 def _init_table(weight: torch.Tensor) -> None:
@@ -48,6 +50,47 @@ def prefix_rows(codes: torch.Tensor, codes_per_layer: int, table_size: int) -> t
     return torch.stack(rows, dim=-1)
 
 
+def prefix_trie(codes: torch.Tensor, codes_per_layer: int) -> tuple[torch.Tensor, int]:
+    """An exact table row for every prefix that occurs in `codes` [n, L]: (child, rows).
+
+    Prefixes are numbered depth by depth from 1 (all length-1 prefixes, then length 2, ...);
+    row 0 means "no such prefix". child[0, c] is the row of prefix (c) and child[r, c] the row
+    of prefix r extended by c, 0 if no item has it; `child` has a line only for the root and
+    the prefixes shorter than L, which the numbering puts first, so a prefix's row is also its
+    line. Returns (child int64 [1 + prefixes shorter than L, K], rows including row 0).
+    """
+    parent = torch.zeros(len(codes), dtype=torch.int64)  # row of each item's prefix so far
+    child = torch.zeros(1, codes_per_layer, dtype=torch.int64)
+    next_row = 1
+    for p in range(codes.shape[1]):
+        # (parent row, code) names the length-(p + 1) prefix; number the distinct ones
+        keys = parent * codes_per_layer + codes[:, p]
+        unique, item_rows = torch.unique(keys, return_inverse=True)
+        rows = torch.arange(next_row, next_row + len(unique))
+        if p < codes.shape[1] - 1:  # lines for this depth's prefixes, filled at the next one
+            child = torch.cat([child, torch.zeros(len(unique), codes_per_layer, dtype=torch.int64)])
+        child.view(-1)[unique] = rows
+        parent = item_rows + next_row
+        next_row += len(unique)
+    return child, next_row
+
+
+def trie_rows(codes: torch.Tensor, child: torch.Tensor) -> torch.Tensor:
+    """Rows of every prefix of codes [..., L] in a `prefix_trie` table -> [..., L], 0 where the
+    prefix (or a shorter one) is not in the table. Gathers only, so it exports to ONNX."""
+    codes_per_layer = child.shape[1]
+    flat = child.reshape(-1)
+    node = torch.zeros_like(codes[..., 0])
+    found = torch.ones_like(codes[..., 0])
+    rows = []
+    for p in range(codes.shape[-1]):
+        # an absent prefix has node 0, which indexes the root: `found` zeroes what follows
+        node = flat[node * codes_per_layer + codes[..., p]]
+        found = found * (node != 0).to(found.dtype)
+        rows.append(node * found)
+    return torch.stack(rows, dim=-1)
+
+
 class ItemEmbedding(nn.Module):
     """rows[...] -> raw item vectors [..., d]; see the module docstring for the variants.
 
@@ -69,6 +112,10 @@ class ItemEmbedding(nn.Module):
         fusion: str = "sum",
         id_dropout: float = 0.0,
         prefix_table_size: int | None = None,
+        unknown_id: str = "learned",
+        prefix_table: str = "hashed",
+        hybrid_sid: str = "prefixn",
+        trained_rows_only: bool = False,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -77,7 +124,18 @@ class ItemEmbedding(nn.Module):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         if not 0.0 <= id_dropout <= 1.0:
             raise ValueError(f"id_dropout must be in [0, 1], got {id_dropout}")
+        if unknown_id not in UNKNOWN_IDS:
+            raise ValueError(f"unknown_id must be one of {UNKNOWN_IDS}, got {unknown_id!r}")
+        if prefix_table not in PREFIX_TABLES:
+            raise ValueError(f"prefix_table must be one of {PREFIX_TABLES}, got {prefix_table!r}")
+        if hybrid_sid not in ("prefixn", "rqsum"):
+            raise ValueError(f"hybrid_sid must be prefixn or rqsum, got {hybrid_sid!r}")
         self.variant = variant
+        self.unknown_id = unknown_id
+        self.prefix_table = prefix_table
+        self.trained_rows_only = trained_rows_only
+        # which SID scheme: the hybrid's SID part is prefixN unless hybrid_sid says rqsum
+        self.sid_scheme = {"sid-rqsum": "rqsum", "hybrid": hybrid_sid}.get(variant, "prefixn")
         self.num_items = num_items
         self.d = d
         self.fusion = fusion
@@ -86,7 +144,8 @@ class ItemEmbedding(nn.Module):
         self.id_emb: nn.Embedding | None = None
         if variant in ("id", "hybrid"):
             # rows 1..n items, row n + 1 the unknown item; row 0 padding stays zero.
-            self.id_emb = nn.Embedding(num_items + 2, d, padding_idx=0)
+            extra = 2 if unknown_id == "learned" else 1
+            self.id_emb = nn.Embedding(num_items + extra, d, padding_idx=0)
             _init_table(self.id_emb.weight.data[1:])
 
         self.sid_emb: nn.Embedding | None = None
@@ -102,19 +161,30 @@ class ItemEmbedding(nn.Module):
             if not 1 <= self.sid_layers <= available:
                 raise ValueError(f"sid_layers must be in [1, {available}], got {sid_layers}")
             self.codes_per_layer = codes_per_layer
-            if variant == "sid-rqsum":
+            catalog_codes = sids[1:, : self.sid_layers].long()
+            if self.sid_scheme == "rqsum":
                 self.table_size = self.sid_layers * codes_per_layer
+            elif prefix_table == "exact":
+                child, self.table_size = prefix_trie(catalog_codes, codes_per_layer)
+                self.register_buffer("prefix_child", child, persistent=False)
             else:
                 # Default: a prime about the catalog size (the reference used 4,007 rows for
                 # ML-1M's 3,952 ids); prime so the mod spreads the structured prefix numbers.
                 self.table_size = prefix_table_size or next_prime(num_items + 1)
             self.sid_emb = nn.Embedding(self.table_size, d)
             _init_table(self.sid_emb.weight.data)
+            if prefix_table == "exact" and self.sid_scheme == "prefixn":
+                with torch.no_grad():
+                    self.sid_emb.weight[0] = 0.0  # "no such prefix"
             # Only the semantic codes are used, never the dedup digit: an item that shares
             # its code tuple with a trained item reads exactly that item's (trained) rows,
             # and any new item's short prefixes are rows shared with many trained items.
             # A full tuple nobody had before hashes to some row that may be untrained.
             self.register_buffer("sid_rows", self._sid_rows(sids.long()), persistent=False)
+            # rows that some trained item reads (mark_trained); all of them until told
+            self.register_buffer(
+                "sid_row_trained", torch.ones(self.table_size, dtype=torch.bool), persistent=False
+            )
 
         self.alpha: nn.Parameter | None = None
         if variant == "hybrid" and fusion == "alpha":
@@ -131,10 +201,30 @@ class ItemEmbedding(nn.Module):
     def _sid_rows(self, codes: torch.Tensor) -> torch.Tensor:
         # codes [..., >= L] -> SID table rows [..., L]
         codes = codes[..., : self.sid_layers]
-        if self.variant == "sid-rqsum":
+        if self.sid_scheme == "rqsum":
             offsets = torch.arange(self.sid_layers, device=codes.device) * self.codes_per_layer
             return codes + offsets
+        if self.prefix_table == "exact":
+            return trie_rows(codes, self.prefix_child)
         return prefix_rows(codes, self.codes_per_layer, self.table_size)
+
+    def _sid_vectors(self, sid_rows: torch.Tensor) -> torch.Tensor:
+        # SID table rows [..., L] -> summed vector [..., d]; rows no trained item reads
+        # (mark_trained) contribute nothing when trained_rows_only
+        vectors = self.sid_emb(sid_rows)
+        if self.trained_rows_only:
+            vectors = vectors * self.sid_row_trained[sid_rows][..., None].to(vectors.dtype)
+        return vectors.sum(-2)
+
+    @torch.no_grad()
+    def mark_trained(self, trained: torch.Tensor) -> None:
+        """Record which SID rows some trained item reads. trained: bool [num_items + 1]."""
+        if self.sid_emb is None:
+            return
+        trained = trained.to(self.sid_rows.device)
+        mark = torch.zeros_like(self.sid_row_trained)
+        mark[self.sid_rows[trained].flatten()] = True
+        self.sid_row_trained.copy_(mark)
 
     def _fuse(self, sid_part: torch.Tensor | None, id_part: torch.Tensor | None) -> torch.Tensor:
         if sid_part is None:
@@ -149,16 +239,25 @@ class ItemEmbedding(nn.Module):
         # rows [...] int64 in [0, num_items] -> [..., d]
         id_part = None
         if self.id_emb is not None:
-            id_rows = rows
             if self.training and self.id_dropout > 0:
                 dropped = torch.rand(self.num_items + 1, device=rows.device) < self.id_dropout
-                id_rows = torch.where(dropped[rows], self.unknown_row, rows)
-            id_part = self.id_emb(id_rows)
+                id_part = self._id_part(rows, ~dropped[rows])
+            else:
+                id_part = self.id_emb(rows)
         sid_part = None
         if self.sid_emb is not None:
+            # Every row counts here: trained items read only trained rows anyway, and the
+            # trained-rows mask is for vectors of items that training never saw.
             sid_part = self.sid_emb(self.sid_rows[rows]).sum(-2)
         out = self._fuse(sid_part, id_part)
         return out * (rows != 0)[..., None].to(out.dtype)
+
+    def _id_part(self, rows: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        # rows [...], known bool [...] -> id part [..., d]: the item's row where known, else
+        # the unknown row or zeros
+        if self.unknown_id == "learned":
+            return self.id_emb(torch.where(known, rows, self.unknown_row))
+        return self.id_emb(rows) * known[..., None].to(self.id_emb.weight.dtype)
 
     @torch.no_grad()
     def table(self, trained: torch.Tensor) -> torch.Tensor:
@@ -169,10 +268,12 @@ class ItemEmbedding(nn.Module):
         rows = torch.arange(self.num_items + 1, device=device)
         id_part = None
         if self.id_emb is not None:
-            id_part = self.id_emb(torch.where(trained, rows, self.unknown_row))
+            id_part = self._id_part(rows, trained)
         sid_part = None
         if self.sid_emb is not None:
-            sid_part = self.sid_emb(self.sid_rows).sum(-2)
+            if self.trained_rows_only:
+                self.mark_trained(trained)
+            sid_part = self._sid_vectors(self.sid_rows)
         out = self._fuse(sid_part, id_part)
         out[0] = 0.0
         return out
@@ -181,11 +282,14 @@ class ItemEmbedding(nn.Module):
         """Vector of an item known only by its SID: codes [B, L + 1] int64 -> [B, d]."""
         id_part = None
         if self.id_emb is not None:
-            unknown = self.id_emb.weight[self.unknown_row]  # [d]
+            if self.unknown_id == "learned":
+                unknown = self.id_emb.weight[self.unknown_row]  # [d]
+            else:
+                unknown = torch.zeros_like(self.id_emb.weight[0])
             id_part = unknown.expand(codes.shape[0], self.d)
         sid_part = None
         if self.sid_emb is not None:
-            sid_part = self.sid_emb(self._sid_rows(codes)).sum(-2)
+            sid_part = self._sid_vectors(self._sid_rows(codes))
         return self._fuse(sid_part, id_part)
 
 

@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from sidrec.model.hstu import HSTU, RelativeBias, UserEncoder, time_buckets
-from sidrec.model.item_embedding import ItemEmbedding, SidToVector, prefix_rows
+from sidrec.model.item_embedding import (
+    ItemEmbedding,
+    SidToVector,
+    prefix_rows,
+    prefix_trie,
+    trie_rows,
+)
 from sidrec.model.loss import MASKED_LOGIT, sample_negatives, sampled_softmax_loss
 
 D = 16
@@ -330,6 +337,133 @@ def test_hybrid_fusions() -> None:
     assert mixed.alpha.grad is not None and mixed.alpha.grad != 0
     optimizer.step()
     assert mixed.alpha.item() != 0.5
+
+
+def test_prefix_trie_gives_each_catalog_prefix_one_row_and_novel_prefixes_none() -> None:
+    codes = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 2, 2], [4, 1, 2], [4, 1, 2]])
+    child, num_rows = prefix_trie(codes, codes_per_layer=K)
+    rows = trie_rows(codes, child)
+    # distinct prefixes: (0) (4) | (0,1) (0,2) (4,1) | (0,1,2) (0,1,3) (0,2,2) (4,1,2)
+    assert num_rows == 1 + 2 + 3 + 4
+    assert sorted(set(rows.flatten().tolist())) == list(range(1, num_rows))
+    assert rows[0, 0] == rows[1, 0] == rows[2, 0] != rows[3, 0]  # (0) shared, (4) not
+    assert rows[0, 1] == rows[1, 1] != rows[3, 1]  # (0, 1) is not (4, 1)
+    assert torch.equal(rows[3], rows[4])  # twins share every row
+    # A tuple nobody has: its known prefixes keep their rows, the first unknown one and
+    # everything below it get row 0 (even where a longer code path exists elsewhere).
+    novel = trie_rows(torch.tensor([[0, 1, 5], [0, 5, 2], [5, 1, 2], [4, 2, 2]]), child)
+    assert novel.tolist() == [
+        [rows[0, 0], rows[0, 1], 0],
+        [rows[0, 0], 0, 0],
+        [0, 0, 0],
+        [rows[3, 0], 0, 0],
+    ]
+
+
+def catalog_and_novel_codes() -> tuple[torch.Tensor, torch.Tensor]:
+    """make_sids' catalog and one SID per catalog item whose last code no item has."""
+    sids = make_sids()
+    novel = sids[1:].clone()
+    taken = {tuple(s[:L].tolist()) for s in sids[1:]}
+    for s in novel:
+        s[L - 1] = next(c for c in range(K) if (*s[: L - 1].tolist(), c) not in taken)
+    return sids, novel
+
+
+def test_exact_prefix_table_falls_back_to_shared_prefixes() -> None:
+    emb = make_embedding("sid-prefixn", prefix_table="exact").eval()
+    sids, novel = catalog_and_novel_codes()
+    # one row per distinct catalog prefix plus row 0, which stays zero
+    distinct = sum(len({tuple(s[:p].tolist()) for s in sids[1:]}) for p in range(1, L + 1))
+    assert emb.table_size == distinct + 1
+    assert (emb.sid_emb.weight[0] == 0).all()
+    # a catalog item reads the rows of its own prefixes, no two prefixes share a row
+    rows = emb.sid_rows[1:]
+    pairs = {
+        (p, tuple(s[: p + 1].tolist())): int(r)
+        for s, rr in zip(sids[1:], rows, strict=True)
+        for p, r in enumerate(rr)
+    }
+    assert len(set(pairs.values())) == len(pairs)
+    # a new tuple is the sum of its shared shorter prefixes' rows, nothing else
+    got = emb.from_sid(novel)
+    shared = emb.sid_rows[1:, : L - 1]  # novel[i] shares item i + 1's first L - 1 codes
+    torch.testing.assert_close(got, emb.sid_emb.weight[shared].sum(-2))
+    # an existing tuple gives the catalog item's vector; an unknown first code gives zeros
+    torch.testing.assert_close(emb.from_sid(sids[1:]), emb(torch.arange(1, N_ITEMS + 1)))
+    # a first code no catalog item starts with: no prefix matches, the SID part is zero
+    sids_no_last_code = sids.clone()
+    sids_no_last_code[:, 0] %= K - 1
+    torch.manual_seed(0)
+    emb = ItemEmbedding(
+        "sid-prefixn", N_ITEMS, D, sids=sids_no_last_code, codes_per_layer=K, prefix_table="exact"
+    )
+    unknown_first = sids[1:3].clone()
+    unknown_first[:, 0] = K - 1
+    assert (emb.from_sid(unknown_first) == 0).all()
+
+
+def test_zero_unknown_id_leaves_the_sid_part_alone() -> None:
+    emb = make_embedding("hybrid", unknown_id="zero")
+    assert emb.id_emb.num_embeddings == N_ITEMS + 1  # no unknown row to learn
+    rows = torch.arange(1, N_ITEMS + 1)
+    sid_part = emb.sid_emb(emb.sid_rows[rows]).sum(-2)
+    emb.id_dropout = 1.0
+    torch.testing.assert_close(emb.train()(rows), sid_part)  # dropped = SID part only
+    trained = torch.arange(N_ITEMS + 1) % 2 == 0
+    table = emb.table(trained)
+    torch.testing.assert_close(table[1::2], sid_part[0::2])
+    torch.testing.assert_close(emb.from_sid(make_sids()[1::2]), sid_part[0::2])
+    # the id model has nothing but the id: a cold item is the zero vector
+    id_only = make_embedding("id", unknown_id="zero")
+    assert (id_only.table(trained)[1::2] == 0).all()
+    assert (id_only.from_sid(make_sids()[1:4]) == 0).all()
+    # the learned unknown row is still there on request
+    learned = make_embedding("hybrid", unknown_id="learned")
+    assert learned.id_emb.num_embeddings == N_ITEMS + 2
+    unknown = learned.id_emb.weight[N_ITEMS + 1]
+    learned_sid_part = learned.sid_emb(learned.sid_rows[1]).sum(-2)
+    torch.testing.assert_close(learned.from_sid(make_sids()[1:2])[0], learned_sid_part + unknown)
+
+
+@pytest.mark.parametrize("prefix_table", ["exact", "hashed"])
+def test_untrained_sid_rows_contribute_nothing(prefix_table: str) -> None:
+    # (a roomy hashed table, so that some rows are read by untrained items only)
+    kwargs = {"prefix_table": prefix_table, "unknown_id": "zero", "prefix_table_size": 1009}
+    emb = make_embedding("hybrid", trained_rows_only=True, **kwargs)
+    sids = make_sids()
+    trained = torch.ones(N_ITEMS + 1, dtype=torch.bool)
+    trained[[0, 7, 4, 5]] = False  # 4 and 5 are twins: their full tuple is nobody else's
+    read_by_trained = set(emb.sid_rows[trained].flatten().tolist())
+    only_untrained = sorted(set(emb.sid_rows[[4, 7]].flatten().tolist()) - read_by_trained)
+    assert only_untrained  # the test needs such rows
+    before = emb.table(trained)
+    cold_before = emb.from_sid(sids[[4, 7]])
+    with torch.no_grad():
+        emb.sid_emb.weight[only_untrained] += 100.0  # what training never touched
+    torch.testing.assert_close(emb.table(trained), before)
+    torch.testing.assert_close(emb.from_sid(sids[[4, 7]]), cold_before)
+    torch.testing.assert_close(SidToVector(emb)(sids[[4, 7]]), before[[4, 7]])
+    # the cold vector is the sum of the rows trained items read
+    rows = emb.sid_rows[[4, 7]]
+    keep = torch.tensor([[int(r) in read_by_trained for r in rr] for rr in rows])
+    want = (emb.sid_emb.weight[rows] * keep[..., None]).sum(-2)
+    torch.testing.assert_close(before[[4, 7]], want)
+    # trained items are untouched, and without trained_rows_only every row counts
+    torch.testing.assert_close(before[trained], emb.eval()(trained.nonzero().flatten()))
+    plain = make_embedding("hybrid", trained_rows_only=False, **kwargs)
+    plain_before = plain.table(trained)
+    with torch.no_grad():
+        plain.sid_emb.weight[only_untrained] += 100.0
+    assert not torch.allclose(plain.table(trained)[[4, 7]], plain_before[[4, 7]])
+
+
+def test_hybrid_with_rqsum_sid_part() -> None:
+    emb = make_embedding("hybrid", hybrid_sid="rqsum").eval()
+    assert emb.sid_emb.num_embeddings == L * K
+    codes = make_sids()[9, :L]
+    want = sum(emb.sid_emb.weight[int(codes[i]) + i * K] for i in range(L)) + emb.id_emb.weight[9]
+    torch.testing.assert_close(emb(torch.tensor([9]))[0], want)
 
 
 def test_embedding_rejects_bad_configuration() -> None:

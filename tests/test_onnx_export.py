@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+
 from sidrec.model.hstu import HSTU, UserEncoder
 from sidrec.model.item_embedding import ItemEmbedding
 from sidrec.offline.onnx_export import export_sid_to_vector, export_user_encoder
@@ -109,3 +110,43 @@ def test_sid_to_vector_parity(tmp_path: Path, variant: str) -> None:
     table = embedding.table(torch.zeros(num_items + 1, dtype=torch.bool)).numpy()
     (got,) = session.run(None, {"codes": sids[1:].numpy()})
     assert np.abs(got - table[1:]).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"prefix_table": "hashed", "unknown_id": "learned", "trained_rows_only": False},
+        {"prefix_table": "exact", "unknown_id": "zero", "trained_rows_only": True},
+        {"hybrid_sid": "rqsum", "unknown_id": "zero", "trained_rows_only": True},
+    ],
+)
+def test_sid_to_vector_parity_for_new_tuples(tmp_path: Path, options: dict) -> None:
+    # Codes from a small alphabet on the first layers, so new tuples mostly share a prefix
+    # with the catalog and the exact table's "prefix unknown below here" path is exercised.
+    num_items, k, layers = 300, 32, 3
+    gen = torch.Generator().manual_seed(0)
+    sids = torch.randint(0, k, (num_items + 1, layers + 1), generator=gen)
+    sids[:, 0] %= 6
+    sids[:, layers] = 0
+    sids[0] = 0
+    torch.manual_seed(0)
+    embedding = ItemEmbedding("hybrid", num_items, D, sids=sids, codes_per_layer=k, **options)
+    trained = torch.rand(num_items + 1, generator=gen) < 0.7
+    table = embedding.table(trained).numpy()  # marks the SID rows trained items read
+    path = tmp_path / "sid_to_vector.onnx"
+    export_sid_to_vector(embedding, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    new = torch.randint(0, k, (64, layers + 1), generator=gen)
+    new[:32, 0] %= 6  # known first code, mostly unknown longer prefixes
+    (got,) = session.run(None, {"codes": new.numpy()})
+    with torch.no_grad():
+        want = embedding.from_sid(new).numpy()
+    assert np.abs(got - want).max() < 1e-5
+    untrained = (~trained).nonzero().flatten()
+    untrained = untrained[untrained > 0]
+    (got,) = session.run(None, {"codes": sids[untrained].numpy()})
+    assert np.abs(got - table[untrained]).max() < 1e-5
+    if options.get("prefix_table") == "exact":
+        rows = embedding._sid_rows(new)
+        assert (rows[:32, 0] > 0).all() and (rows[:32, 2] == 0).any() and (rows[32:] == 0).any()
