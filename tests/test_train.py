@@ -180,3 +180,16 @@ def test_length_grouped_batches_partition_users() -> None:
     assert padded(batches) < 0.7 * padded(list(order.split(8)))
     again = length_grouped_batches(order, lengths, 8, seed=0, epoch=1)
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_training_without_timestamps_or_sids(tmp_path) -> None:
+    data = planted_interactions()
+    data = Interactions(data.name, data.catalog, data.users, data.sequences, None)
+    split = make_split(data, 0.05, seed=0)
+    with pytest.raises(ValueError, match="no timestamps"):
+        train(data, split, None, None, tiny_config(variant="id"), tmp_path / "a")
+    cfg = tiny_config(variant="id", use_time=False, epochs=1)
+    result = train(data, split, None, None, cfg, tmp_path / "b", log=lambda _: None)
+    assert result.best_epoch == 1 and result.test["overall"]["count"] == len(split.test)
+    model, _, ckpt = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert ckpt["sids"] is None and not model.items.uses_sid
