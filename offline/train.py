@@ -70,6 +70,11 @@ class TrainConfig:
     num_negatives: int = 128
     temperature: float = 0.05
     id_dropout: float = 0.0
+    # ItemEmbedding's cold-start options, passed through (see model/item_embedding.py)
+    unknown_id: str = "learned"  # learned | zero
+    prefix_table: str = "hashed"  # hashed | exact
+    hybrid_sid: str = "prefixn"  # prefixn | rqsum
+    trained_rows_only: bool = False
     use_time: bool = True
     sid_layers: int | None = None  # None = every semantic layer of `sids`
     seed: int = 0
@@ -172,6 +177,10 @@ def build_model(
         sid_layers=cfg.sid_layers,
         fusion=cfg.fusion,
         id_dropout=cfg.id_dropout,
+        unknown_id=cfg.unknown_id,
+        prefix_table=cfg.prefix_table,
+        hybrid_sid=cfg.hybrid_sid,
+        trained_rows_only=cfg.trained_rows_only,
     )
     encoder = HSTU(
         cfg.d,

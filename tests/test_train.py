@@ -112,7 +112,9 @@ def test_training_is_deterministic(tmp_path) -> None:
     assert a.test == b.test
     for key, value in a.best_state.items():
         assert torch.equal(value, b.best_state[key]), key
-    c = train(data, split, sids, 8, tiny_config(epochs=2, seed=1), tmp_path / "c", log=print)
+    c = train(
+        data, split, sids, 8, tiny_config(epochs=2, seed=1), tmp_path / "c", log=lambda _: None
+    )
     assert [e["train_loss"] for e in a.epochs] != [e["train_loss"] for e in c.epochs]
 
 
@@ -193,3 +195,13 @@ def test_training_without_timestamps_or_sids(tmp_path) -> None:
     assert result.best_epoch == 1 and result.test["overall"]["count"] == len(split.test)
     model, _, ckpt = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     assert ckpt["sids"] is None and not model.items.uses_sid
+
+
+def test_config_reaches_the_model() -> None:
+    from sidrec.offline.train import build_model
+
+    cfg = tiny_config(unknown_id="zero", prefix_table="exact", trained_rows_only=True, d=8)
+    model = build_model(cfg, NUM_ITEMS, random_sids(), 8)
+    assert model.items.unknown_id == "zero" and model.items.prefix_table == "exact"
+    assert model.items.trained_rows_only and model.items.d == 8 and model.encoder.d == 8
+    assert model.encoder.padded_len == cfg.padded_len and model.encoder.use_time
