@@ -116,6 +116,7 @@ class ItemEmbedding(nn.Module):
         prefix_table: str = "hashed",
         hybrid_sid: str = "prefixn",
         trained_rows_only: bool = False,
+        drop_private_rows: bool = False,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -134,6 +135,7 @@ class ItemEmbedding(nn.Module):
         self.unknown_id = unknown_id
         self.prefix_table = prefix_table
         self.trained_rows_only = trained_rows_only
+        self.drop_private_rows = drop_private_rows
         # which SID scheme: the hybrid's SID part is prefixN unless hybrid_sid says rqsum
         self.sid_scheme = {"sid-rqsum": "rqsum", "hybrid": hybrid_sid}.get(variant, "prefixn")
         self.num_items = num_items
@@ -181,6 +183,9 @@ class ItemEmbedding(nn.Module):
             # and any new item's short prefixes are rows shared with many trained items.
             # A full tuple nobody had before hashes to some row that may be untrained.
             self.register_buffer("sid_rows", self._sid_rows(sids.long()), persistent=False)
+            # rows that exactly one catalog item reads: a new item never has them trained
+            readers = torch.bincount(self.sid_rows[1:].flatten(), minlength=self.table_size)
+            self.register_buffer("sid_row_private", readers == 1, persistent=False)
             # rows that some trained item reads (mark_trained); all of them until told
             self.register_buffer(
                 "sid_row_trained", torch.ones(self.table_size, dtype=torch.bool), persistent=False
@@ -237,18 +242,23 @@ class ItemEmbedding(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         # rows [...] int64 in [0, num_items] -> [..., d]
+        dropped = None  # bool [num_items + 1]: items that look new in this call
+        if self.id_emb is not None and self.training and self.id_dropout > 0:
+            dropped = torch.rand(self.num_items + 1, device=rows.device) < self.id_dropout
         id_part = None
         if self.id_emb is not None:
-            if self.training and self.id_dropout > 0:
-                dropped = torch.rand(self.num_items + 1, device=rows.device) < self.id_dropout
-                id_part = self._id_part(rows, ~dropped[rows])
-            else:
-                id_part = self.id_emb(rows)
+            id_part = self.id_emb(rows) if dropped is None else self._id_part(rows, ~dropped[rows])
         sid_part = None
         if self.sid_emb is not None:
             # Every row counts here: trained items read only trained rows anyway, and the
             # trained-rows mask is for vectors of items that training never saw.
-            sid_part = self.sid_emb(self.sid_rows[rows]).sum(-2)
+            sid_rows = self.sid_rows[rows]  # [..., L]
+            vectors = self.sid_emb(sid_rows)  # [..., L, d]
+            if dropped is not None and self.drop_private_rows:
+                # a dropped item also loses the rows only it reads, as a new item would
+                lost = dropped[rows][..., None] & self.sid_row_private[sid_rows]
+                vectors = vectors * (~lost)[..., None].to(vectors.dtype)
+            sid_part = vectors.sum(-2)
         out = self._fuse(sid_part, id_part)
         return out * (rows != 0)[..., None].to(out.dtype)
 

@@ -458,6 +458,26 @@ def test_untrained_sid_rows_contribute_nothing(prefix_table: str) -> None:
     assert not torch.allclose(plain.table(trained)[[4, 7]], plain_before[[4, 7]])
 
 
+def test_dropped_items_lose_the_sid_rows_only_they_read() -> None:
+    emb = make_embedding(
+        "hybrid", prefix_table="exact", unknown_id="zero", id_dropout=1.0, drop_private_rows=True
+    )
+    rows = torch.arange(1, N_ITEMS + 1)
+    sid_rows = emb.sid_rows[rows]  # [n, L]
+    readers = torch.bincount(sid_rows.flatten())
+    shared = (readers[sid_rows] > 1)[..., None].float()
+    assert 0 < shared.sum() < shared.numel()  # some rows private, some shared
+    assert shared[3:5].all()  # twins 4 and 5 share even their full tuple
+    want = (emb.sid_emb.weight[sid_rows] * shared).sum(-2)
+    torch.testing.assert_close(emb.train()(rows), want)
+    # kept ids keep every row, and evaluation never drops anything
+    emb.id_dropout = 0.0
+    full = emb.sid_emb.weight[sid_rows].sum(-2) + emb.id_emb(rows)
+    torch.testing.assert_close(emb(rows), full)
+    emb.id_dropout = 1.0
+    torch.testing.assert_close(emb.eval()(rows), full)
+
+
 def test_hybrid_with_rqsum_sid_part() -> None:
     emb = make_embedding("hybrid", hybrid_sid="rqsum").eval()
     assert emb.sid_emb.num_embeddings == L * K
