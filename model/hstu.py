@@ -44,12 +44,18 @@ class RelativeBias(nn.Module):
 
     def forward(self, ts: torch.Tensor, next_ts: torch.Tensor) -> torch.Tensor:
         # ts, next_ts: [B, N] int64 -> bias [B or 1, N, N]
-        n = ts.shape[1]
-        positions = torch.arange(n, device=ts.device)
+        buckets = self.buckets(ts, next_ts) if self.use_time else None
+        return self.from_buckets(ts.shape[1], buckets)
+
+    def buckets(self, ts: torch.Tensor, next_ts: torch.Tensor) -> torch.Tensor:
+        """[B, N] x 2 -> int64 [B, N, N]: the same for every block, so HSTU computes it once."""
+        return time_buckets(next_ts[:, :, None] - ts[:, None, :], self.num_buckets)
+
+    def from_buckets(self, n: int, buckets: torch.Tensor | None) -> torch.Tensor:
+        positions = torch.arange(n, device=self.pos_w.device)
         rel = self.padded_len - 1 + positions[None, :] - positions[:, None]  # [N, N], j - i
         bias = self.pos_w[rel][None]  # [1, N, N]
-        if self.use_time:
-            buckets = time_buckets(next_ts[:, :, None] - ts[:, None, :], self.num_buckets)
+        if self.use_time and buckets is not None:
             bias = bias + self.ts_w[buckets]  # [B, N, N]
         return bias
 
@@ -82,9 +88,10 @@ class HSTUBlock(nn.Module):
         nn.init.xavier_uniform_(self.out.weight)
 
     def forward(
-        self, x: torch.Tensor, ts: torch.Tensor, next_ts: torch.Tensor, attn_mask: torch.Tensor
+        self, x: torch.Tensor, buckets: torch.Tensor | None, attn_mask: torch.Tensor
     ) -> torch.Tensor:
-        # x: [B, N, d]; ts, next_ts: [B, N]; attn_mask: [B, N, N] float, 1 = query may see key
+        # x: [B, N, d]; buckets: [B, N, N] time-gap buckets (None without time);
+        # attn_mask: [B, N, N] float, 1 = query may see key
         b, n, _ = x.shape
         h = self.num_heads
         normed = F.layer_norm(x, (self.d,), eps=LN_EPS)
@@ -94,7 +101,7 @@ class HSTUBlock(nn.Module):
         k = k.view(b, n, h, self.dqk)
         v = v.view(b, n, h, self.dv)
         scores = torch.einsum("bnhd,bmhd->bhnm", q, k)  # [B, h, N, N], no 1/sqrt(dqk)
-        scores = scores + self.rel_bias(ts, next_ts)[:, None].to(scores.dtype)
+        scores = scores + self.rel_bias.from_buckets(n, buckets)[:, None].to(scores.dtype)
         # Divide by the constant padded length, not by N: the model is trained with every
         # sequence padded to padded_len, so this keeps outputs independent of the padding.
         scores = F.silu(scores) / self.padded_len * attn_mask[:, None]
@@ -145,8 +152,10 @@ class HSTU(nn.Module):
         x = torch.where(mask[..., None], x, torch.zeros_like(x))
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # [N, N], incl. diag
         attn_mask = (causal[None] & mask[:, None, :]).to(x.dtype)  # [B, N, N], keys padded out
+        # Time-gap buckets (a float64 log over [B, N, N]) are the same in every block: once here.
+        buckets = self.blocks[0].rel_bias.buckets(ts, next_ts) if self.use_time else None
         for block in self.blocks:
-            x = block(x, ts, next_ts, attn_mask)
+            x = block(x, buckets, attn_mask)
         return F.normalize(x, dim=-1, eps=LN_EPS)
 
 
