@@ -26,6 +26,7 @@ from sidrec.item_text import item_text
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
     from sidrec.offline.data.dataset import Catalog
 
 MODEL_NAME = "all-MiniLM-L6-v2"

@@ -12,9 +12,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from torch import nn
+
 from sidrec.model.hstu import HSTU, UserEncoder
 from sidrec.model.item_embedding import ItemEmbedding, SidToVector
-from torch import nn
 
 OPSET = 17  # LayerNormalization is opset 17; ONNX Runtime 1.17+ runs it
 PARITY_TOL = 1e-4

@@ -60,8 +60,12 @@ def launch(
     out_dir: str | Path,
     nproc_per_node: int = 2,
     timeout: float | None = None,
+    quiet: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the job under torchrun (same interpreter) and wait; raises on a non-zero exit."""
+    """Run the job under torchrun (same interpreter) and wait; raises on a non-zero exit.
+
+    quiet=True captures the ranks' output (returned); False lets it stream to the terminal.
+    """
     command = [
         sys.executable,
         "-m",
@@ -73,7 +77,7 @@ def launch(
         str(job_path),
         str(out_dir),
     ]
-    return subprocess.run(command, check=True, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, check=True, capture_output=quiet, text=True, timeout=timeout)
 
 
 def main(argv: list[str] | None = None) -> None:

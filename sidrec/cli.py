@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="sidrec: train an HSTU recommender with Semantic IDs, export it, serve it.",
@@ -24,6 +27,8 @@ err = Console(stderr=True)
 
 DEFAULT_DATA = "ml-100k"
 DEFAULT_VARIANTS = "id,sid-prefixn,hybrid-sum"
+# One single-threaded DDP process per core (two at most: more only pays on bigger data).
+DEFAULT_PROCS = min(2, os.cpu_count() or 1)
 
 DataOpt = Annotated[
     str,
@@ -33,6 +38,14 @@ DataOpt = Annotated[
     ),
 ]
 RunOpt = Annotated[Path, typer.Option("--run", help="Run folder (outputs of earlier steps).")]
+ProcsOpt = Annotated[
+    int,
+    typer.Option(
+        "--procs",
+        min=1,
+        help="Training processes (torchrun + DistributedDataParallel, gloo on CPU, nccl on GPU).",
+    ),
+]
 
 
 def _offline_env() -> None:
@@ -41,7 +54,7 @@ def _offline_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _user_errors():  # noqa: ANN202 - a tuple of exception types
+def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that are the user's mistake: print the message, exit 2, no traceback."""
     from pydantic import ValidationError
 
@@ -56,7 +69,7 @@ def _user_errors():  # noqa: ANN202 - a tuple of exception types
     return (*errors, ProviderError)
 
 
-def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN202
+def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         return fn(*args, **kwargs)
     except _user_errors() as e:
@@ -123,6 +136,7 @@ def train(
         float, typer.Option(help="Share of items withheld for cold start.")
     ] = 0.05,
     seed: int = 0,
+    procs: ProcsOpt = DEFAULT_PROCS,
 ) -> None:
     """Train HSTU variants (leave-one-out, validation item selects the epoch)."""
     _offline_env()
@@ -130,7 +144,14 @@ def train(
 
     steps = _run(pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction)
     for variant in _split_variants(variants):
-        _run(steps.train, variant, epochs=epochs, patience=patience, id_dropout=id_dropout)
+        _run(
+            steps.train,
+            variant,
+            epochs=epochs,
+            patience=patience,
+            id_dropout=id_dropout,
+            procs=procs,
+        )
 
 
 @app.command("eval")
@@ -176,6 +197,7 @@ def pipeline_cmd(
     id_dropout: float = 0.2,
     cold_fraction: float = 0.05,
     seed: int = 0,
+    procs: ProcsOpt = DEFAULT_PROCS,
 ) -> None:
     """All steps: data, SIDs, train, evaluate, export."""
     _offline_env()
@@ -189,6 +211,7 @@ def pipeline_cmd(
         epochs=epochs,
         patience=patience,
         id_dropout=id_dropout,
+        procs=procs,
     )
 
 
@@ -226,8 +249,11 @@ def serve(
 def quickstart(
     data: DataOpt = DEFAULT_DATA,
     run: RunOpt = Path("runs/ml-100k"),
-    epochs: int = 60,
+    epochs: Annotated[int, typer.Option(help="Most epochs per variant.")] = 40,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience.")] = 6,
+    procs: ProcsOpt = DEFAULT_PROCS,
     port: int = 8000,
+    keep_serving: Annotated[bool, typer.Option(help="Keep serving after the demo.")] = False,
 ) -> None:
     """The README's main job: train on ML-100K, export, serve, show a real exchange."""
     _offline_env()
@@ -236,9 +262,14 @@ def quickstart(
 
     steps = _run(pipeline.Steps.open, data, run)
     bundle = _run(
-        steps.all, _split_variants(DEFAULT_VARIANTS), export_variant="hybrid-sum", epochs=epochs
+        steps.all,
+        _split_variants(DEFAULT_VARIANTS),
+        export_variant="hybrid-sum",
+        epochs=epochs,
+        patience=patience,
+        procs=procs,
     )
-    _run(run_demo, bundle, port=port)
+    _run(run_demo, bundle, port=port, keep_serving=keep_serving)
 
 
 def _split_variants(text: str) -> list[str]:

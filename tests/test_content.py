@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from sidrec.offline import content
-from sidrec.offline.data.dataset import Catalog
-from sidrec.offline.sids import build_sids, default_sid_shape, sid_report
 from tokenizers import Tokenizer
 
 from sidrec.content_encoder import ContentEncoder
 from sidrec.item_text import item_text
+from sidrec.offline import content
+from sidrec.offline.data.dataset import Catalog
+from sidrec.offline.sids import build_sids, default_sid_shape, sid_report
 
 ML100K = Path("/work/shared/data/ml-100k/u.item")
 ML100K_GENRES = [

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from sidrec.offline.data import fetch
 from sidrec.offline.data.fetch import get_ml100k
 from sidrec.offline.data.load import load_dataset

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from sidrec.offline.data.dataset import DataError, Interactions, group_by_user, id_order
 from sidrec.offline.data.generic import read_generic, read_recbole
 from sidrec.offline.data.load import detect_format, load_dataset

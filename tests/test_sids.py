@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rich.console import Console
-from sidrec.offline.sids import build_sids, default_sid_shape, print_sid_report, sid_report
 
+from sidrec.offline.sids import build_sids, default_sid_shape, print_sid_report, sid_report
 from sidrec.sid_codebook import Codebooks, codebook_usage, dedup_digits
 
 LAYERS, CODES = 3, 8
