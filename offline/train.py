@@ -70,11 +70,15 @@ class TrainConfig:
     num_negatives: int = 128
     temperature: float = 0.05
     id_dropout: float = 0.0
-    # ItemEmbedding's cold-start options, passed through (see model/item_embedding.py)
-    unknown_id: str = "learned"  # learned | zero
-    prefix_table: str = "hashed"  # hashed | exact
+    # ItemEmbedding's cold-start options, passed through (see model/item_embedding.py). The
+    # defaults are the measured best for never-seen items on ML-100K (validation cold-start
+    # HR@10 0.229 vs 0.083 for the reference-style learned/hashed rows, warm NDCG@10 equal):
+    # a dropped id contributes zero, every catalog prefix owns a row, and rows no trained item
+    # reads contribute nothing, so a new tuple falls back to its shared shorter prefixes.
+    unknown_id: str = "zero"  # learned | zero
+    prefix_table: str = "exact"  # hashed | exact
     hybrid_sid: str = "prefixn"  # prefixn | rqsum
-    trained_rows_only: bool = False
+    trained_rows_only: bool = True
     use_time: bool = True
     sid_layers: int | None = None  # None = every semantic layer of `sids`
     seed: int = 0
