@@ -4,12 +4,24 @@ Rows are 1..num_items, row 0 is padding and always maps to a zero vector. `sids`
 tensor [num_items + 1, L + 1]: L semantic codes in [0, K) plus a dedup digit.
 
 Variants (after the hstu-semantic-id fork of GR):
-  id           nn.Embedding over rows, plus one learned "unknown item" row
-  sid-prefixn  sum over p = 1..L of a hashed row for the prefix (c_1..c_p), one shared table
+  id           nn.Embedding over rows
+  sid-prefixn  sum over p = 1..L of a row for the prefix (c_1..c_p), one shared table
   sid-rqsum    sum over layers l of row c_l + l * K of an L * K table
-  hybrid       prefixn + id, fused by `sum` (E_sid + E_id) or `alpha` (a E_sid + (1 - a) E_id)
-An item that was never trained (or whose id is dropped) uses the unknown row as its id part,
-so its vector comes from its SID alone.
+  hybrid       prefixn (or rqsum) + id, fused by `sum` (E_sid + E_id) or `alpha`
+               (a E_sid + (1 - a) E_id)
+
+Cold start: an item that was never trained (withheld, or new in the service) or whose id is
+dropped in training has no id part, so its vector comes from its SID alone. The defaults are
+the ones that make that vector useful (ML-100K, docs/internals.md):
+  unknown_id="zero"        the missing id part is zero, not one learned "unknown" row shared
+                           by every new item (which dragged them all towards one point)
+  prefix_table="exact"     one row per prefix that occurs in the catalog (no hash collisions
+                           between unrelated prefixes), and row 0, always zero, for a prefix
+                           no catalog item has: a new tuple is the sum of the shorter prefixes
+                           it shares with the catalog. "hashed" is the reference's table,
+                           prefix number mod a prime about the catalog size
+  trained_rows_only=True   in table() and from_sid, a SID row that no trained item reads (it
+                           still holds its random init) contributes nothing
 """
 
 import torch
@@ -97,8 +109,12 @@ class ItemEmbedding(nn.Module):
     id_dropout p (training only): in each forward call every catalog row independently loses
     its id part with probability p, i.e. the whole item looks new for that call (all its
     occurrences as input, positive or negative alike) rather than a random subset of its
-    occurrences. That is what a truly new item looks like, and it trains the unknown row and
-    the SID part to stand in for the id. The sid-only variants have no id part to drop.
+    occurrences. That is what a truly new item looks like, and it trains the SID part to
+    stand in for the id. The sid-only variants have no id part to drop.
+
+    table(trained) also records which SID rows the trained items read (mark_trained); with
+    trained_rows_only, from_sid (so SidToVector and its ONNX graph) counts only those rows.
+    The record is a buffer, saved with the weights.
     """
 
     def __init__(
@@ -112,11 +128,10 @@ class ItemEmbedding(nn.Module):
         fusion: str = "sum",
         id_dropout: float = 0.0,
         prefix_table_size: int | None = None,
-        unknown_id: str = "learned",
-        prefix_table: str = "hashed",
+        unknown_id: str = "zero",
+        prefix_table: str = "exact",
         hybrid_sid: str = "prefixn",
-        trained_rows_only: bool = False,
-        drop_private_rows: bool = False,
+        trained_rows_only: bool = True,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -135,7 +150,6 @@ class ItemEmbedding(nn.Module):
         self.unknown_id = unknown_id
         self.prefix_table = prefix_table
         self.trained_rows_only = trained_rows_only
-        self.drop_private_rows = drop_private_rows
         # which SID scheme: the hybrid's SID part is prefixN unless hybrid_sid says rqsum
         self.sid_scheme = {"sid-rqsum": "rqsum", "hybrid": hybrid_sid}.get(variant, "prefixn")
         self.num_items = num_items
@@ -145,7 +159,7 @@ class ItemEmbedding(nn.Module):
 
         self.id_emb: nn.Embedding | None = None
         if variant in ("id", "hybrid"):
-            # rows 1..n items, row n + 1 the unknown item; row 0 padding stays zero.
+            # rows 1..n items, row n + 1 the learned unknown item; row 0 padding stays zero.
             extra = 2 if unknown_id == "learned" else 1
             self.id_emb = nn.Embedding(num_items + extra, d, padding_idx=0)
             _init_table(self.id_emb.weight.data[1:])
@@ -163,33 +177,26 @@ class ItemEmbedding(nn.Module):
             if not 1 <= self.sid_layers <= available:
                 raise ValueError(f"sid_layers must be in [1, {available}], got {sid_layers}")
             self.codes_per_layer = codes_per_layer
-            catalog_codes = sids[1:, : self.sid_layers].long()
+            exact = self.sid_scheme == "prefixn" and prefix_table == "exact"
             if self.sid_scheme == "rqsum":
                 self.table_size = self.sid_layers * codes_per_layer
-            elif prefix_table == "exact":
+            elif exact:
+                catalog_codes = sids[1:, : self.sid_layers].long()
                 child, self.table_size = prefix_trie(catalog_codes, codes_per_layer)
                 self.register_buffer("prefix_child", child, persistent=False)
             else:
-                # Default: a prime about the catalog size (the reference used 4,007 rows for
-                # ML-1M's 3,952 ids); prime so the mod spreads the structured prefix numbers.
+                # A prime about the catalog size (the reference used 4,007 rows for ML-1M's
+                # 3,952 ids); prime so the mod spreads the structured prefix numbers.
                 self.table_size = prefix_table_size or next_prime(num_items + 1)
-            self.sid_emb = nn.Embedding(self.table_size, d)
-            _init_table(self.sid_emb.weight.data)
-            if prefix_table == "exact" and self.sid_scheme == "prefixn":
-                with torch.no_grad():
-                    self.sid_emb.weight[0] = 0.0  # "no such prefix"
+            # exact: row 0 is "no such prefix", zero and never trained
+            self.sid_emb = nn.Embedding(self.table_size, d, padding_idx=0 if exact else None)
+            _init_table(self.sid_emb.weight.data[1:] if exact else self.sid_emb.weight.data)
             # Only the semantic codes are used, never the dedup digit: an item that shares
             # its code tuple with a trained item reads exactly that item's (trained) rows,
-            # and any new item's short prefixes are rows shared with many trained items.
-            # A full tuple nobody had before hashes to some row that may be untrained.
+            # and any new item's shorter prefixes are rows shared with trained items.
             self.register_buffer("sid_rows", self._sid_rows(sids.long()), persistent=False)
-            # rows that exactly one catalog item reads: a new item never has them trained
-            readers = torch.bincount(self.sid_rows[1:].flatten(), minlength=self.table_size)
-            self.register_buffer("sid_row_private", readers == 1, persistent=False)
-            # rows that some trained item reads (mark_trained); all of them until told
-            self.register_buffer(
-                "sid_row_trained", torch.ones(self.table_size, dtype=torch.bool), persistent=False
-            )
+            # rows some trained item reads (mark_trained); every row until told
+            self.register_buffer("sid_row_trained", torch.ones(self.table_size, dtype=torch.bool))
 
         self.alpha: nn.Parameter | None = None
         if variant == "hybrid" and fusion == "alpha":
@@ -231,6 +238,13 @@ class ItemEmbedding(nn.Module):
         mark[self.sid_rows[trained].flatten()] = True
         self.sid_row_trained.copy_(mark)
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        # Checkpoints from before the trained-rows record: every row counts, as it did then.
+        key = prefix + "sid_row_trained"
+        if self.sid_emb is not None and key not in state_dict:
+            state_dict[key] = torch.ones_like(self.sid_row_trained)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _fuse(self, sid_part: torch.Tensor | None, id_part: torch.Tensor | None) -> torch.Tensor:
         if sid_part is None:
             return id_part
@@ -242,37 +256,34 @@ class ItemEmbedding(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         # rows [...] int64 in [0, num_items] -> [..., d]
-        dropped = None  # bool [num_items + 1]: items that look new in this call
-        if self.id_emb is not None and self.training and self.id_dropout > 0:
-            dropped = torch.rand(self.num_items + 1, device=rows.device) < self.id_dropout
         id_part = None
         if self.id_emb is not None:
-            id_part = self.id_emb(rows) if dropped is None else self._id_part(rows, ~dropped[rows])
+            if self.training and self.id_dropout > 0:
+                # one draw per catalog row: every occurrence of an item is dropped alike
+                dropped = torch.rand(self.num_items + 1, device=rows.device) < self.id_dropout
+                id_part = self._id_part(rows, ~dropped[rows])
+            else:
+                id_part = self.id_emb(rows)
         sid_part = None
         if self.sid_emb is not None:
-            # Every row counts here: trained items read only trained rows anyway, and the
-            # trained-rows mask is for vectors of items that training never saw.
-            sid_rows = self.sid_rows[rows]  # [..., L]
-            vectors = self.sid_emb(sid_rows)  # [..., L, d]
-            if dropped is not None and self.drop_private_rows:
-                # a dropped item also loses the rows only it reads, as a new item would
-                lost = dropped[rows][..., None] & self.sid_row_private[sid_rows]
-                vectors = vectors * (~lost)[..., None].to(vectors.dtype)
-            sid_part = vectors.sum(-2)
+            # Every row counts: a trained item reads only trained rows anyway, and the
+            # trained-rows mask is for items that training never saw.
+            sid_part = self.sid_emb(self.sid_rows[rows]).sum(-2)
         out = self._fuse(sid_part, id_part)
         return out * (rows != 0)[..., None].to(out.dtype)
 
     def _id_part(self, rows: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
         # rows [...], known bool [...] -> id part [..., d]: the item's row where known, else
-        # the unknown row or zeros
+        # the learned unknown row or zeros
         if self.unknown_id == "learned":
             return self.id_emb(torch.where(known, rows, self.unknown_row))
         return self.id_emb(rows) * known[..., None].to(self.id_emb.weight.dtype)
 
     @torch.no_grad()
     def table(self, trained: torch.Tensor) -> torch.Tensor:
-        """Every row's vector [num_items + 1, d], no dropout; untrained rows get the unknown
-        id part (so they equal from_sid of their codes). trained: bool [num_items + 1]."""
+        """Every row's vector [num_items + 1, d], no dropout; untrained rows get no id part
+        (so they equal from_sid of their codes). trained: bool [num_items + 1]. Also records
+        which SID rows the trained items read, for from_sid (mark_trained)."""
         device = next(self.parameters()).device
         trained = trained.to(device)
         rows = torch.arange(self.num_items + 1, device=device)
@@ -281,8 +292,7 @@ class ItemEmbedding(nn.Module):
             id_part = self._id_part(rows, trained)
         sid_part = None
         if self.sid_emb is not None:
-            if self.trained_rows_only:
-                self.mark_trained(trained)
+            self.mark_trained(trained)
             sid_part = self._sid_vectors(self.sid_rows)
         out = self._fuse(sid_part, id_part)
         out[0] = 0.0

@@ -253,14 +253,15 @@ def test_prefix_hash_distinguishes_prefix_lengths() -> None:
 
 
 def test_prefixn_sums_prefix_rows_and_ignores_dedup_digit() -> None:
-    emb = make_embedding("sid-prefixn", prefix_table_size=101).eval()
+    emb = make_embedding("sid-prefixn", prefix_table="hashed", prefix_table_size=101).eval()
     sids = make_sids()
     want = emb.sid_emb.weight[prefix_rows(sids[7, :L], K, 101)].sum(0)
     torch.testing.assert_close(emb(torch.tensor([7]))[0], want)
     # Items 4 and 5 differ only in the dedup digit, so a pure-SID model cannot tell them apart.
     torch.testing.assert_close(emb(torch.tensor([4]))[0], emb(torch.tensor([5]))[0])
     assert emb.table_size == 101
-    assert make_embedding("sid-prefixn").table_size == 41  # smallest prime >= N_ITEMS + 1
+    hashed = make_embedding("sid-prefixn", prefix_table="hashed")
+    assert hashed.table_size == 41  # smallest prime >= N_ITEMS + 1
 
 
 def test_rqsum_uses_layer_offsets() -> None:
@@ -316,10 +317,8 @@ def test_table_and_from_sid_agree_for_untrained_items(variant: str) -> None:
     trained_rows = trained_rows[trained_rows > 0]
     torch.testing.assert_close(table[trained_rows], emb.eval()(trained_rows))
     torch.testing.assert_close(SidToVector(emb)(sids[untrained]), table[untrained])
-    if variant == "id":  # no SID: every cold item is the one unknown vector
-        assert torch.equal(
-            table[untrained], emb.id_emb.weight[N_ITEMS + 1].expand(len(untrained), D)
-        )
+    if variant == "id":  # no SID and no id: nothing to go on
+        assert (table[untrained] == 0).all()
 
 
 def test_hybrid_fusions() -> None:
@@ -404,7 +403,7 @@ def test_exact_prefix_table_falls_back_to_shared_prefixes() -> None:
 
 
 def test_zero_unknown_id_leaves_the_sid_part_alone() -> None:
-    emb = make_embedding("hybrid", unknown_id="zero")
+    emb = make_embedding("hybrid", unknown_id="zero", trained_rows_only=False)
     assert emb.id_emb.num_embeddings == N_ITEMS + 1  # no unknown row to learn
     rows = torch.arange(1, N_ITEMS + 1)
     sid_part = emb.sid_emb(emb.sid_rows[rows]).sum(-2)
@@ -458,24 +457,23 @@ def test_untrained_sid_rows_contribute_nothing(prefix_table: str) -> None:
     assert not torch.allclose(plain.table(trained)[[4, 7]], plain_before[[4, 7]])
 
 
-def test_dropped_items_lose_the_sid_rows_only_they_read() -> None:
-    emb = make_embedding(
-        "hybrid", prefix_table="exact", unknown_id="zero", id_dropout=1.0, drop_private_rows=True
-    )
-    rows = torch.arange(1, N_ITEMS + 1)
-    sid_rows = emb.sid_rows[rows]  # [n, L]
-    readers = torch.bincount(sid_rows.flatten())
-    shared = (readers[sid_rows] > 1)[..., None].float()
-    assert 0 < shared.sum() < shared.numel()  # some rows private, some shared
-    assert shared[3:5].all()  # twins 4 and 5 share even their full tuple
-    want = (emb.sid_emb.weight[sid_rows] * shared).sum(-2)
-    torch.testing.assert_close(emb.train()(rows), want)
-    # kept ids keep every row, and evaluation never drops anything
-    emb.id_dropout = 0.0
-    full = emb.sid_emb.weight[sid_rows].sum(-2) + emb.id_emb(rows)
-    torch.testing.assert_close(emb(rows), full)
-    emb.id_dropout = 1.0
-    torch.testing.assert_close(emb.eval()(rows), full)
+def test_trained_rows_record_is_saved_with_the_weights() -> None:
+    emb = make_embedding("hybrid")
+    assert (emb.unknown_id, emb.prefix_table, emb.trained_rows_only) == ("zero", "exact", True)
+    trained = torch.ones(N_ITEMS + 1, dtype=torch.bool)
+    trained[[4, 5, 7]] = False
+    emb.table(trained)
+    state = emb.state_dict()
+    assert not state["sid_row_trained"].all()
+    codes = make_sids()[[4, 7]]
+    fresh = make_embedding("hybrid")
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.from_sid(codes), emb.from_sid(codes))
+    # a checkpoint from before the record loads, with every row counting as before
+    del state["sid_row_trained"]
+    old = make_embedding("hybrid")
+    old.load_state_dict(state)
+    assert old.sid_row_trained.all()
 
 
 def test_hybrid_with_rqsum_sid_part() -> None:
