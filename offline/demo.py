@@ -24,6 +24,7 @@ from sidrec.bundle import load_bundle
 
 console = Console()
 
+DEMO_K = 20  # one page of recommendations
 NEW_ITEM = {
     "item_id": "new-toy-story-5",
     "title": "Toy Story 5",
@@ -122,13 +123,21 @@ def run_demo(bundle_dir: Path, port: int = 8000, keep_serving: bool = False) -> 
                 {"user_id": "demo-fan", "item_id": item_id, "ts": 1_700_000_000 + i},
             )
         console.print("history of demo-fan: " + "; ".join(titles[i] for i in history))
-        status, answer = _call(base, "POST", "/v1/recommend", {"user_id": "demo-fan", "k": 10})
-        _show("demo-fan (new item in green)", answer, titles, mark=NEW_ITEM["item_id"])
-        found = any(it["item_id"] == NEW_ITEM["item_id"] for it in answer["items"])
-        console.print(
-            f"new item recommended: [bold]{'yes' if found else 'no'}[/] "
-            f"(ingested seconds ago, never seen in training)"
+        status, answer = _call(base, "POST", "/v1/recommend", {"user_id": "demo-fan", "k": 100})
+        ranked = [it["item_id"] for it in answer["items"]]
+        rank = ranked.index(NEW_ITEM["item_id"]) + 1 if NEW_ITEM["item_id"] in ranked else None
+        _show(
+            f"demo-fan, top {DEMO_K} (new item in green)",
+            {"items": answer["items"][:DEMO_K]},
+            titles,
+            mark=NEW_ITEM["item_id"],
         )
+        where = f"rank {rank} of {len(titles) - len(history)}" if rank else "not in the top 100"
+        console.print(
+            f"new item for demo-fan: [bold]{where}[/] "
+            "(ingested seconds ago from its text, never seen in training)"
+        )
+        found = rank is not None and rank <= DEMO_K
         if keep_serving:
             console.print(f"serving on {base}; Ctrl-C to stop")
             process.wait()

@@ -290,8 +290,8 @@ def print_results(results: dict[str, dict[str, Any]], dataset: str) -> None:
             *(f"{bins[b]['hr@10']:.4f}" for b in ("hot", "mild", "cold")),
             f"{test['cold_start']['hr@10']:.4f}",
         )
-    # Wide enough for every column even when stdout is not a terminal (CI logs, pipes).
-    console.print(table, width=max(console.width, 150))
+    # Off a terminal (CI logs, pipes) rich assumes 80 columns and would elide every figure.
+    (console if console.is_terminal else Console(width=160)).print(table)
     first = next(iter(results.values()))["test"]
     console.print(
         f"test users: {first['overall']['count']}, of which cold-start targets: "

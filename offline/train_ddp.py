@@ -8,6 +8,7 @@ the parent with `save_job`; every rank loads it, so all ranks train on identical
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -77,7 +78,11 @@ def launch(
         str(job_path),
         str(out_dir),
     ]
-    return subprocess.run(command, check=True, capture_output=quiet, text=True, timeout=timeout)
+    # Unbuffered so rank 0's per-epoch lines stream as they happen when not captured.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        command, check=True, capture_output=quiet, text=True, timeout=timeout, env=env
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

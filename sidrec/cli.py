@@ -23,7 +23,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(sids_app, name="sids")
 
 console = Console()
-err = Console(stderr=True)
+# soft_wrap: an error naming a long path must stay one line a user can copy.
+err = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_DATA = "ml-100k"
 DEFAULT_VARIANTS = "id,sid-prefixn,hybrid-sum"
