@@ -190,7 +190,9 @@ class ItemEmbedding(nn.Module):
                 self.table_size = prefix_table_size or next_prime(num_items + 1)
             # exact: row 0 is "no such prefix", zero and never trained
             self.sid_emb = nn.Embedding(self.table_size, d, padding_idx=0 if exact else None)
-            _init_table(self.sid_emb.weight.data[1:] if exact else self.sid_emb.weight.data)
+            _init_table(self.sid_emb.weight.data)
+            if exact:
+                self.sid_emb.weight.data[0] = 0.0
             # Only the semantic codes are used, never the dedup digit: an item that shares
             # its code tuple with a trained item reads exactly that item's (trained) rows,
             # and any new item's shorter prefixes are rows shared with trained items.
