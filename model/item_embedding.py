@@ -25,7 +25,7 @@ the ones that make that vector useful (ML-100K, docs/internals.md):
 ML-100K hybrid-sum, id_dropout 0.2, validation, mean of 5 runs (seeds 0-2 x 20 epochs, 0-1 x
 40), old defaults (learned, hashed, all rows) -> these: cold-start HR@10 0.13 -> 0.24, HR@50
 0.23 -> 0.43; a withheld item's median rank for a user of 8 items sharing its longest prefix
-91 -> 7. The price: warm NDCG@10 0.098 -> 0.091, because cold items now compete (13-17% of
+93 -> 6. The price: warm NDCG@10 0.098 -> 0.091, because cold items now compete (13-17% of
 top-10 slots vs 5% of the catalog); trained_rows_only=False gives that back (and most of the
 cold gain with it).
 """
