@@ -23,8 +23,37 @@ def sampled_softmax_loss(
     """
     pos_logits = (user * pos).sum(-1, keepdim=True) / temperature  # [P, 1]
     neg_logits = torch.einsum("pd,prd->pr", user, neg) / temperature  # [P, R]
-    hit = neg_rows == pos_rows[:, None]
-    neg_logits = neg_logits.masked_fill(hit, MASKED_LOGIT)
+    return _loss(pos_logits, neg_logits, pos_rows, neg_rows)
+
+
+def sampled_softmax_via_table(
+    user: torch.Tensor,
+    table: torch.Tensor,
+    pos_rows: torch.Tensor,
+    neg_rows: torch.Tensor,
+    temperature: float = 0.05,
+) -> torch.Tensor:
+    """The same loss, read from user @ table^T instead of gathered [P, R, d] vectors.
+
+    user [P, d], table [n + 1, d] L2-normalised. Gathering the negatives' vectors and
+    scattering their gradients back is the costliest part of a CPU step; scoring every row
+    [P, n + 1] and gathering R logits gives the same loss and is several times faster whenever
+    n + 1 <= R * d (MovieLens: 1,683 or 3,953 rows vs 128 * 50 = 6,400).
+    """
+    logits = (user / temperature) @ table.T  # [P, n + 1]
+    return _loss(
+        logits.gather(1, pos_rows[:, None]), logits.gather(1, neg_rows), pos_rows, neg_rows
+    )
+
+
+def _loss(
+    pos_logits: torch.Tensor,
+    neg_logits: torch.Tensor,
+    pos_rows: torch.Tensor,
+    neg_rows: torch.Tensor,
+) -> torch.Tensor:
+    # pos_logits [P, 1], neg_logits [P, R] -> scalar; a negative equal to the positive is masked
+    neg_logits = neg_logits.masked_fill(neg_rows == pos_rows[:, None], MASKED_LOGIT)
     logits = torch.cat([pos_logits, neg_logits], dim=1)  # [P, 1 + R]
     return -F.log_softmax(logits, dim=1)[:, 0].mean()
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from sidrec.model.hstu import HSTU
 from sidrec.model.item_embedding import ItemEmbedding
-from sidrec.model.loss import MASKED_LOGIT, sample_negatives, sampled_softmax_loss
+from sidrec.model.loss import sample_negatives, sampled_softmax_loss, sampled_softmax_via_table
 from sidrec.offline.data.dataset import Interactions
 from sidrec.offline.evaluate import hstu_scorer, rank_targets, summarize
 from sidrec.offline.split import Split, split_summary
@@ -146,27 +146,6 @@ class SequentialRecommender(nn.Module):
         return sampled_softmax_loss(
             user, table_normed[pos_rows], table_normed[negatives], pos_rows, negatives, temperature
         )
-
-
-def sampled_softmax_via_table(
-    user: torch.Tensor,
-    table_normed: torch.Tensor,
-    pos_rows: torch.Tensor,
-    neg_rows: torch.Tensor,
-    temperature: float,
-) -> torch.Tensor:
-    """model.loss.sampled_softmax_loss computed through the whole item table.
-
-    user [P, d], table_normed [n + 1, d], pos_rows [P], neg_rows [P, R]. Gathering the
-    negatives' vectors [P, R, d] and scattering their gradients back is the costliest part of
-    a CPU step; scoring every row [P, n + 1] and gathering R logits is the same loss and
-    several times faster whenever n + 1 <= R * d (MovieLens: 1,683 or 3,953 rows vs 6,400).
-    """
-    logits = (user / temperature) @ table_normed.T  # [P, n + 1]
-    pos_logits = logits.gather(1, pos_rows[:, None])  # [P, 1]
-    neg_logits = logits.gather(1, neg_rows)  # [P, R]
-    neg_logits = neg_logits.masked_fill(neg_rows == pos_rows[:, None], MASKED_LOGIT)
-    return -F.log_softmax(torch.cat([pos_logits, neg_logits], dim=1), dim=1)[:, 0].mean()
 
 
 def build_model(

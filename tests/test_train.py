@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sidrec.model.loss import sampled_softmax_loss
+from sidrec.model.loss import sampled_softmax_loss, sampled_softmax_via_table
 from sidrec.offline.baselines import most_popular_scorer
 from sidrec.offline.data.dataset import Catalog, Interactions
 from sidrec.offline.evaluate import evaluate, hstu_scorer
@@ -16,7 +16,6 @@ from sidrec.offline.split import make_split
 from sidrec.offline.train import (
     TrainConfig,
     load_checkpoint,
-    sampled_softmax_via_table,
     train,
 )
 from sidrec.offline.train_ddp import launch, save_job
