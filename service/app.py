@@ -33,7 +33,7 @@ from . import metrics
 from .catalog import Catalog, MemoryCatalogStore, RedisCatalogStore
 from .deps import ApiError, Services, error_list
 from .history_store import MemoryHistoryStore, RedisHistoryStore
-from .retrieval import ItemTable
+from .retrieval import IndexSpec, ItemTable
 from .routers import events, health, items, recommend, users
 from .runtime import Runtime
 from .schemas import ErrorResponse
@@ -65,6 +65,12 @@ def build_services(settings: Settings) -> Services:
         sids,
         codebooks.codes,
         use_gpu=settings.device != "cpu",
+        index=IndexSpec(
+            settings.index,
+            settings.hnsw_m,
+            settings.hnsw_ef_construction,
+            settings.hnsw_ef_search,
+        ),
     )
     redis: Redis | None = None
     if settings.redis_url:

@@ -6,15 +6,22 @@ ids are what crosses process boundaries). The table keeps the raw vectors the us
 reads; the index holds their L2-normalised copies, and an inner product over it is the score
 the offline evaluator ranks by.
 
-Rows are append-only, because a flat GPU index cannot overwrite a vector in place. When an
-item's vector changes (re-ingested with new content) it gets a new row and its old row is
-marked dead; searches over-fetch by the number of dead rows and drop them.
+Rows are append-only, because neither a flat GPU index nor an HNSW graph can overwrite a
+vector in place. When an item's vector changes (re-ingested with new content) it gets a new row
+and its old row is marked dead; searches over-fetch by the number of dead rows and drop them.
+
+The index kind is a setting (SIDREC_INDEX): "flat" is exact; "hnsw" (IndexHNSWFlat, inner
+product) is approximate and sub-linear, for catalogs where a scan of every row costs too much.
+Both take new rows with `add`, so items ingested at run time are searchable at once.
+`loadtests/serving_bench.py` measures HNSW's recall@10 against flat and both search times.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
+from typing import Literal
 
 import faiss
 import numpy as np
@@ -32,6 +39,39 @@ def gpu_count() -> int:
     return int(get()) if get is not None else 0
 
 
+IndexKind = Literal["flat", "hnsw"]
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which FAISS index holds the rows, and its knobs (SIDREC_INDEX, SIDREC_HNSW_*)."""
+
+    kind: IndexKind = "flat"
+    # Links per node of the HNSW graph: more = better recall per search step, more memory.
+    hnsw_m: int = 32
+    # Candidate list while inserting: a better graph for a slower build (and slower ingest).
+    hnsw_ef_construction: int = 100
+    # Candidate list while searching: the recall / latency knob. A search asking for more
+    # rows than this (k + excluded + dead) widens it to that many, else HNSW returns fewer.
+    hnsw_ef_search: int = 128
+
+    def build(self, d: int) -> faiss.Index:
+        if self.kind == "flat":
+            return faiss.IndexFlatIP(d)
+        index = faiss.IndexHNSWFlat(d, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = self.hnsw_ef_construction
+        index.hnsw.efSearch = self.hnsw_ef_search
+        return index
+
+    def describe(self) -> str:
+        if self.kind == "flat":
+            return "IndexFlatIP"
+        return (
+            f"IndexHNSWFlat(M={self.hnsw_m}, efConstruction={self.hnsw_ef_construction}, "
+            f"efSearch={self.hnsw_ef_search})"
+        )
+
+
 class ItemTable:
     def __init__(
         self,
@@ -40,6 +80,7 @@ class ItemTable:
         sids: np.ndarray,  # int64 [n + 1, L + 1]
         codes_per_layer: int,
         use_gpu: bool = True,
+        index: IndexSpec | None = None,
     ) -> None:
         n_rows, self.d = vectors.shape
         if len(item_ids) != n_rows - 1 or len(sids) != n_rows:
@@ -65,9 +106,11 @@ class ItemTable:
             self.code_counts[layer] = np.bincount(sids[1:n_rows, layer], minlength=codes_per_layer)[
                 :codes_per_layer
             ]
-        self.index: faiss.Index = faiss.IndexFlatIP(self.d)
+        self.index_spec = index or IndexSpec()
+        self.index: faiss.Index = self.index_spec.build(self.d)
         self.on_gpu = False
-        if use_gpu and gpu_count() > 0:
+        # FAISS has no GPU HNSW: an HNSW index stays on the CPU whatever the device.
+        if use_gpu and self.index_spec.kind == "flat" and gpu_count() > 0:
             self._gpu_resources = faiss.StandardGpuResources()
             self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
             self.on_gpu = True
@@ -81,7 +124,7 @@ class ItemTable:
 
     @property
     def index_kind(self) -> str:
-        return ("faiss-gpu" if self.on_gpu else "faiss-cpu") + " IndexFlatIP"
+        return ("faiss-gpu " if self.on_gpu else "faiss-cpu ") + self.index_spec.describe()
 
     def codebook_usage(self) -> list[float]:
         return [float(u) for u in (self.code_counts > 0).mean(axis=1)]
@@ -152,7 +195,13 @@ class ItemTable:
         with self.lock:
             # Enough candidates that k survive after dropping excluded and dead rows.
             fetch = min(self.size, k + len(exclude_rows) + self.dead + 1)
-            scores, rows = self.index.search(query[None, :].astype(np.float32), fetch)
+            params = None
+            if self.index_spec.kind == "hnsw":
+                ef_search = max(self.index_spec.hnsw_ef_search, fetch)
+                params = faiss.SearchParametersHNSW(efSearch=ef_search)
+            scores, rows = self.index.search(
+                query[None, :].astype(np.float32), fetch, params=params
+            )
             alive = self.alive
             hits = []
             for row, score in zip(rows[0].tolist(), scores[0].tolist(), strict=True):

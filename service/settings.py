@@ -32,7 +32,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     # Retrieval index. "flat" = exact inner product, what the offline evaluator computes.
-    index: Literal["flat"] = "flat"
+    # "hnsw" = approximate (FAISS HNSW graph, inner product): for catalogs too large to scan
+    # per request; recall below 1 (loadtests/serving_bench.py measures it against flat).
+    index: Literal["flat", "hnsw"] = "flat"
+    hnsw_m: int = Field(32, ge=4, le=256, description="HNSW links per node")
+    hnsw_ef_construction: int = Field(100, ge=8, le=4096, description="HNSW build breadth")
+    # The recall / latency knob of "hnsw": candidates kept while searching.
+    hnsw_ef_search: int = Field(128, ge=1, le=65536, description="HNSW search breadth")
     # "auto" = CUDA when the onnxruntime-gpu build and a GPU are there, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # ONNX Runtime threads per session; 0 = ORT's default (all cores). With several workers
