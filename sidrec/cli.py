@@ -19,8 +19,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Obtain data sets.", no_args_is_help=True)
 sids_app = typer.Typer(help="Semantic IDs.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print and write figures.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(sids_app, name="sids")
+app.add_typer(bench_app, name="bench")
 
 console = Console()
 # soft_wrap: an error naming a long path must stay one line a user can copy.
@@ -116,6 +118,59 @@ def sids_build(
 
     steps = _run(pipeline.Steps.open, data, run, seed=seed)
     _run(steps.build_sids, layers=layers, codes=codes, normalize_residuals=normalize_residuals)
+
+
+@bench_app.command("quality")
+def bench_quality(
+    data: Annotated[
+        Path, typer.Option("--data", help="Data set folder, e.g. ../shared/data/ml-1m.")
+    ],
+    out: Annotated[Path, typer.Option(help="Benchmark folder (resumable).")] = Path(
+        "runs/bench-quality"
+    ),
+    stage: Annotated[
+        str,
+        typer.Option(help="all | prepare | train | report (stages may run on different machines)."),
+    ] = "all",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    jobs: Annotated[
+        int,
+        typer.Option(min=0, help="Runs trained side by side (0: one per core on CPU, 6 on GPU)."),
+    ] = 0,
+    seeds: Annotated[int, typer.Option(min=1, help="Training seeds per headline row.")] = 3,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Most epochs per run (early stopping on validation).")
+    ] = 100,
+    patience: Annotated[int, typer.Option(min=1)] = 10,
+    only: Annotated[
+        str, typer.Option(help="Comma-separated run groups to train (default: the whole plan).")
+    ] = "",
+    report_dir: Annotated[
+        Path | None, typer.Option(help="Where the report goes (default OUT/report).")
+    ] = None,
+    notes: Annotated[
+        Path | None,
+        typer.Option(help="Markdown file of findings to include (marked as written by hand)."),
+    ] = None,
+) -> None:
+    """Train and evaluate every model of the quality benchmark; write tables, JSON and plots."""
+    _offline_env()
+    from sidrec.offline.bench import quality
+
+    _run(
+        quality.run_benchmark,
+        data,
+        out,
+        stage=stage,
+        device=device,
+        jobs=jobs,
+        seeds=seeds,
+        epochs=epochs,
+        patience=patience,
+        only=[g for g in only.split(",") if g],
+        report_dir=report_dir,
+        notes=notes,
+    )
 
 
 @app.command()

@@ -1,0 +1,231 @@
+"""Train the quality benchmark's runs, each in its own process, `jobs` at a time.
+
+Why processes: a 2-block HSTU on ML-1M cannot keep a GPU (or two CPU cores) busy from one
+Python process; a few independent runs side by side can (H100: 6 runs at once gave 2.3x the
+epochs per second of one; 14 at once gave less than 6, the GPU time-slicing between them). Each run writes its folder
+out/runs/<name>/ (train.py's checkpoint, log and metrics, plus run.json when it finished),
+so an interrupted benchmark resumes where it stopped and its stages can run on different
+machines (prepare where MiniLM and faiss are, training where the GPU is).
+
+Worker: python -m sidrec.offline.bench.runner DATA OUT RUN --seeds S --epochs E ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sidrec.offline.bench.plan import HYBRID_FUSIONS, Run, plan_runs, run_config
+
+SPLIT_SEED = 0  # one split for every run: rows differ by training seed only
+PREPARED = "prepared"
+RUNS = "runs"
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class Budget:
+    epochs: int = 100
+    patience: int = 10
+    seeds: int = 3
+
+
+def run_dir(out: Path, run: Run) -> Path:
+    return out / RUNS / run.name
+
+
+def is_done(out: Path, run: Run) -> bool:
+    return (run_dir(out, run) / RUN_FILE).is_file()
+
+
+def best_hybrid(out: Path, seeds: int) -> str:
+    """The hybrid fusion with the higher mean validation NDCG@10 over its headline seeds."""
+    means = {}
+    for group in HYBRID_FUSIONS:
+        scores = [
+            json.loads((out / RUNS / f"{group}.s{s}" / "metrics.json").read_text())["valid"][
+                "overall"
+            ]["ndcg@10"]
+            for s in range(seeds)
+        ]
+        means[group] = float(np.mean(scores))
+    return max(means, key=means.__getitem__)
+
+
+def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) -> dict:
+    """Train one run into out/runs/<name>/ and write its run.json; returns run.json."""
+    import torch
+
+    from sidrec.offline.data.load import load_dataset
+    from sidrec.offline.pipeline import VARIANTS
+    from sidrec.offline.split import make_split
+    from sidrec.offline.train import TrainConfig, train
+    from sidrec.sid_codebook import Codebooks
+
+    started = time.perf_counter()
+    variant = best_hybrid(out, budget.seeds) if run.variant == "best-hybrid" else run.variant
+    data = load_dataset(data_dir)
+    split = make_split(data, cold_fraction=run.cold_fraction, seed=SPLIT_SEED)
+    sids = np.load(out / PREPARED / f"sids-{run.sid_set}.npy")
+    codes = Codebooks.load(out / PREPARED / f"codebooks-{run.sid_set}.npz").codes
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        # As the reference trainer does (TF32 matmuls); results stay within seed noise.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    cfg = TrainConfig(
+        **run_config(run, VARIANTS[variant]),  # type: ignore[arg-type]
+        epochs=budget.epochs,
+        patience=budget.patience,
+        threads=1,
+        device=device,
+        progress=False,
+        group_by_length=True,
+    )
+    folder = run_dir(out, run)
+    result = train(data, split, sids, codes, cfg, folder)
+    info = {
+        "run": run.as_dict(),
+        "resolved_variant": variant,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.epochs),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "device": torch.cuda.get_device_name()
+        if cfg.device != "cpu" and torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+    }
+    (folder / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def train_all(
+    data_dir: Path,
+    out: Path,
+    runs: list[Run],
+    budget: Budget,
+    device: str,
+    jobs: int,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Train every run not done yet, `jobs` processes at a time; returns the failed names.
+
+    Longest first (the large shape, then base), so the last minutes are not one big run
+    alone. A run waits until the groups in its `after` are done in every seed.
+    """
+    pending = sorted(
+        (r for r in runs if not is_done(out, r)), key=lambda r: (r.shape != "large", r.kind)
+    )
+    done_groups = {r.name for r in runs if is_done(out, r)}
+    log(f"{len(runs) - len(pending)} of {len(runs)} runs already done; {len(pending)} to train")
+    running: dict[subprocess.Popen[bytes], tuple[Run, float]] = {}
+    failed: list[str] = []
+    try:
+        _schedule(
+            out, runs, budget, device, jobs, data_dir, pending, running, failed, done_groups, log
+        )
+    except KeyboardInterrupt:
+        # Stopped (Ctrl-C, or SIGTERM from a time limit): finished runs stay, the rest rerun.
+        for process, (run, _) in running.items():
+            process.terminate()
+            log(f"stopped {run.name}")
+        for process in running:
+            process.wait()
+        raise
+    return failed
+
+
+def _schedule(
+    out: Path,
+    runs: list[Run],
+    budget: Budget,
+    device: str,
+    jobs: int,
+    data_dir: Path,
+    pending: list[Run],
+    running: dict[subprocess.Popen[bytes], tuple[Run, float]],
+    failed: list[str],
+    done_groups: set[str],
+    log: Callable[[str], None],
+) -> None:
+    def ready(run: Run) -> bool:
+        return all(f"{g}.s{s}" in done_groups for g in run.after for s in range(budget.seeds))
+
+    while pending or running:
+        for run in list(pending):
+            if len(running) >= jobs:
+                break
+            if not ready(run):
+                continue
+            if any(f"{g}.s{s}" in failed for g in run.after for s in range(budget.seeds)):
+                pending.remove(run)
+                failed.append(run.name)
+                log(f"skipped {run.name}: a run it waits for failed")
+                continue
+            pending.remove(run)
+            folder = run_dir(out, run)
+            folder.mkdir(parents=True, exist_ok=True)
+            command = [
+                sys.executable, "-m", "sidrec.offline.bench.runner", str(data_dir), str(out),
+                run.name, "--seeds", str(budget.seeds), "--epochs", str(budget.epochs),
+                "--patience", str(budget.patience), "--device", device,
+            ]  # fmt: skip
+            with (folder / "log.txt").open("wb") as stdout:
+                process = subprocess.Popen(
+                    command,
+                    stdout=stdout,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+                )
+            running[process] = (run, time.perf_counter())
+        if not running and pending:  # everything left waits on a failure that was skipped
+            continue
+        time.sleep(0.5)
+        for process in [p for p in running if p.poll() is not None]:
+            run, started = running.pop(process)
+            folder = run_dir(out, run)
+            seconds = time.perf_counter() - started
+            if process.returncode == 0 and is_done(out, run):
+                done_groups.add(run.name)
+                info = json.loads((run_dir(out, run) / RUN_FILE).read_text())
+                metrics = json.loads((run_dir(out, run) / "metrics.json").read_text())
+                log(
+                    f"done {run.name} in {seconds:.0f}s: best epoch {info['best_epoch']} of "
+                    f"{info['epochs_run']}, valid NDCG@10 "
+                    f"{metrics['valid']['overall']['ndcg@10']:.4f}  "
+                    f"[{len(done_groups)}/{len(runs)}, {len(running)} running]"
+                )
+            else:
+                failed.append(run.name)
+                log(f"FAILED {run.name} (exit {process.returncode}): see {folder}/log.txt")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train one run of the quality benchmark.")
+    parser.add_argument("data", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("run")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    budget = Budget(args.epochs, args.patience, args.seeds)
+    by_name = {r.name: r for r in plan_runs(args.seeds)}
+    if args.run not in by_name:
+        raise SystemExit(f"no run named {args.run!r} in the plan")
+    info = train_run(args.data, args.out, by_name[args.run], budget, args.device)
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""`sidrec bench quality`: the plan, a real (tiny) end-to-end run, resuming, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidrec.offline.bench.plan import SID_SETS, plan_runs
+from tests.conftest import write_synthetic_dataset
+
+# Covers every kind of run: headline, the dependent large-hybrid, reference (nothing withheld),
+# ablations on another SID set, on a layer prefix and on the deeper set.
+GROUPS = [
+    "id",
+    "sid-rqsum",
+    "hybrid-sum",
+    "hybrid-alpha",
+    "large-hybrid",
+    "ref-id",
+    "sid-prefixn:title-sids",
+    "hybrid-sum:2-layers",
+    "hybrid-sum:4-layers",
+]
+
+
+def test_plan_covers_the_issue_and_every_ablation_has_its_base() -> None:
+    runs = plan_runs(seeds=3)
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names))
+    groups = {r.group for r in runs}
+    for group in ("id", "sid-prefixn", "sid-rqsum", "hybrid-sum", "hybrid-alpha", "large-id"):
+        assert {r.seed for r in runs if r.group == group} == {0, 1, 2}
+    large_hybrid = [r for r in runs if r.group == "large-hybrid"]
+    assert len(large_hybrid) == 3
+    assert all(
+        r.shape == "large" and r.after == ("hybrid-sum", "hybrid-alpha") for r in large_hybrid
+    )
+    assert all(r.cold_fraction == 0.0 for r in runs if r.kind == "reference")
+    assert all(r.cold_fraction == 0.05 for r in runs if r.kind != "reference")
+    ablations = [r for r in runs if r.kind == "ablation"]
+    for r in ablations:
+        assert r.base in groups and r.seed == 0 and r.sid_set in SID_SETS
+    knobs = " ".join(r.knob for r in ablations)
+    for needed in ("title", "2 SID layers", "4 SID layers", "id dropout", "time features off"):
+        assert needed in knobs
+    with pytest.raises(ValueError):
+        plan_runs(seeds=0)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from sidrec.offline.bench.quality import run_benchmark
+
+    root = tmp_path_factory.mktemp("bench")
+    write_synthetic_dataset(root / "data", users=200)
+    os.environ["SIDREC_CACHE"] = str(root / "cache")
+    try:
+        run_benchmark(
+            root / "data",
+            root / "out",
+            stage="all",
+            device="cpu",
+            jobs=2,
+            seeds=1,
+            epochs=2,
+            patience=2,
+            only=GROUPS,
+            report_dir=root / "report",
+        )
+    finally:
+        os.environ.pop("SIDREC_CACHE", None)
+    return root, root / "out"
+
+
+def test_every_requested_run_trains_and_writes_its_results(bench: tuple[Path, Path]) -> None:
+    _, out = bench
+    for group in GROUPS:
+        folder = out / "runs" / f"{group}.s0"
+        info = json.loads((folder / "run.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert 1 <= info["best_epoch"] <= info["epochs_run"] <= 2
+        assert 0.0 <= metrics["test"]["overall"]["hr@10"] <= 1.0
+        assert metrics["config"]["epochs"] == 2
+    ref = json.loads((out / "runs" / "ref-id.s0" / "metrics.json").read_text())
+    assert ref["split"]["withheld_items"] == 0
+    large = json.loads((out / "runs" / "large-hybrid.s0" / "run.json").read_text())
+    assert large["resolved_variant"] in ("hybrid-sum", "hybrid-alpha")
+    large_cfg = json.loads((out / "runs" / "large-hybrid.s0" / "metrics.json").read_text())[
+        "config"
+    ]
+    assert (large_cfg["num_blocks"], large_cfg["num_heads"], large_cfg["dqk"]) == (8, 2, 25)
+    two = json.loads((out / "runs" / "hybrid-sum:2-layers.s0" / "metrics.json").read_text())
+    assert two["config"]["sid_layers"] == 2
+    for name in SID_SETS:
+        assert (out / "prepared" / f"sids-{name}.npy").is_file()
+
+
+def test_training_again_resumes_instead_of_retraining(bench: tuple[Path, Path]) -> None:
+    from sidrec.offline.bench.quality import run_benchmark
+
+    root, out = bench
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/run.json")}
+    run_benchmark(
+        root / "data", out, stage="train", device="cpu", jobs=2, seeds=1, epochs=2, patience=2,
+        only=GROUPS,
+    )  # fmt: skip
+    after = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/run.json")}
+    assert before == after and len(before) == len(GROUPS)
+
+
+def test_report_matches_the_runs_and_lists_what_is_missing(bench: tuple[Path, Path]) -> None:
+    root, out = bench
+    name = json.loads((out / "runs" / "id.s0" / "metrics.json").read_text())["dataset"]
+    # Through the real command line, as a user would write it again.
+    subprocess.run(
+        [sys.executable, "-m", "sidrec.cli", "bench", "quality", "--data", str(root / "data"),
+         "--out", str(out), "--stage", "report", "--seeds", "1", "--report-dir",
+         str(root / "report2")],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    md = (root / "report2" / f"{name}.md").read_text()
+    report = json.loads((root / "report2" / f"{name}.json").read_text())
+    id_test = json.loads((out / "runs" / "id.s0" / "metrics.json").read_text())["test"]
+    assert report["groups"]["id"]["hr@10"]["mean"] == pytest.approx(id_test["overall"]["hr@10"])
+    assert f"{id_test['overall']['ndcg@10']:.4f}" in md
+    for heading in (
+        "published",
+        "Do Semantic IDs help",
+        "Ablations",
+        "Semantic ID sets",
+        "Targets",
+    ):
+        assert heading in md
+    # The commands that reproduce each stage head the report.
+    data_arg = f"--data {root / 'data'}"
+    assert f"`sidrec bench quality {data_arg} --out {out} --stage prepare --seeds 1`" in md
+    assert "--stage train --device cpu --jobs 2 --epochs 2 --patience 2 --seeds 1 --only id," in md
+    # Runs not in GROUPS are reported as missing, never as numbers.
+    assert "sid-prefixn.s0" in report["missing"] and "Not run yet" in md
+    assert "sid-prefixn.s0" not in report["runs"]
+    assert 0.0 < report["random_cold_start_hr@10"] < 1.0
+    for png in ("validation_curves", "popularity_bins", "cold_vs_warm"):
+        assert (root / "report2" / name / f"{png}.png").stat().st_size > 1000
+
+
+def test_unknown_group_or_stage_is_a_user_error(tmp_path: Path) -> None:
+    from sidrec.offline.bench.quality import run_benchmark
+    from sidrec.offline.data.dataset import DataError
+
+    tmp_path.joinpath("data").mkdir()
+    with pytest.raises(DataError, match="no run group"):
+        run_benchmark(tmp_path / "data", tmp_path / "out", only=["nope"])
+    with pytest.raises(DataError, match="unknown stage"):
+        run_benchmark(tmp_path / "data", tmp_path / "out", stage="nope")
