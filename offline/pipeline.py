@@ -36,6 +36,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "sid-rqsum": ("sid-rqsum", "sum"),
     "hybrid-sum": ("hybrid", "sum"),
     "hybrid-alpha": ("hybrid", "alpha"),
+    "hybrid-switch": ("hybrid", "switch"),
 }
 BASELINES = ("most-popular", "content-only")
 

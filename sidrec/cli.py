@@ -179,7 +179,10 @@ def train(
     run: RunOpt = Path("runs/ml-100k"),
     variants: Annotated[
         str,
-        typer.Option(help="Comma-separated: id, sid-prefixn, sid-rqsum, hybrid-sum, hybrid-alpha."),
+        typer.Option(
+            help="Comma-separated: id, sid-prefixn, sid-rqsum, hybrid-sum, hybrid-alpha, "
+            "hybrid-switch."
+        ),
     ] = DEFAULT_VARIANTS,
     epochs: Annotated[
         int, typer.Option(help="Most epochs; early stopping on validation NDCG@10.")

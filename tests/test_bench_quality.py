@@ -20,6 +20,7 @@ GROUPS = [
     "sid-rqsum",
     "hybrid-sum",
     "hybrid-alpha",
+    "hybrid-switch",
     "large-hybrid",
     "ref-id",
     "sid-prefixn:title-sids",
@@ -33,12 +34,14 @@ def test_plan_covers_the_issue_and_every_ablation_has_its_base() -> None:
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
     groups = {r.group for r in runs}
-    for group in ("id", "sid-prefixn", "sid-rqsum", "hybrid-sum", "hybrid-alpha", "large-id"):
+    headline = ("id", "sid-prefixn", "sid-rqsum", "hybrid-sum", "hybrid-alpha", "hybrid-switch")
+    for group in (*headline, "large-id"):
         assert {r.seed for r in runs if r.group == group} == {0, 1, 2}
     large_hybrid = [r for r in runs if r.group == "large-hybrid"]
     assert len(large_hybrid) == 3
     assert all(
-        r.shape == "large" and r.after == ("hybrid-sum", "hybrid-alpha") for r in large_hybrid
+        r.shape == "large" and r.after == ("hybrid-sum", "hybrid-alpha", "hybrid-switch")
+        for r in large_hybrid
     )
     assert all(r.cold_fraction == 0.0 for r in runs if r.kind == "reference")
     assert all(r.cold_fraction == 0.05 for r in runs if r.kind != "reference")
@@ -89,7 +92,7 @@ def test_every_requested_run_trains_and_writes_its_results(bench: tuple[Path, Pa
     ref = json.loads((out / "runs" / "ref-id.s0" / "metrics.json").read_text())
     assert ref["split"]["withheld_items"] == 0
     large = json.loads((out / "runs" / "large-hybrid.s0" / "run.json").read_text())
-    assert large["resolved_variant"] in ("hybrid-sum", "hybrid-alpha")
+    assert large["resolved_variant"] in ("hybrid-sum", "hybrid-alpha", "hybrid-switch")
     large_cfg = json.loads((out / "runs" / "large-hybrid.s0" / "metrics.json").read_text())[
         "config"
     ]

@@ -338,6 +338,31 @@ def test_hybrid_fusions() -> None:
     assert mixed.alpha.item() != 0.5
 
 
+def test_switch_fusion_uses_the_id_where_known_and_the_sid_only_for_the_rest() -> None:
+    emb = make_embedding("hybrid", fusion="switch", id_dropout=0.5)
+    sids = make_sids()
+    trained = torch.rand(N_ITEMS + 1, generator=torch.Generator().manual_seed(2)) < 0.5
+    trained[0] = False
+    table = emb.table(trained)
+    warm, cold = trained.nonzero().flatten(), (~trained).nonzero().flatten()[1:]
+    # Warm items: exactly their id row, no SID rows mixed in (the ML-1M finding).
+    torch.testing.assert_close(table[warm], emb.id_emb(warm))
+    # Cold items: their SID vector, the same one a newly ingested item gets.
+    torch.testing.assert_close(table[cold], emb.from_sid(sids[cold]))
+    assert not torch.equal(emb.from_sid(sids[warm]), table[warm])
+    # Training: a dropped id makes that item's every occurrence its SID vector.
+    emb.train()
+    torch.manual_seed(0)
+    rows = torch.arange(1, N_ITEMS + 1)
+    out = emb(rows)
+    sid_vectors = emb.sid_emb(emb.sid_rows[rows]).sum(-2)
+    is_sid = (out - sid_vectors).abs().amax(-1) < 1e-7
+    is_id = (out - emb.id_emb(rows)).abs().amax(-1) < 1e-7
+    assert (is_sid ^ is_id).all() and 0 < int(is_sid.sum()) < N_ITEMS
+    emb.eval()
+    torch.testing.assert_close(emb(rows), emb.id_emb(rows))
+
+
 def test_prefix_trie_gives_each_catalog_prefix_one_row_and_novel_prefixes_none() -> None:
     codes = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 2, 2], [4, 1, 2], [4, 1, 2]])
     child, num_rows = prefix_trie(codes, codes_per_layer=K)

@@ -35,7 +35,7 @@ SID_SETS: dict[str, tuple[str, int]] = {
 # "title" is title (year) + genres, what a catalog without rich metadata would give.
 TEXT_FIELDS: dict[str, tuple[str, ...] | None] = {"full": None, "title": ("year", "genres")}
 
-HYBRID_FUSIONS = ("hybrid-sum", "hybrid-alpha")
+HYBRID_FUSIONS = ("hybrid-sum", "hybrid-alpha", "hybrid-switch")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ def plan_runs(seeds: int = 3) -> list[Run]:
         ("sid-rqsum", "sid-rqsum", "base"),
         ("hybrid-sum", "hybrid-sum", "base"),
         ("hybrid-alpha", "hybrid-alpha", "base"),
+        ("hybrid-switch", "hybrid-switch", "base"),
         ("large-id", "id", "large"),
     ]
     runs: list[Run] = []

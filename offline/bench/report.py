@@ -134,7 +134,8 @@ def write_report(
         agg[b] = _aggregate([result["test"]])
     random_rate = random_hr10(data_dir)
     headline_order = [
-        "id", "sid-prefixn", "sid-rqsum", "hybrid-sum", "hybrid-alpha", "large-id", "large-hybrid",
+        "id", "sid-prefixn", "sid-rqsum", "hybrid-sum", "hybrid-alpha", "hybrid-switch",
+        "large-id", "large-hybrid",
     ]  # fmt: skip
     headline = [g for g in headline_order if g in agg]
 

@@ -2,10 +2,12 @@
 
 Why processes: a 2-block HSTU on ML-1M cannot keep a GPU (or two CPU cores) busy from one
 Python process; a few independent runs side by side can (H100: 6 runs at once gave 2.3x the
-epochs per second of one; 14 at once gave less than 6, the GPU time-slicing between them). Each run writes its folder
-out/runs/<name>/ (train.py's checkpoint, log and metrics, plus run.json when it finished),
-so an interrupted benchmark resumes where it stopped and its stages can run on different
-machines (prepare where MiniLM and faiss are, training where the GPU is).
+epochs per second of one; 14 at once gave less than 6, the GPU time-slicing between them).
+
+Each run writes its folder out/runs/<name>/ (train.py's checkpoint, log and metrics, plus
+run.json when it finished), so an interrupted benchmark resumes where it stopped, and its
+stages can run on different machines (prepare where MiniLM and faiss are, training where
+the GPU is).
 
 Worker: python -m sidrec.offline.bench.runner DATA OUT RUN --seeds S --epochs E ...
 """
