@@ -161,3 +161,16 @@ def test_unknown_group_or_stage_is_a_user_error(tmp_path: Path) -> None:
         run_benchmark(tmp_path / "data", tmp_path / "out", only=["nope"])
     with pytest.raises(DataError, match="unknown stage"):
         run_benchmark(tmp_path / "data", tmp_path / "out", stage="nope")
+
+
+def test_a_run_whose_inputs_will_never_exist_fails_at_once(tmp_path: Path) -> None:
+    from sidrec.offline.bench.runner import Budget, train_all
+
+    large_hybrid = [r for r in plan_runs(seeds=1) if r.group == "large-hybrid"]
+    lines: list[str] = []
+    failed = train_all(
+        tmp_path / "data", tmp_path / "out", large_hybrid, Budget(1, 1, 1), "cpu", 2, lines.append
+    )
+    assert failed == ["large-hybrid.s0"]
+    assert any("neither done nor to be trained" in line for line in lines)
+    assert not (tmp_path / "out" / "runs").exists()  # nothing was started

@@ -122,19 +122,77 @@ def train_all(
     """Train every run not done yet, `jobs` processes at a time; returns the failed names.
 
     Longest first (the large shape, then base), so the last minutes are not one big run
-    alone. A run waits until the groups in its `after` are done in every seed.
+    alone. A run waits until the groups in its `after` are done in every seed; it fails at
+    once when one of those failed or is neither done nor among the runs to train.
     """
     pending = sorted(
         (r for r in runs if not is_done(out, r)), key=lambda r: (r.shape != "large", r.kind)
     )
-    done_groups = {r.name for r in runs if is_done(out, r)}
+    done = {r.name for r in runs if is_done(out, r)}
     log(f"{len(runs) - len(pending)} of {len(runs)} runs already done; {len(pending)} to train")
     running: dict[subprocess.Popen[bytes], tuple[Run, float]] = {}
     failed: list[str] = []
+
+    def waits_for(run: Run) -> list[str]:
+        return [f"{g}.s{s}" for g in run.after for s in range(budget.seeds)]
+
+    def blocker(run: Run) -> str | None:
+        coming = {r.name for r in pending} | {r.name for r, _ in running.values()}
+        for name in waits_for(run):
+            if name in failed:
+                return f"{name} failed"
+            if name not in done and name not in coming:
+                return f"it waits for {name}, which is neither done nor to be trained here"
+        return None
+
+    def start(run: Run) -> None:
+        folder = run_dir(out, run)
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "sidrec.offline.bench.runner", str(data_dir), str(out),
+            run.name, "--seeds", str(budget.seeds), "--epochs", str(budget.epochs),
+            "--patience", str(budget.patience), "--device", device,
+        ]  # fmt: skip
+        with (folder / "log.txt").open("wb") as stdout:
+            process = subprocess.Popen(
+                command,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+            )
+        running[process] = (run, time.perf_counter())
+
+    def finish(process: subprocess.Popen[bytes]) -> None:
+        run, started = running.pop(process)
+        folder = run_dir(out, run)
+        seconds = time.perf_counter() - started
+        if process.returncode == 0 and is_done(out, run):
+            done.add(run.name)
+            info = json.loads((folder / RUN_FILE).read_text())
+            valid = json.loads((folder / "metrics.json").read_text())["valid"]["overall"]
+            log(
+                f"done {run.name} in {seconds:.0f}s: best epoch {info['best_epoch']} of "
+                f"{info['epochs_run']}, valid NDCG@10 {valid['ndcg@10']:.4f}  "
+                f"[{len(done)}/{len(runs)}, {len(running)} running]"
+            )
+        else:
+            failed.append(run.name)
+            log(f"FAILED {run.name} (exit {process.returncode}): see {folder}/log.txt")
+
     try:
-        _schedule(
-            out, runs, budget, device, jobs, data_dir, pending, running, failed, done_groups, log
-        )
+        while pending or running:
+            for run in list(pending):
+                reason = blocker(run)
+                if reason:
+                    pending.remove(run)
+                    failed.append(run.name)
+                    log(f"skipped {run.name}: {reason}")
+                elif len(running) < jobs and all(n in done for n in waits_for(run)):
+                    pending.remove(run)
+                    start(run)
+            time.sleep(0.5 if running else 0.0)
+            for process in [p for p in running if p.poll() is not None]:
+                finish(process)
     except KeyboardInterrupt:
         # Stopped (Ctrl-C, or SIGTERM from a time limit): finished runs stay, the rest rerun.
         for process, (run, _) in running.items():
@@ -144,71 +202,6 @@ def train_all(
             process.wait()
         raise
     return failed
-
-
-def _schedule(
-    out: Path,
-    runs: list[Run],
-    budget: Budget,
-    device: str,
-    jobs: int,
-    data_dir: Path,
-    pending: list[Run],
-    running: dict[subprocess.Popen[bytes], tuple[Run, float]],
-    failed: list[str],
-    done_groups: set[str],
-    log: Callable[[str], None],
-) -> None:
-    def ready(run: Run) -> bool:
-        return all(f"{g}.s{s}" in done_groups for g in run.after for s in range(budget.seeds))
-
-    while pending or running:
-        for run in list(pending):
-            if len(running) >= jobs:
-                break
-            if not ready(run):
-                continue
-            if any(f"{g}.s{s}" in failed for g in run.after for s in range(budget.seeds)):
-                pending.remove(run)
-                failed.append(run.name)
-                log(f"skipped {run.name}: a run it waits for failed")
-                continue
-            pending.remove(run)
-            folder = run_dir(out, run)
-            folder.mkdir(parents=True, exist_ok=True)
-            command = [
-                sys.executable, "-m", "sidrec.offline.bench.runner", str(data_dir), str(out),
-                run.name, "--seeds", str(budget.seeds), "--epochs", str(budget.epochs),
-                "--patience", str(budget.patience), "--device", device,
-            ]  # fmt: skip
-            with (folder / "log.txt").open("wb") as stdout:
-                process = subprocess.Popen(
-                    command,
-                    stdout=stdout,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
-                )
-            running[process] = (run, time.perf_counter())
-        if not running and pending:  # everything left waits on a failure that was skipped
-            continue
-        time.sleep(0.5)
-        for process in [p for p in running if p.poll() is not None]:
-            run, started = running.pop(process)
-            folder = run_dir(out, run)
-            seconds = time.perf_counter() - started
-            if process.returncode == 0 and is_done(out, run):
-                done_groups.add(run.name)
-                info = json.loads((run_dir(out, run) / RUN_FILE).read_text())
-                metrics = json.loads((run_dir(out, run) / "metrics.json").read_text())
-                log(
-                    f"done {run.name} in {seconds:.0f}s: best epoch {info['best_epoch']} of "
-                    f"{info['epochs_run']}, valid NDCG@10 "
-                    f"{metrics['valid']['overall']['ndcg@10']:.4f}  "
-                    f"[{len(done_groups)}/{len(runs)}, {len(running)} running]"
-                )
-            else:
-                failed.append(run.name)
-                log(f"FAILED {run.name} (exit {process.returncode}): see {folder}/log.txt")
 
 
 def main(argv: list[str] | None = None) -> None:
