@@ -51,7 +51,7 @@ def is_done(out: Path, run: Run) -> bool:
 
 
 def best_hybrid(out: Path, seeds: int) -> str:
-    """The hybrid fusion with the higher mean validation NDCG@10 over its headline seeds."""
+    """The hybrid fusion with the highest mean validation NDCG@10 over its headline seeds."""
     means = {}
     for group in HYBRID_FUSIONS:
         scores = [
