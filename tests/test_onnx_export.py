@@ -82,15 +82,19 @@ def test_user_encoder_rejects_max_len_beyond_padded_len(tmp_path: Path) -> None:
         export_user_encoder(HSTU(padded_len=20), 64, tmp_path / "x.onnx", max_len=20)
 
 
-@pytest.mark.parametrize("variant", ["id", "sid-prefixn", "sid-rqsum", "hybrid"])
-def test_sid_to_vector_parity(tmp_path: Path, variant: str) -> None:
+@pytest.mark.parametrize(
+    ("variant", "fusion"),
+    [("id", "alpha"), ("sid-prefixn", "alpha"), ("sid-rqsum", "alpha"), ("hybrid", "alpha"),
+     ("hybrid", "switch")],
+)  # fmt: skip
+def test_sid_to_vector_parity(tmp_path: Path, variant: str, fusion: str) -> None:
     num_items, k, layers = 300, 64, 3
     gen = torch.Generator().manual_seed(0)
     sids = torch.randint(0, k, (num_items + 1, layers + 1), generator=gen)
     sids[:, layers] = 0
     sids[0] = 0
     torch.manual_seed(0)
-    embedding = ItemEmbedding(variant, num_items, D, sids=sids, codes_per_layer=k, fusion="alpha")
+    embedding = ItemEmbedding(variant, num_items, D, sids=sids, codes_per_layer=k, fusion=fusion)
     # As offline/export.py does: the table first (it records the SID rows trained items
     # read, which the SID -> vector graph then uses), then the graph.
     trained = torch.rand(num_items + 1, generator=gen) < 0.5
