@@ -3,14 +3,19 @@ script (loadtests/serving_bench.py) run end to end with tiny sizes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from conftest import RedisServer
 from test_service_catalog import NEW_ITEM, add_history, neighbours, ranked
 
 from sidrec.service.retrieval import IndexSpec, ItemTable
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def clustered(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
@@ -77,3 +82,80 @@ def test_service_with_hnsw_index_recommends_a_new_item_at_once(
     assert item["item_id"] in ranked(service, "hnsw-scifi-fan", 40)
     top = service.post("/v1/recommend", {"user_id": "hnsw-scifi-fan", "k": 1000}).json()["items"]
     assert len(top) == ready["index_items"] + 1 - len(set(neighbours(bundle_dir, sid)))
+
+
+def table_rows(stdout: str) -> list[dict[str, str]]:
+    """The benchmark's markdown table as dicts keyed by column name."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [
+        dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        for line in lines[1:]
+    ]
+
+
+def test_serving_bench_prints_every_row_with_sane_numbers(
+    bundle_dir: Path, checkpoint_path: Path
+) -> None:
+    args = ["--bundle", str(bundle_dir), "--checkpoint", str(checkpoint_path)]
+    args += ["--users", "20", "--history-len", "30", "--requests", "60", "--duration", "1"]
+    args += ["--concurrency", "1,4", "--rate", "40", "--rate-duration", "1"]
+    args += ["--scales", "3000", "--vectors", "uniform", "--scale-queries", "60"]
+    args += ["--ef-search", "16,64"]
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.serving_bench", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first == "$ python -m loadtests.serving_bench " + " ".join(args), first
+    rows = table_rows(done.stdout)
+    by_name = {(r["section"], r["measurement"]): r for r in rows}
+
+    def num(row: dict[str, str], column: str) -> float:
+        return float(row[column])
+
+    floor = [r for r in rows if r["section"] == "floor"]
+    assert [r["measurement"].split(" ")[0] for r in floor] == [
+        "Redis",
+        "item",
+        "ONNX",
+        "FAISS",
+        "total",
+    ]
+    for r in floor:
+        assert 0 < num(r, "p50 ms") <= num(r, "p99 ms") < 1000, r
+    assert num(floor[-1], "p50 ms") >= max(num(r, "p50 ms") for r in floor[:-1])
+
+    measured = [
+        ("sidrec", f"POST {route} concurrency {c}")
+        for route in ("/v1/recommend", "/v1/items")
+        for c in (1, 4)
+    ]
+    measured += [("naive", f"POST /v1/recommend concurrency {c}") for c in (1, 4)]
+    measured += [("sidrec", "POST /v1/recommend open loop 40 rps")]
+    for key in measured:
+        r = by_name[key]
+        assert r["errors"] == "0" and int(r["n"]) > 0, r
+        assert 0 < num(r, "p50 ms") <= num(r, "p95 ms") <= num(r, "p99 ms") < 5000, r
+        assert num(r, "req/s") > 0, r
+
+    ratios = [r for r in rows if r["section"] == "ratio"]
+    assert len(ratios) == 4  # e2e / floor, two levels, peaks
+    single = by_name[("sidrec", "POST /v1/recommend concurrency 1")]
+    assert num(ratios[0], "value") == pytest.approx(
+        num(single, "p50 ms") / num(floor[-1], "p50 ms"),
+        rel=0.05,  # cells are rounded
+    )
+    assert all(num(r, "value") > 0 for r in ratios)
+
+    scale = [r for r in rows if r["section"] == "scale"]
+    assert len(scale) == 2 + 2 * 2  # flat, then each efSearch; without and with exclusions
+    for r in scale:
+        assert 0 <= num(r, "value") <= 1 and 0 < num(r, "p99 ms") < 1000, r
+    assert {num(r, "value") for r in scale if "flat" in r["measurement"]} == {1.0}
+    assert num(by_name[("scale", "3,000 uniform, hnsw M=32 efSearch=64, k=10")], "value") > 0.8
+    assert "targets:" in done.stdout and "e2e p50 / floor p50" in done.stdout
