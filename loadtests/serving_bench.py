@@ -70,6 +70,7 @@ COLUMNS = (
     "p95 ms",
     "p99 ms",
     "req/s",
+    "cpu ms/req",
     "errors",
     "value",
     "note",
@@ -85,6 +86,7 @@ class Row:
     p95: float | None = None
     p99: float | None = None
     rps: float | None = None
+    cpu_ms: float | None = None  # CPU the service process(es) spent per answered request
     errors: int | None = None
     value: float | None = None  # ratio rows: the ratio; scale rows: recall@10
     note: str = ""
@@ -106,6 +108,7 @@ class Row:
             num(self.p95, ".2f"),
             num(self.p99, ".2f"),
             num(self.rps, ".1f"),
+            num(self.cpu_ms, ".2f"),
             "" if self.errors is None else str(self.errors),
             num(self.value, ".3f"),
             self.note,
@@ -148,7 +151,7 @@ def seed_histories(redis_url: str, records: list[ItemRecord], users: int, length
 
 def service_settings(args: argparse.Namespace, redis_url: str) -> dict[str, str]:
     """SIDREC_* for both the floor (in process) and the service subprocess: one source."""
-    return {
+    env = {
         "SIDREC_BUNDLE": str(args.bundle),
         "SIDREC_REDIS_URL": redis_url,
         "SIDREC_KEY_PREFIX": KEY_PREFIX,
@@ -157,13 +160,39 @@ def service_settings(args: argparse.Namespace, redis_url: str) -> dict[str, str]
         "SIDREC_DEVICE": "cpu",
         "SIDREC_LOG_LEVEL": "warning",
     }
+    for pair in args.service_env:
+        name, _, value = pair.partition("=")
+        if not name.startswith("SIDREC_") or not value:
+            raise SystemExit(f"--service-env {pair!r}: expected SIDREC_NAME=VALUE")
+        env[name] = value
+    return env
+
+
+@dataclass
+class Served:
+    url: str
+    pid: int
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the process and its children (uvicorn workers)."""
+        total, todo = 0.0, [self.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a process that ended meanwhile
+        return total
 
 
 @contextmanager
 def subprocess_service(
     name: str, cmd: list[str], env_extra: dict[str, str], port: int, out: Path, timeout_s: float
-) -> Iterator[str]:
-    """A service on a free loopback port until the block ends; yields its URL."""
+) -> Iterator[Served]:
+    """A service on a free loopback port until the block ends."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDREC_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update(HF_HUB_OFFLINE="1", **env_extra)
@@ -173,7 +202,7 @@ def subprocess_service(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, timeout_s, proc, log_path)
-        yield url
+        yield Served(url, proc.pid)
     finally:
         stop(proc)
 
@@ -247,6 +276,18 @@ class LoadResult:
     @property
     def rps(self) -> float:
         return (len(self.latencies_ms) + self.errors) / self.elapsed_s
+
+    def row(self, section: str, measurement: str, cpu_s: float) -> Row:
+        answered = max(1, len(self.latencies_ms))
+        return Row.timed(
+            section,
+            measurement,
+            self.latencies_ms,
+            rps=self.rps,
+            cpu_ms=cpu_s * 1000 / answered,
+            errors=self.errors,
+            note=self.first_error,
+        )
 
 
 def _post(client: Any, path: str, body: bytes) -> tuple[bool, str]:
@@ -344,25 +385,17 @@ def item_body(records: list[ItemRecord], tag: str) -> Callable[[int], bytes]:
 
 def load_rows(
     section: str,
-    url: str,
+    served: Served,
     path: str,
     body: Callable[[int], bytes],
     args: argparse.Namespace,
 ) -> list[Row]:
     out = []
     for c in args.concurrency:
-        closed_loop(url, path, body, c, min(2 * c, 20), 5.0)  # warm connections and threads
-        result = closed_loop(url, path, body, c, args.requests, args.duration)
-        out.append(
-            Row.timed(
-                section,
-                f"POST {path} concurrency {c}",
-                result.latencies_ms,
-                rps=result.rps,
-                errors=result.errors,
-                note=result.first_error,
-            )
-        )
+        closed_loop(served.url, path, body, c, min(2 * c, 20), 5.0)  # warm connections, threads
+        cpu_before = served.cpu_s()
+        result = closed_loop(served.url, path, body, c, args.requests, args.duration)
+        out.append(result.row(section, f"POST {path} concurrency {c}", served.cpu_s() - cpu_before))
     return out
 
 
@@ -538,6 +571,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=sorted({64, 128, defaults["hnsw_ef_search"].default, 256}),
         help="HNSW efSearch values to measure, e.g. 64,128,256",
     )
+    p.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="SIDREC_NAME=VALUE",
+        help="another setting for the sidrec service and the floor, e.g. SIDREC_WORKERS=2",
+    )
     p.add_argument("--skip", default="", help="sections to leave out: floor,sidrec,naive,scale")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--out", type=Path, help="also write table.md and results.json here")
@@ -563,11 +603,9 @@ def main(argv: list[str] | None = None) -> int:
             seed_histories(redis_url, records, users, args.history_len)
         env = service_settings(args, redis_url)
         if "floor" not in skip:
-            rows += measure_floor(
-                Settings(**{k[len("SIDREC_") :].lower(): v for k, v in env.items()}),
-                users,
-                args.requests,
-            )
+            floor_env = {k[len("SIDREC_") :].lower(): v for k, v in env.items()}
+            floor_env["workers"] = "1"  # the floor is one request at a time in this process
+            rows += measure_floor(Settings(**floor_env), users, args.requests)
         if "sidrec" not in skip:
             port = free_port()
             with subprocess_service(
@@ -577,22 +615,19 @@ def main(argv: list[str] | None = None) -> int:
                 port,
                 tmp,
                 args.ready_timeout,
-            ) as url:
-                rows += load_rows("sidrec", url, "/v1/recommend", recommend_body(users), args)
+            ) as served:
+                rows += load_rows("sidrec", served, "/v1/recommend", recommend_body(users), args)
+                cpu_before = served.cpu_s()
                 rate = open_loop(
-                    url, "/v1/recommend", recommend_body(users), args.rate, args.rate_duration
+                    served.url,
+                    "/v1/recommend",
+                    recommend_body(users),
+                    args.rate,
+                    args.rate_duration,
                 )
-                rows.append(
-                    Row.timed(
-                        "sidrec",
-                        f"POST /v1/recommend open loop {args.rate:g} rps",
-                        rate.latencies_ms,
-                        rps=rate.rps,
-                        errors=rate.errors,
-                        note=rate.first_error,
-                    )
-                )
-                rows += load_rows("sidrec", url, "/v1/items", item_body(records, "item"), args)
+                name = f"POST /v1/recommend open loop {args.rate:g} rps"
+                rows.append(rate.row("sidrec", name, served.cpu_s() - cpu_before))
+                rows += load_rows("sidrec", served, "/v1/items", item_body(records, "item"), args)
         if "naive" not in skip:
             port = free_port()
             cmd = [sys.executable, "-m", "loadtests.naive_service", "--bundle", str(args.bundle)]
@@ -601,8 +636,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--torch-threads", str(args.torch_threads)]
             if args.checkpoint:
                 cmd += ["--checkpoint", str(args.checkpoint)]
-            with subprocess_service("naive", cmd, {}, port, tmp, args.ready_timeout) as url:
-                rows += load_rows("naive", url, "/v1/recommend", recommend_body(users), args)
+            with subprocess_service("naive", cmd, {}, port, tmp, args.ready_timeout) as served:
+                rows += load_rows("naive", served, "/v1/recommend", recommend_body(users), args)
     rows += ratios(rows, args)
     if "scale" not in skip:
         rows += catalog_scale(args, d)
@@ -613,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         f"bundle {bundle.version}: {len(records):,} items, d={d}, max_len "
         f"{bundle.model['max_len']}; {users} users with {args.history_len}-item histories in "
         f"Redis; {os.cpu_count()} CPU cores; SIDREC_ORT_THREADS={args.ort_threads}, "
+        f"{' '.join(args.service_env) + ', ' if args.service_env else ''}"
         f"naive torch threads {args.torch_threads or 'default'}; k={K}; took {took:.0f} s",
     ]
     table = markdown(rows)
@@ -662,6 +698,22 @@ def ratios(rows: list[Row], args: argparse.Namespace) -> list[Row]:
                 )
             )
             peaks.append((ours.rps, theirs.rps))
+    ours_cpu = [
+        r for r in rows if r.section == "sidrec" and "/v1/recommend concurrency" in r.measurement
+    ]
+    theirs_cpu = [r for r in rows if r.section == "naive" and r.cpu_ms]
+    if ours_cpu and theirs_cpu:
+        # Less noisy than throughput on a shared machine: what each answer costs in CPU.
+        ours_ms = min(r.cpu_ms or np.inf for r in ours_cpu)
+        theirs_ms = min(r.cpu_ms or np.inf for r in theirs_cpu)
+        out.append(
+            Row(
+                "ratio",
+                "naive / sidrec CPU per request (best level each)",
+                value=theirs_ms / ours_ms,
+                note=f"{theirs_ms:.2f} vs {ours_ms:.2f} ms",
+            )
+        )
     if peaks:
         best_ours, best_theirs = max(p[0] for p in peaks), max(p[1] for p in peaks)
         out.append(

@@ -141,10 +141,10 @@ def test_serving_bench_prints_every_row_with_sane_numbers(
         r = by_name[key]
         assert r["errors"] == "0" and int(r["n"]) > 0, r
         assert 0 < num(r, "p50 ms") <= num(r, "p95 ms") <= num(r, "p99 ms") < 5000, r
-        assert num(r, "req/s") > 0, r
+        assert num(r, "req/s") > 0 and num(r, "cpu ms/req") > 0, r
 
     ratios = [r for r in rows if r["section"] == "ratio"]
-    assert len(ratios) == 4  # e2e / floor, two levels, peaks
+    assert len(ratios) == 5  # e2e / floor, two levels, CPU per request, peaks
     single = by_name[("sidrec", "POST /v1/recommend concurrency 1")]
     assert num(ratios[0], "value") == pytest.approx(
         num(single, "p50 ms") / num(floor[-1], "p50 ms"),
