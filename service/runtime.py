@@ -41,6 +41,11 @@ class Runtime:
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0) -> None:
         providers = choose_providers(device)
         options = ort.SessionOptions()
+        # ORT's pool threads spin between runs by default: on a small machine that takes the
+        # cores the event loop and the other requests' threads need (serving benchmark, ML-1M,
+        # 2 cores, SIDREC_ORT_THREADS=0: see docs/serving-benchmark.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
