@@ -181,9 +181,14 @@ class ItemTable:
         )
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """rows int64 [N] -> raw vectors float32 [N, d] (a copy)."""
-        with self.lock:
-            return self.vectors[rows]
+        """rows int64 [N] -> raw vectors float32 [N, d] (a copy).
+
+        No lock: a row's vector is written once, before the row is handed out, and never
+        again (a changed item gets a new row); _grow copies into a new array and then swaps
+        the attribute, so either array holds every row that existed when `rows` was made.
+        """
+        vectors = self.vectors
+        return vectors[rows]
 
     def search(
         self,
