@@ -30,6 +30,7 @@ from sidrec.bundle import load_bundle
 from sidrec.sid_codebook import Codebooks
 
 from . import metrics
+from .batching import RankBatcher
 from .catalog import Catalog, MemoryCatalogStore, RedisCatalogStore
 from .deps import ApiError, Services, error_list
 from .history_store import MemoryHistoryStore, RedisHistoryStore
@@ -96,7 +97,8 @@ def build_services(settings: Settings) -> Services:
         store = MemoryCatalogStore()
     catalog = Catalog(bundle, runtime, codebooks, table, vectors, store)
     popular = [str(i) for i in bundle.manifest.get("popular", [])]
-    services = Services(settings, bundle, runtime, catalog, history, redis, popular)
+    ranker = RankBatcher(runtime, table)
+    services = Services(settings, bundle, runtime, catalog, history, redis, popular, ranker)
     # One call each now, so the first request does not pay ORT's first-run cost.
     runtime.encode_users(
         vectors[None, 1:2],
@@ -292,6 +294,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sync_task.cancel()
             with suppress(asyncio.CancelledError):
                 await sync_task
+            services.ranker.stop()
             if services.redis is not None:
                 await services.redis.aclose()
 

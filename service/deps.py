@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from sidrec.bundle import Bundle
 
+from .batching import RankBatcher
 from .catalog import Catalog
 from .history_store import HistoryStore
 from .runtime import Runtime
@@ -26,6 +27,7 @@ class Services:
     history: HistoryStore
     redis: Redis | None
     popular: list[str]  # the bundle's item ids, most popular first
+    ranker: RankBatcher  # history -> top-k, concurrent requests batched
     rebuilt: bool = False  # ingested items loaded from the store
     rebuild_error: str | None = None
 

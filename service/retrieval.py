@@ -197,22 +197,37 @@ class ItemTable:
         exclude_rows: set[int],
     ) -> list[tuple[int, float]]:
         """Top-k live rows by inner product, best first, skipping exclude_rows."""
+        return self.search_batch(query[None, :], [k], [exclude_rows])[0]
+
+    def search_batch(
+        self,
+        queries: np.ndarray,  # float32 [B, d], L2-normalised
+        ks: list[int],  # [B]
+        exclude_rows: list[set[int]],  # [B]
+    ) -> list[list[tuple[int, float]]]:
+        """search() for B queries in one FAISS call: per query, top-k live rows, best first."""
         with self.lock:
             # Enough candidates that k survive after dropping excluded and dead rows.
-            fetch = min(self.size, k + len(exclude_rows) + self.dead + 1)
+            most = max(k + len(excluded) for k, excluded in zip(ks, exclude_rows, strict=True))
+            fetch = min(self.size, most + self.dead + 1)
             params = None
             if self.index_spec.kind == "hnsw":
                 ef_search = max(self.index_spec.hnsw_ef_search, fetch)
                 params = faiss.SearchParametersHNSW(efSearch=ef_search)
             scores, rows = self.index.search(
-                query[None, :].astype(np.float32), fetch, params=params
+                np.ascontiguousarray(queries, np.float32), fetch, params=params
             )
             alive = self.alive
-            hits = []
-            for row, score in zip(rows[0].tolist(), scores[0].tolist(), strict=True):
-                if row <= 0 or not alive[row] or row in exclude_rows:
-                    continue
-                hits.append((row, score))
-                if len(hits) == k:
-                    break
-            return hits
+            out = []
+            for k, excluded, found, found_scores in zip(
+                ks, exclude_rows, rows.tolist(), scores.tolist(), strict=True
+            ):
+                hits = []
+                for row, score in zip(found, found_scores, strict=True):
+                    if row <= 0 or not alive[row] or row in excluded:
+                        continue
+                    hits.append((row, score))
+                    if len(hits) == k:
+                        break
+                out.append(hits)
+            return out

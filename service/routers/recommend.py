@@ -1,4 +1,6 @@
-"""POST /v1/recommend: history -> item vectors -> user encoder -> FAISS top-k minus seen."""
+"""POST /v1/recommend: history -> item vectors -> user encoder -> FAISS top-k minus seen.
+
+The last three steps run in service/batching.py, batched with concurrent requests."""
 
 from __future__ import annotations
 
@@ -8,40 +10,12 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from .. import metrics
 from ..deps import ApiError, Services, get_services, invalid, request_id
-from ..retrieval import ItemTable
-from ..runtime import Runtime
 from ..schemas import HistoryEvent, RecommendRequest, RecommendResponse
 
 router = APIRouter(tags=["recommend"])
-
-
-def rank(
-    runtime: Runtime,
-    table: ItemTable,
-    rows: np.ndarray,  # int64 [N] history rows, oldest first
-    timestamps: np.ndarray,  # int64 [N]
-    query_time: int,
-    k: int,
-    exclude_rows: set[int],
-) -> list[tuple[int, float]]:
-    """The blocking part of a recommendation (runs in a worker thread)."""
-    # The model saw at most max_len items; keep the most recent ones.
-    rows, timestamps = rows[-runtime.max_len :], timestamps[-runtime.max_len :]
-    with metrics.stage("gather"):
-        vectors = table.gather(rows)[None]  # [1, N, d]
-    with metrics.stage("encode"):
-        user = runtime.encode_users(
-            vectors,
-            timestamps[None],  # [1, N]
-            np.ones((1, len(rows)), np.bool_),  # [1, N]
-            np.array([query_time], np.int64),  # [1]
-        )[0]  # [d]
-    with metrics.stage("retrieve"):
-        return table.search(user, k, exclude_rows)
 
 
 @router.post("/v1/recommend", response_model=RecommendResponse)
@@ -95,9 +69,7 @@ async def recommend(
     if history:
         rows = np.array(history_rows, np.int64)
         timestamps = np.array([ts for _, ts in history], np.int64)
-        hits = await run_in_threadpool(
-            rank, services.runtime, table, rows, timestamps, query_time, body.k, exclude
-        )
+        hits = await services.ranker.rank(rows, timestamps, query_time, body.k, exclude)
         hit_rows = [row for row, _ in hits]
         sids = table.sids[hit_rows].tolist()
         items = [

@@ -1,0 +1,148 @@
+"""Micro-batching: concurrent /v1/recommend requests share one ONNX Runtime run and one FAISS
+search, on one thread.
+
+Opportunistic, never waiting: a request is handed to the batch thread at once; while that
+thread is busy, later requests queue, and the next run takes all of them (up to MAX_BATCH).
+At low load every batch has one request and nothing changes; under load the per-run costs
+(thread hand-off, ORT call set-up, FAISS call) are paid once per batch, ORT's per-user time
+falls (1.38 -> 1.07 ms at batch 4-8 on the ML-1M model, 2-core box, one ORT thread) and only
+one thread computes at a time, so ORT runs do not fight each other and the event loop for
+the cores. Histories of different lengths are right-padded to the longest in the batch and
+masked: the model was trained that way and the padding cannot reach the last real position
+(causal attention, absolute positions from the oldest item).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import metrics
+from .retrieval import ItemTable
+from .runtime import Runtime
+
+log = logging.getLogger("sidrec.service")
+
+MAX_BATCH = 32  # beyond this the padded [B, N, N] attention tensors stop fitting in cache
+
+Hits = list[tuple[int, float]]
+
+
+@dataclass
+class _Job:
+    rows: np.ndarray  # int64 [N] history rows, oldest first
+    timestamps: np.ndarray  # int64 [N]
+    query_time: int
+    k: int
+    exclude_rows: set[int]
+    future: asyncio.Future[Hits]
+    loop: asyncio.AbstractEventLoop
+
+
+class RankBatcher:
+    """`await rank(...)` from the event loop; one daemon thread runs the batches."""
+
+    def __init__(self, runtime: Runtime, table: ItemTable, max_batch: int = MAX_BATCH) -> None:
+        self.runtime = runtime
+        self.table = table
+        self.max_batch = max_batch
+        self._pending: list[_Job] = []
+        self._ready = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name="sidrec-rank-batcher", daemon=True)
+        self._thread.start()
+
+    async def rank(
+        self,
+        rows: np.ndarray,
+        timestamps: np.ndarray,
+        query_time: int,
+        k: int,
+        exclude_rows: set[int],
+    ) -> Hits:
+        """Top-k (row, score) for one history, best first; the history's own rows excluded."""
+        loop = asyncio.get_running_loop()
+        max_len = self.runtime.max_len  # the model saw at most max_len items: the most recent
+        future: asyncio.Future[Hits] = loop.create_future()
+        job = _Job(
+            rows[-max_len:], timestamps[-max_len:], query_time, k, exclude_rows, future, loop
+        )
+        with self._ready:
+            if self._stopped:
+                raise RuntimeError("the rank batcher is stopped")
+            self._pending.append(job)
+            self._ready.notify()
+        return await job.future
+
+    def stop(self) -> None:
+        with self._ready:
+            self._stopped = True
+            self._ready.notify()
+        self._thread.join(timeout=10)
+
+    def _serve(self) -> None:
+        while True:
+            with self._ready:
+                while not self._pending and not self._stopped:
+                    self._ready.wait()
+                if self._stopped and not self._pending:
+                    return
+                jobs = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+            try:
+                outcome: list[Hits] | BaseException = self._run(jobs)
+            except Exception as e:  # every request of the batch gets the error, the thread lives
+                log.exception("rank batch of %d failed", len(jobs))
+                outcome = e
+            self._resolve(jobs, outcome)
+
+    def _run(self, jobs: list[_Job]) -> list[Hits]:
+        started = time.perf_counter()
+        b, n = len(jobs), max(len(j.rows) for j in jobs)
+        rows = np.zeros((b, n), np.int64)  # row 0 = padding, a zero vector
+        stamps = np.zeros((b, n), np.int64)
+        mask = np.zeros((b, n), np.bool_)
+        for i, job in enumerate(jobs):
+            rows[i, : len(job.rows)] = job.rows
+            stamps[i, : len(job.rows)] = job.timestamps
+            mask[i, : len(job.rows)] = True
+        vectors = self.table.gather(rows.reshape(-1)).reshape(b, n, -1)  # [B, N, d]
+        gathered = time.perf_counter()
+        users = self.runtime.encode_users(
+            vectors, stamps, mask, np.array([j.query_time for j in jobs], np.int64)
+        )  # [B, d]
+        encoded = time.perf_counter()
+        hits = self.table.search_batch(users, [j.k for j in jobs], [j.exclude_rows for j in jobs])
+        retrieved = time.perf_counter()
+        for _ in jobs:  # each request of the batch spent these times in these stages
+            metrics.STAGE_LATENCY.labels(stage="gather").observe(gathered - started)
+            metrics.STAGE_LATENCY.labels(stage="encode").observe(encoded - gathered)
+            metrics.STAGE_LATENCY.labels(stage="retrieve").observe(retrieved - encoded)
+        return hits
+
+    @staticmethod
+    def _resolve(jobs: list[_Job], outcome: list[Hits] | BaseException) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
+        for i, job in enumerate(jobs):
+            fut = job.future
+
+            def settle(fut: asyncio.Future[Hits] = fut, i: int = i) -> None:
+                if fut.done():  # the client went away and the request was cancelled
+                    return
+                if isinstance(outcome, BaseException):
+                    fut.set_exception(outcome)
+                else:
+                    fut.set_result(outcome[i])
+
+            by_loop.setdefault(job.loop, []).append(settle)
+        # One wake-up of each event loop per batch, not one per request.
+        for loop, settles in by_loop.items():
+            with suppress(RuntimeError):  # that loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(lambda s=settles: [f() for f in s])
