@@ -53,7 +53,9 @@ def invalid(field_path: str, problem: str) -> ApiError:
     return ApiError(422, "invalid_request", f"{field_path}: {problem}", [(field_path, problem)])
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are `async def` although they never await: FastAPI runs a plain `def`
+# dependency in the thread pool, a thread hop per request for a dictionary lookup.
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
@@ -61,7 +63,7 @@ def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
 
-def require_api_key(request: Request, x_api_key: str | None = Header(None)) -> None:
+async def require_api_key(request: Request, x_api_key: str | None = Header(None)) -> None:
     expected = request.app.state.services.settings.api_key
     if not expected:
         return
