@@ -56,7 +56,10 @@ class Runtime:
             str(bundle.file("sid_to_vector.onnx")), options, providers=providers
         )
         self.content = ContentEncoder(
-            bundle.file("content_encoder.onnx"), bundle.file("tokenizer.json"), providers
+            bundle.file("content_encoder.onnx"),
+            bundle.file("tokenizer.json"),
+            providers,
+            session_options=options,
         )
         # What ORT actually runs on: a CUDA provider that failed to load silently falls back
         # to CPU, and /readyz + sidrec_model_info must show that.

@@ -25,6 +25,7 @@ class ContentEncoder:
         tokenizer_path: str | Path,
         providers: Sequence[str] | None = None,
         batch_size: int = 64,
+        session_options: ort.SessionOptions | None = None,
     ) -> None:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         if self.tokenizer.truncation is None or self.tokenizer.padding is None:
@@ -35,7 +36,9 @@ class ContentEncoder:
             # get_available_providers(): some builds list e.g. AzureExecutionProvider first.
             available = ort.get_available_providers()
             providers = [p for p in DEFAULT_PROVIDERS if p in available]
-        self.session = ort.InferenceSession(str(onnx_path), providers=list(providers))
+        self.session = ort.InferenceSession(
+            str(onnx_path), session_options, providers=list(providers)
+        )
         self.dim = int(self.session.get_outputs()[0].shape[-1])
         self.max_tokens = int(self.tokenizer.truncation["max_length"])
         self.batch_size = batch_size
