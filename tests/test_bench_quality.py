@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_synthetic_dataset
 
 from sidrec.offline.bench.plan import SID_SETS, plan_runs
-from tests.conftest import write_synthetic_dataset
 
 # Covers every kind of run: headline, the dependent large-hybrid, reference (nothing withheld),
 # ablations on another SID set, on a layer prefix and on the deeper set.
