@@ -19,7 +19,8 @@ sidrec   `python -m sidrec.service` (one worker, Redis) as a subprocess: closed-
 naive    loadtests/naive_service.py on the same bundle, Redis and histories: the training
          checkpoint's PyTorch model called eagerly per request + numpy brute-force scoring,
          same FastAPI + uvicorn stack; the same closed-loop /v1/recommend load.
-ratio    sidrec e2e p50 at concurrency 1 / floor total p50; sidrec / naive throughput per level.
+ratio    sidrec e2e p50 at concurrency 1 / floor total p50; sidrec / naive throughput per
+         level and of each one's best level; naive / sidrec service CPU per request.
 scale    synthetic catalogs (--scales items, --vectors uniform and/or clustered unit
          vectors of the bundle's dimension) in service.retrieval.ItemTable: flat (exact) and
          SIDREC_INDEX=hnsw with --hnsw-m / --hnsw-ef-construction at each --ef-search;
@@ -568,7 +569,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--ef-search",
         type=ints,
-        default=sorted({64, 128, defaults["hnsw_ef_search"].default, 256}),
+        default=sorted({64, 128, defaults["hnsw_ef_search"].default, 256, 384, 512}),
         help="HNSW efSearch values to measure, e.g. 64,128,256",
     )
     p.add_argument(
