@@ -61,8 +61,30 @@ def run_benchmark(
         runs = [r for r in runs if r.group in only]
     out.mkdir(parents=True, exist_ok=True)
     budget = Budget(epochs=epochs, patience=patience, seeds=seeds)
-    # A time limit's SIGTERM stops the runs cleanly, like Ctrl-C.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # A time limit's SIGTERM stops the runs cleanly, like Ctrl-C (for this call only).
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        _run_stages(data, out, stage, device, jobs, seeds, epochs, patience, only, runs,
+                    budget, report_dir, notes)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_stages(
+    data: Path,
+    out: Path,
+    stage: str,
+    device: str,
+    jobs: int,
+    seeds: int,
+    epochs: int,
+    patience: int,
+    only: list[str] | None,
+    runs: list[Run],
+    budget: Budget,
+    report_dir: Path | None,
+    notes: Path | None,
+) -> None:
     for name in STAGES if stage == "all" else (stage,):
         # The command that reproduces this stage alone, whatever the caller typed.
         command = ["sidrec", "bench", "quality", "--data", str(data), "--out", str(out)]
