@@ -24,10 +24,11 @@ from sidrec.offline.data.dataset import Catalog
 
 def catalog_texts(catalog: Catalog, text: str) -> list[str]:
     from sidrec.item_text import item_text
+    from sidrec.offline.content import catalog_texts as full_texts
 
     keep = TEXT_FIELDS[text]
     if keep is None:
-        return [item_text(t, f) for t, f in zip(catalog.titles, catalog.fields, strict=True)]
+        return full_texts(catalog)
     return [
         item_text(t, {k: v for k, v in f.items() if k in keep})
         for t, f in zip(catalog.titles, catalog.fields, strict=True)
@@ -44,7 +45,6 @@ def prepare(
     from sidrec.offline.evaluate import evaluate
     from sidrec.offline.sids import build_sids, default_sid_shape, sid_report
     from sidrec.offline.split import make_split
-    from sidrec.sid_codebook import Codebooks
 
     folder = out / PREPARED
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,9 +64,7 @@ def prepare(
         codebooks, sids = build_sids(vectors[text], layers, codes, seed=0)
         np.save(folder / f"sids-{name}.npy", sids)
         codebooks.save(folder / f"codebooks-{name}.npz")
-        report = sid_report(
-            sids, data.catalog.genres, Codebooks.load(folder / f"codebooks-{name}.npz")
-        )
+        report = sid_report(sids, data.catalog.genres, codebooks)
         (folder / f"sid-report-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
         log(f"SIDs {name}: {layers} x {codes} codes from {text} text")
 
