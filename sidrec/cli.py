@@ -152,6 +152,14 @@ def bench_quality(
         Path | None,
         typer.Option(help="Markdown file of findings to include (marked as written by hand)."),
     ] = None,
+    start_for: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Start runs only during the first SECONDS; running ones finish, the rest "
+            "wait for a later call (for time-limited machines).",
+        ),
+    ] = None,
 ) -> None:
     """Train and evaluate every model of the quality benchmark; write tables, JSON and plots."""
     _offline_env()
@@ -170,6 +178,7 @@ def bench_quality(
         only=[g for g in only.split(",") if g],
         report_dir=report_dir,
         notes=notes,
+        start_for=start_for,
     )
 
 

@@ -48,6 +48,7 @@ def run_benchmark(
     only: list[str] | None = None,
     report_dir: Path | None = None,
     notes: Path | None = None,
+    start_for: float | None = None,
 ) -> None:
     if stage not in (*STAGES, "all"):
         raise DataError("--stage", f"unknown stage {stage!r}; use all, {', '.join(STAGES)}")
@@ -65,7 +66,7 @@ def run_benchmark(
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         _run_stages(data, out, stage, device, jobs, seeds, epochs, patience, only, runs,
-                    budget, report_dir, notes)  # fmt: skip
+                    budget, report_dir, notes, start_for)  # fmt: skip
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -84,6 +85,7 @@ def _run_stages(
     budget: Budget,
     report_dir: Path | None,
     notes: Path | None,
+    start_for: float | None,
 ) -> None:
     for name in STAGES if stage == "all" else (stage,):
         # The command that reproduces this stage alone, whatever the caller typed.
@@ -95,12 +97,15 @@ def _run_stages(
         command += ["--seeds", str(seeds)]
         if only and name == "train":
             command += ["--only", ",".join(only)]
+        if start_for is not None and name == "train":
+            command += ["--start-for", f"{start_for:g}"]
         if name == "report":
             command += ["--report-dir", str(report_dir)] if report_dir else []
             command += ["--notes", str(notes)] if notes else []
         started = time.perf_counter()
         try:
-            _stage(name, data, out, runs, budget, device, jobs, report_dir, notes, command)
+            _stage(name, data, out, runs, budget, device, jobs, report_dir, notes, start_for,
+                   command)  # fmt: skip
         except KeyboardInterrupt:
             _record(out, command, name, time.perf_counter() - started, "stopped before the end")
             raise
@@ -117,6 +122,7 @@ def _stage(
     jobs: int,
     report_dir: Path | None,
     notes: Path | None,
+    start_for: float | None,
     command: list[str],
 ) -> None:
     if name == "prepare":
@@ -127,7 +133,7 @@ def _stage(
     elif name == "train":
         jobs = jobs or default_jobs(device)
         console.print(f"training {len(runs)} runs, {jobs} at a time, device {device}")
-        failed = train_all(data, out, runs, budget, device, jobs, log=console.print)
+        failed = train_all(data, out, runs, budget, device, jobs, console.print, start_for)
         if failed:
             raise DataError(out, f"{len(failed)} runs failed: {', '.join(failed)}")
     else:

@@ -118,8 +118,13 @@ def train_all(
     device: str,
     jobs: int,
     log: Callable[[str], None] = print,
+    start_for: float | None = None,
 ) -> list[str]:
     """Train every run not done yet, `jobs` processes at a time; returns the failed names.
+
+    With `start_for`, runs start only during the first `start_for` seconds; the ones running
+    then finish and the rest are left for a later call. A time-limited call (a lent GPU's
+    10-minute commands) so loses no half-trained run.
 
     Longest first (the large shape, then base), so the last minutes are not one big run
     alone. A run waits until the groups in its `after` are done in every seed; it fails at
@@ -132,6 +137,7 @@ def train_all(
     log(f"{len(runs) - len(pending)} of {len(runs)} runs already done; {len(pending)} to train")
     running: dict[subprocess.Popen[bytes], tuple[Run, float]] = {}
     failed: list[str] = []
+    began = time.perf_counter()
 
     def waits_for(run: Run) -> list[str]:
         return [f"{g}.s{s}" for g in run.after for s in range(budget.seeds)]
@@ -181,6 +187,9 @@ def train_all(
 
     try:
         while pending or running:
+            if pending and start_for is not None and time.perf_counter() - began > start_for:
+                log(f"{len(pending)} runs left for a later call (--start-for {start_for:g}s)")
+                pending.clear()
             for run in list(pending):
                 reason = blocker(run)
                 if reason:
