@@ -46,6 +46,30 @@ def sampled_softmax_via_table(
     )
 
 
+def sampled_softmax_shared(
+    user: torch.Tensor,
+    table: torch.Tensor,
+    targets: torch.Tensor,
+    neg_rows: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 0.05,
+) -> torch.Tensor:
+    """The same loss with one draw of R negatives per sequence, shared by its positions.
+
+    user [B, N, d] (padding rows zero), table [n + 1, d] L2-normalised, targets [B, N],
+    neg_rows [B, R], mask [B, N] real positions. Each position still sees R uniform draws
+    (the same marginal as drawing per position, so the same expected loss); positions of one
+    sequence share them. That makes the negatives' logits one [B, N, d] x [B, d, R] batched
+    product instead of a [P, n + 1] score matrix whose gathers' backward zero-fills and
+    scatters it twice: about 60% of a CPU step on ML-1M (3,884 items, 25k positions).
+    """
+    pos_logits = (user * table[targets]).sum(-1, keepdim=True) / temperature  # [B, N, 1]
+    neg_logits = torch.bmm(user, table[neg_rows].transpose(1, 2)) / temperature  # [B, N, R]
+    neg_logits = neg_logits.masked_fill(neg_rows[:, None, :] == targets[:, :, None], MASKED_LOGIT)
+    logits = torch.cat([pos_logits, neg_logits], dim=-1)  # [B, N, 1 + R]
+    return -F.log_softmax(logits, dim=-1)[..., 0][mask].mean()
+
+
 def _loss(
     pos_logits: torch.Tensor,
     neg_logits: torch.Tensor,

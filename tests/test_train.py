@@ -7,8 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from sidrec.model.loss import sampled_softmax_loss, sampled_softmax_via_table
+from sidrec.model.loss import (
+    sampled_softmax_loss,
+    sampled_softmax_shared,
+    sampled_softmax_via_table,
+)
 from sidrec.offline.baselines import most_popular_scorer
 from sidrec.offline.data.dataset import Catalog, Interactions
 from sidrec.offline.evaluate import evaluate, hstu_scorer
@@ -98,6 +103,42 @@ def test_table_loss_equals_loss_module() -> None:
     torch.testing.assert_close(ours, reference)
     for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_shared_negatives_loss_is_the_per_position_loss_with_the_draw_repeated() -> None:
+    torch.manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(30, 8), dim=-1).requires_grad_()
+    out = torch.nn.functional.normalize(torch.randn(4, 6, 8), dim=-1).requires_grad_()
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, 4:] = False  # padding positions count for nothing
+    mask[3, 1:] = False
+    targets = torch.randint(1, 30, (4, 6)) * mask
+    neg_rows = torch.randint(1, 30, (4, 12))
+    neg_rows[0, 3] = targets[0, 2]  # a negative equal to a position's positive is masked there
+    user = out * mask[..., None]
+    ours = sampled_softmax_shared(user, table, targets, neg_rows, mask, 0.05)
+    per_position = neg_rows[:, None, :].expand(4, 6, 12)[mask]  # [P, R]
+    pos_rows = targets[mask]
+    reference = sampled_softmax_loss(
+        out[mask], table[pos_rows], table[per_position], pos_rows, per_position, 0.05
+    )
+    torch.testing.assert_close(ours, reference)
+    grads = torch.autograd.grad(ours, (out, table))
+    grads_ref = torch.autograd.grad(reference, (out, table))
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_cpu_time_bias_backward_equals_embedding_backward() -> None:
+    from sidrec.model.hstu import ScalarLookup
+
+    torch.manual_seed(0)
+    w = torch.randn(9, requires_grad=True)
+    idx = torch.randint(0, 9, (3, 5, 5))
+    grad = torch.randn(3, 5, 5)
+    ours = torch.autograd.grad(ScalarLookup.apply(w, idx), w, grad)[0]
+    reference = torch.autograd.grad(F.embedding(idx, w[:, None]).squeeze(-1), w, grad)[0]
+    torch.testing.assert_close(ours, reference)
 
 
 def test_training_is_deterministic(tmp_path) -> None:

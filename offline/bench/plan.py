@@ -51,6 +51,7 @@ class Run:
     cold_fraction: float = 0.05
     id_dropout: float = 0.2  # hybrid only (the pipeline default)
     use_time: bool = True
+    negatives: str = "sequence"  # TrainConfig.negatives: one draw per sequence or per position
     base: str | None = None  # ablation: the headline group it differs from
     knob: str = ""  # ablation: what differs, for the table
     after: tuple[str, ...] = field(default=())  # groups that must finish first
@@ -112,6 +113,14 @@ def plan_runs(seeds: int = 3) -> list[Run]:
         )
     for base in ("id", "hybrid-sum"):
         runs.append(ablation(f"{base}:no-time", base, "time features off", use_time=False))
+    runs.append(
+        ablation(
+            "id:per-position-negatives",
+            "id",
+            "negatives drawn per position (the reference's sampling)",
+            negatives="position",
+        )
+    )
     return runs
 
 
@@ -123,6 +132,7 @@ def run_config(run: Run, variant: tuple[str, str]) -> dict[str, object]:
         "fusion": fusion,
         "id_dropout": run.id_dropout if kind == "hybrid" else 0.0,
         "use_time": run.use_time,
+        "negatives": run.negatives,
         "sid_layers": run.sid_layers,
         "seed": run.seed,
         **SHAPES[run.shape],

@@ -126,12 +126,15 @@ def train_all(
     then finish and the rest are left for a later call. A time-limited call (a lent GPU's
     10-minute commands) so loses no half-trained run.
 
-    Longest first (the large shape, then base), so the last minutes are not one big run
-    alone. A run waits until the groups in its `after` are done in every seed; it fails at
-    once when one of those failed or is neither done nor among the runs to train.
+    Runs that others wait for first (so large-hybrid can start early), then longest first
+    (the large shape, then base), so the last minutes are not one big run alone. A run waits
+    until the groups in its `after` are done in every seed; it fails at once when one of
+    those failed or is neither done nor among the runs to train.
     """
+    awaited = {group for r in runs for group in r.after}
     pending = sorted(
-        (r for r in runs if not is_done(out, r)), key=lambda r: (r.shape != "large", r.kind)
+        (r for r in runs if not is_done(out, r)),
+        key=lambda r: (r.group not in awaited, r.shape != "large", r.kind),
     )
     done = {r.name for r in runs if is_done(out, r)}
     log(f"{len(runs) - len(pending)} of {len(runs)} runs already done; {len(pending)} to train")
