@@ -126,16 +126,20 @@ def train_all(
     then finish and the rest are left for a later call. A time-limited call (a lent GPU's
     10-minute commands) so loses no half-trained run.
 
-    Runs that others wait for first (so large-hybrid can start early), then longest first
-    (the large shape, then base), so the last minutes are not one big run alone. A run waits
-    until the groups in its `after` are done in every seed; it fails at once when one of
-    those failed or is neither done nor among the runs to train.
+    Order: runs that others wait for (so large-hybrid can start early), the base-shape
+    headline and reference runs, the large shape, then ablations: a benchmark stopped early
+    misses its least important rows, and ablations fill the cores while the last large runs
+    finish. A run waits until the groups in its `after` are done in every seed; it fails at
+    once when one of those failed or is neither done nor among the runs to train.
     """
     awaited = {group for r in runs for group in r.after}
-    pending = sorted(
-        (r for r in runs if not is_done(out, r)),
-        key=lambda r: (r.group not in awaited, r.shape != "large", r.kind),
-    )
+
+    def order(run: Run) -> int:
+        if run.group in awaited:
+            return 0
+        return {"headline": 1, "reference": 1}.get(run.kind, 3) + (run.shape == "large")
+
+    pending = sorted((r for r in runs if not is_done(out, r)), key=order)
     done = {r.name for r in runs if is_done(out, r)}
     log(f"{len(runs) - len(pending)} of {len(runs)} runs already done; {len(pending)} to train")
     running: dict[subprocess.Popen[bytes], tuple[Run, float]] = {}
