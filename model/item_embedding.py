@@ -10,10 +10,11 @@ Variants (after the hstu-semantic-id fork of GR):
   hybrid       prefixn (or rqsum) + id, fused by `sum` (E_sid + E_id), `alpha`
                (a E_sid + (1 - a) E_id) or `switch` (E_id where the item has a trained,
                undropped id, else E_sid: the SID is a cold-start fallback in the id space,
-               and never shares rows with a warm item's vector). ML-1M, docs/results/ml-1m.md:
-               summing the SID into every item cost a quarter of id-only's test NDCG@10;
-               switch, 15 epochs on CPU, cost 10% but found new items far less often
-               (cold-start HR@10 0.004 vs 0.024 for sum)
+               and never shares rows with a warm item's vector). ML-1M (H100 run,
+               docs/results/ml-1m-h100-partial.md): summing the SID into every item
+               cost a quarter of id-only's test NDCG@10; switch, 15 epochs on CPU, cost
+               10% but found new items far less often (cold-start HR@10 0.004 vs 0.024
+               for sum)
 
 Cold start: an item that was never trained (withheld, or new in the service) or whose id is
 dropped in training has no id part, so its vector comes from its SID alone. The defaults are
