@@ -126,18 +126,20 @@ def train_all(
     then finish and the rest are left for a later call. A time-limited call (a lent GPU's
     10-minute commands) so loses no half-trained run.
 
-    Order: runs that others wait for (so large-hybrid can start early), the base-shape
-    headline and reference runs, the large shape, then ablations: a benchmark stopped early
-    misses its least important rows, and ablations fill the cores while the last large runs
-    finish. A run waits until the groups in its `after` are done in every seed; it fails at
-    once when one of those failed or is neither done nor among the runs to train.
+    Order: runs that others wait for (so large-hybrid can start early), the base-shape headline
+    and reference runs, the large shape's first seed, ablations, then the large shape's other
+    seeds: a benchmark stopped early misses its least informative runs. A run waits until the
+    groups in its `after` are done in every seed; it fails at once when one of those failed or
+    is neither done nor among the runs to train.
     """
     awaited = {group for r in runs for group in r.after}
 
     def order(run: Run) -> int:
         if run.group in awaited:
             return 0
-        return {"headline": 1, "reference": 1}.get(run.kind, 3) + (run.shape == "large")
+        if run.shape == "large":  # a large run costs about six base runs on CPU
+            return 2 if run.seed == 0 else 4
+        return 3 if run.kind == "ablation" else 1
 
     pending = sorted((r for r in runs if not is_done(out, r)), key=order)
     done = {r.name for r in runs if is_done(out, r)}
