@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sidrec.bundle import load_bundle, write_manifest
+from sidrec.bundle import TORCH_WEIGHTS, load_bundle, write_manifest
 from sidrec.item_text import item_text
+from sidrec.model.weights import save_weights
 from sidrec.offline.content import export_content_encoder
 from sidrec.offline.data.dataset import Interactions
 from sidrec.offline.onnx_export import export_sid_to_vector, export_user_encoder
@@ -69,6 +70,8 @@ def export_bundle(
     with torch.no_grad():
         table = model.items.table(trained).numpy().astype(np.float32)  # [n + 1, d]
     np.save(tmp / "item_vectors.npy", table)
+    # After table(): it records which SID rows trained items read, and model.pt keeps that.
+    save_weights(model.items, model.encoder, torch.as_tensor(sids), tmp / TORCH_WEIGHTS)
     export_user_encoder(model.encoder, cfg.d, tmp / "user_encoder.onnx", cfg.max_len)
     export_sid_to_vector(model.items, tmp / "sid_to_vector.onnx")
     codebooks.save(tmp / "sid_codebooks.npz")

@@ -36,7 +36,7 @@ from .deps import ApiError, Services, error_list
 from .history_store import MemoryHistoryStore, RedisHistoryStore
 from .retrieval import IndexSpec, ItemTable
 from .routers import events, health, items, recommend, users
-from .runtime import Runtime
+from .runtime import load_engine
 from .schemas import ErrorResponse
 from .settings import Settings
 
@@ -49,9 +49,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 def build_services(settings: Settings) -> Services:
-    """Everything heavy, once per process: bundle (sha256-checked), ORT, FAISS, stores."""
+    """Everything heavy, once per process: bundle (sha256-checked), engine, index, stores."""
     bundle = load_bundle(settings.bundle)
-    runtime = Runtime(bundle, settings.device, settings.ort_threads)
+    runtime = load_engine(
+        bundle, settings.engine, settings.device, settings.ort_threads, settings.torch_threads
+    )
     codebooks = Codebooks.load(bundle.file("sid_codebooks.npz"))
     records = bundle.items()
     vectors = bundle.item_vectors()  # [n + 1, d]
@@ -71,6 +73,7 @@ def build_services(settings: Settings) -> Services:
             settings.hnsw_m,
             settings.hnsw_ef_construction,
             settings.hnsw_ef_search,
+            device=settings.device,
         ),
     )
     redis: Redis | None = None
@@ -99,7 +102,7 @@ def build_services(settings: Settings) -> Services:
     popular = [str(i) for i in bundle.manifest.get("popular", [])]
     ranker = RankBatcher(runtime, table)
     services = Services(settings, bundle, runtime, catalog, history, redis, popular, ranker)
-    # One call each now, so the first request does not pay ORT's first-run cost.
+    # One call each now, so the first request does not pay the engine's first-run cost.
     runtime.encode_users(
         vectors[None, 1:2],
         np.zeros((1, 1), np.int64),

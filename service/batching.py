@@ -26,7 +26,7 @@ import numpy as np
 
 from . import metrics
 from .retrieval import ItemTable
-from .runtime import Runtime
+from .runtime import Engine
 
 log = logging.getLogger("sidrec.service")
 
@@ -49,7 +49,7 @@ class _Job:
 class RankBatcher:
     """`await rank(...)` from the event loop; one daemon thread runs the batches."""
 
-    def __init__(self, runtime: Runtime, table: ItemTable, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, runtime: Engine, table: ItemTable, max_batch: int = MAX_BATCH) -> None:
         self.runtime = runtime
         self.table = table
         self.max_batch = max_batch

@@ -45,7 +45,7 @@ from sidrec.sid_codebook import Codebooks
 
 from . import metrics
 from .retrieval import ItemTable
-from .runtime import Runtime
+from .runtime import Engine
 
 log = logging.getLogger("sidrec.service")
 
@@ -332,7 +332,7 @@ class Catalog:
     def __init__(
         self,
         bundle: Bundle,
-        runtime: Runtime,
+        runtime: Engine,
         codebooks: Codebooks,
         table: ItemTable,
         bundle_vectors: np.ndarray,  # float32 [n + 1, d] the bundle's trained vectors

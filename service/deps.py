@@ -14,7 +14,7 @@ from sidrec.bundle import Bundle
 from .batching import RankBatcher
 from .catalog import Catalog
 from .history_store import HistoryStore
-from .runtime import Runtime
+from .runtime import Engine
 from .settings import Settings
 
 
@@ -22,7 +22,7 @@ from .settings import Settings
 class Services:
     settings: Settings
     bundle: Bundle
-    runtime: Runtime
+    runtime: Engine
     catalog: Catalog
     history: HistoryStore
     redis: Redis | None

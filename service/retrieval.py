@@ -1,4 +1,4 @@
-"""The item table and the FAISS index over it: one row numbering for both.
+"""The item table and the search index over it: one row numbering for both.
 
 Rows: 0 = padding (never returned), 1..n = the bundle's items, n+1.. = items ingested while
 running, in the order this process learnt of them (so row numbers are local to a process; item
@@ -11,9 +11,15 @@ vector in place. When an item's vector changes (re-ingested with new content) it
 and its old row is marked dead; searches over-fetch by the number of dead rows and drop them.
 
 The index kind is a setting (SIDREC_INDEX): "flat" is exact; "hnsw" (IndexHNSWFlat, inner
-product) is approximate and sub-linear, for catalogs where a scan of every row costs too much.
-Both take new rows with `add`, so items ingested at run time are searchable at once.
-`loadtests/serving_bench.py` measures HNSW's recall@10 against flat and both search times.
+product) is approximate and sub-linear, for catalogs where a scan of every row costs too much;
+"torch" is exact too, a matrix product and torch.topk over rows held on the torch device
+(SIDREC_DEVICE: the GPU where PyTorch sees one; service/torch_engine.py). All take new rows
+with `add`, so items ingested at run time are searchable at once.
+`loadtests/serving_bench.py` measures HNSW's recall@10 against flat and both search times;
+`loadtests/gpu_bench.py` times flat and torch on the CPU and the GPU.
+
+FAISS and PyTorch are imported when an index of theirs is built, so this module loads with
+either one alone (gpu_bench on a GPU machine without FAISS).
 """
 
 from __future__ import annotations
@@ -21,9 +27,8 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
-import faiss
 import numpy as np
 
 log = logging.getLogger("sidrec.service")
@@ -35,16 +40,30 @@ def normalized(x: np.ndarray) -> np.ndarray:
 
 
 def gpu_count() -> int:
+    import faiss
+
     get = getattr(faiss, "get_num_gpus", None)
     return int(get()) if get is not None else 0
 
 
-IndexKind = Literal["flat", "hnsw"]
+IndexKind = Literal["flat", "hnsw", "torch"]
+
+
+class VectorIndex(Protocol):
+    """The two calls ItemTable makes on an index: FAISS's, which TorchTopK has too."""
+
+    ntotal: int
+
+    def add(self, x: np.ndarray) -> None: ...
+
+    def search(
+        self, x: np.ndarray, k: int, params: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
 class IndexSpec:
-    """Which FAISS index holds the rows, and its knobs (SIDREC_INDEX, SIDREC_HNSW_*)."""
+    """Which index holds the rows, and its knobs (SIDREC_INDEX, SIDREC_HNSW_*)."""
 
     kind: IndexKind = "flat"
     # Links per node of the HNSW graph: more = better recall per search step, more memory.
@@ -54,8 +73,17 @@ class IndexSpec:
     # Candidate list while searching: the recall / latency knob. A search asking for more
     # rows than this (k + excluded + dead) widens it to that many, else HNSW returns fewer.
     hnsw_ef_search: int = 128
+    # Where the torch index keeps its rows: SIDREC_DEVICE (auto | cpu | cuda). FAISS's flat
+    # index follows ItemTable's use_gpu instead.
+    device: str = "auto"
 
-    def build(self, d: int) -> faiss.Index:
+    def build(self, d: int) -> VectorIndex:
+        if self.kind == "torch":
+            from .torch_engine import TorchTopK, torch_device
+
+            return TorchTopK(d, torch_device(self.device))
+        import faiss
+
         if self.kind == "flat":
             return faiss.IndexFlatIP(d)
         index = faiss.IndexHNSWFlat(d, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -66,6 +94,8 @@ class IndexSpec:
     def describe(self) -> str:
         if self.kind == "flat":
             return "IndexFlatIP"
+        if self.kind == "torch":
+            return "exact inner product, torch.topk"
         return (
             f"IndexHNSWFlat(M={self.hnsw_m}, efConstruction={self.hnsw_ef_construction}, "
             f"efSearch={self.hnsw_ef_search})"
@@ -107,13 +137,21 @@ class ItemTable:
                 :codes_per_layer
             ]
         self.index_spec = index or IndexSpec()
-        self.index: faiss.Index = self.index_spec.build(self.d)
+        self.index: VectorIndex = self.index_spec.build(self.d)
         self.on_gpu = False
+        self._library = "faiss-cpu"
+        if self.index_spec.kind == "torch":
+            device = self.index.device  # type: ignore[attr-defined]
+            self.on_gpu = device.type == "cuda"
+            self._library = f"torch-{device.type}"
         # FAISS has no GPU HNSW: an HNSW index stays on the CPU whatever the device.
-        if use_gpu and self.index_spec.kind == "flat" and gpu_count() > 0:
+        elif use_gpu and self.index_spec.kind == "flat" and gpu_count() > 0:
+            import faiss
+
             self._gpu_resources = faiss.StandardGpuResources()
             self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
             self.on_gpu = True
+            self._library = "faiss-gpu"
         self.index.add(normalized(vectors))  # row 0's zero vector keeps positions == rows
         # FAISS indexes are not safe to search while another thread adds to them.
         self.lock = threading.Lock()
@@ -124,7 +162,7 @@ class ItemTable:
 
     @property
     def index_kind(self) -> str:
-        return ("faiss-gpu " if self.on_gpu else "faiss-cpu ") + self.index_spec.describe()
+        return f"{self._library} {self.index_spec.describe()}"
 
     def codebook_usage(self) -> list[float]:
         return [float(u) for u in (self.code_counts > 0).mean(axis=1)]
@@ -212,6 +250,8 @@ class ItemTable:
             fetch = min(self.size, most + self.dead + 1)
             params = None
             if self.index_spec.kind == "hnsw":
+                import faiss
+
                 ef_search = max(self.index_spec.hnsw_ef_search, fetch)
                 params = faiss.SearchParametersHNSW(efSearch=ef_search)
             scores, rows = self.index.search(

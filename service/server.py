@@ -19,7 +19,7 @@ import uvicorn
 from sidrec.bundle import load_bundle
 
 from .metrics import MULTIPROC_ENV
-from .runtime import choose_providers
+from .runtime import check_engine
 from .settings import Settings
 
 log = logging.getLogger("sidrec.service")
@@ -44,15 +44,16 @@ def prepare_multiprocess_metrics() -> Path:
 
 
 def serve(settings: Settings | None = None) -> None:
-    """Run the service until interrupted. Raises BundleError (naming the file) on a bad bundle,
-    ProviderError when SIDREC_DEVICE=cuda cannot be had."""
+    """Run the service until interrupted. Raises BundleError (naming the file) on a bad bundle
+    or one without model.pt for SIDREC_ENGINE=torch, ProviderError when SIDREC_DEVICE=cuda
+    (or PyTorch for the torch engine or index) cannot be had."""
     settings = settings or Settings()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     # Check the bundle and the device once here, so a mistake stops us before any worker starts.
-    load_bundle(settings.bundle)
-    choose_providers(settings.device)
+    bundle = load_bundle(settings.bundle)
+    check_engine(bundle, settings.engine, settings.device, settings.index)
     os.environ.update(settings_to_env(settings))
     metrics_dir = None
     if settings.workers > 1:

@@ -34,16 +34,25 @@ class Settings(BaseSettings):
     # Retrieval index. "flat" = exact inner product, what the offline evaluator computes.
     # "hnsw" = approximate (FAISS HNSW graph, inner product): for catalogs too large to scan
     # per request; recall below 1 (loadtests/serving_bench.py measures it against flat).
-    index: Literal["flat", "hnsw"] = "flat"
+    # "torch" = exact like flat, torch.topk over rows on the torch device (the GPU where
+    # PyTorch sees one; needs the torch extra).
+    index: Literal["flat", "hnsw", "torch"] = "flat"
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW links per node")
     hnsw_ef_construction: int = Field(100, ge=8, le=4096, description="HNSW build breadth")
     # The recall / latency knob of "hnsw": candidates kept while searching.
     hnsw_ef_search: int = Field(128, ge=1, le=65536, description="HNSW search breadth")
-    # "auto" = CUDA when the onnxruntime-gpu build and a GPU are there, else CPU.
+    # What runs the user encoder and SID -> vector. "onnx" = the bundle's ONNX graphs under
+    # ONNX Runtime. "torch" = the bundle's PyTorch weights (model.pt) under PyTorch, for a GPU
+    # where onnxruntime-gpu cannot be installed (needs the torch extra; same vectors).
+    engine: Literal["onnx", "torch"] = "onnx"
+    # "auto" = CUDA when the engine can use a GPU (onnxruntime-gpu, or PyTorch's CUDA build
+    # for the torch engine and index), else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # ONNX Runtime threads per session; 0 = ORT's default (all cores). With several workers
     # on one machine, set about cores / workers.
     ort_threads: int = Field(0, ge=0)
+    # PyTorch intra-op threads for the torch engine on the CPU; 0 = PyTorch's default.
+    torch_threads: int = Field(0, ge=0)
     redis_timeout_s: float = Field(2.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -25,6 +25,9 @@ REQUIRED_FILES = (
     "content_encoder.onnx",
     "tokenizer.json",
 )
+# The PyTorch weights, for SIDREC_ENGINE=torch only: bundles exported before it have none and
+# still serve with ONNX Runtime.
+TORCH_WEIGHTS = "model.pt"
 
 
 class BundleError(RuntimeError):
@@ -75,6 +78,10 @@ class Bundle:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def lists(self, name: str) -> bool:
+        """Whether manifest.json lists the file (so load_bundle checked its sha256)."""
+        return name in self.manifest.get("files", {})
 
     def item_vectors(self) -> np.ndarray:
         """float32 [n + 1, d], raw vectors, row 0 padding."""

@@ -1,0 +1,88 @@
+"""The bundle's PyTorch weights (model.pt): what the service's torch engine runs.
+
+One file holds the item embedding and the HSTU encoder, each as its constructor arguments
+plus its state dict, and the SID table the item embedding was built on (its prefix trie and
+SID rows are derived from the SIDs, not saved). Only tensors, numbers, strings and dicts, so
+it loads with `torch.load(weights_only=True)`: a bundle file never runs code on load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .hstu import HSTU, UserEncoder
+from .item_embedding import ItemEmbedding
+
+FORMAT = 1
+
+
+def item_embedding_args(items: ItemEmbedding) -> dict[str, Any]:
+    """The keyword arguments that rebuild `items` (sids apart)."""
+    return {
+        "variant": items.variant,
+        "num_items": items.num_items,
+        "d": items.d,
+        "codes_per_layer": items.codes_per_layer or None,
+        "sid_layers": items.sid_layers or None,
+        "fusion": items.fusion,
+        "id_dropout": items.id_dropout,
+        # hashed prefix tables need their size; exact and rqsum tables compute theirs
+        "prefix_table_size": getattr(items, "table_size", None),
+        "unknown_id": items.unknown_id,
+        "prefix_table": items.prefix_table,
+        "hybrid_sid": items.sid_scheme,
+        "trained_rows_only": items.trained_rows_only,
+    }
+
+
+def hstu_args(hstu: HSTU) -> dict[str, Any]:
+    """The keyword arguments that rebuild `hstu`."""
+    first = hstu.blocks[0]
+    return {
+        "d": hstu.d,
+        "num_blocks": len(hstu.blocks),
+        "num_heads": first.num_heads,
+        "dqk": first.dqk,
+        "dv": first.dv,
+        "padded_len": hstu.padded_len,
+        "dropout": hstu.dropout,
+        "time_buckets": first.rel_bias.num_buckets,
+        "use_time": hstu.use_time,
+    }
+
+
+def save_weights(items: ItemEmbedding, hstu: HSTU, sids: torch.Tensor | None, path: Path) -> None:
+    """Write model.pt. sids: int64 [num_items + 1, L + 1], what `items` was built on (None
+    for the id variant, which reads no SIDs)."""
+    if items.uses_sid and sids is None:
+        raise ValueError(f"variant {items.variant!r} reads SIDs: save_weights needs them")
+    torch.save(
+        {
+            "format": FORMAT,
+            "item_embedding": item_embedding_args(items),
+            "hstu": hstu_args(hstu),
+            "sids": None if sids is None else torch.as_tensor(sids, dtype=torch.int64).cpu(),
+            "item_embedding_state": {k: v.cpu() for k, v in items.state_dict().items()},
+            "hstu_state": {k: v.cpu() for k, v in hstu.state_dict().items()},
+        },
+        path,
+    )
+
+
+def load_weights(
+    path: Path, device: torch.device | str = "cpu"
+) -> tuple[ItemEmbedding, UserEncoder]:
+    """model.pt -> (item embedding, user encoder), in eval mode on `device`."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("format") != FORMAT:
+        raise ValueError(
+            f"{path}: weights format {saved.get('format')!r}, this sidrec reads {FORMAT}"
+        )
+    items = ItemEmbedding(**saved["item_embedding"], sids=saved["sids"])
+    items.load_state_dict(saved["item_embedding_state"])
+    hstu = HSTU(**saved["hstu"])
+    hstu.load_state_dict(saved["hstu_state"])
+    return items.to(device).eval(), UserEncoder(hstu).to(device).eval()
