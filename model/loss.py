@@ -61,7 +61,9 @@ def sampled_softmax_shared(
     (the same marginal as drawing per position, so the same expected loss); positions of one
     sequence share them. That makes the negatives' logits one [B, N, d] x [B, d, R] batched
     product instead of a [P, n + 1] score matrix whose gathers' backward zero-fills and
-    scatters it twice: about 60% of a CPU step on ML-1M (3,884 items, 25k positions).
+    scatters it twice: about 60% of a CPU step on ML-1M (3,884 items, 25k positions). The
+    price is correlated gradients within a sequence: per epoch it learns less (ML-1M id-only,
+    6 epochs: test NDCG@10 0.101 vs 0.113 per position), per second of CPU more.
     """
     pos_logits = (user * table[targets]).sum(-1, keepdim=True) / temperature  # [B, N, 1]
     neg_logits = torch.bmm(user, table[neg_rows].transpose(1, 2)) / temperature  # [B, N, R]
