@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import write_synthetic_dataset
 
-from sidrec.offline.bench.plan import SID_SETS, plan_runs
+from sidrec.offline.bench.plan import HYBRID_FUSIONS, SID_SETS, plan_runs
 
 # Covers every kind of run: headline, the dependent large-hybrid, reference (nothing withheld),
 # ablations on another SID set, on a layer prefix and on the deeper set.
@@ -187,3 +187,16 @@ def test_runs_not_started_within_start_for_are_left_for_a_later_call(tmp_path: P
     assert failed == []  # left over, not failed: a later call trains them
     assert any("2 runs left for a later call" in line for line in lines)
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_training_order_puts_awaited_runs_first_and_extra_large_seeds_last() -> None:
+    from sidrec.offline.bench.runner import training_order
+
+    ordered = training_order(plan_runs(seeds=3))
+    names = [r.name for r in ordered]
+    hybrids = [i for i, r in enumerate(ordered) if r.group in HYBRID_FUSIONS]
+    assert hybrids == list(range(len(hybrids)))  # large-hybrid waits for these: first
+    large_later = [i for i, r in enumerate(ordered) if r.shape == "large" and r.seed > 0]
+    assert large_later == list(range(len(ordered) - len(large_later), len(ordered)))
+    assert names.index("id.s2") < names.index("large-id.s0") < names.index("id:no-time.s0")
+    assert sorted(names) == sorted(r.name for r in plan_runs(seeds=3))

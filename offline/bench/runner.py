@@ -110,6 +110,21 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
     return info
 
 
+def training_order(runs: list[Run]) -> list[Run]:
+    """Runs others wait for, base headline and reference, large seed 0, ablations, then the
+    large shape's other seeds (a large run costs about six base runs on CPU)."""
+    awaited = {group for r in runs for group in r.after}
+
+    def rank(run: Run) -> int:
+        if run.group in awaited:
+            return 0
+        if run.shape == "large":
+            return 2 if run.seed == 0 else 4
+        return 3 if run.kind == "ablation" else 1
+
+    return sorted(runs, key=rank)
+
+
 def train_all(
     data_dir: Path,
     out: Path,
@@ -126,22 +141,11 @@ def train_all(
     then finish and the rest are left for a later call. A time-limited call (a lent GPU's
     10-minute commands) so loses no half-trained run.
 
-    Order: runs that others wait for (so large-hybrid can start early), the base-shape headline
-    and reference runs, the large shape's first seed, ablations, then the large shape's other
-    seeds: a benchmark stopped early misses its least informative runs. A run waits until the
-    groups in its `after` are done in every seed; it fails at once when one of those failed or
-    is neither done nor among the runs to train.
+    Order: `training_order`, so a benchmark stopped early misses its least informative runs.
+    A run waits until the groups in its `after` are done in every seed; it fails at once when
+    one of those failed or is neither done nor among the runs to train.
     """
-    awaited = {group for r in runs for group in r.after}
-
-    def order(run: Run) -> int:
-        if run.group in awaited:
-            return 0
-        if run.shape == "large":  # a large run costs about six base runs on CPU
-            return 2 if run.seed == 0 else 4
-        return 3 if run.kind == "ablation" else 1
-
-    pending = sorted((r for r in runs if not is_done(out, r)), key=order)
+    pending = training_order([r for r in runs if not is_done(out, r)])
     done = {r.name for r in runs if is_done(out, r)}
     log(f"{len(runs) - len(pending)} of {len(runs)} runs already done; {len(pending)} to train")
     running: dict[subprocess.Popen[bytes], tuple[Run, float]] = {}
