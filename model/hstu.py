@@ -13,6 +13,7 @@ from torch import nn
 
 LN_EPS = 1e-6  # both no-affine LayerNorms and the final L2 norm, as in the reference
 TIME_BUCKET_DIVISOR = 0.301  # ln(dt) / 0.301: buckets grow by a factor of e^0.301 ~ 1.35
+ATTN_NORMS = ("padded", "length")
 
 
 def time_buckets(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -116,10 +117,15 @@ class HSTUBlock(nn.Module):
         nn.init.xavier_uniform_(self.out.weight)
 
     def forward(
-        self, x: torch.Tensor, buckets: torch.Tensor | None, attn_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        buckets: torch.Tensor | None,
+        attn_mask: torch.Tensor,
+        attn_divisor: torch.Tensor | float,
     ) -> torch.Tensor:
         # x: [B, N, d]; buckets: [B, N, N] time-gap buckets (None without time);
-        # attn_mask: [B, N, N] float, 1 = query may see key
+        # attn_mask: [B, N, N] float, 1 = query may see key; attn_divisor: [B, 1, 1, 1] or a
+        # constant (see HSTU's attn_norm)
         b, n, _ = x.shape
         h = self.num_heads
         normed = F.layer_norm(x, (self.d,), eps=LN_EPS)
@@ -130,9 +136,7 @@ class HSTUBlock(nn.Module):
         v = v.view(b, n, h, self.dv)
         scores = torch.einsum("bnhd,bmhd->bhnm", q, k)  # [B, h, N, N], no 1/sqrt(dqk)
         scores = scores + self.rel_bias.from_buckets(n, buckets)[:, None].to(scores.dtype)
-        # Divide by the constant padded length, not by N: the model is trained with every
-        # sequence padded to padded_len, so this keeps outputs independent of the padding.
-        scores = F.silu(scores) / self.padded_len * attn_mask[:, None]
+        scores = F.silu(scores) / attn_divisor * attn_mask[:, None]
         attn = torch.einsum("bhnm,bmhd->bnhd", scores, v).reshape(b, n, h * self.dv)
         y = u * F.layer_norm(attn, (h * self.dv,), eps=LN_EPS)  # [B, N, h * dv]
         return x + self.out(F.dropout(y, p=self.dropout, training=self.training))
@@ -143,6 +147,11 @@ class HSTU(nn.Module):
 
     forward(x[B, N, d], ts[B, N] int64, next_ts[B, N] int64, mask[B, N] bool) -> [B, N, d]
     Works for any N <= padded_len; outputs at masked positions are finite but meaningless.
+
+    attn_norm: what the SiLU attention weights are divided by. "padded" (the reference): the
+    constant padded_len, so a short history's attention output is small. "length": the
+    sequence's real length (its number of real items), as NetEase's HSTU port does. Both keep
+    outputs independent of how much padding a batch carries.
     """
 
     def __init__(
@@ -156,12 +165,16 @@ class HSTU(nn.Module):
         dropout: float = 0.2,
         time_buckets: int = 128,
         use_time: bool = True,
+        attn_norm: str = "padded",
     ) -> None:
         super().__init__()
+        if attn_norm not in ATTN_NORMS:
+            raise ValueError(f"attn_norm must be one of {ATTN_NORMS}, not {attn_norm!r}")
         self.d = d
         self.padded_len = padded_len
         self.dropout = dropout
         self.use_time = use_time
+        self.attn_norm = attn_norm
         self.pos_emb = nn.Embedding(padded_len, d)
         nn.init.xavier_normal_(self.pos_emb.weight)
         self.blocks = nn.ModuleList(
@@ -182,8 +195,11 @@ class HSTU(nn.Module):
         attn_mask = (causal[None] & mask[:, None, :]).to(x.dtype)  # [B, N, N], keys padded out
         # Time-gap buckets (a float64 log over [B, N, N]) are the same in every block: once here.
         buckets = self.blocks[0].rel_bias.buckets(ts, next_ts) if self.use_time else None
+        divisor: torch.Tensor | float = float(self.padded_len)
+        if self.attn_norm == "length":
+            divisor = mask.sum(1).clamp(min=1).to(x.dtype)[:, None, None, None]  # [B, 1, 1, 1]
         for block in self.blocks:
-            x = block(x, buckets, attn_mask)
+            x = block(x, buckets, attn_mask, divisor)
         return F.normalize(x, dim=-1, eps=LN_EPS)
 
 

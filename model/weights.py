@@ -51,6 +51,7 @@ def hstu_args(hstu: HSTU) -> dict[str, Any]:
         "dropout": hstu.dropout,
         "time_buckets": first.rel_bias.num_buckets,
         "use_time": hstu.use_time,
+        "attn_norm": hstu.attn_norm,
     }
 
 

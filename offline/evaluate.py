@@ -2,10 +2,13 @@
 
 A scorer maps an `EvalBatch` (users, their most recent history items, time of the target) to
 scores float[B, n + 1] over the whole catalog. Ranking (metrics.py) removes each user's FULL
-history from the candidates, not only the truncated part the scorer saw. Every stage is
+history from the candidates, not only the truncated part the scorer saw; `keep_history=True`
+leaves the history in (generative-retrieval papers score that way), and every report says
+which rule it used ("history_excluded"). Every stage is
 reported overall, per popularity bin of the target (hot / mild / cold, split.py) and split
 into cold-start targets (withheld items, candidates still the whole catalog) vs warm targets
-(every other target).
+(every other target). The cold-start report also carries "random_hr@10", what a uniformly
+random ranking would score on those targets, as a scale for such small figures.
 """
 
 from __future__ import annotations
@@ -83,9 +86,11 @@ def rank_targets(
     max_history: int = 200,
     device: str = "cpu",
     subset: np.ndarray | None = None,
+    keep_history: bool = False,
 ) -> np.ndarray:
     """int64 full-catalog rank of the target of every evaluated user (EvalSet order), or only
-    of the users at positions `subset` (in that order): lets DDP ranks share the work."""
+    of the users at positions `subset` (in that order): lets DDP ranks share the work.
+    History items are removed from the candidates unless `keep_history`."""
     users = split.stage(stage)
     if subset is not None:
         users = users.subset(subset)
@@ -99,23 +104,56 @@ def rank_targets(
         scores = scorer(batch)  # [B, n + 1]
         if scores.shape != (len(targets), split.num_items + 1):
             raise ValueError(f"scorer returned {tuple(scores.shape)}, expected [B, n + 1]")
-        batch_ranks = ranks_from_scores(scores, targets, batch.full_history).cpu().numpy()
+        history = None if keep_history else batch.full_history
+        batch_ranks = ranks_from_scores(scores, targets, history).cpu().numpy()
         ranks[order[done : done + len(targets)]] = batch_ranks
         done += len(targets)
     return ranks
 
 
-def summarize(ranks: np.ndarray, split: Split, stage: str = "valid") -> dict:
-    """Metrics overall, per popularity bin of the target, and cold-start vs warm targets."""
+def random_hit_rate(
+    split: Split,
+    stage: str = "test",
+    k: int = 10,
+    keep_history: bool = False,
+    users: np.ndarray | None = None,
+) -> float:
+    """Expected HR@k of a uniformly random ranking: the mean over the evaluated users (or those
+    where the bool mask `users` is True) of min(k, C) / C, C = the target's candidates, itself
+    included: every catalog item, minus the user's other history items unless `keep_history`.
+    0 when no user is selected."""
+    evaluated = split.stage(stage)
+    index = np.arange(len(evaluated)) if users is None else np.flatnonzero(users)
+    if len(index) == 0:
+        return 0.0
+    candidates = np.full(len(index), split.num_items, dtype=np.int64)
+    if not keep_history:
+        for j, i in enumerate(index):
+            # A repeat of the target stays a candidate (metrics.py), so it does not count.
+            seen = np.unique(evaluated.histories[i])
+            candidates[j] -= len(seen) - int(np.isin(evaluated.targets[i], seen))
+    return float(np.mean(np.minimum(k, candidates) / candidates))
+
+
+def summarize(
+    ranks: np.ndarray, split: Split, stage: str = "valid", keep_history: bool = False
+) -> dict:
+    """Metrics overall, per popularity bin of the target, and cold-start vs warm targets.
+    `keep_history` says which candidate rule produced `ranks` (recorded, and used for the
+    random rate of the cold-start targets)."""
     targets = split.stage(stage).targets
     target_bin = split.popularity_bin[targets]
     cold_start = split.withheld[targets]
     return {
+        "history_excluded": not keep_history,
         "overall": metrics_from_ranks(ranks),
         "by_popularity": {
             name: metrics_from_ranks(ranks[target_bin == b]) for b, name in enumerate(BIN_NAMES)
         },
-        "cold_start": metrics_from_ranks(ranks[cold_start]),
+        "cold_start": {
+            **metrics_from_ranks(ranks[cold_start]),
+            "random_hr@10": random_hit_rate(split, stage, 10, keep_history, cold_start),
+        },
         "warm": metrics_from_ranks(ranks[~cold_start]),
     }
 
@@ -127,10 +165,14 @@ def evaluate(
     batch_size: int = 64,
     max_history: int = 200,
     device: str = "cpu",
+    keep_history: bool = False,
 ) -> dict:
-    """The JSON-ready report of `summarize` for `scorer` on `stage` ("valid" or "test")."""
-    ranks = rank_targets(scorer, split, stage, batch_size, max_history, device)
-    return summarize(ranks, split, stage)
+    """The JSON-ready report of `summarize` for `scorer` on `stage` ("valid" or "test");
+    `keep_history` leaves the user's history items in the candidates."""
+    ranks = rank_targets(
+        scorer, split, stage, batch_size, max_history, device, keep_history=keep_history
+    )
+    return summarize(ranks, split, stage, keep_history)
 
 
 def hstu_scorer(encoder: HSTU, items: ItemEmbedding, trained: np.ndarray | torch.Tensor) -> Scorer:

@@ -107,6 +107,7 @@ def export_bundle(
             "items": data.num_items,
             "events": data.num_events,
             "time_source": data.time_source,
+            "tie_order": data.tie_order,
         },
         "model": {
             "variant": cfg.variant,
@@ -119,7 +120,15 @@ def export_bundle(
             "max_len": cfg.max_len,
             "padded_len": cfg.padded_len,
             "use_time": cfg.use_time,
+            "attn_norm": cfg.attn_norm,
             "id_dropout": cfg.id_dropout,
+            # how it was trained: the resolved loss (train.py), so a user sees which was used
+            "loss": cfg.loss,
+            "num_negatives": cfg.num_negatives,
+            "temperature": cfg.temperature,
+            "dropout": cfg.dropout,
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
             "best_epoch": ckpt["epoch"],
         },
         "sid": {

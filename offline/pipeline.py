@@ -5,7 +5,10 @@ run/
   sids/                     sids.npy, sid_codebooks.npz, sid_report.json
   <variant>/                checkpoint.pt, train_log.jsonl, metrics.json (train.py)
   baselines.json            most-popular and content-only, validation and test
-  results.json, plots/      every variant + baselines side by side
+  results.json, plots/      every variant + baselines side by side; each report says its
+                            candidate rule ("history_excluded") and carries the random
+                            cold-start HR@10 ("cold_start" -> "random_hr@10")
+  data.json                 the data as last opened (name, time source, tie order)
   bundle/                   what `sidrec serve` loads
 """
 
@@ -72,19 +75,28 @@ class Steps:
     timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, data: str | Path, run: Path, seed: int = 0, cold_fraction: float = 0.05) -> Steps:
+    def open(
+        cls,
+        data: str | Path,
+        run: Path,
+        seed: int = 0,
+        cold_fraction: float = 0.05,
+        tie_order: str = "file",
+    ) -> Steps:
+        """Loads the data (`tie_order`: see data.load.load_dataset) for steps on `run`."""
         from sidrec.offline.data.load import load_dataset
 
         started = time.perf_counter()
-        interactions = load_dataset(resolve_data(data))
+        interactions = load_dataset(resolve_data(data), tie_order=tie_order)
         run.mkdir(parents=True, exist_ok=True)
         console.print(
             f"[bold]{interactions.name}[/]: {len(interactions.users):,} users, "
             f"{interactions.num_items:,} items, {interactions.num_events:,} events, "
-            f"time: {interactions.time_source}"
+            f"time: {interactions.time_source}, ties: {interactions.tie_order} order"
         )
         for note in interactions.notes:
             console.print(f"  note: {note}")
+        _record_data(interactions, run)
         steps = cls(interactions, run, seed, cold_fraction)
         steps.timings["load"] = time.perf_counter() - started
         return steps
@@ -187,7 +199,7 @@ class Steps:
         self.timings[f"train {name}"] = time.perf_counter() - started
         return json.loads((self.run / name / METRICS_FILE).read_text())
 
-    def baselines(self) -> dict[str, dict[str, Any]]:
+    def baselines(self, keep_history: bool = False) -> dict[str, dict[str, Any]]:
         from sidrec.offline.baselines import content_scorer, most_popular_scorer
         from sidrec.offline.evaluate import evaluate
 
@@ -196,30 +208,67 @@ class Steps:
             "content-only": content_scorer(self.content_vectors),
         }
         results = {
-            name: {stage: evaluate(scorer, self.split, stage) for stage in ("valid", "test")}
+            name: {
+                stage: evaluate(scorer, self.split, stage, keep_history=keep_history)
+                for stage in ("valid", "test")
+            }
             for name, scorer in scorers.items()
         }
         (self.run / "baselines.json").write_text(json.dumps(results, indent=2) + "\n")
         return results
 
-    def evaluate(self) -> dict[str, dict[str, Any]]:
+    def _rerank(self, name: str, keep_history: bool) -> dict[str, Any]:
+        """Validation and test reports of variant `name`'s best checkpoint, ranked again under
+        the candidate rule `keep_history` (train.py ranks with the history excluded)."""
+        from sidrec.offline.evaluate import hstu_scorer, rank_targets, summarize
+        from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
+
+        checkpoint = self.run / name / CHECKPOINT_FILE
+        if not checkpoint.is_file():
+            raise DataError(checkpoint, f"not found: train the {name!r} variant again")
+        model, cfg, ckpt = load_checkpoint(checkpoint)
+        if ckpt["num_items"] != self.data.num_items:
+            raise DataError(checkpoint, f"trained on another catalog ({ckpt['num_items']} items)")
+        scorer = hstu_scorer(model.encoder, model.items, ckpt["trained"])
+        batch_size = cfg.eval_batch_size or 32
+        reports = {}
+        for stage in ("valid", "test"):
+            ranks = rank_targets(
+                scorer, self.split, stage, batch_size, cfg.max_len, keep_history=keep_history
+            )
+            reports[stage] = summarize(ranks, self.split, stage, keep_history)
+        return reports
+
+    def evaluate(self, keep_history: bool = False) -> dict[str, dict[str, Any]]:
         """Baselines + every trained variant in the run; prints the table, writes JSON + plots.
 
-        Variants' test metrics come from their metrics.json: train.py touches the test item
-        once, with the best-validation checkpoint.
+        Variants' metrics come from their metrics.json: train.py touches the test item once,
+        with the best-validation checkpoint, ranking with the user's history excluded. With
+        `keep_history` (history items stay candidates) that checkpoint is ranked again under
+        that rule; the epoch was still chosen under the default one.
         """
+        from sidrec.offline.evaluate import random_hit_rate
         from sidrec.offline.plots import plot_all
         from sidrec.offline.train import LOG_FILE, METRICS_FILE
 
-        results: dict[str, dict[str, Any]] = dict(self.baselines())
+        results: dict[str, dict[str, Any]] = dict(self.baselines(keep_history))
         curves: dict[str, list[dict]] = {}
         for name in VARIANTS:
             metrics_path = self.run / name / METRICS_FILE
             if metrics_path.is_file():
                 metrics = json.loads(metrics_path.read_text())
-                results[name] = {"valid": metrics["valid"], "test": metrics["test"]}
+                if keep_history:
+                    results[name] = self._rerank(name, keep_history)
+                else:
+                    results[name] = {"valid": metrics["valid"], "test": metrics["test"]}
                 log_lines = (self.run / name / LOG_FILE).read_text().splitlines()
                 curves[name] = [json.loads(line) for line in log_lines if line]
+        for stages in results.values():  # metrics.json written before these fields existed
+            for stage, report in stages.items():
+                report.setdefault("history_excluded", not keep_history)
+                cold_start = self.split.withheld[self.split.stage(stage).targets]
+                random_rate = random_hit_rate(self.split, stage, 10, keep_history, cold_start)
+                report["cold_start"].setdefault("random_hr@10", random_rate)
         (self.run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         plot_all(curves, {name: r["test"] for name, r in results.items()}, self.run / "plots")
         print_results(results, self.data.name)
@@ -257,6 +306,7 @@ class Steps:
         patience: int = 8,
         id_dropout: float = 0.2,
         procs: int = 1,
+        keep_history: bool = False,
     ) -> Path:
         for name in [*variants, export_variant]:
             _check_variant(name)
@@ -265,35 +315,75 @@ class Steps:
         self.sids()
         for name in variants:
             self.train(name, epochs=epochs, patience=patience, id_dropout=id_dropout, procs=procs)
-        self.evaluate()
+        self.evaluate(keep_history)
         bundle = self.export(export_variant)
         console.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()))
         return bundle
 
 
-METRIC_COLUMNS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")
+METRIC_COLUMNS = (
+    "hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr",
+)  # fmt: skip
+
+
+def _figure(report: dict[str, Any], key: str) -> str:
+    # Reports written before a metric existed (e.g. @5 in an old metrics.json) show a dash.
+    return f"{report[key]:.4f}" if key in report else "-"
+
+
+def _record_data(interactions: Interactions, run: Path) -> None:
+    """Writes run/data.json; warns when the run's earlier steps read the data another way
+    (their splits, hence their results, could differ from this one's)."""
+    path = run / "data.json"
+    before = json.loads(path.read_text()).get("tie_order", "file") if path.is_file() else None
+    if before not in (None, interactions.tie_order):
+        console.print(
+            f"[yellow]warning: earlier steps in {run} read the data with tie order {before!r}, "
+            f"this one with {interactions.tie_order!r}: their splits may differ"
+        )
+    record = {
+        "name": interactions.name,
+        "time_source": interactions.time_source,
+        "tie_order": interactions.tie_order,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def print_results(results: dict[str, dict[str, Any]], dataset: str) -> None:
-    table = Table(title=f"{dataset}: test metrics (leave-one-out, full ranking, history excluded)")
+    first = next(iter(results.values()))["test"]
+    excluded = first.get("history_excluded", True)
+    rule = "history excluded" if excluded else "history kept as candidates"
+    table = Table(title=f"{dataset}: test metrics (leave-one-out, full ranking, {rule})")
     table.add_column("model")
     for column in METRIC_COLUMNS:
         table.add_column(column.upper(), justify="right")
-    for column in ("hot HR@10", "mild HR@10", "cold HR@10", "cold-start HR@10"):
+    for column in ("hot HR@10", "mild HR@10", "cold HR@10"):
         table.add_column(column, justify="right")
+    random_rate = first["cold_start"].get("random_hr@10")
+    random_text = f"random {random_rate:.4f}" if random_rate is not None else "random ?"
+    table.add_column(f"cold-start HR@10 ({random_text})", justify="right")
     for name, stages in results.items():
         test = stages["test"]
         overall = test["overall"]
         bins = test["by_popularity"]
         table.add_row(
             name,
-            *(f"{overall[c]:.4f}" for c in METRIC_COLUMNS),
+            *(_figure(overall, c) for c in METRIC_COLUMNS),
             *(f"{bins[b]['hr@10']:.4f}" for b in ("hot", "mild", "cold")),
             f"{test['cold_start']['hr@10']:.4f}",
         )
     # Off a terminal (CI logs, pipes) rich assumes 80 columns and would elide every figure.
-    (console if console.is_terminal else Console(width=160)).print(table)
-    first = next(iter(results.values()))["test"]
+    (console if console.is_terminal else Console(width=200)).print(table)
+    console.print(
+        "candidates: every catalog item except the user's history (history excluded)"
+        if excluded
+        else "candidates: every catalog item, the user's history included (--keep-history)"
+    )
+    if random_rate is not None:
+        console.print(
+            f"a uniformly random ranking would get cold-start HR@10 {random_rate:.4f} on these "
+            "targets"
+        )
     console.print(
         f"test users: {first['overall']['count']}, of which cold-start targets: "
         f"{first['cold_start']['count']}; bins by target popularity: "

@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +39,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from sidrec.model.hstu import HSTU
+from sidrec.model.hstu import ATTN_NORMS, HSTU
 from sidrec.model.item_embedding import ItemEmbedding
 from sidrec.model.loss import (
+    full_softmax_loss,
+    log_inclusion_probability,
     sample_negatives,
+    sampled_softmax_logq,
     sampled_softmax_loss,
     sampled_softmax_shared,
     sampled_softmax_via_table,
@@ -51,6 +54,9 @@ from sidrec.offline.data.dataset import Interactions
 from sidrec.offline.evaluate import hstu_scorer, rank_targets, summarize
 from sidrec.offline.split import Split, split_summary
 
+LOSSES = ("full", "sampled-logq", "sampled-uniform")
+DEFAULT_NEGATIVES = {"sampled-logq": 4096, "sampled-uniform": 128}
+FULL_SOFTMAX_MAX_BYTES = 8 << 30
 LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -74,13 +80,19 @@ class TrainConfig:
     batch_size: int = 128  # global: split across DDP ranks
     epochs: int = 100
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
-    num_negatives: int = 128
-    # Where the R negatives are drawn: once per sequence, shared by its positions (3.3x faster
-    # CPU steps, same marginal per position), or per position as the reference does (better
-    # per epoch: ML-1M id-only NDCG@10 +11% after 6 epochs, for 2.1x the CPU time; ML-1M
-    # notes in docs/results/ml-1m.md).
+    # full: exact softmax over every trained item; sampled-logq: the batch's targets plus
+    # num_negatives uniform draws, logQ-corrected (for catalogs too big to score whole);
+    # sampled-uniform: GR's reference, 1 positive vs num_negatives uniform negatives;
+    # auto: full when a batch's [positions, catalog] logits fit FULL_SOFTMAX_MAX_BYTES,
+    # else sampled-logq. The resolved name is what metrics.json and the bundle record.
+    loss: str = "auto"
+    num_negatives: int = 0  # 0 = the loss's default: 128 (sampled-uniform), 4096 (sampled-logq)
+    # sampled-uniform only: where the R negatives are drawn: once per sequence, shared by its
+    # positions (3.3x faster CPU steps, same marginal per position), or per position as the
+    # reference does (ML-1M notes in docs/results/ml-1m.md).
     negatives: str = "sequence"  # sequence | position
     temperature: float = 0.05
+    attn_norm: str = "padded"  # padded (the reference's constant 1/211) | length (model/hstu.py)
     id_dropout: float = 0.0
     # ItemEmbedding's cold-start options, passed through (see model/item_embedding.py). The
     # defaults are the measured best for never-seen items on ML-100K (validation cold-start
@@ -113,6 +125,23 @@ class TrainConfig:
             raise ValueError(f"max_len {self.max_len} exceeds padded_len {self.padded_len}")
         if self.negatives not in ("sequence", "position"):
             raise ValueError(f"negatives must be sequence or position, not {self.negatives!r}")
+        if self.loss not in ("auto", *LOSSES):
+            raise ValueError(f"loss must be auto or one of {LOSSES}, not {self.loss!r}")
+        if self.attn_norm not in ATTN_NORMS:
+            raise ValueError(f"attn_norm must be one of {ATTN_NORMS}, not {self.attn_norm!r}")
+
+    def resolved(self, num_items: int, device: torch.device) -> TrainConfig:
+        """A copy with loss and num_negatives made concrete for this catalog and device."""
+        loss = self.loss
+        if loss == "auto":
+            limit = FULL_SOFTMAX_MAX_BYTES
+            if device.type == "cuda":
+                limit = min(limit, torch.cuda.get_device_properties(device).total_memory // 4)
+            # logits, their softmax and its gradient: three float32 [P, n + 1] tensors
+            need = 3 * 4 * self.batch_size * self.max_len * (num_items + 1)
+            loss = "full" if need <= limit else "sampled-logq"
+        negatives = self.num_negatives or DEFAULT_NEGATIVES.get(loss, 0)
+        return replace(self, loss=loss, num_negatives=negatives)
 
 
 @dataclass
@@ -143,9 +172,13 @@ class SequentialRecommender(nn.Module):
         negatives: torch.Tensor,
         temperature: float,
         per_sequence: bool = False,
+        loss: str = "sampled-uniform",
+        candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # inputs, timestamps, next_timestamps, targets: [B, N]; negatives: [B, R] (one draw
-        # per sequence) or [P, R] (per position, P = real positions (inputs != 0), row-major).
+        # inputs, timestamps, next_timestamps, targets: [B, N]; negatives: sampled-uniform:
+        # [B, R] (one draw per sequence) or [P, R] (per position, P = real positions
+        # (inputs != 0), row-major); sampled-logq: [R]; full: unused. candidates: full: bool
+        # [n + 1] rows that compete; sampled-logq: float [n + 1] log inclusion probabilities.
         mask = inputs != 0  # [B, N]
         # One embedding call per step: id dropout then drops an item everywhere at once
         # (input, positive and negative alike). The whole table is cheaper than torch.unique
@@ -154,6 +187,16 @@ class SequentialRecommender(nn.Module):
         table = self.items(all_rows)  # [n + 1, d] raw
         table_normed = F.normalize(table, dim=-1, eps=1e-6)
         out = self.encoder(table[inputs], timestamps, next_timestamps, mask)  # [B, N, d]
+        if loss == "full":
+            assert candidates is not None
+            return full_softmax_loss(
+                out[mask], table_normed, targets[mask], candidates, temperature
+            )
+        if loss == "sampled-logq":
+            assert candidates is not None
+            return sampled_softmax_logq(
+                out[mask], table_normed, targets[mask], negatives, candidates, temperature
+            )
         if per_sequence:
             user = out * mask[..., None]  # padding rows zero: no NaN can reach a gradient
             return sampled_softmax_shared(user, table_normed, targets, negatives, mask, temperature)
@@ -192,6 +235,7 @@ def build_model(
         padded_len=cfg.padded_len,
         dropout=cfg.dropout,
         use_time=cfg.use_time,
+        attn_norm=cfg.attn_norm,
     )
     return SequentialRecommender(items, encoder)
 
@@ -199,7 +243,8 @@ def build_model(
 def load_checkpoint(path: str | Path) -> tuple[SequentialRecommender, TrainConfig, dict]:
     """(model in eval mode on CPU, its config, the checkpoint dict: sids, trained, ...)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = TrainConfig(**ckpt["config"])
+    # checkpoints from before TrainConfig.loss were all trained with GR's reference loss
+    cfg = TrainConfig(**{"loss": "sampled-uniform", **ckpt["config"]})
     model = build_model(cfg, ckpt["num_items"], ckpt["sids"], ckpt["codes_per_layer"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), cfg, ckpt
@@ -300,6 +345,7 @@ def train(
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
+    cfg = cfg.resolved(data.num_items, device)
     previous_threads = torch.get_num_threads()
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.threads > 0:
@@ -358,6 +404,9 @@ def _train(
     if len(seqs.lengths) == 0:
         raise ValueError("no user has two training events: nothing to train on")
     negative_pool = torch.as_tensor(np.flatnonzero(split.trained), device=device)  # [M]
+    trained = torch.as_tensor(split.trained, dtype=torch.bool, device=device)  # [n + 1]
+    unigram = torch.as_tensor(split.train_counts / max(split.num_train_events, 1),
+                              dtype=torch.float32, device=device)  # fmt: skip
     sampler = DistributedSampler(
         range(len(seqs.lengths)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed
     )
@@ -389,11 +438,16 @@ def _train(
             targets = seqs.targets[idx, :width].to(device)
             num_positions = int((inputs != 0).sum())
             per_sequence = cfg.negatives == "sequence"
-            negatives = sample_negatives(
-                negative_pool,
-                (len(idx) if per_sequence else num_positions, cfg.num_negatives),
-                negatives_rng,
-            )
+            candidates = trained if cfg.loss == "full" else None
+            if cfg.loss == "sampled-uniform":
+                shape = (len(idx) if per_sequence else num_positions, cfg.num_negatives)
+            else:
+                shape = (cfg.num_negatives if cfg.loss == "sampled-logq" else 0,)
+            negatives = sample_negatives(negative_pool, shape, negatives_rng)
+            if cfg.loss == "sampled-logq":
+                candidates = log_inclusion_probability(
+                    unigram, num_positions, len(negative_pool), cfg.num_negatives
+                )
             loss = ddp_model(
                 inputs,
                 seqs.timestamps[idx, :width].to(device),
@@ -402,6 +456,8 @@ def _train(
                 negatives,
                 cfg.temperature,
                 per_sequence,
+                cfg.loss,
+                candidates,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

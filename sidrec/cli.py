@@ -49,6 +49,22 @@ ProcsOpt = Annotated[
         help="Training processes (torchrun + DistributedDataParallel, gloo on CPU, nccl on GPU).",
     ),
 ]
+TieOrderOpt = Annotated[
+    str,
+    typer.Option(
+        "--tie-order",
+        help="Order of a user's same-second events: 'file' (file order) or 'gr' (GR's research "
+        "preprocessing: pandas' unstable sort of ML-1M's whole ratings.dat; ML-1M only).",
+    ),
+]
+KeepHistoryOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-history",
+        help="Rank the user's history items as candidates too (generative-retrieval papers' "
+        "rule); default: history excluded, as HSTU evaluates.",
+    ),
+]
 
 
 def _offline_env() -> None:
@@ -182,6 +198,67 @@ def bench_quality(
     )
 
 
+@bench_app.command("tune")
+def bench_tune(
+    data: Annotated[
+        Path, typer.Option("--data", help="Data set folder, e.g. ../shared/data/amazon-toys.")
+    ],
+    out: Annotated[Path, typer.Option(help="Benchmark folder (resumable).")] = Path(
+        "runs/bench-tune"
+    ),
+    stage: Annotated[str, typer.Option(help="all | train | report")] = "all",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    jobs: Annotated[
+        int,
+        typer.Option(min=0, help="Runs trained side by side (0: one per core on CPU, 6 on GPU)."),
+    ] = 0,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Seeds of the reference, tuned and peer rows.")
+    ] = 3,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Most epochs per run (early stopping on validation).")
+    ] = 100,
+    patience: Annotated[int, typer.Option(min=1)] = 10,
+    only: Annotated[
+        str, typer.Option(help="Comma-separated run groups to train (default: the whole plan).")
+    ] = "",
+    report_dir: Annotated[
+        Path | None, typer.Option(help="Where the report goes (default OUT/report).")
+    ] = None,
+    notes: Annotated[
+        Path | None,
+        typer.Option(help="Markdown file of findings to include (marked as written by hand)."),
+    ] = None,
+    start_for: Annotated[
+        float | None,
+        typer.Option(min=0, help="Start runs only during the first SECONDS (see bench quality)."),
+    ] = None,
+) -> None:
+    """Tune id-only HSTU on one data set: loss (GR's sampled softmax, full softmax, logQ-corrected
+    sampled softmax), attention normalisation, dropout, learning rate and weight decay, chosen
+    on validation NDCG@10; the winner gets extra seeds beside GR's reference settings and
+    RecBole's SASRec on the same split and metric. Writes tables, JSON and plots."""
+    _offline_env()
+    from sidrec.offline.bench import quality
+
+    _run(
+        quality.run_benchmark,
+        data,
+        out,
+        stage=stage,
+        device=device,
+        jobs=jobs,
+        seeds=seeds,
+        epochs=epochs,
+        patience=patience,
+        only=[g for g in only.split(",") if g],
+        report_dir=report_dir,
+        notes=notes,
+        start_for=start_for,
+        plan="tune",
+    )
+
+
 @app.command()
 def train(
     data: DataOpt = DEFAULT_DATA,
@@ -205,12 +282,15 @@ def train(
     ] = 0.05,
     seed: int = 0,
     procs: ProcsOpt = DEFAULT_PROCS,
+    tie_order: TieOrderOpt = "file",
 ) -> None:
     """Train HSTU variants (leave-one-out, validation item selects the epoch)."""
     _offline_env()
     from sidrec.offline import pipeline
 
-    steps = _run(pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction)
+    steps = _run(
+        pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction, tie_order=tie_order
+    )
     for variant in _split_variants(variants):
         _run(
             steps.train,
@@ -228,13 +308,17 @@ def evaluate(
     run: RunOpt = Path("runs/ml-100k"),
     cold_fraction: float = 0.05,
     seed: int = 0,
+    tie_order: TieOrderOpt = "file",
+    keep_history: KeepHistoryOpt = False,
 ) -> None:
     """Test every trained variant once plus the baselines; print the table, write JSON + plots."""
     _offline_env()
     from sidrec.offline import pipeline
 
-    steps = _run(pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction)
-    _run(steps.evaluate)
+    steps = _run(
+        pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction, tie_order=tie_order
+    )
+    _run(steps.evaluate, keep_history=keep_history)
 
 
 @app.command()
@@ -245,12 +329,15 @@ def export(
     out: Annotated[Path | None, typer.Option(help="Bundle folder (default RUN/bundle).")] = None,
     cold_fraction: float = 0.05,
     seed: int = 0,
+    tie_order: TieOrderOpt = "file",
 ) -> None:
     """Export a trained variant as a versioned bundle (ONNX) for `sidrec serve`."""
     _offline_env()
     from sidrec.offline import pipeline
 
-    steps = _run(pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction)
+    steps = _run(
+        pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction, tie_order=tie_order
+    )
     _run(steps.export, variant, out)
 
 
@@ -266,12 +353,16 @@ def pipeline_cmd(
     cold_fraction: float = 0.05,
     seed: int = 0,
     procs: ProcsOpt = DEFAULT_PROCS,
+    tie_order: TieOrderOpt = "file",
+    keep_history: KeepHistoryOpt = False,
 ) -> None:
     """All steps: data, SIDs, train, evaluate, export."""
     _offline_env()
     from sidrec.offline import pipeline
 
-    steps = _run(pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction)
+    steps = _run(
+        pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction, tie_order=tie_order
+    )
     _run(
         steps.all,
         _split_variants(variants),
@@ -280,6 +371,7 @@ def pipeline_cmd(
         patience=patience,
         id_dropout=id_dropout,
         procs=procs,
+        keep_history=keep_history,
     )
 
 

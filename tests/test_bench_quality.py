@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_synthetic_dataset
 
@@ -200,3 +201,54 @@ def test_training_order_puts_awaited_runs_first_and_extra_large_seeds_last() -> 
     assert large_later == list(range(len(ordered) - len(large_later), len(ordered)))
     assert names.index("id.s2") < names.index("large-id.s0") < names.index("id:no-time.s0")
     assert sorted(names) == sorted(r.name for r in plan_runs(seeds=3))
+
+
+def test_prepare_stage_on_a_generic_product_catalog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Amazon layout (items.csv: item_id,title,text; no year, no genres): the "title" text
+    kind falls back to what the items have and says so; SIDs and baselines are written."""
+    from sidrec.offline.bench.prepare import prepare
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "data"
+    data.mkdir()
+    kinds = ["Puzzles", "Dolls", "Board Games", "Outdoor"]
+    items = ["item_id,title,text"] + [
+        f"B{i:04d},Toy {i} {kinds[i % 4]},categories: Toys & Games > {kinds[i % 4]}"
+        for i in range(40)
+    ]
+    (data / "items.csv").write_text("\n".join(items) + "\n")
+    rng = np.random.default_rng(0)
+    events = ["user_id,item_id,timestamp"] + [
+        f"A{u},B{i:04d},{t}"  # timestamp = position in the user's sequence, as in amazon-toys
+        for u in range(50)
+        for t, i in enumerate(rng.choice(40, size=int(rng.integers(4, 9)), replace=False))
+    ]
+    (data / "interactions.csv").write_text("\n".join(events) + "\n")
+
+    logged: list[str] = []
+    folder = prepare(data, tmp_path / "out", tmp_path / "cache", log=logged.append)
+    for name in SID_SETS:
+        assert (folder / f"sids-{name}.npy").is_file()
+        assert (folder / f"sid-report-{name}.json").is_file()
+    texts = json.loads((folder / "texts.json").read_text())
+    assert texts["full"] == {"fields": "all", "note": ""}
+    assert texts["title"]["fields"] == "all"
+    assert "no item has year or genres" in texts["title"]["note"]
+    assert any("no item has year or genres" in line for line in logged)
+    np.testing.assert_array_equal(
+        np.load(folder / "content-title.npy"), np.load(folder / "content-full.npy")
+    )
+    baselines = json.loads((folder / "baselines.json").read_text())
+    test = baselines["most-popular"]["test"]
+    assert test["history_excluded"] is True and "hr@5" in test["overall"]
+    assert 0.0 <= test["cold_start"]["random_hr@10"] <= 1.0
+
+    # A folder prepared before the fallback (title vectors from the bare title) is redone.
+    np.save(folder / "content-title.npy", np.zeros((40, 384), dtype=np.float32))
+    (folder / "texts.json").unlink()
+    prepare(data, tmp_path / "out", tmp_path / "cache", log=logged.append)
+    np.testing.assert_array_equal(
+        np.load(folder / "content-title.npy"), np.load(folder / "content-full.npy")
+    )

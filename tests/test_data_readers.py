@@ -278,6 +278,67 @@ def test_ml1m_bad_movie_files(tmp_path: Path) -> None:
     assert "ratings.dat: file not found" in error_of(read_ml1m, tmp_path)
 
 
+def write_tied_ratings(directory: Path) -> Path:
+    """movies.dat with 60 movies + a ratings.dat of 3 users x 40 ratings over 3 distinct
+    seconds each, lines per user in a shuffled order: many same-second ties, more than the 16
+    rows below which numpy's quicksort is an (in effect stable) insertion sort."""
+    rng = np.random.default_rng(0)
+    movies = "".join(f"{m}::Movie {m} (1990)::Drama\n" for m in range(1, 61))
+    write(directory / "movies.dat", movies, encoding="latin-1")
+    lines = []
+    for user in (1, 2, 3):
+        for movie in rng.permutation(60)[:40] + 1:
+            lines.append(
+                f"{user}::{movie}::{int(rng.integers(1, 6))}::{978300000 + int(rng.integers(3))}\n"
+            )
+    return write(directory / "ratings.dat", "".join(lines))
+
+
+def test_ml1m_tie_order_gr_is_grs_pandas_order(tmp_path: Path) -> None:
+    path = write_tied_ratings(tmp_path)
+    by_file = load_dataset(tmp_path)
+    by_gr = load_dataset(tmp_path, tie_order="gr")
+    assert (by_file.tie_order, by_gr.tie_order) == ("file", "gr")
+    assert by_gr.name == "ml-1m" and any("GR's order" in note for note in by_gr.notes)
+
+    # GR's research preprocessing, ML-1M branch, verbatim (plus the explicit engine pandas
+    # would fall back to for the two-character separator, and the sort kind it defaults to).
+    ratings = pd.read_csv(
+        path, sep="::", names=["user_id", "movie_id", "rating", "unix_timestamp"], engine="python"
+    )
+    assert (ratings.dtypes == np.int64).all()
+    grouped = ratings.sort_values(by=["unix_timestamp"], kind="quicksort").groupby("user_id")
+    gr_items = grouped.movie_id.apply(list)
+    gr_times = grouped.unix_timestamp.apply(list)
+    # Today's rule: stable by (timestamp, line in the file).
+    stable = ratings.sort_values(by=["unix_timestamp"], kind="stable").groupby("user_id")
+    file_items = stable.movie_id.apply(list)
+
+    for user in ("1", "2", "3"):
+        assert item_ids(by_gr, user) == [str(m) for m in gr_items[int(user)]]
+        assert user_times(by_gr, user) == gr_times[int(user)]
+        assert item_ids(by_file, user) == [str(m) for m in file_items[int(user)]]
+        assert sorted(item_ids(by_gr, user)) == sorted(item_ids(by_file, user))
+    # The rules differ on these ties (quicksort is not stable), so the option does something.
+    assert any(item_ids(by_gr, u) != item_ids(by_file, u) for u in ("1", "2", "3"))
+
+
+def test_ml1m_tie_order_refusals(tmp_path: Path) -> None:
+    write_ml1m_movies(tmp_path / "seq", extrainfos=False)
+    write(tmp_path / "seq" / "sequences.txt", "7 1 2 3\n")
+    message = error_of(lambda p: load_dataset(p, tie_order="gr"), tmp_path / "seq")
+    assert message.startswith(str(tmp_path / "seq" / "sequences.txt"))
+    assert "tie order 'gr' needs ratings.dat" in message and "cannot be derived" in message
+    write_ml100k(tmp_path / "100k")
+    assert "MovieLens-1M's ratings.dat only" in error_of(
+        lambda p: load_dataset(p, tie_order="gr"), tmp_path / "100k"
+    )
+    assert "expected one of file, gr, got 'random'" in error_of(
+        lambda p: load_dataset(p, tie_order="random"), tmp_path / "seq"
+    )
+    assert load_dataset(tmp_path / "seq").tie_order == "file"  # every reader's default
+
+
 # sequences.txt: user 7's known times sit at positions 1 and 3; user 3 has none known.
 SEQUENCES = "7 1 2 3 4 2\n3 4 1\n"
 PARTIAL = "user_id\tmovie_id\trating\ttimestamp\n7\t2\t5\t1000\n7\t4\t3\t2000\n9\t1\t4\t100\n"

@@ -168,6 +168,50 @@ def test_attention_divides_by_padded_len_not_n() -> None:
     assert not torch.allclose(a(x, ts, next_ts, mask), b(x, ts, next_ts, mask), atol=1e-4)
 
 
+def test_length_normalisation_divides_by_the_real_length() -> None:
+    # Every block gets the divisor: padded_len for the reference, each row's real length
+    # for attn_norm="length". The attention output then goes through a LayerNorm, which
+    # removes a per-row scale except through its eps: so the two differ most on short
+    # histories, whose 1/211-scaled attention falls below eps (docs/results).
+    torch.manual_seed(0)
+    kwargs = {"d": D, "num_blocks": 2, "num_heads": 1, "dqk": 8, "dv": 8, "padded_len": P}
+    ref = HSTU(**kwargs).eval()
+    length = HSTU(**kwargs, attn_norm="length").eval()
+    length.load_state_dict(ref.state_dict())
+    x, ts, next_ts = random_batch(2, 9)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:] = False  # second sequence: 5 real items
+    seen: dict[str, list] = {"ref": [], "length": []}
+    for name, model in (("ref", ref), ("length", length)):
+        for block in model.blocks:
+            block.register_forward_pre_hook(lambda _m, args, name=name: seen[name].append(args[3]))
+    with torch.no_grad():
+        ref(x * 1e-3, ts, next_ts, mask)
+        length(x * 1e-3, ts, next_ts, mask)
+    assert seen["ref"] == [float(P), float(P)]
+    for divisor in seen["length"]:
+        assert divisor.shape == (2, 1, 1, 1)
+        assert divisor.flatten().tolist() == [9.0, 5.0]
+    with pytest.raises(ValueError, match="attn_norm"):
+        HSTU(**kwargs, attn_norm="softmax")
+
+
+def test_length_normalisation_ignores_padding() -> None:
+    torch.manual_seed(0)
+    model = HSTU(d=D, num_blocks=2, num_heads=2, dqk=8, dv=8, padded_len=P, attn_norm="length")
+    model.eval()
+    x, ts, next_ts = random_batch(1, 6)
+    short = model(x, ts, next_ts, torch.ones(1, 6, dtype=torch.bool))
+    pad = torch.zeros(1, 4, D)
+    long = model(
+        torch.cat([x, pad], 1),
+        torch.cat([ts, ts[:, -1:].expand(1, 4)], 1),
+        torch.cat([next_ts, next_ts[:, -1:].expand(1, 4)], 1),
+        torch.arange(10)[None] < 6,
+    )
+    torch.testing.assert_close(long[:, :6], short, rtol=0, atol=1e-6)
+
+
 def test_gradients_reach_every_parameter() -> None:
     model = small_hstu().train()
     x, ts, next_ts = random_batch(4, 10)

@@ -15,9 +15,11 @@ from sidrec.offline.onnx_export import export_sid_to_vector, export_user_encoder
 D, MAX_LEN = 50, 200
 
 
-def reference_hstu(use_time: bool) -> HSTU:
+def reference_hstu(use_time: bool, attn_norm: str = "padded") -> HSTU:
     torch.manual_seed(0)
-    model = HSTU(d=D, num_blocks=2, num_heads=2, dqk=25, dv=25, use_time=use_time)
+    model = HSTU(
+        d=D, num_blocks=2, num_heads=2, dqk=25, dv=25, use_time=use_time, attn_norm=attn_norm
+    )
     # Trained-looking bias tables (the std 0.02 init would hide indexing mistakes).
     with torch.no_grad():
         for block in model.blocks:
@@ -44,9 +46,11 @@ def ragged_batch(b: int, n: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("use_time", [True, False])
-def test_user_encoder_parity(tmp_path: Path, use_time: bool) -> None:
-    hstu = reference_hstu(use_time)
+@pytest.mark.parametrize(
+    ("use_time", "attn_norm"), [(True, "padded"), (False, "padded"), (True, "length")]
+)
+def test_user_encoder_parity(tmp_path: Path, use_time: bool, attn_norm: str) -> None:
+    hstu = reference_hstu(use_time, attn_norm)
     path = tmp_path / "user_encoder.onnx"
     export_user_encoder(hstu, D, path, MAX_LEN)
     assert hstu.training  # the caller's model is left as it was

@@ -10,8 +10,8 @@ import torch
 
 from sidrec.offline.baselines import content_scorer, most_popular_scorer
 from sidrec.offline.data.dataset import Catalog, Interactions
-from sidrec.offline.evaluate import EvalBatch, evaluate, rank_targets
-from sidrec.offline.metrics import metrics_from_ranks, ranks_from_scores
+from sidrec.offline.evaluate import EvalBatch, evaluate, random_hit_rate, rank_targets
+from sidrec.offline.metrics import CUTOFFS, metrics_from_ranks, ranks_from_scores
 from sidrec.offline.split import BIN_NAMES, make_split, popularity_bins
 
 
@@ -148,9 +148,60 @@ def test_ranks_and_metrics_hand_example() -> None:
     assert flat.tolist() == [4, 5]
     with pytest.raises(ValueError, match="NaN"):
         ranks_from_scores(torch.full((1, 6), torch.nan), torch.tensor([1]), history[:1])
-    full = metrics_from_ranks(np.array([1, 11, 51, 201]))
-    assert [full[f"hr@{k}"] for k in (10, 50, 200)] == [0.25, 0.5, 0.75]
-    assert full["ndcg@10"] == pytest.approx(0.25)
+    full = metrics_from_ranks(np.array([1, 6, 11, 51, 201]))
+    assert CUTOFFS == (5, 10, 50, 200)  # @5 and @10 as the Amazon literature, @50/@200 as HSTU
+    assert [full[f"hr@{k}"] for k in CUTOFFS] == [0.2, 0.4, 0.6, 0.8]
+    assert full["ndcg@5"] == pytest.approx(0.2)
+    assert full["ndcg@10"] == pytest.approx((1 + 1 / math.log2(7)) / 5)
+    empty = metrics_from_ranks(np.array([], dtype=np.int64))
+    assert empty["hr@5"] == empty["ndcg@5"] == 0.0
+
+
+def test_keep_history_leaves_history_items_as_candidates() -> None:
+    scores = torch.tensor(
+        [
+            [0.0, 0.9, 0.5, 0.8, 0.1],  # target 2; history item 1 and item 3 score above it
+            [0.0, 0.2, 0.7, 0.1, 0.6],  # target 4; history item 2 is above it, nothing else
+        ]
+    )
+    targets = torch.tensor([2, 4])
+    history = torch.tensor([[1, 0], [2, 4]])  # user 2 also had the target before (a repeat)
+    excluded = ranks_from_scores(scores, targets, history)
+    kept = ranks_from_scores(scores, targets, None)
+    assert excluded.tolist() == [2, 1]  # only item 3 above the first target
+    assert kept.tolist() == [3, 2]  # the history items now compete
+
+
+def test_evaluate_keep_history_option_and_its_record() -> None:
+    split = make_split(tiny_interactions(), cold_fraction=0.0)
+    scorer = most_popular_scorer(split)
+    # Every test user's history holds the popular items 1, 2 (and 3), which outrank the target.
+    assert rank_targets(scorer, split, "test").tolist() == [1, 2, 2]
+    assert rank_targets(scorer, split, "test", keep_history=True).tolist() == [5, 5, 5]
+    default = evaluate(scorer, split, "test")
+    kept = evaluate(scorer, split, "test", keep_history=True)
+    assert default["history_excluded"] is True and kept["history_excluded"] is False
+    assert default["overall"]["hr@5"] == 1.0 and kept["overall"]["mrr"] == pytest.approx(0.2)
+    assert default["cold_start"]["random_hr@10"] == 0.0  # no cold-start targets here
+
+
+def test_random_hit_rate_counts_candidates_per_rule() -> None:
+    split = make_split(tiny_interactions(), cold_fraction=0.0)
+    # n = 5. Test users: a (history 2,1,3,4): 1 candidate; b (2,1,2,5): 2; c (2,3,1): 2.
+    assert random_hit_rate(split, "test", k=1) == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+    assert random_hit_rate(split, "test", k=10) == 1.0
+    assert random_hit_rate(split, "test", k=1, keep_history=True) == pytest.approx(1 / 5)
+    only_b = np.array([False, True, False])
+    assert random_hit_rate(split, "test", k=1, users=only_b) == pytest.approx(1 / 2)
+    assert random_hit_rate(split, "test", users=np.zeros(3, dtype=bool)) == 0.0
+    # A target repeated from the history stays a candidate: history 1,2 -> 5 - 1 = 4.
+    repeat = Interactions("r", make_catalog(5), ["a"], [np.array([1, 2, 1])], None)
+    assert random_hit_rate(make_split(repeat, 0.0), "test", k=1) == pytest.approx(1 / 4)
+    # It is the mean HR@1 of uniformly random scores (ties have probability 0).
+    scores = torch.rand(4000, 6, generator=torch.Generator().manual_seed(0))
+    targets = torch.ones(4000, dtype=torch.int64)
+    ranks = ranks_from_scores(scores, targets, torch.tensor([[1, 2]]).expand(4000, 2))
+    assert (ranks == 1).double().mean().item() == pytest.approx(1 / 4, abs=0.03)
 
 
 # --- evaluator ---------------------------------------------------------------------------------

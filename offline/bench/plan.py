@@ -55,6 +55,13 @@ class Run:
     base: str | None = None  # ablation: the headline group it differs from
     knob: str = ""  # ablation: what differs, for the table
     after: tuple[str, ...] = field(default=())  # groups that must finish first
+    plan: str = "quality"  # which plan_* function the run belongs to (PLANS)
+    # TrainConfig fields set by this run (tune plan), as (name, value) pairs
+    settings: tuple[tuple[str, object], ...] = ()
+    # tune plan: the run takes the settings of whichever of these groups has the best
+    # validation NDCG@10 (resolved when it starts, like "best-hybrid")
+    best_of: tuple[str, ...] = ()
+    loss: str = "sampled-uniform"  # TrainConfig.loss (the quality plan keeps GR's reference)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -133,7 +140,53 @@ def run_config(run: Run, variant: tuple[str, str]) -> dict[str, object]:
         "id_dropout": run.id_dropout if kind == "hybrid" else 0.0,
         "use_time": run.use_time,
         "negatives": run.negatives,
+        "loss": run.loss,
         "sid_layers": run.sid_layers,
         "seed": run.seed,
         **SHAPES[run.shape],
+        **dict(run.settings),
     }
+
+
+# The tune plan (`sidrec bench tune`): id-only HSTU under the published protocol (no item
+# withheld), GR's reference loss against the full and logQ-corrected sampled softmax, the two
+# attention normalisations, then dropout, learning rate and weight decay around the best of
+# those; the winner on validation gets the extra seeds; RecBole's SASRec is the peer.
+REFERENCE_SETTINGS: dict[str, object] = {"loss": "sampled-uniform", "attn_norm": "padded"}
+TUNE_GRID: dict[str, dict[str, object]] = {
+    "full-length": {"loss": "full", "attn_norm": "length"},
+    "full": {"loss": "full", "attn_norm": "padded"},
+    "logq-length": {"loss": "sampled-logq", "attn_norm": "length"},
+    "full-length-dropout-0.5": {"loss": "full", "attn_norm": "length", "dropout": 0.5},
+    "full-length-lr-2e-3": {"loss": "full", "attn_norm": "length", "lr": 2e-3},
+    "full-length-wd-0.1": {"loss": "full", "attn_norm": "length", "weight_decay": 0.1},
+}
+PEER = "recbole-sasrec"
+
+
+def tune_runs(seeds: int = 3) -> list[Run]:
+    """Every run of the tune plan: reference and peer per seed, the grid once (seed 0), then
+    `tuned` seeds 1.. on the grid's validation winner (its seed 0 is the grid run itself)."""
+    if seeds < 1:
+        raise ValueError("seeds must be at least 1")
+
+    def make(name: str, kind: str, seed: int, settings: dict[str, object], **extra) -> Run:
+        return Run(f"{name}.s{seed}", name, kind, "id", seed=seed, cold_fraction=0.0,
+                   plan="tune", settings=tuple(settings.items()), **extra)  # fmt: skip
+
+    runs = [make(g, "grid", 0, settings) for g, settings in TUNE_GRID.items()]
+    for seed in range(seeds):
+        runs.append(make("ref-id", "reference", seed, REFERENCE_SETTINGS))
+        runs.append(make(PEER, "peer", seed, {}))
+    grid = tuple(TUNE_GRID)
+    runs += [make("tuned", "tuned", s, {}, best_of=grid, after=grid) for s in range(1, seeds)]
+    return runs
+
+
+def plan_of(name: str, seeds: int) -> list[Run]:
+    if name not in PLANS:
+        raise ValueError(f"no plan named {name!r}; use {', '.join(PLANS)}")
+    return PLANS[name](seeds)
+
+
+PLANS = {"quality": plan_runs, "tune": tune_runs}

@@ -1,4 +1,5 @@
-"""`sidrec bench quality`: prepare -> train every run of the plan -> report.
+"""`sidrec bench quality` (prepare -> train every run of the plan -> report) and `sidrec bench
+tune` (the tune plan: train -> report; id-only runs need no prepare stage).
 
 Each stage skips what an earlier call already wrote into `out`, and appends its command line
 and wall time to out/commands.jsonl, so the report can say exactly what produced it even
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sidrec.offline.bench.plan import Run, plan_runs
+from sidrec.offline.bench.plan import Run, plan_of
 from sidrec.offline.bench.runner import Budget, train_all
 from sidrec.offline.data.dataset import DataError
 
@@ -49,12 +50,14 @@ def run_benchmark(
     report_dir: Path | None = None,
     notes: Path | None = None,
     start_for: float | None = None,
+    plan: str = "quality",
 ) -> None:
-    if stage not in (*STAGES, "all"):
-        raise DataError("--stage", f"unknown stage {stage!r}; use all, {', '.join(STAGES)}")
+    stages = STAGES if plan == "quality" else STAGES[1:]
+    if stage not in (*stages, "all"):
+        raise DataError("--stage", f"unknown stage {stage!r}; use all, {', '.join(stages)}")
     if not Path(data).is_dir():
         raise DataError(data, "no such data folder")
-    runs = plan_runs(seeds)
+    runs = plan_of(plan, seeds)
     if only:
         unknown = set(only) - {r.group for r in runs}
         if unknown:
@@ -66,7 +69,7 @@ def run_benchmark(
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         _run_stages(data, out, stage, device, jobs, seeds, epochs, patience, only, runs,
-                    budget, report_dir, notes, start_for)  # fmt: skip
+                    budget, report_dir, notes, start_for, plan, stages)  # fmt: skip
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -86,10 +89,12 @@ def _run_stages(
     report_dir: Path | None,
     notes: Path | None,
     start_for: float | None,
+    plan: str,
+    stages: tuple[str, ...],
 ) -> None:
-    for name in STAGES if stage == "all" else (stage,):
+    for name in stages if stage == "all" else (stage,):
         # The command that reproduces this stage alone, whatever the caller typed.
-        command = ["sidrec", "bench", "quality", "--data", str(data), "--out", str(out)]
+        command = ["sidrec", "bench", plan, "--data", str(data), "--out", str(out)]
         command += ["--stage", name]
         if name == "train":
             command += ["--device", device, "--jobs", str(jobs or default_jobs(device))]
@@ -105,7 +110,7 @@ def _run_stages(
         started = time.perf_counter()
         try:
             _stage(name, data, out, runs, budget, device, jobs, report_dir, notes, start_for,
-                   command)  # fmt: skip
+                   command, plan)  # fmt: skip
         except KeyboardInterrupt:
             _record(out, command, name, time.perf_counter() - started, "stopped before the end")
             raise
@@ -124,6 +129,7 @@ def _stage(
     notes: Path | None,
     start_for: float | None,
     command: list[str],
+    plan: str = "quality",
 ) -> None:
     if name == "prepare":
         from sidrec.offline.bench.prepare import prepare
@@ -136,6 +142,12 @@ def _stage(
         failed = train_all(data, out, runs, budget, device, jobs, console.print, start_for)
         if failed:
             raise DataError(out, f"{len(failed)} runs failed: {', '.join(failed)}")
+    elif plan == "tune":
+        from sidrec.offline.bench.tune_report import write_tune_report
+
+        path = write_tune_report(data, out, report_dir or out / "report", budget,
+                                 notes, shlex.join(command))  # fmt: skip
+        console.print(f"report written to [bold]{path}[/]")
     else:
         from sidrec.offline.bench.report import write_report
 

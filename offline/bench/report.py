@@ -34,7 +34,9 @@ PUBLISHED: dict[str, dict[str, float]] = {
     ),
 }  # fmt: skip
 REFERENCE_OF = {"ref-id": "HSTU (published)", "ref-large-id": "HSTU-large (published)"}
-METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")
+METRICS = (
+    "hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr",
+)  # fmt: skip
 BINS = ("hot", "mild", "cold")
 
 
@@ -56,8 +58,9 @@ def _load_runs(out: Path, runs: list[Run]) -> dict[str, dict[str, Any]]:
 
 
 def _flat(report: dict) -> dict[str, float]:
-    """One evaluation report -> the figures the tables use."""
-    flat = {m: report["overall"][m] for m in METRICS}
+    """One evaluation report -> the figures the tables use. A metric the report lacks (@5 in
+    a metrics.json written before it existed) is left out, and shows as a dash."""
+    flat = {m: report["overall"][m] for m in METRICS if m in report["overall"]}
     for b in BINS:
         flat[f"{b} hr@10"] = report["by_popularity"][b]["hr@10"]
     flat["cold-start hr@10"] = report["cold_start"]["hr@10"]
@@ -67,37 +70,35 @@ def _flat(report: dict) -> dict[str, float]:
 
 
 def _aggregate(reports: list[dict]) -> dict[str, dict[str, float]]:
-    """Per figure: mean, sample std (0 for one seed), n."""
+    """Per figure: mean, sample std (0 for one value), n (the reports that have it)."""
     flats = [_flat(r) for r in reports]
-    return {
-        key: {
-            "mean": float(np.mean([f[key] for f in flats])),
-            "std": float(np.std([f[key] for f in flats], ddof=1)) if len(flats) > 1 else 0.0,
-            "n": len(flats),
+    out = {}
+    for key in dict.fromkeys(k for f in flats for k in f):
+        values = [f[key] for f in flats if key in f]
+        out[key] = {
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values),
         }
-        for key in flats[0]
-    }
+    return out
 
 
 def random_hr10(data_dir: Path, cold_fraction: float = 0.05) -> float:
     """HR@10 of a uniformly random ranking on the cold-start test targets: the mean over
-    those users of 10 / (candidates), candidates = catalog minus the user's history."""
+    those users of min(10, C) / C, C = the catalog minus the user's history (the target
+    itself stays a candidate); evaluate.random_hit_rate."""
     from sidrec.offline.data.load import load_dataset
+    from sidrec.offline.evaluate import random_hit_rate
     from sidrec.offline.split import make_split
 
     data = load_dataset(data_dir)
     split = make_split(data, cold_fraction=cold_fraction, seed=SPLIT_SEED)
-    test = split.test
-    cold = split.withheld[test.targets]
-    rates = [
-        min(10, c) / c
-        for h in (test.histories[i] for i in np.flatnonzero(cold))
-        for c in [split.num_items - len(np.unique(h))]
-    ]
-    return float(np.mean(rates)) if rates else 0.0
+    return random_hit_rate(split, "test", 10, users=split.withheld[split.test.targets])
 
 
 def _cell(agg: dict[str, dict[str, float]], key: str) -> str:
+    if key not in agg:
+        return "-"
     a = agg[key]
     return f"{a['mean']:.4f} ± {a['std']:.4f}" if a["n"] > 1 else f"{a['mean']:.4f}"
 
@@ -132,7 +133,10 @@ def write_report(
     agg_valid = {g: _aggregate([e["metrics"]["valid"] for e in es]) for g, es in groups.items()}
     for b, result in baselines.items():
         agg[b] = _aggregate([result["test"]])
-    random_rate = random_hr10(data_dir)
+    # The baselines' report carries it (same split); older prepared/ folders do not.
+    random_rate = baselines["most-popular"]["test"]["cold_start"].get("random_hr@10")
+    if random_rate is None:
+        random_rate = random_hr10(data_dir)
     headline_order = [
         "id", "sid-prefixn", "sid-rqsum", "hybrid-sum", "hybrid-alpha", "hybrid-switch",
         "large-id", "large-hybrid",
@@ -161,7 +165,7 @@ def write_report(
         "Protocol: leave-one-out (last event = test, second to last = validation, which alone "
         "selects the epoch; the test item is evaluated once per run, with the best-validation "
         "weights); full ranking over every catalog item with the user's history excluded; ties "
-        "count against the target; HR/NDCG@{10,50,200} and MRR. Headline runs withhold 5% of "
+        "count against the target; HR/NDCG@{5,10,50,200} and MRR. Headline runs withhold 5% of "
         "items from training (cold-start split, the same items for every run); 'ref-' runs "
         "withhold none, the published protocol. Popularity bins by training interactions: hot = "
         "items covering the top 25% of interactions, mild = the next 50%, cold = the rest.",
@@ -223,7 +227,7 @@ def write_report(
             "model",
             *(f"{b} (n={counts[b]})" for b in BINS),
             f"warm (n={first['warm']['count']})",
-            f"cold start (n={first['cold_start']['count']})",
+            f"cold start (n={first['cold_start']['count']}; random {random_rate:.4f})",
             "cold start HR@50",
             "cold start vs random",
         ],
@@ -255,7 +259,7 @@ def write_report(
                 )
         md += _table(
             ["base", "change", "valid NDCG@10", "test HR@10", "test NDCG@10", "cold-bin HR@10",
-             "cold-start HR@10", "best epoch / run"],
+             f"cold-start HR@10 (random {random_rate:.4f})", "best epoch / run"],
             rows,
         )  # fmt: skip
         md.append("")
@@ -263,20 +267,26 @@ def write_report(
     # ---- SID sets -------------------------------------------------------------------
     md += ["## Semantic ID sets", ""]
     rows = []
+    texts_path = out / PREPARED / "texts.json"
+    texts = json.loads(texts_path.read_text()) if texts_path.is_file() else {}
     for set_name, (text, layers) in SID_SETS.items():
         path = out / PREPARED / f"sid-report-{set_name}.json"
         if not path.is_file():
             continue
         r = json.loads(path.read_text())
-        lifts = [r["genre_coherence"][f"prefix_{d}"]["lift"] for d in range(1, r["layers"] + 1)]
+        coherence = r.get("genre_coherence") or {}
+        # No lift without genres (e.g. a product catalog): a dash, not a crash.
+        lifts = [
+            (coherence.get(f"prefix_{d}") or {}).get("lift") for d in range(1, r["layers"] + 1)
+        ]
         rows.append(
             [
                 set_name,
-                text,
+                f"{text} (all fields: see note)" if texts.get(text, {}).get("note") else text,
                 f"{layers} x {r['codes']}",
                 " / ".join(str(p["distinct_prefixes"]) for p in r["per_layer"]),
                 f"{100 * r['collision_rate']:.1f}%",
-                " / ".join(f"{x:.2f}x" for x in lifts),
+                " / ".join("-" if x is None else f"{x:.2f}x" for x in lifts),
             ]
         )
     md += _table(
@@ -284,6 +294,7 @@ def write_report(
          "genre-sharing lift per depth"],
         rows,
     )  # fmt: skip
+    md += [f"\nNote: {t['note']}." for t in texts.values() if t.get("note")]
     md.append("")
 
     # ---- targets --------------------------------------------------------------------
@@ -316,7 +327,8 @@ def write_report(
         ok = random_rate and cs >= 10 * random_rate and cs > content
         targets.append(
             [f"best hybrid ({best}) cold-start HR@10 >= 10x random and > content-only",
-             f"{cs:.4f} = {cs / random_rate:.1f}x random; content-only {content:.4f}",
+             f"{cs:.4f} = {cs / random_rate:.1f}x random; content-only {content:.4f}" if random_rate
+             else f"{cs:.4f} (no cold-start targets); content-only {content:.4f}",
              "met" if ok else "missed"]
         )  # fmt: skip
     md += _table(["target", "measured", "verdict"], targets)
@@ -405,7 +417,8 @@ def _mean_report(entries: list[dict]) -> dict | None:
             for key in path:
                 r = r[key]
             parts.append(r)
-        return {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
+        keys = [k for k in parts[0] if all(k in p for p in parts)]  # older reports lack some
+        return {k: float(np.mean([p[k] for p in parts])) for k in keys}
 
     return {
         "overall": mean(("overall",)),

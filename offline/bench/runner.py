@@ -22,12 +22,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sidrec.offline.bench.plan import HYBRID_FUSIONS, Run, plan_runs, run_config
+if TYPE_CHECKING:
+    from sidrec.offline.split import Split
+    from sidrec.offline.train import SequentialRecommender
+
+from sidrec.offline.bench.plan import HYBRID_FUSIONS, PEER, Run, plan_of, run_config
 
 SPLIT_SEED = 0  # one split for every run: rows differ by training seed only
 PREPARED = "prepared"
@@ -64,9 +69,29 @@ def best_hybrid(out: Path, seeds: int) -> str:
     return max(means, key=means.__getitem__)
 
 
+def best_settings(out: Path, run: Run, seeds: int) -> tuple[str, dict[str, object]]:
+    """(group, settings) of the group in run.best_of with the highest mean validation
+    NDCG@10 over its finished runs (tune plan: validation-only model selection)."""
+    means: dict[str, float] = {}
+    settings: dict[str, dict[str, object]] = {}
+    for other in plan_of(run.plan, seeds):
+        if other.group not in run.best_of:
+            continue
+        metrics = json.loads((run_dir(out, other) / "metrics.json").read_text())
+        means.setdefault(other.group, 0.0)
+        means[other.group] += metrics["valid"]["overall"]["ndcg@10"]
+        settings[other.group] = dict(other.settings)
+    counts = {g: sum(r.group == g for r in plan_of(run.plan, seeds)) for g in means}
+    group = max(means, key=lambda g: means[g] / counts[g])
+    return group, settings[group]
+
+
 def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) -> dict:
     """Train one run into out/runs/<name>/ and write its run.json; returns run.json."""
     import torch
+
+    if run.group == PEER:
+        return _peer_run(data_dir, out, run, budget)
 
     from sidrec.offline.data.load import load_dataset
     from sidrec.offline.pipeline import VARIANTS
@@ -78,8 +103,14 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
     variant = best_hybrid(out, budget.seeds) if run.variant == "best-hybrid" else run.variant
     data = load_dataset(data_dir)
     split = make_split(data, cold_fraction=run.cold_fraction, seed=SPLIT_SEED)
-    sids = np.load(out / PREPARED / f"sids-{run.sid_set}.npy")
-    codes = Codebooks.load(out / PREPARED / f"codebooks-{run.sid_set}.npz").codes
+    picked = None
+    if run.best_of:
+        picked, settings = best_settings(out, run, budget.seeds)
+        run = replace(run, settings=tuple(settings.items()))
+    sids, codes = None, None
+    if VARIANTS[variant][0] != "id":  # id-only runs (the tune plan) need no prepare stage
+        sids = np.load(out / PREPARED / f"sids-{run.sid_set}.npy")
+        codes = Codebooks.load(out / PREPARED / f"codebooks-{run.sid_set}.npz").codes
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         # As the reference trainer does (TF32 matmuls); results stay within seed noise.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -93,11 +124,17 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
         progress=False,
         group_by_length=True,
     )
+    if data.timestamps is None:
+        cfg.use_time = False
     folder = run_dir(out, run)
     result = train(data, split, sids, codes, cfg, folder)
     info = {
+        # the generative-retrieval papers' rule (history items stay candidates), for
+        # comparing with their published figures; the benchmark's own rule excludes them
+        "test_history_kept": history_kept_test(result.model, split, cfg.max_len),
         "run": run.as_dict(),
         "resolved_variant": variant,
+        "picked_settings_of": picked,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.epochs),
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -105,6 +142,40 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
         if cfg.device != "cpu" and torch.cuda.is_available()
         else f"cpu ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
+    }
+    (folder / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def history_kept_test(model: SequentialRecommender, split: Split, max_len: int) -> dict:
+    """Test report of a trained model with the user's history items left as candidates."""
+    from sidrec.offline.evaluate import evaluate, hstu_scorer
+
+    scorer = hstu_scorer(model.encoder, model.items, split.trained)
+    return evaluate(scorer, split, "test", max_history=max_len, keep_history=True)
+
+
+def _peer_run(data_dir: Path, out: Path, run: Run, budget: Budget) -> dict:
+    """RecBole's SASRec on the same split, in its own virtual environment (peer.py)."""
+    from sidrec.offline.bench.peer import run_recbole_sasrec
+    from sidrec.offline.data.load import load_dataset
+
+    started = time.perf_counter()
+    folder = run_dir(out, run)
+    # RecBole's usual history lengths: 50 on short-sequence sets (Amazon), 200 on MovieLens.
+    data = load_dataset(data_dir)
+    mean_length = data.num_events / max(len(data.users), 1)
+    metrics = run_recbole_sasrec(
+        data_dir, folder, seed=run.seed, epochs=budget.epochs, patience=budget.patience,
+        max_len=200 if mean_length >= 50 else 50, cold_fraction=run.cold_fraction, threads=1,
+    )  # fmt: skip
+    info = {
+        "run": run.as_dict(),
+        "resolved_variant": PEER,
+        "best_epoch": metrics["best_epoch"],
+        "epochs_run": metrics["epochs_run"],
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "device": f"cpu ({platform.processor() or platform.machine()})",
     }
     (folder / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -153,7 +224,7 @@ def train_all(
     began = time.perf_counter()
 
     def waits_for(run: Run) -> list[str]:
-        return [f"{g}.s{s}" for g in run.after for s in range(budget.seeds)]
+        return [r.name for r in plan_of(run.plan, budget.seeds) if r.group in run.after]
 
     def blocker(run: Run) -> str | None:
         coming = {r.name for r in pending} | {r.name for r, _ in running.values()}
@@ -170,7 +241,7 @@ def train_all(
         command = [
             sys.executable, "-m", "sidrec.offline.bench.runner", str(data_dir), str(out),
             run.name, "--seeds", str(budget.seeds), "--epochs", str(budget.epochs),
-            "--patience", str(budget.patience), "--device", device,
+            "--patience", str(budget.patience), "--device", device, "--plan", run.plan,
         ]  # fmt: skip
         with (folder / "log.txt").open("wb") as stdout:
             process = subprocess.Popen(
@@ -235,9 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--plan", default="quality")
     args = parser.parse_args(argv)
     budget = Budget(args.epochs, args.patience, args.seeds)
-    by_name = {r.name: r for r in plan_runs(args.seeds)}
+    by_name = {r.name: r for r in plan_of(args.plan, args.seeds)}
     if args.run not in by_name:
         raise SystemExit(f"no run named {args.run!r} in the plan")
     info = train_run(args.data, args.out, by_name[args.run], budget, args.device)

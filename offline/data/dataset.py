@@ -70,6 +70,10 @@ class Interactions:
     # known neighbours of the same user) or "none".
     time_source: str = "observed"
     notes: list[str] = field(default_factory=list)
+    # How events with equal timestamps are ordered: "file" (stably, by position in the file,
+    # every reader's default) or "gr" (ML-1M ratings.dat only: the order of GR's research
+    # preprocessing, an unstable sort of the whole file by timestamp; see movielens.py).
+    tie_order: str = "file"
 
     def __post_init__(self) -> None:
         if len(self.users) != len(self.sequences):

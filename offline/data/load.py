@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .dataset import DataError, Interactions
 from .generic import read_generic, read_recbole
-from .movielens import read_ml1m, read_ml1m_sequences, read_ml100k, read_movielens_csv
+from .movielens import TIE_ORDERS, read_ml1m, read_ml1m_sequences, read_ml100k, read_movielens_csv
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,35 @@ def detect_format(path: Path) -> Format:
     raise DataError(directory, f"no known data set files here{hint}. Looked for: {looked_for}")
 
 
-def load_dataset(path: Path, name: str | None = None) -> Interactions:
+def load_dataset(path: Path, name: str | None = None, tie_order: str = "file") -> Interactions:
     """Reads the data set in directory `path` (a file inside it works too), whatever its
     format. `name` overrides the data set's name (default: the format's usual name, e.g.
-    "ml-1m", else the directory's)."""
+    "ml-1m", else the directory's). `tie_order` orders a user's same-time events: "file"
+    (stably, in file order: every format) or "gr" (GR's research preprocessing order, ML-1M's
+    ratings.dat only; movielens.py)."""
+    if tie_order not in TIE_ORDERS:
+        raise DataError(
+            "--tie-order", f"expected one of {', '.join(TIE_ORDERS)}, got {tie_order!r}"
+        )
     directory = Path(path)
     fmt = detect_format(directory)
     if directory.is_file():
         directory = directory.parent
-    return fmt.reader(directory, name)
+    if tie_order == "file":
+        return fmt.reader(directory, name)
+    if fmt.key == "ml-1m-sequences":
+        raise DataError(
+            directory / "sequences.txt",
+            "tie order 'gr' needs ratings.dat: GR orders ML-1M by sorting every rating of "
+            "ratings.dat by timestamp (an unstable sort that reshuffles same-second ratings), "
+            "and sequences.txt holds one fixed order per user with most timestamps missing, "
+            "so that order cannot be derived from it. Add ratings.dat to the folder or use "
+            "--tie-order file",
+        )
+    if fmt.key != "ml-1m":
+        raise DataError(
+            directory,
+            f"tie order 'gr' is defined for MovieLens-1M's ratings.dat only, not for "
+            f"{fmt.description} data; use --tie-order file",
+        )
+    return read_ml1m(directory, name or "ml-1m", tie_order=tie_order)

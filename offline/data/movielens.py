@@ -19,7 +19,15 @@ Decisions:
   the release date). Catalog.genres holds MovieLens' genres; fields["genres"] holds the
   extrainfos (IMDb) genres when present, else MovieLens' joined with ", ".
 - A user's events sort stably by (timestamp, line in the file); sequences.txt's order is kept
-  as is.
+  as is. `read_ml1m(tie_order="gr")` orders same-second events as GR's research preprocessing
+  (generative-recommenders, research/data/preprocessor.py) does instead: it reads ratings.dat
+  into pandas (four int64 columns), sorts the WHOLE frame with
+  `sort_values(by=["unix_timestamp"])` (default kind "quicksort", not stable) and groups by
+  user (which keeps row order within a group). We make that frame from the same file and call
+  the same pandas method, so ties come out as GR's would with this pandas and numpy; numpy's
+  quicksort may differ across versions and CPUs (it dispatches to SIMD sorts), so an exact
+  match with a GR run elsewhere is not guaranteed. sequences.txt holds one fixed order and
+  lacks most timestamps, so that order cannot be derived from it (DataError).
 - Partial timestamps (sequences.txt): a missing one is interpolated linearly between the
   nearest known ones in the same user's sequence (before the first known: the first; after the
   last: the last), rounded to whole seconds, so the order stays non-decreasing. A user with no
@@ -311,19 +319,61 @@ def _ml1m_catalog(directory: Path) -> tuple[np.ndarray, Catalog, list[str]]:
     return catalog_ids, catalog, notes
 
 
-def read_ml1m(directory: Path, name: str = "ml-1m") -> Interactions:
-    """MovieLens-1M from the official `ratings.dat` + `movies.dat` (+ movies_extrainfos.dat)."""
+TIE_ORDERS = ("file", "gr")
+
+
+def gr_event_order(
+    users: np.ndarray, items: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray
+) -> np.ndarray:
+    """Positions (in file order) of ratings.dat's events in the order GR's preprocessing lists
+    them after `sort_values(by=["unix_timestamp"])` on the whole frame: sorted by timestamp,
+    ties in whatever order pandas' default (unstable) quicksort leaves them."""
+    integral = np.array_equal(ratings, np.round(ratings))
+    frame = pd.DataFrame(  # the frame GR's pd.read_csv builds: int64 columns, a RangeIndex
+        {
+            "user_id": users.astype(np.int64),
+            "movie_id": items.astype(np.int64),
+            "rating": ratings.astype(np.int64) if integral else ratings,
+            "unix_timestamp": timestamps.astype(np.int64),
+        }
+    )
+    return frame.sort_values(by=["unix_timestamp"]).index.to_numpy(dtype=np.int64)
+
+
+def read_ml1m(directory: Path, name: str = "ml-1m", tie_order: str = "file") -> Interactions:
+    """MovieLens-1M from the official `ratings.dat` + `movies.dat` (+ movies_extrainfos.dat).
+    `tie_order`: "file" (same-second ratings in file order) or "gr" (GR's order, see the
+    module docstring)."""
+    if tie_order not in TIE_ORDERS:
+        raise DataError(
+            "--tie-order", f"expected one of {', '.join(TIE_ORDERS)}, got {tie_order!r}"
+        )
     directory = Path(directory)
     catalog_ids, catalog, notes = _ml1m_catalog(directory)
     path = directory / "ratings.dat"
-    users, items, _ratings, timestamps = read_plain_table(
+    users, items, ratings, timestamps = read_plain_table(
         path, "::", RATINGS_DAT_FIELDS, what="UserID::MovieID::Rating::Timestamp"
     )
     rows = _rows_or_error(
         path, items, catalog_ids, id_name="MovieID", movie_file="movies.dat", sep="::", skip=0
     )
     notes += _unrated_note(catalog, rows)
-    return make_interactions(name, catalog, users, rows, timestamps, notes=notes)
+    if tie_order == "gr":
+        # Events in GR's global order; make_interactions' stable sort by (user, timestamp)
+        # then keeps that order within each user, as GR's groupby does.
+        order = gr_event_order(users, items, ratings, timestamps)
+        by_file = np.lexsort((timestamps, users))  # lexsort is stable: today's "file" order
+        by_gr = order[np.lexsort((timestamps[order], users[order]))]
+        moved = by_file != by_gr
+        notes.append(
+            "ties in time: GR's order (pandas sort_values of the whole ratings.dat by "
+            f"timestamp, unstable quicksort), not file order: {int(moved.sum()):,} events of "
+            f"{len(np.unique(users[by_file[moved]])):,} users sit elsewhere in their sequence"
+        )
+        users, rows, timestamps = users[order], rows[order], timestamps[order]
+    data = make_interactions(name, catalog, users, rows, timestamps, notes=notes)
+    data.tie_order = tie_order
+    return data
 
 
 def _read_sequences(path: Path, catalog_ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -1,0 +1,108 @@
+"""`sidrec eval` / `sidrec pipeline` evaluation options: the candidate rule (--keep-history),
+the random cold-start rate beside the cold-start column, the ML-1M tie order (--tie-order)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_synthetic_dataset
+from typer.testing import CliRunner
+
+from sidrec.cli import app
+from sidrec.offline import pipeline
+
+
+def test_evaluate_keep_history_reranks_and_records_the_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_synthetic_dataset(tmp_path / "data", users=60, per_theme=5)
+    steps = pipeline.Steps.open(tmp_path / "data", tmp_path / "run", cold_fraction=0.2)
+    # Random content vectors: no MiniLM needed for what is tested here.
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(steps.data.num_items, 384)).astype(np.float32)
+    steps.__dict__["content_vectors"] = vectors
+    steps.train("id", epochs=1, patience=1, procs=1)
+    capsys.readouterr()
+
+    excluded = steps.evaluate()
+    out_excluded = capsys.readouterr().out
+    kept = steps.evaluate(keep_history=True)
+    out_kept = capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved == json.loads(json.dumps(kept))  # the last evaluation is the one on disk
+
+    for name in ("most-popular", "content-only", "id"):
+        for stage in ("valid", "test"):
+            assert excluded[name][stage]["history_excluded"] is True
+            assert kept[name][stage]["history_excluded"] is False
+            assert "hr@5" in kept[name][stage]["overall"]
+        # History items now compete with the target: no rank can get better.
+        assert kept[name]["test"]["overall"]["mrr"] <= excluded[name]["test"]["overall"]["mrr"]
+    # The trained variant is ranked again from its checkpoint, not copied from metrics.json.
+    metrics = json.loads((tmp_path / "run" / "id" / "metrics.json").read_text())
+    assert excluded["id"]["test"]["overall"] == metrics["test"]["overall"]
+    assert kept["id"]["test"]["overall"] != metrics["test"]["overall"]
+
+    # Random cold-start HR@10: every catalog item a candidate when history is kept.
+    n = steps.data.num_items
+    assert kept["id"]["test"]["cold_start"]["random_hr@10"] == pytest.approx(10 / n)
+    random_excluded = excluded["id"]["test"]["cold_start"]["random_hr@10"]
+    assert 10 / n < random_excluded < 1.0
+    assert f"cold-start HR@10 (random {random_excluded:.4f})" in out_excluded
+    assert "history excluded" in out_excluded and "HR@5" in out_excluded
+    assert "history kept as candidates" in out_kept
+    assert "the user's history included (--keep-history)" in out_kept
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["tie_order"] == "file"
+    # Steps on one run folder that read the data in another tie order get a warning.
+    (tmp_path / "run" / "data.json").write_text('{"tie_order": "gr"}')
+    pipeline.Steps.open(tmp_path / "data", tmp_path / "run")
+    warned = " ".join(capsys.readouterr().out.split())  # rich wraps at 80 columns off a tty
+    assert "read the data with tie order 'gr', this one with 'file'" in warned
+
+
+def test_results_table_shows_a_dash_for_figures_old_reports_lack(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def report(with_new: bool) -> dict:
+        metrics = {"count": 4, "hr@10": 0.5, "ndcg@10": 0.25, "hr@50": 0.75, "ndcg@50": 0.3}
+        metrics |= {"hr@200": 1.0, "ndcg@200": 0.35, "mrr": 0.3}
+        if with_new:
+            metrics |= {"hr@5": 0.25, "ndcg@5": 0.2}
+        return {
+            "overall": metrics,
+            "by_popularity": {b: {"hr@10": 0.5, "count": 1} for b in ("hot", "mild", "cold")},
+            "cold_start": {"hr@10": 0.0, "count": 1, "random_hr@10": 0.0123},
+        }
+
+    pipeline.print_results({"new": {"test": report(True)}, "old": {"test": report(False)}}, "toy")
+    out = capsys.readouterr().out
+    new_row = next(line for line in out.splitlines() if "│ new" in line)
+    old_row = next(line for line in out.splitlines() if "│ old" in line)
+    assert "0.2500" in new_row and " - " in old_row
+    assert "random 0.0123" in out
+
+
+def test_cli_options_and_tie_order_refusal(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for command in ("eval", "pipeline"):
+        shown = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert shown.exit_code == 0
+        assert "--keep-history" in shown.output and "--tie-order" in shown.output
+    for command in ("train", "export"):
+        shown = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert "--tie-order" in shown.output
+
+    # ML-1M as sequences.txt: GR's order cannot be derived, a one-line error, exit 2.
+    data = tmp_path / "ml-1m"
+    data.mkdir()
+    (data / "movies.dat").write_text("1::A (1995)::Drama\n2::B (1996)::Comedy\n")
+    (data / "sequences.txt").write_text("7 1 2 1\n")
+    done = runner.invoke(
+        app, ["eval", "--data", str(data), "--run", str(tmp_path / "run"), "--tie-order", "gr"]
+    )
+    assert done.exit_code == 2
+    assert "tie order 'gr' needs ratings.dat" in done.output
+    assert "Traceback" not in done.output

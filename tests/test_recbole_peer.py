@@ -1,0 +1,200 @@
+"""The RecBole SASRec peer (offline/bench/peer.py, recbole_sasrec.py): what it exports, how it
+maps RecBole's ids back to our rows, and one real 2-epoch run in the RecBole venv.
+
+The end-to-end test builds that venv once under sidrec's cache folder (PyPI, a minute or two;
+see recbole-requirements.txt) and skips only when PyPI cannot be reached.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tomllib
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from conftest import write_synthetic_dataset
+
+from sidrec.offline.bench import peer
+from sidrec.offline.data.dataset import Interactions
+from sidrec.offline.data.load import load_dataset
+from sidrec.offline.evaluate import summarize
+from sidrec.offline.split import Split, make_split
+
+ROOT = Path(__file__).resolve().parents[1]
+# pip's words for "PyPI could not be reached": the one reason the end-to-end test may skip.
+# "(from versions: none)": the index listed no release at all of a package PyPI has (pip
+# says this without retry warnings when it makes no retries); a wrong pin lists the others.
+NETWORK_ERRORS = (
+    "(from versions: none)",
+    "NewConnectionError",
+    "Failed to establish a new connection",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "Network is unreachable",
+    "ConnectTimeoutError",
+    "ProxyError",
+    "NameResolutionError",
+)
+
+
+def script_module() -> ModuleType:
+    """recbole_sasrec.py imports recbole only inside main(), so its helpers load here."""
+    spec = importlib.util.spec_from_file_location("recbole_sasrec", peer.SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Interactions, Split]:
+    folder = tmp_path_factory.mktemp("peer") / "data"
+    write_synthetic_dataset(folder, users=120, per_theme=10)
+    data = load_dataset(folder)
+    return folder, data, make_split(data, cold_fraction=0.1, seed=0)
+
+
+def read_atomic(path: Path) -> tuple[list[str], list[list[int]]]:
+    header, *lines = path.read_text().splitlines()
+    return header.split("\t"), [[int(v) for v in line.split("\t")] for line in lines]
+
+
+def test_export_writes_the_training_sequences_in_order(
+    tiny: tuple[Path, Interactions, Split], tmp_path: Path
+) -> None:
+    _, data, split = tiny
+    counts = peer.export_split(data, split, tmp_path)
+    header, rows = read_atomic(tmp_path / "peer" / "peer.inter")
+    assert header == ["user_id:token", "item_id:token", "timestamp:float"]
+    by_user: dict[int, list[tuple[int, int]]] = {}
+    for user, item, position in rows:
+        by_user.setdefault(user, []).append((position, item))
+    for user, sequence in enumerate(split.train_sequences):
+        events = sorted(by_user.get(user, []))
+        assert [p for p, _ in events] == list(range(len(sequence)))  # positions keep our order
+        assert [i for _, i in events] == sequence.tolist()
+    assert counts["train_events"] == len(rows) == split.num_train_events
+    # Withheld items never reach training, but are still in the catalog file.
+    withheld = set(np.flatnonzero(split.withheld).tolist())
+    assert withheld and not withheld & {item for _, item, _ in rows}
+    header, items = read_atomic(tmp_path / "peer" / "peer.item")
+    assert header == ["item_id:token"]
+    assert [r[0] for r in items] == list(range(1, split.num_items + 1))
+
+
+def test_export_eval_sets_round_trip(
+    tiny: tuple[Path, Interactions, Split], tmp_path: Path
+) -> None:
+    _, data, split = tiny
+    peer.export_split(data, split, tmp_path)
+    num_items, stages = script_module().load_eval(tmp_path)
+    assert num_items == split.num_items
+    for name in ("valid", "test"):
+        ours, theirs = split.stage(name), stages[name]
+        assert np.array_equal(theirs.users, ours.users)
+        assert np.array_equal(theirs.targets, ours.targets)
+        assert len(theirs) == len(ours)
+        for i, history in enumerate(ours.histories):
+            assert np.array_equal(theirs.history(i), history)  # full history, withheld kept
+    # validation target = s[-2], test target = s[-1]; the test history ends with it
+    assert all(
+        stages["test"].history(i)[-1] == stages["valid"].targets[i]
+        for i in range(len(stages["test"]))
+    )
+
+
+def test_export_rejects_a_split_of_other_data(
+    tiny: tuple[Path, Interactions, Split], tmp_path: Path
+) -> None:
+    _, data, split = tiny
+    other = Split(**{**split.__dict__, "train_sequences": split.train_sequences[:-1]})
+    with pytest.raises(ValueError, match="not made from this data set"):
+        peer.export_split(data, other, tmp_path)
+
+
+def test_recbole_ids_map_back_to_rows() -> None:
+    mod = script_module()
+    tokens = ["[PAD]", "3", "1", "4", "2"]  # RecBole's order of appearance
+    rows = mod.row_of_recbole_id(np.array(tokens), 4)
+    assert rows.tolist() == [0, 3, 1, 4, 2]
+    by_id = np.array([[9.0, 0.3, 0.1, 0.4, 0.2]])
+    scores = np.empty_like(by_id)
+    scores[:, rows] = by_id
+    assert scores[0, 1:].tolist() == [0.1, 0.2, 0.3, 0.4]  # column r is row r
+    with pytest.raises(ValueError, match="every row"):
+        mod.row_of_recbole_id(tokens[:-1], 4)
+    with pytest.raises(ValueError, match=r"1\.\.n"):
+        mod.row_of_recbole_id(["[PAD]", "1", "1", "2", "3"], 4)
+    assert mod.ndcg_at_10(np.array([1, 3, 11])) == pytest.approx((1 + 1 / np.log2(4)) / 3)
+
+
+def test_requirements_are_pinned_and_stay_out_of_sidrec() -> None:
+    lines = [
+        line.strip()
+        for line in peer.REQUIREMENTS.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert all("==" in line for line in lines), lines
+    pins = dict(line.split("==") for line in lines)
+    assert pins["recbole"] == "1.2.1" and pins["torch"] == "2.13.0"
+    assert int(pins["numpy"].split(".")[0]) < 2  # RecBole 1.2.1 uses np.float and friends
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [
+        d for extra in project["optional-dependencies"].values() for d in extra
+    ]
+    assert not [d for d in declared if d.lower().startswith("recbole")]
+
+
+def test_peer_venv_is_reused_when_its_marker_matches(tmp_path: Path) -> None:
+    digest = peer.requirements_digest()
+    venv = tmp_path / peer.VENV_FOLDER / digest[:16]
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    (venv / peer.MARKER).write_text(digest + "\n")
+    assert peer.peer_venv(tmp_path, log=pytest.fail) == venv / "bin" / "python"  # no build
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # the first call builds the venv from PyPI; later calls ~30 s
+def test_recbole_sasrec_end_to_end(tiny: tuple[Path, Interactions, Split], tmp_path: Path) -> None:
+    folder, data, _ = tiny
+    try:
+        peer.peer_venv()
+    except peer.PeerVenvError as error:
+        if any(marker in error.output for marker in NETWORK_ERRORS):
+            last = error.output.strip().splitlines()[-1]
+            pytest.skip(f"the RecBole venv cannot be built, PyPI is unreachable: {last}")
+        raise
+    out = tmp_path / "run"
+    metrics = peer.run_recbole_sasrec(
+        folder, out, seed=0, epochs=2, patience=2, max_len=20, cold_fraction=0.1, threads=1
+    )
+    split = make_split(data, cold_fraction=0.1, seed=0)  # what the benchmark's runs use
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["dataset"] == data.name
+    assert metrics["epochs_run"] == 2 and metrics["best_epoch"] in (1, 2)
+    assert metrics["config"]["max_len"] == 20 and metrics["config"]["hidden_size"] == 64
+    assert metrics["config"]["loss_type"] == "CE" and metrics["recbole"] == "1.2.1"
+    assert metrics["mean_epoch_train_seconds"] > 0
+    n = split.num_items
+    for stage in ("valid", "test"):
+        excluded = np.load(out / f"{stage}_ranks.npy")
+        kept = np.load(out / f"{stage}_ranks_kept.npy")
+        users = split.stage(stage)
+        assert len(excluded) == len(kept) == len(users)
+        assert excluded.min() >= 1 and kept.max() <= n
+        # Removing the history from the candidates can only lift the target; it must lift
+        # some, and the excluded rank is bounded by the candidates left.
+        assert (kept >= excluded).all() and (kept > excluded).any()
+        left = [
+            n - len(set(h.tolist()) - {t})
+            for h, t in zip(users.histories, users.targets, strict=True)
+        ]
+        assert (excluded <= np.array(left)).all()
+        assert metrics[stage] == json.loads(json.dumps(summarize(excluded, split, stage)))
+        assert metrics[f"{stage}_history_kept"]["overall"]["count"] == len(users)
+    # Two epochs on themed users already beat a random ranking (HR@10 = 10 / n).
+    assert metrics["test"]["overall"]["hr@10"] > 10 / n
