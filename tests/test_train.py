@@ -158,6 +158,23 @@ def test_training_is_deterministic(tmp_path) -> None:
     assert [e["train_loss"] for e in a.epochs] != [e["train_loss"] for e in c.epochs]
 
 
+@pytest.mark.parametrize(
+    ("loss", "attn_norm"),
+    [("sampled-logq", "length"), ("sampled-uniform", "padded"), ("full", "length")],
+)
+def test_every_loss_learns_the_planted_pattern(tmp_path, loss: str, attn_norm: str) -> None:
+    data = planted_interactions()
+    split = make_split(data, 0.05, seed=0)
+    cfg = tiny_config(epochs=12, patience=4, variant="id", loss=loss, attn_norm=attn_norm)
+    cfg.num_negatives = 16 if loss == "sampled-logq" else 0  # far fewer than the catalog
+    result = train(data, split, None, None, cfg, tmp_path / loss, log=lambda _: None)
+    popular = evaluate(most_popular_scorer(split), split, "test")
+    warm_model, warm_popular = result.test["warm"]["hr@10"], popular["warm"]["hr@10"]
+    assert warm_model > 0.5 and warm_model > warm_popular + 0.2, (loss, warm_model, warm_popular)
+    metrics = json.loads((tmp_path / loss / "metrics.json").read_text())
+    assert (metrics["config"]["loss"], metrics["config"]["attn_norm"]) == (loss, attn_norm)
+
+
 def test_training_learns_planted_pattern_and_checkpoint_reloads(tmp_path) -> None:
     data = planted_interactions()
     split = make_split(data, 0.05, seed=0)
@@ -178,7 +195,9 @@ def test_training_learns_planted_pattern_and_checkpoint_reloads(tmp_path) -> Non
     assert max(x["valid"]["ndcg@10"] for x in lines) == best_line["valid"]["ndcg@10"]
     assert metrics["test"] == result.test
     model, cfg, ckpt = load_checkpoint(out / "checkpoint.pt")
-    assert cfg == tiny_config(epochs=25, patience=4) and ckpt["epoch"] == result.best_epoch
+    # the checkpoint records the loss actually used: "auto" resolved for this catalog
+    resolved = tiny_config(epochs=25, patience=4).resolved(data.num_items, torch.device("cpu"))
+    assert cfg == resolved and cfg.loss == "full" and ckpt["epoch"] == result.best_epoch
     reloaded = evaluate(hstu_scorer(model.encoder, model.items, ckpt["trained"]), split, "test")
     assert reloaded == result.test
 
