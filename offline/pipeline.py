@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,25 @@ def _check_variant(name: str) -> tuple[str, str]:
     return VARIANTS[name]
 
 
+# Training settings `sidrec bench tune` chose on validation (docs/results/*-tune.md), by the
+# data's shape: long histories (MovieLens: ML-1M 166 events per user) or short ones (Amazon
+# 5-core: Toys 8.6, Sports 8.3). The loss is TrainConfig's "auto" either way: the exact full
+# softmax wherever the catalog's logits fit, else the logQ-corrected sampled softmax.
+LONG_HISTORY_EVENTS = 50
+LONG_HISTORY_SETTINGS: dict[str, Any] = {"attn_norm": "length"}
+SHORT_HISTORY_SETTINGS: dict[str, Any] = {"attn_norm": "length"}
+
+
+def recommended_settings(data: Interactions) -> tuple[dict[str, Any], str]:
+    """(TrainConfig fields, why) for `data`, from the mean events per user."""
+    mean = data.num_events / max(len(data.users), 1)
+    if mean >= LONG_HISTORY_EVENTS:
+        why = f"{mean:.0f} events per user >= {LONG_HISTORY_EVENTS}: tuned on ML-1M"
+        return dict(LONG_HISTORY_SETTINGS), why
+    why = f"{mean:.1f} events per user < {LONG_HISTORY_EVENTS}: tuned on Amazon Toys"
+    return dict(SHORT_HISTORY_SETTINGS), why
+
+
 @dataclass
 class Steps:
     data: Interactions
@@ -73,6 +92,10 @@ class Steps:
     seed: int = 0
     cold_fraction: float = 0.05
     timings: dict[str, float] = field(default_factory=dict)
+    # TrainConfig fields for every variant (loss, attn_norm, dropout, lr, ...) and why:
+    # use_settings() fills both from a tune report or the data's shape
+    settings: dict[str, Any] = field(default_factory=dict)
+    settings_source: str = "TrainConfig defaults"
 
     @classmethod
     def open(
@@ -156,6 +179,43 @@ class Steps:
 
         return make_split(self.data, cold_fraction=self.cold_fraction, seed=self.seed)
 
+    def use_settings(self, path: Path | None = None) -> dict[str, Any]:
+        """Choose the training settings: from `path` (a `sidrec bench tune` report JSON, whose
+        validation winner is taken, or a plain JSON object of TrainConfig fields), else
+        recommended_settings() for this data; prints them and writes run/settings.json."""
+        from sidrec.offline.train import TrainConfig
+
+        if path is None:
+            self.settings, self.settings_source = recommended_settings(self.data)
+        else:
+            try:
+                loaded = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as e:
+                raise DataError(path, f"cannot read settings: {e}") from e
+            if isinstance(loaded, dict) and "grid" in loaded and "winner" in loaded:
+                winner = loaded["winner"]
+                if winner not in loaded["grid"]:
+                    raise DataError(path, "the tune report has no finished grid run")
+                self.settings = dict(loaded["grid"][winner]["settings"])
+                self.settings_source = (
+                    f"{path}: the validation winner {winner!r} of sidrec bench tune on "
+                    f"{loaded.get('dataset', '?')}"
+                )
+            elif isinstance(loaded, dict):
+                self.settings, self.settings_source = loaded, str(path)
+            else:
+                raise DataError(path, "settings must be a JSON object")
+        known = set(TrainConfig.__dataclass_fields__)
+        unknown = sorted(set(self.settings) - known)
+        if unknown:
+            raise DataError(path or "settings", f"not training settings: {', '.join(unknown)}")
+        TrainConfig(**self.settings)  # validates the values before any training starts
+        text = ", ".join(f"{k}={v}" for k, v in self.settings.items()) or "TrainConfig defaults"
+        console.print(f"training settings: {text}  ({self.settings_source})")
+        record = {"settings": self.settings, "source": self.settings_source}
+        (self.run / "settings.json").write_text(json.dumps(record, indent=2) + "\n")
+        return self.settings
+
     def train(
         self,
         name: str,
@@ -187,6 +247,7 @@ class Steps:
             # Batches of users with similar history lengths (shuffled): far less padding.
             group_by_length=True,
         )
+        cfg = replace(cfg, **self.settings)
         console.rule(f"train {name}" + (f" ({procs} processes)" if procs > 1 else ""))
         started = time.perf_counter()
         out = self.run / name

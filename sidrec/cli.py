@@ -57,6 +57,15 @@ TieOrderOpt = Annotated[
         "preprocessing: pandas' unstable sort of ML-1M's whole ratings.dat; ML-1M only).",
     ),
 ]
+SettingsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--settings",
+        help="Training settings: a `sidrec bench tune` report (<data>-tune.json; its "
+        "validation winner is used) or a JSON object of TrainConfig fields. Default: the "
+        "settings tuned for data of this shape (printed, and written to RUN/settings.json).",
+    ),
+]
 KeepHistoryOpt = Annotated[
     bool,
     typer.Option(
@@ -283,6 +292,7 @@ def train(
     seed: int = 0,
     procs: ProcsOpt = DEFAULT_PROCS,
     tie_order: TieOrderOpt = "file",
+    settings: SettingsOpt = None,
 ) -> None:
     """Train HSTU variants (leave-one-out, validation item selects the epoch)."""
     _offline_env()
@@ -291,6 +301,7 @@ def train(
     steps = _run(
         pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction, tie_order=tie_order
     )
+    _run(steps.use_settings, settings)
     for variant in _split_variants(variants):
         _run(
             steps.train,
@@ -355,6 +366,7 @@ def pipeline_cmd(
     procs: ProcsOpt = DEFAULT_PROCS,
     tie_order: TieOrderOpt = "file",
     keep_history: KeepHistoryOpt = False,
+    settings: SettingsOpt = None,
 ) -> None:
     """All steps: data, SIDs, train, evaluate, export."""
     _offline_env()
@@ -363,6 +375,7 @@ def pipeline_cmd(
     steps = _run(
         pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction, tie_order=tie_order
     )
+    _run(steps.use_settings, settings)
     _run(
         steps.all,
         _split_variants(variants),
@@ -421,6 +434,7 @@ def quickstart(
     from sidrec.offline.demo import run_demo
 
     steps = _run(pipeline.Steps.open, data, run)
+    _run(steps.use_settings, None)
     bundle = _run(
         steps.all,
         _split_variants(DEFAULT_VARIANTS),

@@ -1,0 +1,78 @@
+"""Training settings for `sidrec train/pipeline`: tuned defaults by data shape, or a tune report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_synthetic_dataset
+
+from sidrec.offline import pipeline
+from sidrec.offline.data.dataset import DataError
+
+
+@pytest.fixture
+def steps(tmp_path: Path) -> pipeline.Steps:
+    write_synthetic_dataset(tmp_path / "data", users=40, per_theme=6)
+    return pipeline.Steps.open(tmp_path / "data", tmp_path / "run")
+
+
+def test_default_settings_follow_the_data_shape(steps: pipeline.Steps) -> None:
+    # 15-30 events per user: the short-history (Amazon-tuned) settings
+    chosen = steps.use_settings(None)
+    assert chosen == pipeline.SHORT_HISTORY_SETTINGS
+    record = json.loads((steps.run / "settings.json").read_text())
+    assert record["settings"] == chosen and "Amazon" in record["source"]
+    long_events = pipeline.LONG_HISTORY_EVENTS * len(steps.data.users)
+    assert steps.data.num_events < long_events
+
+
+def test_settings_from_a_tune_report_take_its_validation_winner(
+    steps: pipeline.Steps, tmp_path: Path
+) -> None:
+    report = {
+        "dataset": "amazon-toys",
+        "winner": "full-length-dropout-0.5",
+        "grid": {
+            "full": {"settings": {"loss": "full", "attn_norm": "padded"}},
+            "full-length-dropout-0.5": {
+                "settings": {"loss": "full", "attn_norm": "length", "dropout": 0.5}
+            },
+        },
+    }
+    path = tmp_path / "amazon-toys-tune.json"
+    path.write_text(json.dumps(report))
+    assert steps.use_settings(path) == {"loss": "full", "attn_norm": "length", "dropout": 0.5}
+    assert "full-length-dropout-0.5" in steps.settings_source
+
+
+def test_bad_settings_are_refused_before_training(steps: pipeline.Steps, tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"dropout": 0.5, "learning_rate": 1e-3}))
+    with pytest.raises(DataError, match="learning_rate"):
+        steps.use_settings(path)
+    path.write_text(json.dumps({"loss": "bpr"}))
+    with pytest.raises(ValueError, match="loss"):
+        steps.use_settings(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(DataError, match="JSON object"):
+        steps.use_settings(path)
+
+
+def test_trained_variant_uses_the_settings(steps: pipeline.Steps, tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"loss": "sampled-logq", "num_negatives": 8, "dropout": 0.3}))
+    steps.use_settings(path)
+    # Random content vectors: SIDs without MiniLM (not what is tested here).
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((steps.data.num_items, 16)).astype(np.float32)
+    steps.__dict__["content_vectors"] = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    metrics = steps.train("id", epochs=1, patience=1)
+    config = metrics["config"]
+    assert (config["loss"], config["num_negatives"], config["dropout"]) == (
+        "sampled-logq",
+        8,
+        0.3,
+    )
