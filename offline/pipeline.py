@@ -72,7 +72,7 @@ def _check_variant(name: str) -> tuple[str, str]:
 # softmax wherever the catalog's logits fit, else the logQ-corrected sampled softmax.
 LONG_HISTORY_EVENTS = 50
 LONG_HISTORY_SETTINGS: dict[str, Any] = {"attn_norm": "length"}
-SHORT_HISTORY_SETTINGS: dict[str, Any] = {"attn_norm": "length"}
+SHORT_HISTORY_SETTINGS: dict[str, Any] = {"attn_norm": "length", "dropout": 0.5}
 
 
 def recommended_settings(data: Interactions) -> tuple[dict[str, Any], str]:

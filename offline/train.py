@@ -56,7 +56,11 @@ from sidrec.offline.split import Split, split_summary
 
 LOSSES = ("full", "sampled-logq", "sampled-uniform")
 DEFAULT_NEGATIVES = {"sampled-logq": 4096, "sampled-uniform": 128}
-FULL_SOFTMAX_MAX_BYTES = 8 << 30
+# loss="auto": the full softmax scores every item at every position of a batch. The chunked
+# loss (model/loss.py) keeps memory small whatever the catalog, so the bound is on work: at
+# most this many scores per batch (batch_size x max_len x catalog rows): 128 x 200 x 21k,
+# i.e. ML-1M and both Amazon sets are full, a 50k-item catalog is sampled; 16x that on CUDA.
+FULL_SOFTMAX_MAX_SCORES = 1 << 29
 LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -83,8 +87,8 @@ class TrainConfig:
     # full: exact softmax over every trained item; sampled-logq: the batch's targets plus
     # num_negatives uniform draws, logQ-corrected (for catalogs too big to score whole);
     # sampled-uniform: GR's reference, 1 positive vs num_negatives uniform negatives;
-    # auto: full when a batch's [positions, catalog] logits fit FULL_SOFTMAX_MAX_BYTES,
-    # else sampled-logq. The resolved name is what metrics.json and the bundle record.
+    # auto: full while a batch's scores stay under FULL_SOFTMAX_MAX_SCORES, else
+    # sampled-logq. The resolved name is what metrics.json and the bundle record.
     loss: str = "auto"
     num_negatives: int = 0  # 0 = the loss's default: 128 (sampled-uniform), 4096 (sampled-logq)
     # sampled-uniform only: where the R negatives are drawn: once per sequence, shared by its
@@ -134,12 +138,9 @@ class TrainConfig:
         """A copy with loss and num_negatives made concrete for this catalog and device."""
         loss = self.loss
         if loss == "auto":
-            limit = FULL_SOFTMAX_MAX_BYTES
-            if device.type == "cuda":
-                limit = min(limit, torch.cuda.get_device_properties(device).total_memory // 4)
-            # logits, their softmax and its gradient: three float32 [P, n + 1] tensors
-            need = 3 * 4 * self.batch_size * self.max_len * (num_items + 1)
-            loss = "full" if need <= limit else "sampled-logq"
+            limit = FULL_SOFTMAX_MAX_SCORES * (16 if device.type == "cuda" else 1)
+            scores = self.batch_size * self.max_len * (num_items + 1)
+            loss = "full" if scores <= limit else "sampled-logq"
         negatives = self.num_negatives or DEFAULT_NEGATIVES.get(loss, 0)
         return replace(self, loss=loss, num_negatives=negatives)
 
