@@ -215,7 +215,14 @@ def bench_tune(
     out: Annotated[Path, typer.Option(help="Benchmark folder (resumable).")] = Path(
         "runs/bench-tune"
     ),
-    stage: Annotated[str, typer.Option(help="all | train | report")] = "all",
+    stage: Annotated[
+        str,
+        typer.Option(
+            help="all | train | finish | report. finish closes runs a time limit stopped "
+            "(no process may still be training them): their best-validation checkpoint is "
+            "evaluated on test once and the run is marked stopped."
+        ),
+    ] = "all",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     jobs: Annotated[
         int,

@@ -123,3 +123,28 @@ def test_tune_report_names_the_winner_and_lists_the_missing_peer(
     assert f"{PEER}.s0" in results["missing"]
     assert "sidrec bench tune --data" in report
     assert (root / "report" / f"{data_name}-tune" / "validation_curves.png").is_file()
+
+
+def test_finish_closes_a_stopped_run_from_its_best_checkpoint(
+    tuned_bench: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from sidrec.offline.bench.runner import finish_stopped
+
+    root, out = tuned_bench
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    run = next(r for r in tune_runs(seeds=2) if r.name == "ref-id.s1")
+    folder = run_dir(copy, run)
+    before = json.loads((folder / "metrics.json").read_text())
+    (folder / "run.json").unlink()  # as a run killed by a time limit leaves it: no results
+    (folder / "metrics.json").unlink()
+    info = finish_stopped(root / "data", copy, run)
+    assert info is not None and "stopped by hand after 2 epochs" in info["stopped"]
+    after = json.loads((folder / "metrics.json").read_text())
+    # the best-validation checkpoint gives the figures train() reported
+    assert after["test"]["overall"] == before["test"]["overall"]
+    assert after["best_epoch"] == before["best_epoch"]
+    assert info["test_history_kept"]["history_excluded"] is False
+    assert finish_stopped(root / "data", copy, run) is None  # done now: nothing to close

@@ -22,6 +22,8 @@ from sidrec.offline.bench.runner import Budget, train_all
 from sidrec.offline.data.dataset import DataError
 
 STAGES = ("prepare", "train", "report")
+# tune plan: close runs a time limit stopped, from their best-validation checkpoint
+FINISH = "finish"
 COMMANDS_FILE = "commands.jsonl"
 console = Console()
 
@@ -52,7 +54,7 @@ def run_benchmark(
     start_for: float | None = None,
     plan: str = "quality",
 ) -> None:
-    stages = STAGES if plan == "quality" else STAGES[1:]
+    stages = STAGES if plan == "quality" else (*STAGES[1:2], FINISH, *STAGES[2:])
     if stage not in (*stages, "all"):
         raise DataError("--stage", f"unknown stage {stage!r}; use all, {', '.join(stages)}")
     if not Path(data).is_dir():
@@ -142,6 +144,13 @@ def _stage(
         failed = train_all(data, out, runs, budget, device, jobs, console.print, start_for)
         if failed:
             raise DataError(out, f"{len(failed)} runs failed: {', '.join(failed)}")
+    elif name == FINISH:
+        from sidrec.offline.bench.runner import finish_stopped
+
+        for run in runs:
+            info = finish_stopped(data, out, run)
+            if info is not None:
+                console.print(f"{run.name}: {info['stopped']}")
     elif plan == "tune":
         from sidrec.offline.bench.tune_report import write_tune_report
 

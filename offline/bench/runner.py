@@ -147,6 +147,62 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
     return info
 
 
+def finish_stopped(data_dir: Path, out: Path, run: Run) -> dict | None:
+    """Close a run that was stopped before early stopping ended it (a time limit, Ctrl-C):
+    evaluate its best-validation checkpoint on test once, as train() would have, and write
+    metrics.json and run.json, marked "stopped". Returns run.json, or None when the run has
+    no checkpoint or is already done."""
+    import torch
+
+    from sidrec.offline.data.load import load_dataset
+    from sidrec.offline.split import make_split, split_summary
+    from sidrec.offline.train import (
+        CHECKPOINT_FILE,
+        LOG_FILE,
+        METRICS_FILE,
+        evaluate_model,
+        load_checkpoint,
+    )  # fmt: skip
+
+    folder = run_dir(out, run)
+    if is_done(out, run) or not (folder / CHECKPOINT_FILE).is_file():
+        return None
+    model, cfg, ckpt = load_checkpoint(folder / CHECKPOINT_FILE)
+    data = load_dataset(data_dir)
+    split = make_split(data, cold_fraction=run.cold_fraction, seed=SPLIT_SEED)
+    lines = [json.loads(x) for x in (folder / LOG_FILE).read_text().splitlines() if x]
+    device = torch.device("cpu")
+    valid = evaluate_model(model, split, "valid", cfg, device)
+    test = evaluate_model(model, split, "test", cfg, device)
+    note = f"stopped by hand after {len(lines)} epochs; best validation epoch {ckpt['epoch']}"
+    metrics = {
+        "dataset": data.name,
+        "config": {**ckpt["config"], "device": "cpu"},
+        "world_size": 1,
+        "device": "cpu",
+        "best_epoch": ckpt["epoch"],
+        "epochs_run": len(lines),
+        "mean_epoch_train_seconds": float(np.mean([x["train_seconds"] for x in lines])),
+        "split": split_summary(split),
+        "valid": valid,
+        "test": test,
+        "stopped": note,
+    }
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    info = {
+        "test_history_kept": history_kept_test(model, split, cfg.max_len),
+        "run": run.as_dict(),
+        "resolved_variant": run.variant,
+        "best_epoch": ckpt["epoch"],
+        "epochs_run": len(lines),
+        "wall_seconds": round(sum(x["seconds"] for x in lines), 1),
+        "device": f"cpu ({platform.processor() or platform.machine()})",
+        "stopped": note,
+    }
+    (folder / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
 def history_kept_test(model: SequentialRecommender, split: Split, max_len: int) -> dict:
     """Test report of a trained model with the user's history items left as candidates."""
     from sidrec.offline.evaluate import evaluate, hstu_scorer

@@ -159,9 +159,14 @@ def write_tune_report(
     for entry in done.values():
         by_group.setdefault(entry["run"].group, []).append(entry)
     tuned = (by_group.get(winner, []) if winner else []) + by_group.get("tuned", [])
+    ran = sum(group in by_group for group in TUNE_GRID)
     rows_of = {
         "ref-id": ("HSTU, GR's reference settings", by_group.get("ref-id", [])),
-        "tuned": (f"HSTU, tuned ({winner or 'no grid run yet'})", tuned),
+        "tuned": (
+            f"HSTU, tuned ({winner or 'no grid run yet'}; best of {ran} of "
+            f"{len(TUNE_GRID)} grid cells)",
+            tuned,
+        ),
         PEER: ("RecBole SASRec (peer)", by_group.get(PEER, [])),
     }
 
@@ -203,7 +208,8 @@ def write_tune_report(
         if not stats:
             rows.append([label, "0", *("-" for _ in METRICS), "-", "-"])
             continue
-        epochs = [e["info"]["best_epoch"] for e in entries]
+        epochs = [f"{e['info']['best_epoch']}{' (stopped)' if e['info'].get('stopped') else ''}"
+                  for e in entries]  # fmt: skip
         seconds = [_epoch_seconds(e) for e in entries]
         wall = [e["info"]["wall_seconds"] for e in entries]
         rows.append(
@@ -221,7 +227,8 @@ def write_tune_report(
             "test": stats,
             "test_history_kept": _row(entries, "test_history_kept"),
             "valid": _row(entries, "valid"),
-            "best_epochs": epochs,
+            "best_epochs": [e["info"]["best_epoch"] for e in entries],
+            "stopped": [e["info"].get("stopped") for e in entries],
             "epoch_train_seconds": seconds,
             "wall_seconds": wall,
         }
@@ -275,7 +282,8 @@ def write_tune_report(
                 f"{valid['hr@10']:.4f}",
                 f"{test['ndcg@10']:.4f}",
                 f"{test['hr@10']:.4f}",
-                f"{entry['info']['best_epoch']} / {entry['info']['epochs_run']}",
+                f"{entry['info']['best_epoch']} / {entry['info']['epochs_run']}"
+                + (" (stopped)" if entry["info"].get("stopped") else ""),
                 f"{_epoch_seconds(entry):.0f}",
             ]
         )
