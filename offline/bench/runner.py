@@ -91,7 +91,7 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
     import torch
 
     if run.group == PEER:
-        return _peer_run(data_dir, out, run, budget)
+        return _peer_run(data_dir, out, run, budget, device)
 
     from sidrec.offline.data.load import load_dataset
     from sidrec.offline.pipeline import VARIANTS
@@ -211,7 +211,7 @@ def history_kept_test(model: SequentialRecommender, split: Split, max_len: int) 
     return evaluate(scorer, split, "test", max_history=max_len, keep_history=True)
 
 
-def _peer_run(data_dir: Path, out: Path, run: Run, budget: Budget) -> dict:
+def _peer_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) -> dict:
     """RecBole's SASRec on the same split, in its own virtual environment (peer.py)."""
     from sidrec.offline.bench.peer import run_recbole_sasrec
     from sidrec.offline.data.load import load_dataset
@@ -224,6 +224,7 @@ def _peer_run(data_dir: Path, out: Path, run: Run, budget: Budget) -> dict:
     metrics = run_recbole_sasrec(
         data_dir, folder, seed=run.seed, epochs=budget.epochs, patience=budget.patience,
         max_len=200 if mean_length >= 50 else 50, cold_fraction=run.cold_fraction, threads=1,
+        device="cpu" if device == "cpu" else "auto",  # the peer script's choices
     )  # fmt: skip
     info = {
         "run": run.as_dict(),
@@ -231,7 +232,7 @@ def _peer_run(data_dir: Path, out: Path, run: Run, budget: Budget) -> dict:
         "best_epoch": metrics["best_epoch"],
         "epochs_run": metrics["epochs_run"],
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "device": f"cpu ({platform.processor() or platform.machine()})",
+        "device": metrics.get("device", device),
     }
     (folder / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
