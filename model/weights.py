@@ -1,9 +1,11 @@
 """The bundle's PyTorch weights (model.pt): what the service's torch engine runs.
 
 One file holds the item embedding and the HSTU encoder, each as its constructor arguments
-plus its state dict, and the SID table the item embedding was built on (its prefix trie and
-SID rows are derived from the SIDs, not saved). Only tensors, numbers, strings and dicts, so
-it loads with `torch.load(weights_only=True)`: a bundle file never runs code on load.
+plus its state dict, the SID table the item embedding was built on (its prefix trie and
+SID rows are derived from the SIDs, not saved), and the content tower when the model has one
+(model/content_tower.py: then it, not the item embedding, makes new items' vectors). Only
+tensors, numbers, strings and dicts, so it loads with `torch.load(weights_only=True)`: a
+bundle file never runs code on load.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .content_tower import ContentTower
 from .hstu import HSTU, UserEncoder
 from .item_embedding import ItemEmbedding
 
@@ -55,7 +58,27 @@ def hstu_args(hstu: HSTU) -> dict[str, Any]:
     }
 
 
-def save_weights(items: ItemEmbedding, hstu: HSTU, sids: torch.Tensor | None, path: Path) -> None:
+def content_tower_args(tower: ContentTower) -> dict[str, Any]:
+    """The keyword arguments that rebuild `tower` (its prefix trie is in its state dict)."""
+    first, last = tower.content[0], tower.content[-1]
+    return {
+        "num_prefix_rows": tower.prefix_emb.num_embeddings,
+        "trie_lines": tower.prefix_child.shape[0],
+        "codes_per_layer": tower.prefix_child.shape[1],
+        "sid_layers": tower.sid_layers,
+        "content_dim": first.in_features,
+        "d": last.out_features,
+        "hidden": first.out_features,
+    }
+
+
+def save_weights(
+    items: ItemEmbedding,
+    hstu: HSTU,
+    sids: torch.Tensor | None,
+    path: Path,
+    tower: ContentTower | None = None,
+) -> None:
     """Write model.pt. sids: int64 [num_items + 1, L + 1], what `items` was built on (None
     for the id variant, which reads no SIDs)."""
     if items.uses_sid and sids is None:
@@ -68,6 +91,10 @@ def save_weights(items: ItemEmbedding, hstu: HSTU, sids: torch.Tensor | None, pa
             "sids": None if sids is None else torch.as_tensor(sids, dtype=torch.int64).cpu(),
             "item_embedding_state": {k: v.cpu() for k, v in items.state_dict().items()},
             "hstu_state": {k: v.cpu() for k, v in hstu.state_dict().items()},
+            "content_tower": None if tower is None else content_tower_args(tower),
+            "content_tower_state": None
+            if tower is None
+            else {k: v.cpu() for k, v in tower.state_dict().items()},
         },
         path,
     )
@@ -75,8 +102,9 @@ def save_weights(items: ItemEmbedding, hstu: HSTU, sids: torch.Tensor | None, pa
 
 def load_weights(
     path: Path, device: torch.device | str = "cpu"
-) -> tuple[ItemEmbedding, UserEncoder]:
-    """model.pt -> (item embedding, user encoder), in eval mode on `device`."""
+) -> tuple[ItemEmbedding, UserEncoder, ContentTower | None]:
+    """model.pt -> (item embedding, user encoder, content tower or None), in eval mode on
+    `device`."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if saved.get("format") != FORMAT:
         raise ValueError(
@@ -86,4 +114,9 @@ def load_weights(
     items.load_state_dict(saved["item_embedding_state"])
     hstu = HSTU(**saved["hstu"])
     hstu.load_state_dict(saved["hstu_state"])
-    return items.to(device).eval(), UserEncoder(hstu).to(device).eval()
+    tower = None
+    if saved.get("content_tower") is not None:
+        tower = ContentTower.empty(**saved["content_tower"])
+        tower.load_state_dict(saved["content_tower_state"])
+        tower = tower.to(device).eval()
+    return items.to(device).eval(), UserEncoder(hstu).to(device).eval(), tower

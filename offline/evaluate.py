@@ -180,14 +180,20 @@ def hstu_scorer(encoder: HSTU, items: ItemEmbedding, trained: np.ndarray | torch
     dropped for rows never trained (withheld / never-rated items get their SID-only vector),
     user vector = encoder output at the last history position with the target's time as query
     time, score = cosine against the L2-normalised table. Call under eval mode."""
-    from sidrec.model.hstu import UserEncoder
-
-    user_encoder = UserEncoder(encoder)
     param = next(items.parameters())
     with torch.no_grad():
         trained_t = torch.as_tensor(trained, dtype=torch.bool, device=param.device)
         table = items.table(trained_t)  # [n + 1, d] raw vectors
-        table_normed = F.normalize(table, dim=-1, eps=1e-6)
+    return table_scorer(encoder, table)
+
+
+def table_scorer(encoder: HSTU, table: torch.Tensor) -> Scorer:
+    """Scores with `encoder` over the item table [n + 1, d] (raw vectors, row 0 zero): the
+    history's rows are the encoder's input, the cosine against every row the score."""
+    from sidrec.model.hstu import UserEncoder
+
+    user_encoder = UserEncoder(encoder)
+    table_normed = F.normalize(table, dim=-1, eps=1e-6)
 
     @torch.no_grad()
     def score(batch: EvalBatch) -> torch.Tensor:

@@ -16,7 +16,12 @@ from sidrec.item_text import item_text
 from sidrec.model.weights import save_weights
 from sidrec.offline.content import export_content_encoder
 from sidrec.offline.data.dataset import Interactions
-from sidrec.offline.onnx_export import export_sid_to_vector, export_user_encoder
+from sidrec.offline.onnx_export import (
+    export_item_vector,
+    export_sid_to_vector,
+    export_user_encoder,
+)
+from sidrec.offline.tower import item_table, load_tower
 from sidrec.offline.train import load_checkpoint
 from sidrec.sid_codebook import Codebooks
 
@@ -45,8 +50,13 @@ def export_bundle(
     cache_dir: Path,
     metrics: dict[str, Any] | None = None,
     variant_name: str | None = None,
+    content: np.ndarray | None = None,
 ) -> Path:
     """Export `checkpoint` (offline/train.py) as a bundle folder; returns its path.
+
+    A content tower saved beside the checkpoint (offline/tower.py) goes into the bundle: its
+    table is item_vectors.npy and item_vector.onnx makes new items' vectors; it needs the
+    catalog's `content` vectors float32 [n, C].
 
     The folder is written next to `out_dir` first and renamed into place, so a half-written
     bundle never sits where the service looks.
@@ -67,13 +77,21 @@ def export_bundle(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
+    tower = load_tower(Path(checkpoint).parent)
+    if tower is not None and content is None:
+        raise ValueError(f"{checkpoint} has a content tower: export_bundle needs the content")
     with torch.no_grad():
-        table = model.items.table(trained).numpy().astype(np.float32)  # [n + 1, d]
-    np.save(tmp / "item_vectors.npy", table)
+        table = model.items.table(trained)  # [n + 1, d]
+        if tower is not None:
+            table = item_table(table, tower, sids, content, counts)
+    np.save(tmp / "item_vectors.npy", table.numpy().astype(np.float32))
     # After table(): it records which SID rows trained items read, and model.pt keeps that.
-    save_weights(model.items, model.encoder, torch.as_tensor(sids), tmp / TORCH_WEIGHTS)
+    save_weights(model.items, model.encoder, torch.as_tensor(sids), tmp / TORCH_WEIGHTS, tower)
     export_user_encoder(model.encoder, cfg.d, tmp / "user_encoder.onnx", cfg.max_len)
-    export_sid_to_vector(model.items, tmp / "sid_to_vector.onnx")
+    if tower is not None:
+        export_item_vector(tower, tmp / "item_vector.onnx")
+    else:
+        export_sid_to_vector(model.items, tmp / "sid_to_vector.onnx")
     codebooks.save(tmp / "sid_codebooks.npz")
 
     catalog = data.catalog
@@ -130,6 +148,9 @@ def export_bundle(
             "lr": cfg.lr,
             "weight_decay": cfg.weight_decay,
             "best_epoch": ckpt["epoch"],
+            # how new items get vectors: a content tower (SID + content), or the SID alone
+            "new_items": "content-tower" if tower is not None else "sid",
+            "tower_half_weight_count": None if tower is None else float(tower.half_weight_count),
         },
         "sid": {
             "layers": codebooks.layers,

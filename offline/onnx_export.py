@@ -1,4 +1,5 @@
-"""Export the two graphs the service runs: the user encoder and SID -> item vector.
+"""Export the graphs the service runs: the user encoder and the vector of a new item (SID ->
+item vector, or SID + content -> item vector for a model with a content tower).
 
 Input/output names and shapes are the bundle contract (docs/bundle.md). Each export is
 checked with onnx.checker and run once in ONNX Runtime against PyTorch before returning.
@@ -14,6 +15,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from sidrec.model.content_tower import ContentTower, TowerVector
 from sidrec.model.hstu import HSTU, UserEncoder
 from sidrec.model.item_embedding import ItemEmbedding, SidToVector
 
@@ -139,3 +141,24 @@ def export_sid_to_vector(item_embedding: ItemEmbedding, path: Path) -> None:
         dynamic_axes={"codes": {0: "batch", 1: "width"}, "vectors": {0: "batch"}},
     )
     _check_parity(path, {"codes": codes.numpy()}, model(codes).numpy(), "SID -> vector")
+
+
+@torch.no_grad()
+def export_item_vector(tower: ContentTower, path: Path) -> None:
+    """Write item_vector.onnx: codes [B, L + 1] int64 and content [B, C] float32 -> vectors
+    [B, d] float32 (raw), a new item's vector from its SID and content vector; B dynamic."""
+    model = TowerVector(copy.deepcopy(tower)).cpu().eval()
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(tower.prefix_child.shape[1], (3, tower.sid_layers + 1),
+                          generator=generator)  # fmt: skip
+    content = torch.randn(3, tower.content[0].in_features, generator=generator)
+    _export(
+        model,
+        (codes, content),
+        path,
+        input_names=["codes", "content"],
+        output_names=["vectors"],
+        dynamic_axes={"codes": {0: "batch"}, "content": {0: "batch"}, "vectors": {0: "batch"}},
+    )
+    feeds = {"codes": codes.numpy(), "content": content.numpy()}
+    _check_parity(path, feeds, model(codes, content).numpy(), "SID + content -> vector")

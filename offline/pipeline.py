@@ -40,7 +40,11 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "hybrid-sum": ("hybrid", "sum"),
     "hybrid-alpha": ("hybrid", "alpha"),
     "hybrid-switch": ("hybrid", "switch"),
+    # id rows for trained items; new and rare items from a content tower fitted to them
+    # afterwards (model/content_tower.py, offline/tower.py)
+    "hybrid-tower": ("id", "sum"),
 }
+TOWER_VARIANTS = ("hybrid-tower",)
 BASELINES = ("most-popular", "content-only")
 
 
@@ -257,6 +261,10 @@ class Steps:
             job.unlink()
         else:
             train(self.data, self.split, sids, codebooks.codes, cfg, out, log=console.print)
+        if name in TOWER_VARIANTS:
+            from sidrec.offline.tower import attach_tower
+
+            attach_tower(out, self.split, self.content_vectors, codebooks.codes, log=console.print)
         self.timings[f"train {name}"] = time.perf_counter() - started
         return json.loads((self.run / name / METRICS_FILE).read_text())
 
@@ -281,7 +289,10 @@ class Steps:
     def _rerank(self, name: str, keep_history: bool) -> dict[str, Any]:
         """Validation and test reports of variant `name`'s best checkpoint, ranked again under
         the candidate rule `keep_history` (train.py ranks with the history excluded)."""
-        from sidrec.offline.evaluate import hstu_scorer, rank_targets, summarize
+        import torch
+
+        from sidrec.offline.evaluate import hstu_scorer, rank_targets, summarize, table_scorer
+        from sidrec.offline.tower import item_table, load_tower
         from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
         checkpoint = self.run / name / CHECKPOINT_FILE
@@ -291,6 +302,13 @@ class Steps:
         if ckpt["num_items"] != self.data.num_items:
             raise DataError(checkpoint, f"trained on another catalog ({ckpt['num_items']} items)")
         scorer = hstu_scorer(model.encoder, model.items, ckpt["trained"])
+        tower = load_tower(self.run / name)
+        if tower is not None:
+            with torch.no_grad():
+                id_table = model.items.table(torch.as_tensor(ckpt["trained"]))
+            table = item_table(id_table, tower, ckpt["sids"], self.content_vectors,
+                               self.split.train_counts)  # fmt: skip
+            scorer = table_scorer(model.encoder, table)
         batch_size = cfg.eval_batch_size or 32
         reports = {}
         for stage in ("valid", "test"):
@@ -354,6 +372,7 @@ class Steps:
             cache_dir(),
             metrics={"valid": metrics["valid"]["overall"], "test": metrics["test"]["overall"]},
             variant_name=name,
+            content=self.content_vectors if name in TOWER_VARIANTS else None,
         )
         self.timings["export"] = time.perf_counter() - started
         console.print(f"bundle written to [bold]{bundle}[/]")

@@ -109,7 +109,7 @@ def build_services(settings: Settings) -> Services:
         np.ones((1, 1), np.bool_),
         np.zeros(1, np.int64),
     )
-    runtime.vectors_from_sids(sids[1:2])
+    runtime.new_item_vectors(sids[1:2], np.zeros((1, runtime.content_dim), np.float32))
     runtime.content_vectors(["warm-up"])
     metrics.MODEL_INFO.labels(version=bundle.version, provider=runtime.provider).set(1)
     catalog.update_gauges()

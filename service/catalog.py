@@ -386,7 +386,7 @@ class Catalog:
             for i, keep in enumerate(keep_trained):
                 if not keep:
                     sids[i, self.layers] = next(digits)
-            vectors = await run_in_threadpool(self.runtime.vectors_from_sids, sids)  # [B, d]
+            vectors = await run_in_threadpool(self.runtime.new_item_vectors, sids, content)
         derived = []
         for i, item_id in enumerate(item_ids):
             vector = (

@@ -36,7 +36,7 @@ class ProviderError(RuntimeError):
 
 
 class Engine(Protocol):
-    """What the service calls to turn histories and SIDs into vectors, whatever runs them."""
+    """What the service calls to turn histories and new items into vectors, whatever runs them."""
 
     provider: str  # what the user encoder runs on, for /readyz and sidrec_model_info
     max_len: int
@@ -52,8 +52,9 @@ class Engine(Protocol):
     ) -> np.ndarray:  # float32 [B, d], L2-normalised
         ...
 
-    def vectors_from_sids(self, codes: np.ndarray) -> np.ndarray:
-        """codes int64 [B, L + 1] -> raw item vectors float32 [B, d]."""
+    def new_item_vectors(self, codes: np.ndarray, content: np.ndarray) -> np.ndarray:
+        """codes int64 [B, L + 1], content float32 [B, C] -> raw item vectors float32 [B, d]
+        (bundles without a content tower read the codes only)."""
         ...
 
     def content_vectors(self, texts: list[str]) -> np.ndarray:
@@ -159,9 +160,11 @@ class Runtime:
         options = session_options(threads)
         self.users = OrtUserEncoder(bundle.file("user_encoder.onnx"), options, providers)
         self.user_encoder = self.users.session
-        self.sid_to_vector = ort.InferenceSession(
-            str(bundle.file("sid_to_vector.onnx")), options, providers=providers
+        # new items' vectors: SID + content (a content tower) or SID alone, per the bundle
+        self.new_items = ort.InferenceSession(
+            str(bundle.file(bundle.new_item_graph)), options, providers=providers
         )
+        self.new_items_read_content = len(self.new_items.get_inputs()) == 2
         self.content = ContentEncoder(
             bundle.file("content_encoder.onnx"),
             bundle.file("tokenizer.json"),
@@ -188,11 +191,12 @@ class Runtime:
     ) -> np.ndarray:  # float32 [B, d], L2-normalised
         return self.users.encode_users(item_vectors, timestamps, mask, query_time)
 
-    def vectors_from_sids(self, codes: np.ndarray) -> np.ndarray:
-        """codes int64 [B, L + 1] -> raw item vectors float32 [B, d]."""
-        (vectors,) = self.sid_to_vector.run(
-            ["vectors"], {"codes": np.ascontiguousarray(codes, dtype=np.int64)}
-        )
+    def new_item_vectors(self, codes: np.ndarray, content: np.ndarray) -> np.ndarray:
+        """codes int64 [B, L + 1], content float32 [B, C] -> raw item vectors float32 [B, d]."""
+        feeds = {"codes": np.ascontiguousarray(codes, dtype=np.int64)}
+        if self.new_items_read_content:
+            feeds["content"] = np.ascontiguousarray(content, dtype=np.float32)
+        (vectors,) = self.new_items.run(["vectors"], feeds)
         return vectors
 
     def content_vectors(self, texts: list[str]) -> np.ndarray:

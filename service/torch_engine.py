@@ -58,7 +58,7 @@ class TorchModel:
 
     def __init__(self, path: Path, device: torch.device) -> None:
         self.device = device
-        self.items, self.encoder = load_weights(path, device)
+        self.items, self.encoder, self.tower = load_weights(path, device)
         self.d = self.items.d
 
     @torch.inference_mode()
@@ -78,9 +78,12 @@ class TorchModel:
         return users.cpu().numpy()
 
     @torch.inference_mode()
-    def vectors_from_sids(self, codes: np.ndarray) -> np.ndarray:
-        """codes int64 [B, L + 1] -> raw item vectors float32 [B, d]."""
-        return self.items.from_sid(_tensor(codes, np.int64, self.device)).cpu().numpy()
+    def new_item_vectors(self, codes: np.ndarray, content: np.ndarray) -> np.ndarray:
+        """codes int64 [B, L + 1], content float32 [B, C] -> raw item vectors float32 [B, d]."""
+        codes_t = _tensor(codes, np.int64, self.device)
+        if self.tower is not None:
+            return self.tower(codes_t, _tensor(content, np.float32, self.device)).cpu().numpy()
+        return self.items.from_sid(codes_t).cpu().numpy()
 
 
 class TorchRuntime:
@@ -130,8 +133,8 @@ class TorchRuntime:
     ) -> np.ndarray:
         return self.model.encode_users(item_vectors, timestamps, mask, query_time)
 
-    def vectors_from_sids(self, codes: np.ndarray) -> np.ndarray:
-        return self.model.vectors_from_sids(codes)
+    def new_item_vectors(self, codes: np.ndarray, content: np.ndarray) -> np.ndarray:
+        return self.model.new_item_vectors(codes, content)
 
     def content_vectors(self, texts: list[str]) -> np.ndarray:
         return self.content.encode(texts)

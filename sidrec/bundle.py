@@ -21,10 +21,13 @@ REQUIRED_FILES = (
     "item_vectors.npy",
     "items.jsonl",
     "sid_codebooks.npz",
-    "sid_to_vector.onnx",
     "content_encoder.onnx",
     "tokenizer.json",
 )
+# The graph that makes a new item's vector: one of these, the first preferred. A model with a
+# content tower reads the SID and the content vector (item_vector.onnx); others read the SID
+# only (sid_to_vector.onnx).
+NEW_ITEM_GRAPHS = ("item_vector.onnx", "sid_to_vector.onnx")
 # The PyTorch weights, for SIDREC_ENGINE=torch only: bundles exported before it have none and
 # still serve with ONNX Runtime.
 TORCH_WEIGHTS = "model.pt"
@@ -46,6 +49,8 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]
     """Hash every file in the folder into `manifest["files"]` and write manifest.json."""
     files = sorted(p for p in bundle_dir.iterdir() if p.is_file() and p.name != MANIFEST)
     missing = [name for name in REQUIRED_FILES if not (bundle_dir / name).is_file()]
+    if not any((bundle_dir / name).is_file() for name in NEW_ITEM_GRAPHS):
+        missing.append(" or ".join(NEW_ITEM_GRAPHS))
     if missing:
         raise BundleError(f"{bundle_dir}: cannot write a manifest, missing {', '.join(missing)}")
     manifest = {**manifest, "format": FORMAT, "files": {p.name: sha256_of(p) for p in files}}
@@ -78,6 +83,11 @@ class Bundle:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    @property
+    def new_item_graph(self) -> str:
+        """The file name of the graph for new items' vectors (NEW_ITEM_GRAPHS)."""
+        return next(name for name in NEW_ITEM_GRAPHS if self.lists(name))
 
     def lists(self, name: str) -> bool:
         """Whether manifest.json lists the file (so load_bundle checked its sha256)."""
@@ -127,6 +137,10 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
     for name in REQUIRED_FILES:
         if name not in files:
             raise BundleError(f"{manifest_path}: does not list required file {name}")
+    if not any(name in files for name in NEW_ITEM_GRAPHS):
+        raise BundleError(
+            f"{manifest_path}: does not list required file {' or '.join(NEW_ITEM_GRAPHS)}"
+        )
     for name, expected in files.items():
         file_path = path / name
         if not file_path.is_file():

@@ -22,6 +22,7 @@ GROUPS = [
     "hybrid-sum",
     "hybrid-alpha",
     "hybrid-switch",
+    "hybrid-tower",
     "large-hybrid",
     "ref-id",
     "sid-prefixn:title-sids",
@@ -35,7 +36,10 @@ def test_plan_covers_the_issue_and_every_ablation_has_its_base() -> None:
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
     groups = {r.group for r in runs}
-    headline = ("id", "sid-prefixn", "sid-rqsum", "hybrid-sum", "hybrid-alpha", "hybrid-switch")
+    headline = (
+        "id", "sid-prefixn", "sid-rqsum", "hybrid-sum", "hybrid-alpha", "hybrid-switch",
+        "hybrid-tower",
+    )  # fmt: skip
     for group in (*headline, "large-id"):
         assert {r.seed for r in runs if r.group == group} == {0, 1, 2}
     large_hybrid = [r for r in runs if r.group == "large-hybrid"]
@@ -98,6 +102,11 @@ def test_every_requested_run_trains_and_writes_its_results(bench: tuple[Path, Pa
         "config"
     ]
     assert (large_cfg["num_blocks"], large_cfg["num_heads"], large_cfg["dqk"]) == (8, 2, 25)
+    # the content tower is fitted after training and its table is what the figures rank
+    tower = json.loads((out / "runs" / "hybrid-tower.s0" / "metrics.json").read_text())
+    assert (out / "runs" / "hybrid-tower.s0" / "tower.pt").is_file()
+    assert tower["tower"]["half_weight_count"] in (0.0, 1.0, 2.0, 5.0, 10.0)
+    assert "test" in tower["id_rows"] and tower["test"] != tower["id_rows"]["test"]
     two = json.loads((out / "runs" / "hybrid-sum:2-layers.s0" / "metrics.json").read_text())
     assert two["config"]["sid_layers"] == 2
     for name in SID_SETS:

@@ -87,8 +87,10 @@ def assert_same_as_onnx(engine: Engine, onnx_engine: Runtime, bundle: Bundle, to
     rng = np.random.default_rng(1)
     unseen = rng.integers(0, int(bundle.manifest["sid"]["codes"]), (20, codes.shape[1]))
     codes = np.concatenate([codes, unseen])
-    expected_items = onnx_engine.vectors_from_sids(codes)
-    assert float(np.abs(engine.vectors_from_sids(codes) - expected_items).max()) < tol
+    content = rng.standard_normal((len(codes), onnx_engine.content_dim)).astype(np.float32)
+    expected_items = onnx_engine.new_item_vectors(codes, content)
+    got_items = engine.new_item_vectors(codes, content)
+    assert float(np.abs(got_items - expected_items).max()) < tol
 
 
 def test_torch_engine_gives_onnx_runtimes_vectors_and_top10_on_cpu(

@@ -78,6 +78,7 @@ def plan_runs(seeds: int = 3) -> list[Run]:
         ("hybrid-sum", "hybrid-sum", "base"),
         ("hybrid-alpha", "hybrid-alpha", "base"),
         ("hybrid-switch", "hybrid-switch", "base"),
+        ("hybrid-tower", "hybrid-tower", "base"),
         ("large-id", "id", "large"),
     ]
     runs: list[Run] = []

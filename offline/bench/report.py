@@ -157,7 +157,7 @@ def write_report(
         random_rate = random_hr10(data_dir)
     headline_order = [
         "id", "sid-prefixn", "sid-rqsum", "hybrid-sum", "hybrid-alpha", "hybrid-switch",
-        "large-id", "large-hybrid",
+        "hybrid-tower", "large-id", "large-hybrid",
     ]  # fmt: skip
     headline = [g for g in headline_order if g in agg]
 

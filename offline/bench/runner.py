@@ -94,7 +94,7 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
         return _peer_run(data_dir, out, run, budget, device)
 
     from sidrec.offline.data.load import load_dataset
-    from sidrec.offline.pipeline import VARIANTS
+    from sidrec.offline.pipeline import TOWER_VARIANTS, VARIANTS
     from sidrec.offline.split import make_split
     from sidrec.offline.train import TrainConfig, train
     from sidrec.sid_codebook import Codebooks
@@ -108,7 +108,8 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
         picked, settings = best_settings(out, run, budget.seeds)
         run = replace(run, settings=tuple(settings.items()))
     sids, codes = None, None
-    if VARIANTS[variant][0] != "id":  # id-only runs (the tune plan) need no prepare stage
+    # id-only runs (the tune plan) need no prepare stage; a content tower reads the SIDs
+    if VARIANTS[variant][0] != "id" or variant in TOWER_VARIANTS:
         sids = np.load(out / PREPARED / f"sids-{run.sid_set}.npy")
         codes = Codebooks.load(out / PREPARED / f"codebooks-{run.sid_set}.npz").codes
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
@@ -128,10 +129,18 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
         cfg.use_time = False
     folder = run_dir(out, run)
     result = train(data, split, sids, codes, cfg, folder)
+    tower = None
+    if variant in TOWER_VARIANTS:
+        from sidrec.offline.bench.plan import SID_SETS
+        from sidrec.offline.tower import attach_tower
+
+        content = np.load(out / PREPARED / f"content-{SID_SETS[run.sid_set][0]}.npy")
+        attach_tower(folder, split, content, codes, log=lambda _: None)
+        tower = (folder, sids, content)
     info = {
         # the generative-retrieval papers' rule (history items stay candidates), for
         # comparing with their published figures; the benchmark's own rule excludes them
-        "test_history_kept": history_kept_test(result.model, split, cfg.max_len),
+        "test_history_kept": history_kept_test(result.model, split, cfg.max_len, tower),
         "run": run.as_dict(),
         "resolved_variant": variant,
         "picked_settings_of": picked,
@@ -203,11 +212,26 @@ def finish_stopped(data_dir: Path, out: Path, run: Run) -> dict | None:
     return info
 
 
-def history_kept_test(model: SequentialRecommender, split: Split, max_len: int) -> dict:
-    """Test report of a trained model with the user's history items left as candidates."""
-    from sidrec.offline.evaluate import evaluate, hstu_scorer
+def history_kept_test(
+    model: SequentialRecommender,
+    split: Split,
+    max_len: int,
+    tower: tuple[Path, np.ndarray, np.ndarray] | None = None,
+) -> dict:
+    """Test report of a trained model with the user's history items left as candidates;
+    `tower` = (run folder, SIDs, content vectors) for a model with a content tower."""
+    import torch
+
+    from sidrec.offline.evaluate import evaluate, hstu_scorer, table_scorer
+    from sidrec.offline.tower import item_table, load_tower
 
     scorer = hstu_scorer(model.encoder, model.items, split.trained)
+    fitted = load_tower(tower[0]) if tower is not None else None
+    if tower is not None and fitted is not None:
+        with torch.no_grad():
+            id_table = model.items.table(torch.as_tensor(split.trained))
+        table = item_table(id_table, fitted, tower[1], tower[2], split.train_counts)
+        scorer = table_scorer(model.encoder, table)
     return evaluate(scorer, split, "test", max_history=max_len, keep_history=True)
 
 

@@ -1,0 +1,102 @@
+"""Item vectors in the id space for items without a trained id, from Semantic ID and content.
+
+A warm item's trained id row is the best vector it can have, so it keeps that row untouched.
+An item the recommender never trained (new in the service, withheld for evaluation) gets
+
+    tower(item) = scale * normalize(sum_p prefix_row(c_1..c_p) + mlp(content))
+
+The prefix rows carry what items of one SID prefix have in common (the exact prefix trie of
+item_embedding.py: a prefix no trained item has contributes nothing); the content term
+separates items within a prefix, so two distinct texts never share a vector. `scale` is the
+median norm of the trained id rows, so a tower vector enters the user encoder at the size the
+encoder saw in training. The tower is fitted after the recommender, towards the fixed id rows
+(offline/tower.py), and never changes them.
+
+A rare item, whose id row saw only a few training events, blends its two vectors:
+blend(item) = w * id + (1 - w) * tower with w = n / (n + half_weight_count); n its training
+events. half_weight_count = 0 keeps every trained id row as it is.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sidrec.model.item_embedding import prefix_trie, trie_rows
+
+
+class ContentTower(nn.Module):
+    def __init__(
+        self,
+        prefix_child: torch.Tensor,
+        num_prefix_rows: int,
+        sid_layers: int,
+        content_dim: int,
+        d: int,
+        hidden: int = 256,
+    ) -> None:
+        # prefix_child: the trie of item_embedding.prefix_trie; content_dim: the content
+        # vector's size (384 for MiniLM)
+        super().__init__()
+        self.register_buffer("prefix_child", prefix_child.long())
+        self.sid_layers = sid_layers
+        self.prefix_emb = nn.Embedding(num_prefix_rows, d, padding_idx=0)  # 0: no such prefix
+        nn.init.zeros_(self.prefix_emb.weight)
+        self.content = nn.Sequential(
+            nn.Linear(content_dim, hidden), nn.GELU(), nn.Linear(hidden, d)
+        )  # fmt: skip
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("half_weight_count", torch.tensor(0.0))
+
+    @classmethod
+    def for_catalog(
+        cls, catalog_codes: torch.Tensor, codes_per_layer: int, content_dim: int, d: int,
+        hidden: int = 256,
+    ) -> "ContentTower":  # fmt: skip
+        """A tower with a prefix row for every prefix of catalog_codes int64 [n, L] (the
+        semantic codes, no dedup digit)."""
+        child, num_rows = prefix_trie(catalog_codes.long(), codes_per_layer)
+        return cls(child, num_rows, catalog_codes.shape[1], content_dim, d, hidden)
+
+    @classmethod
+    def empty(
+        cls, num_prefix_rows: int, trie_lines: int, codes_per_layer: int, sid_layers: int,
+        content_dim: int, d: int, hidden: int,
+    ) -> "ContentTower":  # fmt: skip
+        """A tower of the given shape, to load a state dict into (model/weights.py)."""
+        child = torch.zeros(trie_lines, codes_per_layer, dtype=torch.int64)
+        return cls(child, num_prefix_rows, sid_layers, content_dim, d, hidden)
+
+    def prefix_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        # codes [B, >= L] int64 -> one vector per prefix depth [B, L, d] (zero where absent)
+        rows = trie_rows(codes[:, : self.sid_layers].long(), self.prefix_child)
+        return self.prefix_emb(rows)
+
+    def forward(
+        self, codes: torch.Tensor, content: torch.Tensor, depth_keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # codes [B, >= L] int64, content [B, C] float -> [B, d] with norm `scale`;
+        # depth_keep [B, L] (fitting only) zeroes the prefix depths it marks False
+        prefixes = self.prefix_vectors(codes)
+        if depth_keep is not None:
+            prefixes = prefixes * depth_keep[..., None].to(prefixes.dtype)
+        v = prefixes.sum(1) + self.content(content)
+        return F.normalize(v, dim=-1, eps=1e-6) * self.scale
+
+    def blend_weight(self, counts: torch.Tensor) -> torch.Tensor:
+        # training events per item [n] -> weight of the id row [n]: 1 when half_weight_count
+        # is 0, else n / (n + half_weight_count)
+        counts = counts.to(self.scale.dtype)
+        if float(self.half_weight_count) <= 0:
+            return torch.ones_like(counts)
+        return counts / (counts + self.half_weight_count)
+
+
+class TowerVector(nn.Module):
+    """ONNX graph for new items: (codes [B, L + 1] int64, content [B, C] float) -> [B, d]."""
+
+    def __init__(self, tower: ContentTower) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, codes: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        return self.tower(codes, content)
