@@ -23,6 +23,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The same rule as JSON Schema (ECMA regex) for the OpenAPI: no control characters.
 ID_PATTERN = r"^[^\u0000-\u001f\u007f]+$"
 ID_MAX_LENGTH = 256
+MAX_VECTOR_ABS = 1e6
 # A hard bound on a history override, checked while parsing (pydantic stops at the first item
 # over it, so a 1 MiB list costs no more than a short one). The model's own max_len, usually
 # far lower, is checked by the route and published in the OpenAPI (service/app.py).
@@ -42,11 +43,19 @@ def _unicode(value: Any) -> Any:
     return value
 
 
+def _json_int(value: Any) -> Any:
+    # JSON has one number type: 7.0 is the integer 7 (JSON Schema agrees), 7.5 is not.
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
 def _as_id(value: Any) -> Any:
     # ML-style ids are numbers in many clients' JSON; accept them, store them as text (the
     # OpenAPI says "string or integer", so 42 and "42" are one id).
     if isinstance(value, bool):
         raise ValueError("must be a string or an integer, not a boolean")
+    value = _json_int(value)
     if isinstance(value, int):
         if not _SAFE_INT[0] <= value <= _SAFE_INT[1]:
             raise ValueError("an integer id must be below 2**53 in size; send it as a string")
@@ -73,7 +82,9 @@ Id = Annotated[
     WithJsonSchema(id_schema(ID_MAX_LENGTH)),
 ]
 Text = Annotated[str, AfterValidator(_unicode)]
-Timestamp = Annotated[int, Field(ge=0, le=MAX_TS, strict=True)]
+# The conversion is listed after the constraints so that it runs first and the JSON schema
+# still shows them (minimum/maximum).
+Timestamp = Annotated[int, Field(ge=0, le=MAX_TS, strict=True), BeforeValidator(_json_int)]
 
 
 class Strict(BaseModel):
@@ -99,7 +110,7 @@ class RecommendRequest(Strict):
 
     user_id: Id | None = None
     # At most SIDREC_MAX_K (the OpenAPI served by the app gives the configured maximum).
-    k: Annotated[int, Field(ge=1, strict=True)] = 10
+    k: Annotated[int, Field(ge=1, strict=True), BeforeValidator(_json_int)] = 10
     exclude_seen: Annotated[bool, Field(strict=True)] = True
     # Use this history instead of the stored one (oldest first): item ids or {item_id, ts}.
     # At most the model's max_len items (a 422 naming `history` beyond it, see the route).
@@ -156,11 +167,13 @@ class EventsResponse(BaseModel):
     request_id: str
 
 
+# A field's value is text; numbers ({"year": 1995}) are taken as their text.
 FieldValue = Annotated[
     Text,
     BeforeValidator(
         lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
     ),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "number"}]}),
 ]
 
 
@@ -173,7 +186,12 @@ class ItemIn(Strict):
         dict[Annotated[Text, Field(max_length=200)], FieldValue], Field(max_length=100)
     ] = Field(default_factory=dict)
     # A precomputed content vector (the bundle's content model, e.g. 384 numbers) instead of text.
-    content_vector: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None
+    # Each number within +-1e6: the vector is normalised anyway, and larger numbers overflow
+    # the float32 arithmetic it goes through (1e308 became inf, then NaN: a garbage SID).
+    content_vector: (
+        list[Annotated[float, Field(allow_inf_nan=False, ge=-MAX_VECTOR_ABS, le=MAX_VECTOR_ABS)]]
+        | None
+    ) = None
 
 
 def one_or_batch(model: type[BaseModel]) -> dict[str, Any]:

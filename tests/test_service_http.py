@@ -292,9 +292,10 @@ def schema_accepts(schema: dict[str, Any], body: Any) -> bool:
 
 
 def test_request_schemas_match_what_the_service_accepts(
-    service: Service, openapi: dict[str, Any], item_ids: list[str], max_len: int
+    service: Service, openapi: dict[str, Any], item_ids: list[str], max_len: int, bundle_dir: Path
 ) -> None:
     known = item_ids[0]
+    dim = load_bundle(bundle_dir).manifest["content"]["dim"]
     cases: dict[str, list[Any]] = {
         "/v1/recommend": [
             {},
@@ -308,6 +309,8 @@ def test_request_schemas_match_what_the_service_accepts(
             {"user_id": None, "history": [known]},
             {"user_id": "u", "k": MAX_K},
             {"user_id": "u", "k": MAX_K + 1},
+            {"user_id": "u", "k": 3.0},  # JSON (and JSON Schema): 3.0 is the integer 3
+            {"user_id": 7.5},
             {"user_id": "bad\u0001id"},
             {"history": [known] * max_len},
             {"history": [known] * (max_len + 1)},
@@ -325,6 +328,9 @@ def test_request_schemas_match_what_the_service_accepts(
             None,
             {"item_id": "contract-1", "title": "Star Voyage"},
             {"item_id": "contract-2", "content_vector": [1.0, 0.5]},  # wrong size
+            {"item_id": "contract-3", "content_vector": [0.5] * dim},
+            # float32 overflow: this made a NaN vector and a garbage SID before
+            {"item_id": "contract-4", "content_vector": [1e300] + [0.5] * (dim - 1)},
         ],
     }
     for path, bodies in cases.items():
