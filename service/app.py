@@ -11,19 +11,21 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import numpy as np
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidrec.bundle import load_bundle
@@ -32,12 +34,12 @@ from sidrec.sid_codebook import Codebooks
 from . import metrics
 from .batching import RankBatcher
 from .catalog import Catalog, MemoryCatalogStore, RedisCatalogStore
-from .deps import ApiError, Services, error_list
+from .deps import ApiError, Services, error_list, route_access
 from .history_store import MemoryHistoryStore, RedisHistoryStore
 from .retrieval import IndexSpec, ItemTable
 from .routers import events, health, items, recommend, users
 from .runtime import load_engine
-from .schemas import ErrorResponse
+from .schemas import MAX_ERRORS, MAX_HISTORY_OVERRIDE
 from .settings import Settings
 
 log = logging.getLogger("sidrec.service")
@@ -46,6 +48,7 @@ log = logging.getLogger("sidrec.service")
 UNMETERED = {"/healthz", "/readyz", "/metrics"}
 _CONVERTER = re.compile(r":\w+}")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+MAX_DETAIL_CHARS = 2_000
 
 
 def build_services(settings: Settings) -> Services:
@@ -146,24 +149,52 @@ async def sync_catalog(services: Services) -> None:
         await catalog.follow()
 
 
-def route_template(app: ASGIApp, scope: Scope) -> str:
-    """The matched route's path template, never the raw path (ids stay out of labels)."""
-    route = scope.get("route")
-    if route is None:
-        route = next(
-            (r for r in getattr(app, "routes", []) if r.matches(scope)[0] == Match.FULL), None
-        )
-    if route is None:
-        return "unmatched"
-    return _CONVERTER.sub("}", route.path)  # "/v1/items/{item_id:path}" -> "/v1/items/{item_id}"
+@dataclass(frozen=True)
+class RouteTemplate:
+    pattern: re.Pattern[str]
+    template: str  # "/v1/items/{item_id}": what the metrics label says
+    methods: frozenset[str]
+
+
+def route_templates(app: FastAPI, routers: list[APIRouter]) -> list[RouteTemplate]:
+    """Every route's path template and methods, from the routes as declared.
+
+    Read from the routers' own routes (and the app's, for /docs and /openapi.json), not from
+    what Starlette leaves in the scope: a request answered before routing (413) has no route
+    there, and newer FastAPI puts included routers into app.routes as objects without a path."""
+    declared = [r for r in app.routes if isinstance(getattr(r, "path", None), str)]
+    declared += [r for router in routers for r in router.routes]
+    out: dict[str, RouteTemplate] = {}
+    for route in declared:
+        path = route.path  # type: ignore[attr-defined]
+        methods = frozenset(getattr(route, "methods", None) or ())
+        if path in out:  # one path, several routes (GET and POST): one template, all methods
+            methods |= out[path].methods
+        pattern, _, _ = compile_path(path)
+        out[path] = RouteTemplate(pattern, _CONVERTER.sub("}", path), methods)
+    return list(out.values())
+
+
+def route_of(routes: list[RouteTemplate], path: str) -> RouteTemplate | None:
+    return next((r for r in routes if r.pattern.match(path)), None)
+
+
+def _valid_utf8_path(raw_path: bytes) -> bool:
+    # uvicorn decodes %-escapes with errors="replace": "%ff" and "%fe" would both reach the
+    # routes as U+FFFD, two raw ids read as one user. Such paths are refused instead.
+    try:
+        unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class RequestContext:
-    """Request id, body size limit and request metrics, as plain ASGI middleware."""
+    """Request id, body size limit, path check and request metrics, as plain ASGI middleware."""
 
-    def __init__(self, app: ASGIApp, fastapi_app: FastAPI, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, routes: list[RouteTemplate], max_body_bytes: int) -> None:
         self.app = app
-        self.fastapi_app = fastapi_app
+        self.routes = routes
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -202,35 +233,58 @@ class RequestContext:
             declared = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
             declared = 0
+        route = route_of(self.routes, scope["path"])
         try:
             if declared > self.max_body_bytes:
-                body = _error_body(413, "body_too_large", self._too_large(), [], request_id)
-                await body(scope, receive, send_with_id)
+                # Answered unread. The server discards the body as it arrives and the
+                # connection stays open for the next request, except when the client waits
+                # for "100 Continue" before sending it: then it never comes, the server would
+                # read the next request as this body, so the connection is closed (cleanly:
+                # nothing unread is left behind).
+                answer = _error_body(413, "body_too_large", self._too_large(), [], request_id)
+                if b"100-continue" in headers.get(b"expect", b"").lower():
+                    answer.headers["connection"] = "close"
+                await answer(scope, receive, send_with_id)
+            elif not _valid_utf8_path(scope.get("raw_path") or b""):
+                problem = "not valid UTF-8 once %-escapes are decoded"
+                answer = _error_body(
+                    400, "invalid_path", f"path: {problem}", [("path", problem)], request_id
+                )
+                await answer(scope, receive, send_with_id)
             else:
                 await self.app(scope, limited_receive, send_with_id)
         finally:
-            route = route_template(self.fastapi_app, scope)
-            if route not in UNMETERED:
+            template = route.template if route is not None else "unmatched"
+            if template not in UNMETERED:
                 elapsed = time.perf_counter() - start
                 metrics.HTTP_REQUESTS.labels(
-                    route=route, method=scope["method"], status=str(status)
+                    route=template, method=scope["method"], status=str(status)
                 ).inc()
-                metrics.HTTP_LATENCY.labels(route=route).observe(elapsed)
+                metrics.HTTP_LATENCY.labels(route=template).observe(elapsed)
 
     def _too_large(self) -> str:
         return f"body: larger than {self.max_body_bytes} bytes (SIDREC_MAX_BODY_BYTES)"
 
 
 def _error_body(
-    status: int, error: str, detail: str, errors: list[tuple[str, str]], request_id: str
+    status: int,
+    error: str,
+    detail: str,
+    errors: list[tuple[str, str]],
+    request_id: str,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    # Capped: a request with 100,000 bad ids must not get a multi-megabyte answer.
+    if len(detail) > MAX_DETAIL_CHARS:
+        detail = detail[: MAX_DETAIL_CHARS - 3] + "..."
     content: dict[str, Any] = {
         "error": error,
         "detail": detail,
-        "errors": [{"field": f, "problem": p} for f, p in errors],
+        "errors": [{"field": f, "problem": p[:MAX_DETAIL_CHARS]} for f, p in errors[:MAX_ERRORS]],
+        "errors_total": len(errors),
         "request_id": request_id,
     }
-    return JSONResponse(content, status_code=status)
+    return JSONResponse(content, status_code=status, headers=headers)
 
 
 def _rid(request: Request) -> str:
@@ -258,15 +312,29 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return _error_body(422, "invalid_request", detail, errors, _rid(request))
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    names = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
-    error = names.get(exc.status_code, "http_error")
-    detail = str(exc.detail)
-    if exc.status_code == 400 and "parsing the body" in detail:
-        # FastAPI's answer to a body it could not decode (e.g. not UTF-8).
-        detail = "body: could not be read as JSON text (is it UTF-8?)"
-    return _error_body(exc.status_code, error, detail, [], _rid(request))
+def _http_error(routes: list[RouteTemplate]) -> Callable[[Request, Exception], Awaitable[Any]]:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        names = {
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "body_too_large",
+            400: "bad_request",
+        }
+        error = names.get(exc.status_code, "http_error")
+        detail = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in detail:
+            # FastAPI's answer to a body it could not decode (e.g. not UTF-8).
+            detail = "body: could not be read as JSON text (is it UTF-8?)"
+        # Starlette puts Allow on its 405 (RFC 9110 requires it); keep it, or make it.
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and "allow" not in {h.lower() for h in headers}:
+            route = route_of(routes, request.url.path)
+            if route is not None:
+                headers["Allow"] = ", ".join(sorted(route.methods))
+        return _error_body(exc.status_code, error, detail, [], _rid(request), headers)
+
+    return handler
 
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
@@ -307,26 +375,80 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         lifespan=lifespan,
         default_response_class=_OrjsonResponse,
-        # Every error has one shape; listed so /docs shows it.
-        responses={
-            status: {"model": ErrorResponse, "description": what}
-            for status, what in (
-                (400, "body is not valid JSON"),
-                (401, "write route without the right X-API-Key"),
-                (413, "body larger than SIDREC_MAX_BODY_BYTES"),
-                (422, "a field is wrong: errors[] names it"),
-                (503, "Redis did not answer; nothing was stored"),
-            )
-        },
     )
+    routers = [recommend.router, events.router, items.router, users.router, health.router]
+    for router in routers:
+        app.include_router(router)
+    routes = route_templates(app, routers)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error(routes))
     app.add_exception_handler(RedisError, _redis_error)
-    for router in (recommend.router, events.router, items.router, users.router, health.router):
-        app.include_router(router)
-    app.add_middleware(RequestContext, fastapi_app=app, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, routes=routes, max_body_bytes=settings.max_body_bytes)
+    app.openapi = _deployment_openapi(app, settings, routers)  # type: ignore[method-assign]
     return app
+
+
+def _deployment_openapi(
+    app: FastAPI, settings: Settings, routers: list[APIRouter]
+) -> Callable[[], dict[str, Any]]:
+    """FastAPI's OpenAPI with this deployment's limits and keys filled in.
+
+    The models cannot know SIDREC_MAX_K, SIDREC_MAX_BATCH, the model's max_len or the content
+    vector's size, nor which keys are set; a client (or schemathesis) reading the schema would
+    otherwise send requests the service must refuse. Bundle figures need the loaded bundle, so
+    the schema is cached only once the lifespan has built the services."""
+
+    def openapi() -> dict[str, Any]:
+        services: Services | None = getattr(app.state, "services", None)
+        if app.openapi_schema is not None and services is not None:
+            return app.openapi_schema
+        app.openapi_schema = None
+        schema = FastAPI.openapi(app)
+        _fill_limits(schema, settings, services)
+        _drop_unset_keys(schema, settings, routers)
+        if services is None:
+            app.openapi_schema = None
+        return schema
+
+    return openapi
+
+
+def _fill_limits(schema: dict[str, Any], settings: Settings, services: Services | None) -> None:
+    components = schema.get("components", {}).get("schemas", {})
+    for name, model in components.items():
+        if not name.startswith("RecommendRequest"):
+            continue
+        props = model["properties"]
+        props["k"]["maximum"] = settings.max_k
+        if services is not None:
+            for branch in props["history"].get("anyOf", []):
+                if branch.get("type") == "array":
+                    branch["maxItems"] = min(MAX_HISTORY_OVERRIDE, services.runtime.max_len)
+    dim = services.catalog.codebooks.dim if services is not None else None
+    for path in ("/v1/events", "/v1/items"):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        one, many = body["schema"]["oneOf"]
+        many["maxItems"] = settings.max_batch
+        for item in (one, many["items"]):
+            vector = item["properties"].get("content_vector")
+            if vector is not None and dim is not None:
+                for branch in vector.get("anyOf", []):
+                    if branch.get("type") == "array":
+                        branch["minItems"] = branch["maxItems"] = dim
+
+
+def _drop_unset_keys(schema: dict[str, Any], settings: Settings, routers: list[APIRouter]) -> None:
+    # A route documents its key; where that key is not set here, nothing is checked.
+    enforced = {"write": bool(settings.api_key), "read": bool(settings.read_api_key)}
+    for router in routers:
+        for route in router.routes:
+            access = route_access(route)
+            if access is None or enforced[access]:
+                continue
+            path = _CONVERTER.sub("}", route.path)  # type: ignore[attr-defined]
+            for method in getattr(route, "methods", ()):
+                schema["paths"].get(path, {}).get(method.lower(), {}).pop("security", None)
 
 
 class _OrjsonResponse(JSONResponse):

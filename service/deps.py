@@ -1,12 +1,17 @@
-"""What routes get by dependency: the objects the lifespan built, and the API key check."""
+"""What routes get by dependency: the objects the lifespan built, and the API key checks."""
 
 from __future__ import annotations
 
 import hmac
+import re
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Header, Request
+from fastapi import Path, Request, Response, Security
+from fastapi.routing import APIRoute
+from fastapi.security import APIKeyHeader
+from pydantic import AfterValidator
 from redis.asyncio import Redis
 
 from sidrec.bundle import Bundle
@@ -15,6 +20,7 @@ from .batching import RankBatcher
 from .catalog import Catalog
 from .history_store import HistoryStore
 from .runtime import Engine
+from .schemas import ID_MAX_LENGTH, ID_PATTERN, ErrorResponse
 from .settings import Settings
 
 
@@ -63,14 +69,109 @@ def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
 
-async def require_api_key(request: Request, x_api_key: str | None = Header(None)) -> None:
-    expected = request.app.state.services.settings.api_key
-    if not expected:
+# Every error of the v1 routes has one shape; listed on their routers so /docs shows it (the
+# health routes answer none of these).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": what}
+    for status, what in (
+        (400, "body is not valid JSON, or the path is not valid UTF-8"),
+        (401, "X-API-Key missing or wrong (only where SIDREC_API_KEY / _READ_API_KEY is set)"),
+        (413, "body larger than SIDREC_MAX_BODY_BYTES"),
+        (422, "a field is wrong: errors[] names it"),
+        (503, "Redis did not answer; nothing was stored"),
+    )
+}
+
+
+# One header for both keys; the OpenAPI names it so /docs offers a field for it.
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name="apiKey",
+    auto_error=False,
+    description="SIDREC_API_KEY (writes, and reads too) or SIDREC_READ_API_KEY (reads only)",
+)
+
+
+def check_key(request: Request, access: Literal["read", "write"]) -> None:
+    """401 unless X-API-Key holds a key that grants `access`; nothing to check if unset.
+
+    The write key grants reads too: whoever may write a user's events may read them back."""
+    settings = request.app.state.services.settings
+    accepted = [settings.api_key] if access == "write" else [settings.read_api_key]
+    if access == "read" and settings.read_api_key:
+        accepted.append(settings.api_key)
+    accepted = [k for k in accepted if k]
+    if not accepted:
         return
-    if x_api_key is None:
+    given = request.headers.get("x-api-key")
+    if given is None:
         raise ApiError(401, "unauthorized", "X-API-Key: header missing; this route needs the key")
-    if not hmac.compare_digest(x_api_key.encode(), expected.encode()):
+    # Compare against every accepted key (no early exit): the time taken says nothing.
+    matches = [hmac.compare_digest(given.encode(), key.encode()) for key in accepted]
+    if not any(matches):
         raise ApiError(401, "unauthorized", "X-API-Key: wrong key")
+
+
+async def require_api_key(request: Request, _: str | None = Security(API_KEY_HEADER)) -> None:
+    """Write routes: the write key (SIDREC_API_KEY)."""
+    check_key(request, "write")
+
+
+async def require_read_key(request: Request, _: str | None = Security(API_KEY_HEADER)) -> None:
+    """Reads of one user's data: the read key or the write key (SIDREC_READ_API_KEY)."""
+    check_key(request, "read")
+
+
+_ACCESS: dict[Callable[..., Any], Literal["read", "write"]] = {
+    require_api_key: "write",
+    require_read_key: "read",
+}
+
+
+def route_access(route: Any) -> Literal["read", "write"] | None:
+    """Which key a route needs, from its dependencies (None: open)."""
+    needs = {_ACCESS.get(d.dependency) for d in getattr(route, "dependencies", ())}
+    return "write" if "write" in needs else "read" if "read" in needs else None
+
+
+class KeyFirstRoute(APIRoute):
+    """An APIRoute that checks its key before FastAPI reads and parses the body.
+
+    FastAPI reads the whole body (and answers 400 for bad JSON) before it runs any dependency,
+    so a client without the key could still make the service read and parse up to
+    SIDREC_MAX_BODY_BYTES, and would learn 400/422 instead of 401. The dependencies above stay
+    on the routes (they document the key in the OpenAPI and check again); this runs the same
+    check first. get_route_handler is FastAPI's documented hook for a custom route class."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        access = route_access(self)
+        if access is None:
+            return handler
+
+        async def key_first(request: Request) -> Response:
+            check_key(request, access)
+            return await handler(request)
+
+        return key_first
+
+
+def _no_control(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# A user or item id in a URL path: the rule body ids follow (1..256 characters, no control
+# characters). The raw path must also be valid UTF-8 (checked in service/app.py), so two
+# different byte strings never decode to one id.
+PathId = Annotated[
+    str,
+    Path(min_length=1, max_length=ID_MAX_LENGTH, json_schema_extra={"pattern": ID_PATTERN}),
+    AfterValidator(_no_control),
+]
 
 
 # Names pydantic puts in an error's location for the branch of a union it tried.
@@ -81,7 +182,7 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     """("body", "history", 3, "item_id") -> "history[3].item_id"."""
     path = ""
     for part in loc:
-        if part == "body" and not path:
+        if part in ("body", "path", "query") and not path:
             continue
         if isinstance(part, int):
             path += f"[{part}]"

@@ -6,12 +6,31 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 # Unix seconds up to the year ~36800: rules out milliseconds sent by mistake being read as
 # dates 1000x in the future only loosely, but keeps int64 arithmetic in the model safe.
 MAX_TS = 2**40
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# The same rule as JSON Schema (ECMA regex) for the OpenAPI: no control characters.
+ID_PATTERN = r"^[^\u0000-\u001f\u007f]+$"
+ID_MAX_LENGTH = 256
+MAX_VECTOR_ABS = 1e6
+# A hard bound on a history override, checked while parsing (pydantic stops at the first item
+# over it, so a 1 MiB list costs no more than a short one). The model's own max_len, usually
+# far lower, is checked by the route and published in the OpenAPI (service/app.py).
+MAX_HISTORY_OVERRIDE = 10_000
+# Ids sent as JSON numbers must be exact in every JSON parser (|n| < 2**53, what a double
+# holds); a longer number id is sent as a string. The OpenAPI states the same bounds.
+_SAFE_INT = (-(2**53 - 1), 2**53 - 1)
 
 
 def _unicode(value: Any) -> Any:
@@ -24,20 +43,48 @@ def _unicode(value: Any) -> Any:
     return value
 
 
+def _json_int(value: Any) -> Any:
+    # JSON has one number type: 7.0 is the integer 7 (JSON Schema agrees), 7.5 is not.
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
 def _as_id(value: Any) -> Any:
-    # ML-style ids are numbers in many clients' JSON; accept them, store them as text.
+    # ML-style ids are numbers in many clients' JSON; accept them, store them as text (the
+    # OpenAPI says "string or integer", so 42 and "42" are one id).
     if isinstance(value, bool):
         raise ValueError("must be a string or an integer, not a boolean")
+    value = _json_int(value)
     if isinstance(value, int):
+        if not _SAFE_INT[0] <= value <= _SAFE_INT[1]:
+            raise ValueError("an integer id must be below 2**53 in size; send it as a string")
         return str(value)
     if isinstance(value, str) and _CONTROL.search(value):
         raise ValueError("must not contain control characters")
     return _unicode(value)
 
 
-Id = Annotated[str, BeforeValidator(_as_id), Field(min_length=1, max_length=256)]
+def id_schema(max_length: int) -> dict[str, Any]:
+    """What _as_id accepts, as JSON Schema: a string without control characters, or an integer."""
+    return {
+        "anyOf": [
+            {"type": "string", "minLength": 1, "maxLength": max_length, "pattern": ID_PATTERN},
+            {"type": "integer", "minimum": _SAFE_INT[0], "maximum": _SAFE_INT[1]},
+        ]
+    }
+
+
+Id = Annotated[
+    str,
+    BeforeValidator(_as_id),
+    Field(min_length=1, max_length=ID_MAX_LENGTH),
+    WithJsonSchema(id_schema(ID_MAX_LENGTH)),
+]
 Text = Annotated[str, AfterValidator(_unicode)]
-Timestamp = Annotated[int, Field(ge=0, le=MAX_TS, strict=True)]
+# The conversion is listed after the constraints so that it runs first and the JSON schema
+# still shows them (minimum/maximum).
+Timestamp = Annotated[int, Field(ge=0, le=MAX_TS, strict=True), BeforeValidator(_json_int)]
 
 
 class Strict(BaseModel):
@@ -50,11 +97,26 @@ class HistoryEvent(Strict):
 
 
 class RecommendRequest(Strict):
+    # The OpenAPI says what _someone checks: user_id or history, not both null.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["user_id"], "properties": {"user_id": {"not": {"type": "null"}}}},
+                {"required": ["history"], "properties": {"history": {"not": {"type": "null"}}}},
+            ]
+        },
+    )
+
     user_id: Id | None = None
-    k: Annotated[int, Field(ge=1, strict=True)] = 10
+    # At most SIDREC_MAX_K (the OpenAPI served by the app gives the configured maximum).
+    k: Annotated[int, Field(ge=1, strict=True), BeforeValidator(_json_int)] = 10
     exclude_seen: Annotated[bool, Field(strict=True)] = True
     # Use this history instead of the stored one (oldest first): item ids or {item_id, ts}.
-    history: list[Id | HistoryEvent] | None = None
+    # At most the model's max_len items (a 422 naming `history` beyond it, see the route).
+    history: Annotated[list[Id | HistoryEvent], Field(max_length=MAX_HISTORY_OVERRIDE)] | None = (
+        None
+    )
     # The time the recommendation is for (unix s); default now. The model's time features
     # read it the way the offline evaluator reads the held-out item's timestamp.
     query_time: Timestamp | None = None
@@ -89,7 +151,13 @@ class EventIn(Strict):
     ts: Timestamp | None = None
     # Same id again (within event_id_ttl_s) = a retry: acknowledged, stored once.
     event_id: (
-        Annotated[str, BeforeValidator(_as_id), Field(min_length=1, max_length=128)] | None
+        Annotated[
+            str,
+            BeforeValidator(_as_id),
+            Field(min_length=1, max_length=128),
+            WithJsonSchema(id_schema(128)),
+        ]
+        | None
     ) = None
 
 
@@ -99,11 +167,13 @@ class EventsResponse(BaseModel):
     request_id: str
 
 
+# A field's value is text; numbers ({"year": 1995}) are taken as their text.
 FieldValue = Annotated[
     Text,
     BeforeValidator(
         lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
     ),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "number"}]}),
 ]
 
 
@@ -116,7 +186,20 @@ class ItemIn(Strict):
         dict[Annotated[Text, Field(max_length=200)], FieldValue], Field(max_length=100)
     ] = Field(default_factory=dict)
     # A precomputed content vector (the bundle's content model, e.g. 384 numbers) instead of text.
-    content_vector: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None
+    # Each number within +-1e6: the vector is normalised anyway, and larger numbers overflow
+    # the float32 arithmetic it goes through (1e308 became inf, then NaN: a garbage SID).
+    content_vector: (
+        list[Annotated[float, Field(allow_inf_nan=False, ge=-MAX_VECTOR_ABS, le=MAX_VECTOR_ABS)]]
+        | None
+    ) = None
+
+
+def one_or_batch(model: type[BaseModel]) -> dict[str, Any]:
+    """JSON Schema of a write body: one object, or a non-empty array of them. The routes parse
+    these bodies themselves (batch size first, then the items), so the OpenAPI gets the
+    schema this way. Both models are flat: their schemas have no $defs to place."""
+    one = model.model_json_schema()
+    return {"oneOf": [one, {"type": "array", "items": one, "minItems": 1}]}
 
 
 class IngestedItem(BaseModel):
@@ -140,5 +223,12 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     detail: str
+    # The first MAX_ERRORS problems; errors_total counts them all.
     errors: list[ErrorDetail] = []
+    errors_total: int = 0
     request_id: str | None = None
+
+
+# Error bodies list at most this many problems, so a request naming 100,000 bad ids gets a
+# small answer (detail names the first ones, errors_total says how many there were).
+MAX_ERRORS = 50

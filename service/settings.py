@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     max_k: int = Field(1000, ge=1, le=100_000)
     max_batch: int = Field(1000, ge=1, description="events or items in one write request")
     api_key: str | None = Field(None, description="if set, write routes need X-API-Key")
+    # Reads of one user's data (recommend, history) are personal data. If set, they need
+    # X-API-Key with this key or the write key (a writer may read what it writes).
+    read_api_key: str | None = Field(
+        None, description="if set, per-user reads need X-API-Key (this key or the write key)"
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024)
     # How long an event_id is remembered for idempotent retries.
     event_id_ttl_s: int = Field(7 * 24 * 3600, ge=1)

@@ -190,6 +190,11 @@ def test_write_routes_need_the_api_key(service: Service, catalog: list[Any]) -> 
     assert service.post("/v1/recommend", {"user_id": "u"}).status_code == 200
     for path in ("/healthz", "/readyz", "/metrics", f"/v1/items/{catalog[0].item_id}"):
         assert service.get(path).status_code == 200, path
+    # Only the write key is set here: the OpenAPI asks for a key on writes only.
+    paths = service.get("/openapi.json").json()["paths"]
+    assert paths["/v1/events"]["post"]["security"] == [{"apiKey": []}]
+    assert "security" not in paths["/v1/recommend"]["post"]
+    assert "security" not in paths["/v1/users/{user_id}/history"]["get"]
 
 
 @pytest.mark.parametrize(

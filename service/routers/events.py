@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
 from pydantic import TypeAdapter, ValidationError
 
-from ..deps import ApiError, Services, error_list, get_services, request_id, require_api_key
+from ..deps import (
+    ERROR_RESPONSES,
+    ApiError,
+    KeyFirstRoute,
+    Services,
+    error_list,
+    get_services,
+    request_id,
+    require_api_key,
+)
 from ..history_store import Event
-from ..schemas import EventIn, EventsResponse
+from ..schemas import EventIn, EventsResponse, one_or_batch
 
-router = APIRouter(tags=["events"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    tags=["events"],
+    dependencies=[Depends(require_api_key)],
+    route_class=KeyFirstRoute,
+    responses=ERROR_RESPONSES,
+)
+
+# Validated by parse_batch, not FastAPI: the batch size is checked before the items are.
+EventsBody = Annotated[Any, Body(json_schema_extra=one_or_batch(EventIn))]
 
 _one = TypeAdapter(EventIn)
 _many = TypeAdapter(list[EventIn])
@@ -49,7 +66,7 @@ def parse_batch(
 
 @router.post("/v1/events", response_model=EventsResponse)
 async def add_events(
-    request: Request, body: Any = Body(...), services: Services = Depends(get_services)
+    request: Request, body: EventsBody, services: Services = Depends(get_services)
 ) -> EventsResponse:
     events, is_batch = parse_batch(body, services.settings.max_batch, _one, _many, "event")
     unknown = set(await services.catalog.ensure_known([e.item_id for e in events]))

@@ -6,7 +6,7 @@ import asyncio
 import os
 
 from fastapi import APIRouter, Depends, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from .. import metrics
 from ..deps import Services, get_services
@@ -19,7 +19,15 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={
+        503: {
+            "description": "not ready: reasons[] says why",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
 async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
     reasons = []
     if services.redis is not None:
@@ -45,7 +53,16 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
     return JSONResponse(body, status_code=503 if reasons else 200)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics_text() -> Response:
     payload, content_type = metrics.render()
     return Response(payload, media_type=content_type)

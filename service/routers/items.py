@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Body, Depends, Request
 from pydantic import TypeAdapter
 
 from ..catalog import ClientError, ItemInput
-from ..deps import ApiError, Services, get_services, invalid, request_id, require_api_key
-from ..schemas import IngestedItem, ItemIn, ItemsResponse
+from ..deps import (
+    ERROR_RESPONSES,
+    ApiError,
+    KeyFirstRoute,
+    PathId,
+    Services,
+    get_services,
+    invalid,
+    request_id,
+    require_api_key,
+)
+from ..schemas import ErrorResponse, IngestedItem, ItemIn, ItemsResponse, one_or_batch
 from .events import parse_batch
 
-router = APIRouter(tags=["items"])
+router = APIRouter(tags=["items"], route_class=KeyFirstRoute, responses=ERROR_RESPONSES)
+
+ItemsBody = Annotated[Any, Body(json_schema_extra=one_or_batch(ItemIn))]
 
 _one = TypeAdapter(ItemIn)
 _many = TypeAdapter(list[ItemIn])
@@ -21,7 +33,7 @@ _many = TypeAdapter(list[ItemIn])
 
 @router.post("/v1/items", response_model=ItemsResponse, dependencies=[Depends(require_api_key)])
 async def add_items(
-    request: Request, body: Any = Body(...), services: Services = Depends(get_services)
+    request: Request, body: ItemsBody, services: Services = Depends(get_services)
 ) -> ItemsResponse:
     items, is_batch = parse_batch(body, services.settings.max_batch, _one, _many, "item")
     seen: dict[str, int] = {}
@@ -65,8 +77,11 @@ async def add_items(
     )
 
 
-@router.get("/v1/items/{item_id:path}")
-async def get_item(item_id: str, services: Services = Depends(get_services)) -> dict[str, Any]:
+@router.get(
+    "/v1/items/{item_id:path}",
+    responses={404: {"model": ErrorResponse, "description": "no item with this id"}},
+)
+async def get_item(item_id: PathId, services: Services = Depends(get_services)) -> dict[str, Any]:
     await services.catalog.ensure_known([item_id])
     record = services.catalog.record(item_id)
     if record is None:

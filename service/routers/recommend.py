@@ -12,10 +12,25 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from .. import metrics
-from ..deps import ApiError, Services, get_services, invalid, request_id
+from ..deps import (
+    ERROR_RESPONSES,
+    ApiError,
+    KeyFirstRoute,
+    Services,
+    get_services,
+    invalid,
+    request_id,
+    require_read_key,
+)
 from ..schemas import HistoryEvent, RecommendRequest, RecommendResponse
 
-router = APIRouter(tags=["recommend"])
+# Recommendations for a user reveal that user's history: the read key guards them when set.
+router = APIRouter(
+    tags=["recommend"],
+    dependencies=[Depends(require_read_key)],
+    route_class=KeyFirstRoute,
+    responses=ERROR_RESPONSES,
+)
 
 
 @router.post("/v1/recommend", response_model=RecommendResponse)
@@ -29,6 +44,15 @@ async def recommend(
     query_time = body.query_time if body.query_time is not None else now
     catalog = services.catalog
     if body.history is not None:
+        # The model reads at most max_len items; a longer override is refused rather than cut,
+        # since which items a cut drops (and so recommends again) would be a silent choice.
+        max_len = services.runtime.max_len
+        if len(body.history) > max_len:
+            raise invalid(
+                "history",
+                f"at most {max_len} items (the model's max_len), got {len(body.history)}; "
+                "send the newest ones",
+            )
         events = [
             e if isinstance(e, HistoryEvent) else HistoryEvent(item_id=e) for e in body.history
         ]
