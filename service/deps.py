@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Header, Request
-from redis.asyncio import Redis
 
 from sidrec.bundle import Bundle
 
@@ -16,6 +15,7 @@ from .catalog import Catalog
 from .history_store import HistoryStore
 from .runtime import Engine
 from .settings import Settings
+from .store import StoreClient
 
 
 @dataclass
@@ -25,11 +25,14 @@ class Services:
     runtime: Engine
     catalog: Catalog
     history: HistoryStore
-    redis: Redis | None
+    redis: StoreClient | None
     popular: list[str]  # the bundle's item ids, most popular first
     ranker: RankBatcher  # history -> top-k, concurrent requests batched
     rebuilt: bool = False  # ingested items loaded from the store
     rebuild_error: str | None = None
+    # /readyz pings through this client's own two connections, so a worker whose request
+    # pool is saturated still reports Redis as it is (single server; None = use `redis`).
+    probe: StoreClient | None = None
 
 
 class ApiError(Exception):
