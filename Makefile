@@ -5,16 +5,22 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean loadtest
+.PHONY: install demo test lint clean loadtest lock
 
-$(BIN)/sidrec: pyproject.toml
+# requirements/all.txt pins every package CI tested (README.md "Locked dependencies"); torch is
+# its CPU build there and in the train extra, a looser pin would pull CUDA wheels.
+$(BIN)/sidrec: pyproject.toml requirements/all.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel
-	# torch is pinned to the CPU build in the train extra; a looser pin would pull CUDA wheels.
-	$(BIN)/pip install --quiet -e ".[train,dev]"
+	$(BIN)/pip install --quiet -c requirements/all.txt -e ".[train,dev]"
 	touch $(BIN)/sidrec
 
 install: $(BIN)/sidrec
+
+# Refresh requirements/*.txt to the newest releases pyproject.toml allows (then make test and
+# commit them together: an upgrade is a deliberate commit).
+lock: install
+	requirements/compile.sh
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/sidrec quickstart

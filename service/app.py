@@ -22,8 +22,7 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,6 +40,7 @@ from .routers import events, health, items, recommend, users
 from .runtime import load_engine
 from .schemas import MAX_ERRORS, MAX_HISTORY_OVERRIDE
 from .settings import Settings
+from .store import StoreClient, StoreOverloaded, connect
 
 log = logging.getLogger("sidrec.service")
 
@@ -49,6 +49,8 @@ UNMETERED = {"/healthz", "/readyz", "/metrics"}
 _CONVERTER = re.compile(r":\w+}")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_DETAIL_CHARS = 2_000
+# Seconds an `overloaded` answer asks the client to wait before retrying.
+RETRY_AFTER_S = 1
 
 
 def build_services(settings: Settings) -> Services:
@@ -79,14 +81,13 @@ def build_services(settings: Settings) -> Services:
             device=settings.device,
         ),
     )
-    redis: Redis | None = None
+    redis: StoreClient | None = None
+    probe: StoreClient | None = None
     if settings.redis_url:
-        redis = Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-            health_check_interval=10,
-        )
+        redis = connect(settings)
+        if not settings.redis_cluster:
+            # Probes queue for the probe's own connections, bounded by /readyz's timeout.
+            probe = connect(settings, max_connections=2, pool_timeout=settings.redis_timeout_s)
         history = RedisHistoryStore(
             redis, settings.key_prefix, settings.history_len, settings.event_id_ttl_s
         )
@@ -105,6 +106,7 @@ def build_services(settings: Settings) -> Services:
     popular = [str(i) for i in bundle.manifest.get("popular", [])]
     ranker = RankBatcher(runtime, table)
     services = Services(settings, bundle, runtime, catalog, history, redis, popular, ranker)
+    services.probe = probe
     # One call each now, so the first request does not pay the engine's first-run cost.
     runtime.encode_users(
         vectors[None, 1:2],
@@ -146,7 +148,10 @@ async def sync_catalog(services: Services) -> None:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     if isinstance(catalog.store, RedisCatalogStore):
-        await catalog.follow()
+        # XREAD BLOCK must return inside the socket timeout, or a quiet stream reads as an
+        # outage; a short block also bounds how late the follower notices a lost catalog.
+        block_ms = int(min(1000, 500 * services.settings.redis_timeout_s))
+        await catalog.follow(block_ms=max(block_ms, 10))
 
 
 @dataclass(frozen=True)
@@ -339,8 +344,28 @@ def _http_error(routes: list[RouteTemplate]) -> Callable[[Request, Exception], A
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
     log.warning("redis unavailable during %s %s: %s", request.method, request.url.path, exc)
+    request.app.state.store_failed_at = time.monotonic()
     detail = f"store unavailable: Redis did not answer ({type(exc).__name__}); nothing was stored"
     return _error_body(503, "store_unavailable", detail, [], _rid(request))
+
+
+async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
+    settings: Settings = request.app.state.services.settings
+    # Connections stuck on a Redis that stopped answering also leave the pool empty: while
+    # Redis failed moments ago, a full pool is that outage, not overload.
+    recent = 2 * settings.redis_timeout_s + settings.redis_pool_timeout_s
+    failed_at = getattr(request.app.state, "store_failed_at", None)
+    if failed_at is not None and time.monotonic() - failed_at < recent:
+        return await _redis_error(request, exc)
+    metrics.STORE_OVERLOADED.inc()
+    detail = (
+        "overloaded: every Redis connection of this worker stayed busy for "
+        f"{settings.redis_pool_timeout_s}s (SIDREC_REDIS_MAX_CONNECTIONS="
+        f"{settings.redis_max_connections}); nothing was stored, retry after a moment"
+    )
+    response = _error_body(503, "overloaded", detail, [], _rid(request))
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -366,8 +391,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with suppress(asyncio.CancelledError):
                 await sync_task
             services.ranker.stop()
-            if services.redis is not None:
-                await services.redis.aclose()
+            for client in (services.redis, services.probe):
+                if client is not None:
+                    await client.aclose()
 
     app = FastAPI(
         title="sidrec",
@@ -384,6 +410,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error(routes))
     app.add_exception_handler(RedisError, _redis_error)
+    app.add_exception_handler(StoreOverloaded, _overloaded)
+    app.add_exception_handler(MaxConnectionsError, _overloaded)  # a cluster node's pool
     app.add_middleware(RequestContext, routes=routes, max_body_bytes=settings.max_body_bytes)
     app.openapi = _deployment_openapi(app, settings, routers)  # type: ignore[method-assign]
     return app

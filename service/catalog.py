@@ -4,18 +4,30 @@ worker's item table in step.
 Ingesting an item (POST /v1/items):
   text -> content vector (ONNX) -> codes from the bundle's codebooks -> dedup digit handed out
   by Redis (atomic, so two workers never give out the same SID) -> item vector from the SID
-  (ONNX) -> record written to Redis + an entry appended to the catalog stream, in one MULTI
+  (ONNX) -> record written to Redis + an entry appended to the catalog stream, in one script
   -> added to this worker's table. The request is answered only after Redis has the record.
 Every worker tails the stream and applies what the others wrote; at start it rebuilds all
 ingested items from Redis.
 
-Redis layout (prefix P; "{catalog}" is a Cluster hash tag, so MULTI covers all of it):
+Redis losing its data (restarted empty, FLUSHALL): every worker keeps the ingested items it
+holds, and the generation marker tells it Redis lost them. The marker is a random token set
+once (SET NX) by the first worker on an empty Redis; each worker remembers the one it saw.
+The scripts that hand out dedup digits and write records refuse to run when the marker is not
+the caller's, so no write lands in a Redis that forgot the catalog. A worker that finds the
+marker gone or changed (at once on a refused write; within GENERATION_CHECK_S from its stream
+follower) writes every item it holds back (HSETNX: newer records win), raises the dedup
+counters past the digits those items hold, and only then takes the marker; its writes wait
+meanwhile. So SIDs handed out afterwards never repeat a live item's.
+
+Redis layout (prefix P; "{catalog}" is a Cluster hash tag: every key below is in one slot, so
+each script touches one node, also on a cluster):
   P{catalog}:items              hash item_id -> what the client sent + content vector (any version)
   P{catalog}:derived:<version>  hash item_id -> SID + vector under one bundle version
   P{catalog}:sidctr:<version>   hash "c1,c2,c3" -> next free dedup digit for that code tuple
   P{catalog}:sidasg:<version>   hash "c1,c2,c3|item_id" -> digit given to that item (retries
                                 get the same digit)
   P{catalog}:stream             stream of {"item_id"}: "this record changed"
+  P{catalog}:generation         random token: which life of this Redis the catalog belongs to
 SIDs and vectors are kept per bundle version: after a retrain, a worker on the new bundle
 finds no derived record for its version and derives one from the stored content vector.
 
@@ -29,14 +41,14 @@ import asyncio
 import base64
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from starlette.concurrency import run_in_threadpool
 
 from sidrec.bundle import Bundle
@@ -46,17 +58,31 @@ from sidrec.sid_codebook import Codebooks
 from . import metrics
 from .retrieval import ItemTable
 from .runtime import Engine
+from .store import StoreClient, StoreOverloaded
 
 log = logging.getLogger("sidrec.service")
 
 # Redis keeps this many catalog changes in the stream; the records themselves stay forever.
 STREAM_MAXLEN = 1_000_000
 
-# KEYS[1] = counters, KEYS[2] = assignments; ARGV = triples (tuple, "tuple|item", bundle_next).
+# How often the stream follower checks that Redis still holds this worker's generation.
+GENERATION_CHECK_S = 0.5
+_STALE = "SIDREC_STALE_GENERATION"
+# Every write script starts with this: KEYS[#KEYS] = marker, ARGV[1] = the caller's token.
+_CHECK_GENERATION = f"""
+if redis.call('GET', KEYS[#KEYS]) ~= ARGV[1] then
+  return redis.error_reply('{_STALE} the catalog generation changed')
+end
+"""
+
+# KEYS[1] = counters, KEYS[2] = assignments, KEYS[3] = marker; ARGV[1] = generation, then
+# triples (tuple, "tuple|item", bundle_next).
 # bundle_next = how many bundle items already hold the tuple: the first digit Redis may give.
-_DEDUP_LUA = """
+_DEDUP_LUA = (
+    _CHECK_GENERATION
+    + """
 local out = {}
-for i = 1, #ARGV, 3 do
+for i = 2, #ARGV, 3 do
   local given = redis.call('HGET', KEYS[2], ARGV[i + 1])
   if given then
     out[#out + 1] = tonumber(given)
@@ -69,6 +95,55 @@ for i = 1, #ARGV, 3 do
 end
 return out
 """
+)
+
+# KEYS = items, derived:<version>, stream, marker; ARGV[1] = generation, ARGV[2] = stream
+# length, then triples (item_id, record, derived). Returns 1 per item new to the store.
+_PUT_LUA = (
+    _CHECK_GENERATION
+    + """
+local out = {}
+for i = 3, #ARGV, 3 do
+  out[#out + 1] = redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'item_id', ARGV[i])
+end
+return out
+"""
+)
+
+# Writing back what a worker holds after Redis lost it. KEYS = items, derived:<version>,
+# counters, assignments, stream; ARGV[1] = stream length, then quintuples (item_id, record,
+# derived, tuple or "" when the SID is the bundle's, digit). Records are set only where absent
+# (a newer write wins); each counter ends past the highest digit held. Returns items written.
+_RESTORE_LUA = """
+local written = 0
+for i = 2, #ARGV, 5 do
+  local item = ARGV[i]
+  if redis.call('HSETNX', KEYS[1], item, ARGV[i + 1]) == 1 then
+    written = written + 1
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[1], '*', 'item_id', item)
+  end
+  redis.call('HSETNX', KEYS[2], item, ARGV[i + 2])
+  local tuple = ARGV[i + 3]
+  if tuple ~= '' then
+    local digit = tonumber(ARGV[i + 4])
+    redis.call('HSETNX', KEYS[4], tuple .. '|' .. item, digit)
+    if tonumber(redis.call('HGET', KEYS[3], tuple) or '0') < digit + 1 then
+      redis.call('HSET', KEYS[3], tuple, digit + 1)
+    end
+  end
+end
+return written
+"""
+
+
+class GenerationChanged(RedisError):
+    """Redis no longer holds the catalog generation this worker wrote to (it lost its data)."""
+
+
+def _stale(e: ResponseError) -> bool:
+    return str(e).startswith(_STALE)
 
 
 def _pack(vector: np.ndarray) -> str:
@@ -149,15 +224,38 @@ class IngestResult:
     created: bool  # False = an existing item was updated
 
 
+# What restore() writes back per item: record, derived, and (tuple, digit) when the SID's
+# dedup digit was handed out by the store (None = the bundle's own SID).
+Held = tuple[StoredItem, Derived, tuple[str, int] | None]
+
+
 class CatalogStore(Protocol):
     kind: str
 
-    async def assign_dedup(self, version: str, wanted: list[tuple[str, str, int]]) -> list[int]:
-        """(tuple key, item id, bundle_next) -> dedup digit, atomic and idempotent per item."""
+    async def generation(self) -> str | None:
+        """The marker naming the store's current life; None = the store has none (lost it)."""
         ...
 
-    async def put(self, version: str, items: list[tuple[StoredItem, Derived]]) -> list[bool]:
-        """Store records (and announce them); True where the item id was new to the store."""
+    async def claim_generation(self, token: str) -> str:
+        """Set the marker to token unless one is set; returns the marker now in force."""
+        ...
+
+    async def assign_dedup(
+        self, version: str, wanted: list[tuple[str, str, int]], generation: str | None
+    ) -> list[int]:
+        """(tuple key, item id, bundle_next) -> dedup digit, atomic and idempotent per item.
+        Raises GenerationChanged if the store's marker is not `generation`."""
+        ...
+
+    async def put(
+        self, version: str, items: list[tuple[StoredItem, Derived]], generation: str | None
+    ) -> list[bool]:
+        """Store records (and announce them); True where the item id was new to the store.
+        Raises GenerationChanged if the store's marker is not `generation`."""
+        ...
+
+    async def restore(self, version: str, items: list[Held]) -> int:
+        """Write back records the store lost (absent ones only); returns how many."""
         ...
 
     async def put_derived(self, version: str, item_id: str, derived: Derived) -> None: ...
@@ -176,39 +274,77 @@ class CatalogStore(Protocol):
 class RedisCatalogStore:
     kind = "redis"
 
-    def __init__(self, redis: Redis, prefix: str) -> None:
+    def __init__(self, redis: StoreClient, prefix: str) -> None:
         self.redis = redis
         base = f"{prefix}{{catalog}}:"
         self.items_key = base + "items"
         self.stream_key = base + "stream"
+        self.generation_key = base + "generation"
         self._base = base
         self._dedup = redis.register_script(_DEDUP_LUA)
+        self._put = redis.register_script(_PUT_LUA)
+        self._restore = redis.register_script(_RESTORE_LUA)
 
     def _derived_key(self, version: str) -> str:
         return f"{self._base}derived:{version}"
 
-    async def assign_dedup(self, version: str, wanted: list[tuple[str, str, int]]) -> list[int]:
+    async def generation(self) -> str | None:
+        raw = await self.redis.get(self.generation_key)
+        return raw.decode() if raw is not None else None
+
+    async def claim_generation(self, token: str) -> str:
+        await self.redis.set(self.generation_key, token, nx=True)
+        return await self.generation() or token
+
+    async def assign_dedup(
+        self, version: str, wanted: list[tuple[str, str, int]], generation: str | None
+    ) -> list[int]:
         if not wanted:
             return []
-        args: list[str | int] = []
+        args: list[str | int] = [generation or ""]
         for tuple_key, item_id, bundle_next in wanted:
             args += [tuple_key, f"{tuple_key}|{item_id}", bundle_next]
-        keys = [f"{self._base}sidctr:{version}", f"{self._base}sidasg:{version}"]
-        return [int(d) for d in await self._dedup(keys=keys, args=args)]
+        keys = [
+            f"{self._base}sidctr:{version}",
+            f"{self._base}sidasg:{version}",
+            self.generation_key,
+        ]
+        try:
+            return [int(d) for d in await self._dedup(keys=keys, args=args)]
+        except ResponseError as e:
+            if _stale(e):
+                raise GenerationChanged(str(e)) from None
+            raise
 
-    async def put(self, version: str, items: list[tuple[StoredItem, Derived]]) -> list[bool]:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for stored, derived in items:
-                pipe.hset(self.items_key, stored.item_id, stored.to_json())
-                pipe.hset(self._derived_key(version), stored.item_id, derived.to_json())
-                pipe.xadd(
-                    self.stream_key,
-                    {"item_id": stored.item_id},
-                    maxlen=STREAM_MAXLEN,
-                    approximate=True,
-                )
-            replies = await pipe.execute()
-        return [bool(replies[3 * i]) for i in range(len(items))]
+    async def put(
+        self, version: str, items: list[tuple[StoredItem, Derived]], generation: str | None
+    ) -> list[bool]:
+        # One script: atomic like MULTI, and it checks the marker first.
+        args: list[str | int | bytes] = [generation or "", STREAM_MAXLEN]
+        for stored, derived in items:
+            args += [stored.item_id, stored.to_json(), derived.to_json()]
+        keys = [self.items_key, self._derived_key(version), self.stream_key, self.generation_key]
+        try:
+            replies = await self._put(keys=keys, args=args)
+        except ResponseError as e:
+            if _stale(e):
+                raise GenerationChanged(str(e)) from None
+            raise
+        return [bool(r) for r in replies]
+
+    async def restore(self, version: str, items: list[Held]) -> int:
+        args: list[str | int | bytes] = [STREAM_MAXLEN]
+        for stored, derived, dedup in items:
+            tuple_key, digit = dedup or ("", 0)
+            args += [stored.item_id, stored.to_json(), derived.to_json(), tuple_key, digit]
+        keys = [
+            self.items_key,
+            self._derived_key(version),
+            f"{self._base}sidctr:{version}",
+            f"{self._base}sidasg:{version}",
+            self.stream_key,
+        ]
+        return int(await self._restore(keys=keys, args=args))
 
     async def put_derived(self, version: str, item_id: str, derived: Derived) -> None:
         await self.redis.hset(self._derived_key(version), item_id, derived.to_json())
@@ -270,7 +406,18 @@ class MemoryCatalogStore:
         self.counters: dict[tuple[str, str], int] = {}
         self.assigned: dict[tuple[str, str], int] = {}
 
-    async def assign_dedup(self, version: str, wanted: list[tuple[str, str, int]]) -> list[int]:
+    async def generation(self) -> str | None:
+        return "memory"  # this process's memory cannot lose data while the process lives
+
+    async def claim_generation(self, token: str) -> str:
+        return "memory"
+
+    async def restore(self, version: str, items: list[Held]) -> int:
+        return 0
+
+    async def assign_dedup(
+        self, version: str, wanted: list[tuple[str, str, int]], generation: str | None
+    ) -> list[int]:
         digits = []
         for tuple_key, item_id, bundle_next in wanted:
             key = (version, f"{tuple_key}|{item_id}")
@@ -282,7 +429,9 @@ class MemoryCatalogStore:
             digits.append(self.assigned[key])
         return digits
 
-    async def put(self, version: str, items: list[tuple[StoredItem, Derived]]) -> list[bool]:
+    async def put(
+        self, version: str, items: list[tuple[StoredItem, Derived]], generation: str | None
+    ) -> list[bool]:
         created = []
         for stored, derived in items:
             created.append(stored.item_id not in self.items)
@@ -360,10 +509,18 @@ class Catalog:
             self.bundle_next[key] = max(self.bundle_next.get(key, 0), r.sid[self.layers] + 1)
         self.stream_position = "0-0"
         self.follower_error: str | None = None
+        # The store's generation marker as this worker last saw it (see the module docstring),
+        # and every ingested item it holds, to write back should the store lose them. Memory:
+        # the record's content vector (D floats) and the item vector (d floats) per item.
+        self.generation: str | None = None
+        self.held: dict[str, tuple[StoredItem, Derived]] = {}
+        self._recover_lock = asyncio.Lock()
 
     # --- deriving SIDs and vectors ------------------------------------------------------
 
-    async def _derive(self, item_ids: list[str], content: np.ndarray) -> list[Derived]:
+    async def _derive(
+        self, item_ids: list[str], content: np.ndarray, generation: str | None = None
+    ) -> list[Derived]:
         """content float32 [B, D] -> SID and item vector per item, under this bundle."""
         with metrics.stage("sid_assign"):
             codes = await run_in_threadpool(self.codebooks.assign, content)  # [B, L]
@@ -382,7 +539,8 @@ class Catalog:
                     key = tuple_key(codes[i])
                     wanted.append((key, item_id, self.bundle_next.get(key, 0)))
                     keep_trained.append(False)
-            digits = iter(await self.store.assign_dedup(self.version, wanted))
+            generation = generation or self.generation
+            digits = iter(await self.store.assign_dedup(self.version, wanted, generation))
             for i, keep in enumerate(keep_trained):
                 if not keep:
                     sids[i, self.layers] = next(digits)
@@ -398,6 +556,7 @@ class Catalog:
     def _apply(self, stored: StoredItem, derived: Derived) -> bool:
         """Put one item into this worker's table; True if it was new here."""
         created = self.table.upsert(stored.item_id, derived.sid, derived.vector)
+        self.held[stored.item_id] = (stored, derived)
         popularity = self.meta.get(stored.item_id, {}).get("popularity", 0)
         self.meta[stored.item_id] = {
             "title": stored.title,
@@ -439,7 +598,26 @@ class Catalog:
                 )
             content[to_encode] = encoded
         item_ids = [item.item_id for item in items]
-        derived = await self._derive(item_ids, content)
+        for attempt in range(3):
+            generation = self.generation
+            try:
+                return await self._write(items, texts, content, item_ids, generation)
+            except GenerationChanged:
+                # Redis lost the catalog: put back what we hold first, then hand out digits.
+                if attempt == 2:
+                    raise
+                await self.recover()
+        raise AssertionError("unreachable")
+
+    async def _write(
+        self,
+        items: list[ItemInput],
+        texts: list[str],
+        content: np.ndarray,
+        item_ids: list[str],
+        generation: str | None,
+    ) -> list[IngestResult]:
+        derived = await self._derive(item_ids, content, generation)
         now = time.time()
         stored = [
             StoredItem(
@@ -455,7 +633,7 @@ class Catalog:
         ]
         with metrics.stage("persist"):
             new_in_store = await self.store.put(
-                self.version, list(zip(stored, derived, strict=True))
+                self.version, list(zip(stored, derived, strict=True)), generation
             )
         results = []
         for s, d, new in zip(stored, derived, new_in_store, strict=True):
@@ -512,6 +690,8 @@ class Catalog:
 
     async def rebuild(self) -> int:
         """At start: every ingested item from the store into the table."""
+        # The marker first: a loss during the scan then shows as a marker that is not ours.
+        self.generation = await self.store.claim_generation(uuid.uuid4().hex)
         if isinstance(self.store, RedisCatalogStore):
             # Read the stream position first: anything written during the scan is replayed.
             self.stream_position = await self.store.stream_last_id()
@@ -520,11 +700,58 @@ class Catalog:
             loaded += await self.load(chunk)
         return loaded
 
+    def _held(self, item_ids: list[str]) -> list[Held]:
+        out: list[Held] = []
+        for item_id in item_ids:
+            stored, derived = self.held[item_id]
+            row = self.bundle_row.get(item_id)
+            own = row is not None and np.array_equal(derived.sid, self.table.sids[row])
+            dedup = None if own else (tuple_key(derived.sid[: self.layers]), int(derived.sid[-1]))
+            out.append((stored, derived, dedup))
+        return out
+
+    async def _restore(self, item_ids: list[str]) -> int:
+        written = 0
+        for start in range(0, len(item_ids), 500):
+            chunk = item_ids[start : start + 500]
+            written += await self.store.restore(self.version, self._held(chunk))
+        return written
+
+    async def check_generation(self) -> None:
+        """Recover if the store's marker is not the one this worker wrote under."""
+        if await self.store.generation() != self.generation:
+            await self.recover()
+
+    async def recover(self) -> None:
+        """The store lost the catalog: write back every item held here, then take the marker
+        (one recovery at a time; ingestion waits for it)."""
+        async with self._recover_lock:
+            current = await self.store.generation()
+            if current is not None and current == self.generation:
+                return  # recovered while we waited for the lock
+            log.warning(
+                "catalog: Redis lost its data (generation marker %s, expected %s); writing "
+                "back the %d ingested items this worker holds",
+                current,
+                self.generation,
+                len(self.held),
+            )
+            first = list(self.held)
+            written = await self._restore(first)
+            # Only now may this worker's writes go on: the marker we claim or find is ours.
+            self.generation = await self.store.claim_generation(uuid.uuid4().hex)
+            # Items an ingest already in flight applied while the first pass ran.
+            seen = set(first)
+            written += await self._restore([i for i in self.held if i not in seen])
+            metrics.CATALOG_RESTORED.inc(written)
+            log.warning("catalog: %d items written back; generation %s", written, self.generation)
+
     async def follow(self, block_ms: int = 1000) -> None:
         """Tail the catalog stream forever, applying what other workers ingested."""
         store = self.store
         assert isinstance(store, RedisCatalogStore)
         backoff = 0.1
+        checked = time.monotonic()
         while True:
             try:
                 if self.follower_error is not None:
@@ -532,8 +759,13 @@ class Catalog:
                     # and reading after our old id would skip every new entry.
                     if stream_id(await store.stream_last_id()) < stream_id(self.stream_position):
                         self.stream_position = "0-0"
+                    await self.check_generation()
+                    checked = time.monotonic()
                     log.info("catalog stream: reconnected")
                     self.follower_error = None
+                elif time.monotonic() - checked >= GENERATION_CHECK_S:
+                    await self.check_generation()
+                    checked = time.monotonic()
                 position, item_ids = await store.read_stream(self.stream_position, block_ms)
                 if item_ids:
                     await self.load(list(dict.fromkeys(item_ids)))
@@ -541,12 +773,16 @@ class Catalog:
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
+            except StoreOverloaded:
+                # Requests hold every connection: Redis is fine, so readiness stays as it is.
+                await asyncio.sleep(0.1)
             except (RedisError, OSError) as e:
                 if self.follower_error is None:
                     log.warning("catalog stream: %s; retrying", e)
                 self.follower_error = str(e) or type(e).__name__
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                # Short cap: readiness comes back within moments of Redis returning.
+                backoff = min(backoff * 2, 0.5)
 
     # --- lookups ------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from fastapi import Path, Request, Response, Security
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator
-from redis.asyncio import Redis
 
 from sidrec.bundle import Bundle
 
@@ -22,6 +21,7 @@ from .history_store import HistoryStore
 from .runtime import Engine
 from .schemas import ID_MAX_LENGTH, ID_PATTERN, ErrorResponse
 from .settings import Settings
+from .store import StoreClient
 
 
 @dataclass
@@ -31,11 +31,14 @@ class Services:
     runtime: Engine
     catalog: Catalog
     history: HistoryStore
-    redis: Redis | None
+    redis: StoreClient | None
     popular: list[str]  # the bundle's item ids, most popular first
     ranker: RankBatcher  # history -> top-k, concurrent requests batched
     rebuilt: bool = False  # ingested items loaded from the store
     rebuild_error: str | None = None
+    # /readyz pings through this client's own two connections, so a worker whose request
+    # pool is saturated still reports Redis as it is (single server; None = use `redis`).
+    probe: StoreClient | None = None
 
 
 class ApiError(Exception):
@@ -78,7 +81,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (401, "X-API-Key missing or wrong (only where SIDREC_API_KEY / _READ_API_KEY is set)"),
         (413, "body larger than SIDREC_MAX_BODY_BYTES"),
         (422, "a field is wrong: errors[] names it"),
-        (503, "Redis did not answer; nothing was stored"),
+        (
+            503,
+            "`store_unavailable`: Redis did not answer; `overloaded` (with Retry-After): no "
+            "Redis connection of this worker came free in time. Nothing was stored",
+        ),
     )
 }
 

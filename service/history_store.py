@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from .store import StoreClient
 
 # KEYS[1] = history list, KEYS[2..] = event-id keys.
 # ARGV[1] = cap, ARGV[2] = event-id TTL (s), then pairs (entry, index into KEYS or 0 = no id).
@@ -69,7 +71,9 @@ def _chronological(newest_first: list[tuple[str, int]]) -> list[tuple[str, int]]
 class RedisHistoryStore:
     kind = "redis"
 
-    def __init__(self, redis: Redis, prefix: str, history_len: int, event_id_ttl_s: int) -> None:
+    def __init__(
+        self, redis: StoreClient, prefix: str, history_len: int, event_id_ttl_s: int
+    ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.history_len = history_len
@@ -83,19 +87,31 @@ class RedisHistoryStore:
         by_user: dict[str, list[Event]] = defaultdict(list)
         for e in events:
             by_user[e.user_id].append(e)
-        # One script call per user (atomic per user), all in one round trip.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for user_id, user_events in by_user.items():
-                keys = [self._hist_key(user_id)]
-                args: list[str | int] = [self.history_len, self.event_id_ttl_s]
-                for e in user_events:
-                    key_index = 0
-                    if e.event_id is not None:
-                        keys.append(f"{self.prefix}evt:{{{user_id}}}:{e.event_id}")
-                        key_index = len(keys)
-                    args += [f"{e.ts} {e.item_id}", key_index]
-                await self._append(keys=keys, args=args, client=pipe)
-            pushed = await pipe.execute()
+        calls: list[tuple[list[str], list[str | int]]] = []
+        for user_id, user_events in by_user.items():
+            keys = [self._hist_key(user_id)]
+            args: list[str | int] = [self.history_len, self.event_id_ttl_s]
+            for e in user_events:
+                key_index = 0
+                if e.event_id is not None:
+                    keys.append(f"{self.prefix}evt:{{{user_id}}}:{e.event_id}")
+                    key_index = len(keys)
+                args += [f"{e.ts} {e.item_id}", key_index]
+            calls.append((keys, args))
+        pushed: list[int] = []
+        if isinstance(self.redis, RedisCluster):
+            # Users live on different nodes, and a cluster pipeline cannot load a script the
+            # node lacks (NOSCRIPT): one call per user, a few at a time (each is one slot).
+            for start in range(0, len(calls), 16):
+                pushed += await asyncio.gather(
+                    *(self._append(keys=k, args=a) for k, a in calls[start : start + 16])
+                )
+        else:
+            # One script call per user (atomic per user), all in one round trip.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    await self._append(keys=keys, args=args, client=pipe)
+                pushed = await pipe.execute()
         return sum(int(p) for p in pushed)
 
     async def history(self, user_id: str) -> list[tuple[str, int]]:

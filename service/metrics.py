@@ -55,6 +55,16 @@ ITEMS_INGESTED = Counter(
     "Items written through POST /v1/items; collided = its code tuple was already taken",
     ["collided"],
 )
+STORE_OVERLOADED = Counter(
+    "sidrec_store_overloaded_total",
+    "Requests answered 503 overloaded: no Redis connection came free within "
+    "SIDREC_REDIS_POOL_TIMEOUT_S (the worker is saturated; Redis answers)",
+)
+CATALOG_RESTORED = Counter(
+    "sidrec_catalog_restored_items_total",
+    "Ingested items this worker wrote back to Redis after finding that Redis had lost them "
+    "(restarted empty, FLUSHALL)",
+)
 # Gauges: every worker holds the same catalog and model, so the merged value is the max.
 INDEX_ITEMS = Gauge(
     "sidrec_index_items", "Live items in the retrieval index", multiprocess_mode="max"

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     # PyTorch intra-op threads for the torch engine on the CPU; 0 = PyTorch's default.
     torch_threads: int = Field(0, ge=0)
     redis_timeout_s: float = Field(2.0, gt=0)
+    # SIDREC_REDIS_URL names one node of a Redis Cluster (the client finds the others).
+    redis_cluster: bool = False
+    # Redis connections per worker. A request that finds them all busy waits up to
+    # redis_pool_timeout_s for one, then gets 503 `overloaded` (Retry-After): the worker is
+    # saturated, Redis is not down. Each request holds a connection only for its Redis calls.
+    redis_max_connections: int = Field(100, ge=2, le=10_000)
+    redis_pool_timeout_s: float = Field(2.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

@@ -146,14 +146,16 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server process on a free port, no persistence; stop() and start() again keep
-    the port, so a client sees the same address come back (empty)."""
+    """A redis-server process on a free port, no persistence unless `aof` (then every write is
+    fsynced before Redis answers); stop() and start() again keep the port, so a client sees
+    the same address come back (empty, or from its append-only file)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, aof: bool = False) -> None:
         if REDIS_BIN is None:
             pytest.fail("redis-server is not installed (apt-get install redis-server)")
         self.folder = folder
         self.port = free_port()
+        self.aof = aof
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -164,7 +166,9 @@ class RedisServer:
         assert REDIS_BIN is not None
         self.folder.mkdir(parents=True, exist_ok=True)
         args = [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(self.folder)]
+        args += ["--dir", str(self.folder)]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else []
+        args += [] if self.aof else ["--appendonly", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
@@ -182,8 +186,114 @@ class RedisServer:
             self.proc.wait(10)
             self.proc = None
 
+    def kill(self) -> None:
+        """kill -9: no shutdown, no final save."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
+
+def free_port_pair() -> int:
+    """A free port p whose cluster bus port p + 10000 is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 <= 65535:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisClusterServers:
+    """A real Redis Cluster on loopback: `masters` redis-server processes with cluster mode on,
+    joined by `redis-cli --cluster create` (no replicas). `url` names one node."""
+
+    def __init__(self, folder: Path, masters: int = 3) -> None:
+        if REDIS_BIN is None or shutil.which("redis-cli") is None:
+            pytest.fail("redis-server and redis-cli are needed (apt-get install redis-server)")
+        self.folder = folder
+        self.ports = [free_port_pair() for _ in range(masters)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self) -> None:
+        assert REDIS_BIN is not None
+        for port in self.ports:
+            node = self.folder / str(port)
+            node.mkdir(parents=True, exist_ok=True)
+            args = [REDIS_BIN, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            args += ["--appendonly", "no", "--dir", str(node), "--cluster-enabled", "yes"]
+            args += ["--cluster-config-file", str(node / "nodes.conf")]
+            args += ["--cluster-node-timeout", "5000"]
+            self.procs.append(
+                subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        for port in self.ports:
+            wait_for_ping(port)
+        create = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports)]
+        subprocess.run(
+            [*create, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        for port in self.ports:
+            client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+            while client.cluster("info").get("cluster_state") != "ok":
+                assert time.monotonic() < deadline, f"cluster node {port} never became ok"
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(10)
+        self.procs = []
+
+    def client(self) -> redis.RedisCluster:
+        return redis.RedisCluster(host="127.0.0.1", port=self.ports[0], socket_timeout=2)
+
+
+def wait_for_ping(port: int, timeout: float = 10) -> None:
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.ping():
+                return
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

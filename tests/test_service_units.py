@@ -12,7 +12,7 @@ import pytest
 from conftest import RedisServer
 from redis.asyncio import Redis
 
-from sidrec.service.catalog import MemoryCatalogStore, RedisCatalogStore
+from sidrec.service.catalog import GenerationChanged, MemoryCatalogStore, RedisCatalogStore
 from sidrec.service.history_store import Event, MemoryHistoryStore, RedisHistoryStore
 from sidrec.service.retrieval import ItemTable
 
@@ -67,16 +67,24 @@ def test_dedup_digits_are_unique_under_concurrency_and_idempotent(
             stores = [RedisCatalogStore(redis, "t:"), RedisCatalogStore(other, "t:")]
         else:
             stores = [MemoryCatalogStore()] * 2
+        gen = await stores[0].claim_generation("g1")
+        assert await stores[1].claim_generation("g2") == gen  # the first claim stands
         # 40 items with one code tuple, asked for from two stores at once; the bundle already
         # holds digits 0..2 of that tuple.
-        calls = [stores[i % 2].assign_dedup("v1", [("1,2,3", f"item-{i}", 3)]) for i in range(40)]
+        calls = [
+            stores[i % 2].assign_dedup("v1", [("1,2,3", f"item-{i}", 3)], gen) for i in range(40)
+        ]
         digits = [d for (d,) in await asyncio.gather(*calls)]
         assert sorted(digits) == list(range(3, 43))
         # Asking again for the same item and tuple (a retry) gives the same digit.
-        again = await stores[1].assign_dedup("v1", [("1,2,3", "item-7", 3)])
+        again = await stores[1].assign_dedup("v1", [("1,2,3", "item-7", 3)], gen)
         assert again == [digits[7]]
         # Another bundle version counts on its own.
-        assert await stores[0].assign_dedup("v2", [("1,2,3", "item-7", 3)]) == [3]
+        assert await stores[0].assign_dedup("v2", [("1,2,3", "item-7", 3)], gen) == [3]
+        if kind == "redis":
+            # A worker still on an older generation (Redis lost its data since) is refused.
+            with pytest.raises(GenerationChanged):
+                await stores[0].assign_dedup("v1", [("1,2,3", "item-99", 3)], "stale")
         await other.aclose()
 
     run(scenario, redis_server)
