@@ -146,7 +146,8 @@ class SidrecUser(FastHttpUser):
 
     def on_start(self) -> None:
         self.rng = random.Random()
-        self.write_headers = {"X-API-Key": self.api_key} if self.api_key else {}
+        # the write key also grants reads (recommend, history: personal data, docs/service.md)
+        self.key_headers = {"X-API-Key": self.api_key} if self.api_key else {}
 
     def some_user(self) -> str:
         return f"{USER_PREFIX}{self.rng.randrange(self.pool)}"
@@ -154,7 +155,9 @@ class SidrecUser(FastHttpUser):
     @task(80)
     def recommend(self) -> None:
         body = {"user_id": self.some_user(), "k": 10}
-        with self.client.post("/v1/recommend", json=body, catch_response=True) as r:
+        with self.client.post(
+            "/v1/recommend", json=body, headers=self.key_headers, catch_response=True
+        ) as r:
             if r.status_code != 200:
                 r.failure(f"{r.status_code}: {r.text[:200]}")
             elif not r.json()["items"]:
@@ -169,7 +172,7 @@ class SidrecUser(FastHttpUser):
             "event_id": uuid.uuid4().hex,
         }
         with self.client.post(
-            "/v1/events", json=body, headers=self.write_headers, catch_response=True
+            "/v1/events", json=body, headers=self.key_headers, catch_response=True
         ) as r:
             if r.status_code != 200:
                 r.failure(f"{r.status_code}: {r.text[:200]}")
@@ -183,7 +186,7 @@ class SidrecUser(FastHttpUser):
         item_id = f"{ITEM_PREFIX}{uuid.uuid4().hex[:12]}"
         body = {"item_id": item_id, "title": source.title, "text": source.text}
         with self.client.post(
-            "/v1/items", json=body, headers=self.write_headers, catch_response=True
+            "/v1/items", json=body, headers=self.key_headers, catch_response=True
         ) as r:
             if r.status_code != 200:
                 r.failure(f"{r.status_code}: {r.text[:200]}")
@@ -198,7 +201,10 @@ class SidrecUser(FastHttpUser):
     def history(self) -> None:
         user = self.some_user()
         with self.client.get(
-            f"/v1/users/{user}/history", name="/v1/users/[user_id]/history", catch_response=True
+            f"/v1/users/{user}/history",
+            name="/v1/users/[user_id]/history",
+            headers=self.key_headers,
+            catch_response=True,
         ) as r:
             if r.status_code != 200:
                 r.failure(f"{r.status_code}: {r.text[:200]}")
