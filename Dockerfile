@@ -23,6 +23,8 @@ RUN python -m venv /opt/venv
 # Every folder pyproject's package-dir names; offline/ and model/ are installed but only
 # imported by the training commands, which this image never runs.
 COPY pyproject.toml README.md ./
+# The locked versions CI tested (requirements/, `make lock`): base for CPU, gpu for the extra.
+COPY requirements/base.txt requirements/gpu.txt ./requirements/
 COPY sidrec ./sidrec
 COPY model ./model
 COPY offline ./offline
@@ -31,12 +33,12 @@ COPY service ./service
 # dependencies pull in. Each pair installs the same Python package (onnxruntime, faiss), so the
 # CPU builds are removed and the GPU builds reinstalled over the files they shared.
 RUN if [ "$VARIANT" = "gpu" ]; then \
-        pip install --no-cache-dir "/src[gpu]" \
+        pip install --no-cache-dir -c requirements/gpu.txt "/src[gpu]" \
         && pip freeze | grep -E '^(onnxruntime-gpu|faiss-gpu-cu12)==' > /tmp/gpu-builds.txt \
         && pip uninstall -y onnxruntime faiss-cpu \
         && pip install --no-cache-dir --force-reinstall --no-deps -r /tmp/gpu-builds.txt; \
     elif [ "$VARIANT" = "cpu" ]; then \
-        pip install --no-cache-dir /src; \
+        pip install --no-cache-dir -c requirements/base.txt /src; \
     else \
         echo "VARIANT must be cpu or gpu, not '$VARIANT'" >&2; exit 1; \
     fi \

@@ -140,7 +140,10 @@ def test_dockerfile_copies_every_package_and_gpu_variant_installs_the_gpu_extra(
         assert f"!{folder}/" in ignore or f"!{folder}" in ignore, f".dockerignore drops {folder}"
 
     install = next(a for i, a in build if i == "RUN" and "VARIANT" in a)
-    assert '"/src[gpu]"' in install and "pip install --no-cache-dir /src;" in install
+    # The locked versions CI tested (requirements/, `make lock`), and the context lets them in.
+    assert '-c requirements/gpu.txt "/src[gpu]"' in install
+    assert "pip install --no-cache-dir -c requirements/base.txt /src;" in install
+    assert "!requirements/base.txt" in ignore and "!requirements/gpu.txt" in ignore
     # The builds that replace the CPU ones are exactly the gpu extra's packages.
     gpu_extra = {
         re.split(r"[\[<>=]", req)[0] for req in pyproject["project"]["optional-dependencies"]["gpu"]
