@@ -40,13 +40,15 @@ class CheckpointError(Exception):
     """No checkpoint that matches the bundle."""
 
 
-def checkpoint_table(path: Path) -> tuple[torch.nn.Module, np.ndarray]:
-    """(the model's HSTU, its item table float32 [n + 1, d] as the bundle exports it)."""
+def checkpoint_table(path: Path) -> tuple[torch.nn.Module, np.ndarray, np.ndarray]:
+    """(the model's HSTU, its item table float32 [n + 1, d], bool [n + 1] trained rows).
+    Trained rows are as the bundle exports them; a content tower (offline/tower.py) replaces
+    the others in the bundle, so only trained rows identify a checkpoint."""
     model, _, ckpt = load_checkpoint(path)
     trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
     with torch.no_grad():
         table = model.items.table(trained).numpy().astype(np.float32)
-    return model.encoder, table
+    return model.encoder, table, trained.numpy()
 
 
 def find_checkpoint(bundle: Bundle, given: Path | None) -> Path:
@@ -56,8 +58,10 @@ def find_checkpoint(bundle: Bundle, given: Path | None) -> Path:
     for path in candidates:
         if not path.is_file():
             continue
-        _, table = checkpoint_table(path)
-        if table.shape == vectors.shape and np.allclose(table, vectors, atol=1e-5):
+        _, table, trained = checkpoint_table(path)
+        if table.shape == vectors.shape and np.allclose(
+            table[trained], vectors[trained], atol=1e-5
+        ):
             return path
         if given:
             raise CheckpointError(f"{path}: its item table differs from {bundle.path}'s")
@@ -76,11 +80,14 @@ class NaiveRecommender:
     """Eager PyTorch user encoder + numpy brute force over every item."""
 
     def __init__(self, bundle: Bundle, checkpoint: Path) -> None:
-        hstu, table = checkpoint_table(checkpoint)
+        hstu, _, trained = checkpoint_table(checkpoint)
         self.encoder = UserEncoder(hstu).eval()
+        table = bundle.item_vectors()  # the checkpoint's rows, and a tower's for the rest
         self.table = torch.from_numpy(table)  # [n + 1, d] raw: the encoder's inputs
         norms = np.linalg.norm(table, axis=1, keepdims=True)
-        self.normed = table / np.maximum(norms, 1e-12)  # [n + 1, d]: what is scored
+        scales = np.where(trained, 1.0, float(bundle.model.get("new_item_score_scale", 1.0)))
+        # [n + 1, d]: what is scored (cosine times the bundle's score scale per row)
+        self.normed = table / np.maximum(norms, 1e-12) * scales[:, None].astype(np.float32)
         items = bundle.items()
         self.item_ids = ["", *(r.item_id for r in items)]
         self.row_of = {r.item_id: r.row for r in items}

@@ -12,9 +12,10 @@ median norm of the trained id rows, so a tower vector enters the user encoder at
 encoder saw in training. The tower is fitted after the recommender, towards the fixed id rows
 (offline/tower.py), and never changes them.
 
-A rare item, whose id row saw only a few training events, blends its two vectors:
-blend(item) = w * id + (1 - w) * tower with w = n / (n + half_weight_count); n its training
-events. half_weight_count = 0 keeps every trained id row as it is.
+A tower vector is a guess from content where an id row is learnt from behaviour, so the two do
+not score on one scale: `new_item_scale` multiplies a new item's score (its L2-normalised
+vector's length in the index), chosen on validation (offline/tower.py). 1 scores it like a
+trained item.
 """
 
 import torch
@@ -45,7 +46,7 @@ class ContentTower(nn.Module):
             nn.Linear(content_dim, hidden), nn.GELU(), nn.Linear(hidden, d)
         )  # fmt: skip
         self.register_buffer("scale", torch.tensor(1.0))
-        self.register_buffer("half_weight_count", torch.tensor(0.0))
+        self.register_buffer("new_item_scale", torch.tensor(1.0))
 
     @classmethod
     def for_catalog(
@@ -81,14 +82,6 @@ class ContentTower(nn.Module):
             prefixes = prefixes * depth_keep[..., None].to(prefixes.dtype)
         v = prefixes.sum(1) + self.content(content)
         return F.normalize(v, dim=-1, eps=1e-6) * self.scale
-
-    def blend_weight(self, counts: torch.Tensor) -> torch.Tensor:
-        # training events per item [n] -> weight of the id row [n]: 1 when half_weight_count
-        # is 0, else n / (n + half_weight_count)
-        counts = counts.to(self.scale.dtype)
-        if float(self.half_weight_count) <= 0:
-            return torch.ones_like(counts)
-        return counts / (counts + self.half_weight_count)
 
 
 class TowerVector(nn.Module):

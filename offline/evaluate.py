@@ -187,13 +187,16 @@ def hstu_scorer(encoder: HSTU, items: ItemEmbedding, trained: np.ndarray | torch
     return table_scorer(encoder, table)
 
 
-def table_scorer(encoder: HSTU, table: torch.Tensor) -> Scorer:
+def table_scorer(encoder: HSTU, table: torch.Tensor, scales: torch.Tensor | None = None) -> Scorer:
     """Scores with `encoder` over the item table [n + 1, d] (raw vectors, row 0 zero): the
-    history's rows are the encoder's input, the cosine against every row the score."""
+    history's rows are the encoder's input, the cosine against every row the score, times the
+    row's score scale (scales [n + 1], e.g. a content tower's new-item scale) when given."""
     from sidrec.model.hstu import UserEncoder
 
     user_encoder = UserEncoder(encoder)
     table_normed = F.normalize(table, dim=-1, eps=1e-6)
+    if scales is not None:
+        table_normed = table_normed * scales[:, None].to(table_normed.dtype)
 
     @torch.no_grad()
     def score(batch: EvalBatch) -> torch.Tensor:

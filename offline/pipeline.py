@@ -306,9 +306,9 @@ class Steps:
         if tower is not None:
             with torch.no_grad():
                 id_table = model.items.table(torch.as_tensor(ckpt["trained"]))
-            table = item_table(id_table, tower, ckpt["sids"], self.content_vectors,
-                               self.split.train_counts)  # fmt: skip
-            scorer = table_scorer(model.encoder, table)
+            table, scales = item_table(id_table, tower, ckpt["sids"], self.content_vectors,
+                                       ckpt["trained"])  # fmt: skip
+            scorer = table_scorer(model.encoder, table, scales)
         batch_size = cfg.eval_batch_size or 32
         reports = {}
         for stage in ("valid", "test"):
@@ -381,7 +381,7 @@ class Steps:
     def all(
         self,
         variants: list[str],
-        export_variant: str = "hybrid-sum",
+        export_variant: str = "hybrid-tower",
         epochs: int = 60,
         patience: int = 8,
         id_dropout: float = 0.2,

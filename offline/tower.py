@@ -1,12 +1,16 @@
 """Fit the content tower (model/content_tower.py) to a trained recommender's id rows.
 
-Every trained item is an example: its SID and content vector in, its own id row (fixed) the
-answer, scored as a softmax over all trained id rows by cosine / temperature, the way the
-recommender scores. So a tower vector is good when it picks out its item's id among all the
-others, which is what a new item needs to be found by the users its content suits. A random
-share of the items is held out of fitting, as new items would be, and alone decides when to
-stop. Each example sees its SID prefixes cut at a random depth (half the time), since a new
-item often matches the catalog's prefixes only part of the way.
+An example is a query vector and the item that answers it; the loss is a softmax over every
+trained id row, scored by cosine / temperature as the recommender scores, with the rows of a
+few items per step (the answer's among them half the time) replaced by their tower vectors: the
+table as the service holds it when those items are new. So a tower vector learns to win for its
+item's queries without crowding out other items. The default query is the item's own id row
+("ids": the tower lands where the recommender put the item); "users" takes the user vectors
+at training positions that chose it (user_states), which finds new items more often but, fitted
+on states the recommender has memorised, crowds out warm items more
+(docs/results/content-tower.md). A random share of the items is held out, as new items would
+be, and alone decides when to stop. A new item's SID prefixes are cut at a random depth half
+the time, since a new item often matches the catalog's prefixes only part of the way.
 """
 
 from __future__ import annotations
@@ -27,39 +31,72 @@ from sidrec.model.weights import content_tower_args
 from sidrec.offline.split import Split
 
 TOWER_FILE = "tower.pt"
-# Candidates for the rare-item blend (model/content_tower.py), chosen on validation NDCG@10;
-# 0 keeps every trained id row as it is.
-HALF_WEIGHT_COUNTS = (0.0, 1.0, 2.0, 5.0, 10.0)
+# Candidates for the new-item score scale (model/content_tower.py); attach_tower takes the
+# largest whose validation NDCG@10 is within one standard error of the best one's.
+NEW_ITEM_SCALES = (1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
 
 
 @dataclass(frozen=True)
 class TowerConfig:
     hidden: int = 256
     epochs: int = 200
-    patience: int = 10
+    patience: int = 3
     batch_size: int = 512
     lr: float = 3e-3
     weight_decay: float = 1e-4
     temperature: float = 0.05
-    depth_drop: float = 0.5  # share of examples whose prefixes are cut at a random depth
+    depth_drop: float = 0.5  # share of new items whose prefixes are cut at a random depth
+    cold_share: float = 0.05  # share of the fitted items that are new in each step
     holdout: float = 0.1
     seed: int = 0
     # what the tower reads, for ablations: "sid+content", "sid" (content ignored) or
     # "content" (no prefix rows)
     parts: str = "sid+content"
+    objective: str = "ids"  # the queries: "ids" (each item's own id row) or "users"
 
 
-def _holdout_loss(
-    tower: ContentTower, codes: torch.Tensor, content: torch.Tensor, ids: torch.Tensor,
-    targets: torch.Tensor, temperature: float,
-) -> tuple[float, float]:  # fmt: skip
-    # (mean softmax loss, hit rate of the own id in the top 10) of examples over `targets`
-    with torch.no_grad():
-        logits = F.normalize(tower(codes, content), dim=-1) @ targets.T / temperature
-        loss = F.cross_entropy(logits, ids).item()
-        own = logits.gather(1, ids[:, None])
-        hits = ((logits > own).sum(1) < 10).float().mean().item()
-    return loss, hits
+def _mixed_logits(
+    tower: ContentTower, queries: torch.Tensor, candidates: torch.Tensor, cold: torch.Tensor,
+    sids: torch.Tensor, content: torch.Tensor, temperature: float,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    # queries [B, d] L2-normalised -> logits [B, n + 1] over the candidates' id rows
+    # (normalised, [n + 1, d]; zero rows never win) with the `cold` rows [S] replaced by
+    # their tower vectors: the table as the service holds it when those items are new, so a
+    # tower vector learns to win for its item's users and not to crowd out other items
+    v = F.normalize(tower(sids[cold], content[cold], keep), dim=-1)  # [S, d]
+    table = candidates.index_copy(0, cold, v)
+    logits = queries @ table.T / temperature
+    return logits.masked_fill(table.norm(dim=-1)[None, :] == 0, float("-inf"))
+
+
+@torch.no_grad()
+def user_states(
+    model: torch.nn.Module, id_table: torch.Tensor, split: Split, max_len: int,
+    max_examples: int = 200_000, batch_size: int = 256, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(user vectors [P, d] L2-normalised, the item each chose next [P]) at every training
+    position of the trained `model` (a SequentialRecommender), at most max_examples of them
+    (a seeded sample): what the tower is fitted on."""
+    from sidrec.offline.train import training_sequences
+
+    seqs = training_sequences(split, max_len)
+    states, answers = [], []
+    for start in range(0, len(seqs.lengths), batch_size):
+        idx = slice(start, start + batch_size)
+        width = int(seqs.lengths[idx].max())
+        inputs = seqs.inputs[idx, :width]
+        mask = inputs != 0
+        out = model.encoder(id_table[inputs], seqs.timestamps[idx, :width],
+                            seqs.next_timestamps[idx, :width], mask)  # fmt: skip
+        states.append(F.normalize(out[mask], dim=-1, eps=1e-6))
+        answers.append(seqs.targets[idx, :width][mask])
+    all_states, all_answers = torch.cat(states), torch.cat(answers)
+    if len(all_answers) > max_examples:
+        pick = torch.as_tensor(np.random.default_rng(seed).choice(len(all_answers), max_examples,
+                                                                   replace=False))  # fmt: skip
+        all_states, all_answers = all_states[pick], all_answers[pick]
+    return all_states, all_answers
 
 
 def fit_tower(
@@ -68,87 +105,119 @@ def fit_tower(
     content: np.ndarray | torch.Tensor,
     trained: np.ndarray | torch.Tensor,
     codes_per_layer: int,
-    sid_layers: int | None = None,
+    examples: tuple[torch.Tensor, torch.Tensor] | None = None,
     cfg: TowerConfig = TowerConfig(),
     log: Callable[[str], None] | None = None,
 ) -> tuple[ContentTower, dict]:
     """A ContentTower fitted to `id_table` [n + 1, d] (row 0 padding) over the `trained` rows
-    (bool [n + 1]). sids int64 [n + 1, L + 1]; content float [n, C] (rows 1..n). Returns the
-    tower (eval mode, the best holdout epoch's weights) and its fitting record."""
+    (bool [n + 1]). sids int64 [n + 1, L + 1]; content float [n, C] (rows 1..n).
+
+    examples = (queries [P, d] L2-normalised, answers [P] item rows), usually user_states():
+    each answer's tower vector should beat every other trained id row for its query. Without
+    them every trained item is its own query (its normalised id row). Returns the tower (eval
+    mode, the best holdout epoch's weights) and its fitting record."""
     if cfg.parts not in ("sid+content", "sid", "content"):
         raise ValueError(f"parts must be sid+content, sid or content, got {cfg.parts!r}")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     sids_t = torch.as_tensor(np.asarray(sids), dtype=torch.int64)
-    layers = sid_layers or sids_t.shape[1] - 1
+    layers = sids_t.shape[1] - 1
     content_t = torch.as_tensor(np.asarray(content), dtype=torch.float32)
     content_t = torch.cat([torch.zeros(1, content_t.shape[1]), content_t])  # row 0 padding
+    if cfg.parts == "sid":
+        content_t = torch.zeros_like(content_t)
     table = id_table.detach().float().cpu()
-    rows = np.flatnonzero(np.asarray(trained, dtype=bool))
-    rows = rows[rows > 0]
+    trained_t = torch.as_tensor(np.asarray(trained), dtype=torch.bool).clone()
+    trained_t[0] = False
+    rows = np.flatnonzero(trained_t.numpy())
     if len(rows) < 20:
         raise ValueError(f"a content tower needs at least 20 trained items, got {len(rows)}")
-    order = rng.permutation(len(rows))
-    num_held = max(1, round(cfg.holdout * len(rows)))
-    held, fit = np.sort(rows[order[:num_held]]), np.sort(rows[order[num_held:]])
+    candidates = F.normalize(table, dim=-1, eps=1e-6) * trained_t[:, None]  # [n + 1, d]
+    if examples is None:
+        examples = (candidates[rows], torch.as_tensor(rows))
+    queries, answers = examples[0].float(), examples[1].long()
+    queries, answers = queries[trained_t[answers]], answers[trained_t[answers]]
 
-    # Candidates: every trained id row; an example's answer is its own row among them.
-    targets = F.normalize(table[rows], dim=-1)  # [T, d]
-    position = np.zeros(len(table), dtype=np.int64)
-    position[rows] = np.arange(len(rows))
+    # A share of the items is held out, as new items: examples answered by them decide when
+    # to stop, and their prefixes get no rows.
+    held_items = rng.choice(rows, max(1, round(cfg.holdout * len(rows))), replace=False)
+    is_held = torch.zeros(len(table), dtype=torch.bool)
+    is_held[torch.as_tensor(held_items)] = True
+    fit_rows = rows[~is_held[rows].numpy()]
+    held_ex = torch.nonzero(is_held[answers]).squeeze(1)
+    fit_ex = torch.nonzero(~is_held[answers]).squeeze(1)
+    if len(held_ex) == 0 or len(fit_ex) == 0:
+        raise ValueError("too few examples to hold some out: give the tower more data")
 
-    # Prefix rows only for the fitted items: a held-out item must manage as a new one would.
-    tower = ContentTower.for_catalog(sids_t[fit, :layers], codes_per_layer, content_t.shape[1],
-                                     table.shape[1], cfg.hidden)  # fmt: skip
+    tower = ContentTower.for_catalog(sids_t[fit_rows, :layers], codes_per_layer,
+                                     content_t.shape[1], table.shape[1], cfg.hidden)  # fmt: skip
     tower.scale.fill_(float(table[rows].norm(dim=-1).median()))
     optimizer = torch.optim.AdamW(tower.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    held_t = torch.as_tensor(held)
-    held_args = (sids_t[held_t], content_t[held_t], torch.as_tensor(position[held]), targets)
+    shared = (sids_t, content_t, cfg.temperature)
+    num_cold = max(1, round(cfg.cold_share * len(fit_rows)))
+    # Held-out check: every held-out item new at once; its examples and as many others.
+    others = fit_ex[torch.as_tensor(rng.permutation(len(fit_ex))[: len(held_ex)])]
+    check_ex = torch.cat([held_ex, others])
+    held_rows = torch.as_tensor(np.sort(held_items))
+
+    def holdout() -> tuple[float, float]:
+        # (mean loss over the check examples, share of held-out answers in the top 10)
+        tower.eval()
+        losses, hits = [], 0
+        with torch.no_grad():
+            for start in range(0, len(check_ex), 4096):
+                ex = check_ex[start : start + 4096]
+                logits = _mixed_logits(tower, queries[ex], candidates, held_rows, *shared)
+                losses.append(F.cross_entropy(logits, answers[ex], reduction="sum").item())
+                own = logits.gather(1, answers[ex][:, None])
+                new = is_held[answers[ex]]
+                hits += ((logits[new] > own[new]).sum(1) < 10).sum().item()
+        return sum(losses) / len(check_ex), hits / len(held_ex)
 
     best = (float("inf"), 0, {k: v.clone() for k, v in tower.state_dict().items()})
     curve: list[dict] = []
+    fit_rows_t = torch.as_tensor(fit_rows)
     for epoch in range(1, cfg.epochs + 1):
         tower.train()
-        perm = torch.as_tensor(rng.permutation(fit))
+        perm = fit_ex[torch.as_tensor(rng.permutation(len(fit_ex)))]
         total = 0.0
         for start in range(0, len(perm), cfg.batch_size):
-            batch = perm[start : start + cfg.batch_size]
-            cut = torch.as_tensor(rng.integers(0, layers + 1, size=len(batch)))  # depths kept
-            cut_some = torch.as_tensor(rng.random(len(batch)) < cfg.depth_drop)
+            ex = perm[start : start + cfg.batch_size]
+            # this step's new items: half the batch's answers and a random share of the rest
+            coin = torch.as_tensor(rng.random(len(ex)) < 0.5)
+            extra = fit_rows_t[torch.as_tensor(rng.choice(len(fit_rows), num_cold))]
+            cold = torch.unique(torch.cat([answers[ex][coin], extra]))
+            cut = torch.as_tensor(rng.integers(0, layers + 1, size=len(cold)))  # depths kept
+            cut_some = torch.as_tensor(rng.random(len(cold)) < cfg.depth_drop)
             depth = torch.where(cut_some, cut, torch.full_like(cut, layers))
-            keep = torch.arange(layers)[None, :] < depth[:, None]  # [B, L]
+            keep = torch.arange(layers)[None, :] < depth[:, None]  # [S, L]
             if cfg.parts == "content":
                 keep = torch.zeros_like(keep)  # prefix rows stay zero: never read
-            batch_content = content_t[batch]
-            if cfg.parts == "sid":
-                batch_content = torch.zeros_like(batch_content)
-            v = F.normalize(tower(sids_t[batch], batch_content, keep), dim=-1)
-            loss = F.cross_entropy(
-                v @ targets.T / cfg.temperature, torch.as_tensor(position[batch.numpy()])
-            )
+            logits = _mixed_logits(tower, queries[ex], candidates, cold, *shared, keep=keep)
+            loss = F.cross_entropy(logits, answers[ex])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(batch)
-        tower.eval()
-        if cfg.parts == "sid":  # the content's weights never saw an input: make that exact
-            with torch.no_grad():
-                tower.content[0].weight.zero_()
-        held_loss, held_hr = _holdout_loss(tower, *held_args, cfg.temperature)
-        curve.append({"epoch": epoch, "loss": total / len(fit), "holdout_loss": held_loss,
+            total += loss.item() * len(ex)
+        held_loss, held_hr = holdout()
+        curve.append({"epoch": epoch, "loss": total / len(fit_ex), "holdout_loss": held_loss,
                       "holdout_hr@10": held_hr})  # fmt: skip
         if held_loss < best[0]:
             best = (held_loss, epoch, {k: v.clone() for k, v in tower.state_dict().items()})
         if log:
             mark = "  *" if best[1] == epoch else ""
-            log(f"tower epoch {epoch}: loss {total / len(fit):.4f}  holdout loss {held_loss:.4f}"
-                f"  own id in top 10 {held_hr:.3f}{mark}")  # fmt: skip
+            log(f"tower epoch {epoch}: loss {total / len(fit_ex):.4f}  holdout loss "
+                f"{held_loss:.4f}  held-out items in top 10 {held_hr:.3f}{mark}")  # fmt: skip
         if epoch - best[1] >= cfg.patience:
             break
     tower.load_state_dict(best[2])
     tower.eval()
-    record = {"config": asdict(cfg), "best_epoch": best[1], "fit_items": len(fit),
-              "holdout_items": len(held), "curve": curve}  # fmt: skip
+    if cfg.parts == "sid":  # the content layer never saw an input: make serving ignore it too
+        with torch.no_grad():
+            tower.content[0].weight.zero_()
+    record = {"config": asdict(cfg), "best_epoch": best[1], "fit_items": len(fit_rows),
+              "holdout_items": len(held_items), "examples": len(answers),
+              "curve": curve}  # fmt: skip
     return tower, record
 
 
@@ -158,21 +227,19 @@ def item_table(
     tower: ContentTower,
     sids: np.ndarray | torch.Tensor,
     content: np.ndarray | torch.Tensor,
-    train_counts: np.ndarray,
-) -> torch.Tensor:
-    """The served item table [n + 1, d]: trained rows keep their id row (blended with the
-    tower by training events, tower.blend_weight), untrained rows get the tower's vector."""
+    trained: np.ndarray | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table [n + 1, d], score scales [n + 1]) as the service holds them: trained rows keep
+    their id row at scale 1, untrained rows (bool `trained` False) get the tower's vector at
+    tower.new_item_scale; row 0 stays zero."""
     sids_t = torch.as_tensor(np.asarray(sids), dtype=torch.int64)
     content_t = torch.as_tensor(np.asarray(content), dtype=torch.float32)
     content_t = torch.cat([torch.zeros(1, content_t.shape[1]), content_t])
-    table = id_table.detach().float().cpu().clone()
-    counts = torch.as_tensor(train_counts)
-    vectors = tower(sids_t, content_t)  # [n + 1, d]
-    w = tower.blend_weight(counts)[:, None]
-    w = torch.where(counts[:, None] > 0, w, torch.zeros_like(w))
-    table = w * table + (1 - w) * vectors
+    known = torch.as_tensor(np.asarray(trained), dtype=torch.bool)
+    table = torch.where(known[:, None], id_table.detach().float().cpu(), tower(sids_t, content_t))
     table[0] = 0.0
-    return table
+    scales = torch.where(known, 1.0, float(tower.new_item_scale))
+    return table, scales
 
 
 def save_tower(tower: ContentTower, path: Path, record: dict[str, Any]) -> None:
@@ -201,10 +268,11 @@ def attach_tower(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Fit a content tower to run_dir's trained model (offline/train.py's checkpoint), choose
-    its rare-item blend on validation NDCG@10, save it as run_dir/TOWER_FILE and rewrite
+    its new-item score scale on validation, save it as run_dir/TOWER_FILE and rewrite
     metrics.json with the figures of the table the service will hold (the trained model's
-    own figures move to "id_rows"). Returns the new metrics.json content."""
+    own figures, new items without a vector, move to "id_rows"). Returns metrics.json."""
     from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
+    from sidrec.offline.metrics import metrics_from_ranks
     from sidrec.offline.train import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint
 
     started = time.perf_counter()
@@ -216,24 +284,36 @@ def attach_tower(
     trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
     with torch.no_grad():
         id_table = model.items.table(trained)
-    tower, record = fit_tower(id_table, sids, content, trained, codes_per_layer, cfg=cfg)
+    examples = None
+    if cfg.objective == "users":
+        examples = user_states(model, id_table, split, train_cfg.max_len, seed=cfg.seed)
+    tower, record = fit_tower(id_table, sids, content, trained, codes_per_layer, examples, cfg)
     fit_seconds = time.perf_counter() - started
+    batch_size = train_cfg.eval_batch_size or 32
 
-    def report(stage: str) -> dict[str, Any]:
-        table = item_table(id_table, tower, sids, content, split.train_counts)
-        scorer = table_scorer(model.encoder, table)
-        batch_size = train_cfg.eval_batch_size or 32
-        return summarize(rank_targets(scorer, split, stage, batch_size, train_cfg.max_len),
-                         split, stage)  # fmt: skip
+    def ranks(stage: str) -> np.ndarray:
+        table, scales = item_table(id_table, tower, sids, content, trained)
+        scorer = table_scorer(model.encoder, table, scales)
+        return rank_targets(scorer, split, stage, batch_size, train_cfg.max_len)
 
-    by_count: dict[str, float] = {}
-    for count in HALF_WEIGHT_COUNTS:
-        tower.half_weight_count.fill_(count)
-        by_count[str(count)] = report("valid")["overall"]["ndcg@10"]
-    chosen = float(max(by_count, key=lambda c: (by_count[c], -float(c))))
-    tower.half_weight_count.fill_(chosen)
-    valid, test = report("valid"), report("test")
-    record |= {"half_weight_count": chosen, "valid_ndcg@10_by_half_weight_count": by_count,
+    # The largest scale whose validation NDCG@10 is within one standard error of the best:
+    # new items found as often as warm quality allows (issue 11's warm-parity rule).
+    by_scale: dict[str, dict[str, float]] = {}
+    for scale in NEW_ITEM_SCALES:
+        tower.new_item_scale.fill_(scale)
+        valid_ranks = ranks("valid")
+        gains = np.where(valid_ranks <= 10, 1.0 / np.log2(valid_ranks + 1.0), 0.0)  # 1-based
+        by_scale[str(scale)] = {
+            "ndcg@10": metrics_from_ranks(valid_ranks)["ndcg@10"],
+            "se": float(gains.std(ddof=1) / np.sqrt(len(gains))),
+        }
+    best = max(by_scale.values(), key=lambda v: v["ndcg@10"])
+    chosen = max(float(k) for k, v in by_scale.items()
+                 if v["ndcg@10"] >= best["ndcg@10"] - best["se"])  # fmt: skip
+    tower.new_item_scale.fill_(chosen)
+    valid = summarize(ranks("valid"), split, "valid")
+    test = summarize(ranks("test"), split, "test")
+    record |= {"new_item_scale": chosen, "valid_by_new_item_scale": by_scale,
                "fit_seconds": round(fit_seconds, 1),
                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     save_tower(tower, run_dir / TOWER_FILE, record)
@@ -244,7 +324,28 @@ def attach_tower(
                                                           if k != "curve"}}  # fmt: skip
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"content tower: fitted in {fit_seconds:.0f}s (best epoch {record['best_epoch']}), "
-        f"rare-item blend half weight at {chosen:g} events; test ndcg@10 "
-        f"{test['overall']['ndcg@10']:.4f} hr@10 {test['overall']['hr@10']:.4f}, cold-start "
-        f"hr@10 {test['cold_start']['hr@10']:.4f}")  # fmt: skip
+        f"new-item score scale {chosen:g}; test ndcg@10 {test['overall']['ndcg@10']:.4f} "
+        f"hr@10 {test['overall']['hr@10']:.4f}, cold-start hr@10 "
+        f"{test['cold_start']['hr@10']:.4f}")  # fmt: skip
     return metrics
+
+
+def served_scorer(checkpoint: Path, content: np.ndarray | None = None) -> Callable:
+    """offline/evaluate.py's scorer for the table a bundle exported from `checkpoint` serves:
+    with a content tower beside it, the tower's vectors and score scale for untrained rows
+    (it then needs the catalog's content vectors [n, C])."""
+    from sidrec.offline.evaluate import hstu_scorer, table_scorer
+    from sidrec.offline.train import load_checkpoint
+
+    model, _, ckpt = load_checkpoint(checkpoint)
+    model.eval()
+    tower = load_tower(Path(checkpoint).parent)
+    if tower is None:
+        return hstu_scorer(model.encoder, model.items, ckpt["trained"])
+    if content is None:
+        raise ValueError(f"{checkpoint} has a content tower: its scorer needs the content")
+    trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
+    with torch.no_grad():
+        table, scales = item_table(model.items.table(trained), tower, ckpt["sids"], content,
+                                   trained)  # fmt: skip
+    return table_scorer(model.encoder, table, scales)

@@ -32,7 +32,7 @@ from sidrec.sid_codebook import Codebooks
 
 from . import metrics
 from .batching import RankBatcher
-from .catalog import Catalog, MemoryCatalogStore, RedisCatalogStore
+from .catalog import Catalog, MemoryCatalogStore, RedisCatalogStore, bundle_score_scales
 from .deps import ApiError, Services, error_list, route_access
 from .history_store import MemoryHistoryStore, RedisHistoryStore
 from .retrieval import IndexSpec, ItemTable
@@ -80,6 +80,7 @@ def build_services(settings: Settings) -> Services:
             settings.hnsw_ef_search,
             device=settings.device,
         ),
+        scales=bundle_score_scales(bundle, records),
     )
     redis: StoreClient | None = None
     probe: StoreClient | None = None

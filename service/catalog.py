@@ -51,7 +51,7 @@ import orjson
 from redis.exceptions import RedisError, ResponseError
 from starlette.concurrency import run_in_threadpool
 
-from sidrec.bundle import Bundle
+from sidrec.bundle import Bundle, ItemRecord
 from sidrec.item_text import item_text
 from sidrec.sid_codebook import Codebooks
 
@@ -200,6 +200,21 @@ class StoredItem:
         obj = orjson.loads(raw)
         obj["content_vector"] = _unpack(obj["content_vector"])
         return cls(**obj)
+
+
+def new_item_score_scale(bundle: Bundle) -> float:
+    """The bundle's score scale for items without a trained id (1 for bundles without one)."""
+    return float(bundle.model.get("new_item_score_scale", 1.0))
+
+
+def bundle_score_scales(bundle: Bundle, records: list[ItemRecord]) -> np.ndarray:
+    """float32 [n + 1]: 1 for the bundle's trained items (popularity > 0), the new-item scale
+    for the rest (their vectors are the model's guesses from content)."""
+    scales = np.ones(len(records) + 1, np.float32)
+    for r in records:
+        if r.popularity == 0:
+            scales[r.row] = new_item_score_scale(bundle)
+    return scales
 
 
 @dataclass
@@ -502,6 +517,10 @@ class Catalog:
             for r in records
         }
         self.bundle_row = {r.item_id: r.row for r in records}
+        # A vector the model made for an item without a trained id (a content tower's) scores
+        # at this scale (docs/bundle.md); trained items' at 1.
+        self.new_item_scale = new_item_score_scale(bundle)
+        self.trained_ids = {r.item_id for r in records if r.popularity > 0}
         # First dedup digit Redis may hand out for a code tuple: the bundle already used 0..m-1.
         self.bundle_next: dict[str, int] = {}
         for r in records:
@@ -555,7 +574,14 @@ class Catalog:
 
     def _apply(self, stored: StoredItem, derived: Derived) -> bool:
         """Put one item into this worker's table; True if it was new here."""
-        created = self.table.upsert(stored.item_id, derived.sid, derived.vector)
+        row = self.bundle_row.get(stored.item_id)
+        trained = (
+            row is not None
+            and stored.item_id in self.trained_ids
+            and np.array_equal(derived.vector, self.bundle_vectors[row])
+        )
+        scale = 1.0 if trained else self.new_item_scale
+        created = self.table.upsert(stored.item_id, derived.sid, derived.vector, scale)
         self.held[stored.item_id] = (stored, derived)
         popularity = self.meta.get(stored.item_id, {}).get("popularity", 0)
         self.meta[stored.item_id] = {

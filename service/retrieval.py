@@ -3,8 +3,9 @@
 Rows: 0 = padding (never returned), 1..n = the bundle's items, n+1.. = items ingested while
 running, in the order this process learnt of them (so row numbers are local to a process; item
 ids are what crosses process boundaries). The table keeps the raw vectors the user encoder
-reads; the index holds their L2-normalised copies, and an inner product over it is the score
-the offline evaluator ranks by.
+reads; the index holds their L2-normalised copies times each row's score scale (1, or a content
+tower's scale for items without a trained id), and an inner product over it is the score the
+offline evaluator ranks by.
 
 Rows are append-only, because neither a flat GPU index nor an HNSW graph can overwrite a
 vector in place. When an item's vector changes (re-ingested with new content) it gets a new row
@@ -37,6 +38,16 @@ log = logging.getLogger("sidrec.service")
 def normalized(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _column(scales: np.ndarray | None, n_rows: int) -> np.ndarray:
+    # per-row score scales [n_rows] (None: all 1) -> float32 [n_rows, 1]
+    if scales is None:
+        return np.ones((n_rows, 1), np.float32)
+    scales = np.asarray(scales, np.float32)
+    if scales.shape != (n_rows,):
+        raise ValueError(f"scales must be [{n_rows}], got {scales.shape}")
+    return scales[:, None]
 
 
 def gpu_count() -> int:
@@ -111,6 +122,7 @@ class ItemTable:
         codes_per_layer: int,
         use_gpu: bool = True,
         index: IndexSpec | None = None,
+        scales: np.ndarray | None = None,  # float32 [n + 1] score scale per row, default 1
     ) -> None:
         n_rows, self.d = vectors.shape
         if len(item_ids) != n_rows - 1 or len(sids) != n_rows:
@@ -122,6 +134,8 @@ class ItemTable:
         self.vectors[:n_rows] = vectors
         self.sids = np.zeros((self._capacity, sids.shape[1]), np.int64)  # [capacity, L + 1]
         self.sids[:n_rows] = sids
+        self.scales = np.ones(self._capacity, np.float32)  # [capacity]
+        self.scales[:n_rows] = _column(scales, n_rows)[:, 0]
         self.alive = np.zeros(self._capacity, bool)
         self.alive[1:n_rows] = True
         self.size = n_rows
@@ -152,7 +166,8 @@ class ItemTable:
             self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
             self.on_gpu = True
             self._library = "faiss-gpu"
-        self.index.add(normalized(vectors))  # row 0's zero vector keeps positions == rows
+        # row 0's zero vector keeps positions == rows
+        self.index.add(normalized(vectors) * _column(scales, n_rows))
         # FAISS indexes are not safe to search while another thread adds to them.
         self.lock = threading.Lock()
 
@@ -170,8 +185,9 @@ class ItemTable:
     def row(self, item_id: str) -> int | None:
         return self.row_of.get(item_id)
 
-    def upsert(self, item_id: str, sid: np.ndarray, vector: np.ndarray) -> bool:
-        """Add an item or replace its SID and vector. Returns True if the item is new here."""
+    def upsert(self, item_id: str, sid: np.ndarray, vector: np.ndarray, scale: float = 1.0) -> bool:
+        """Add an item or replace its SID, vector and score scale (its score is the cosine
+        times `scale`). Returns True if the item is new here."""
         sid = np.asarray(sid, np.int64)
         vector = np.asarray(vector, np.float32)
         with self.lock:
@@ -180,6 +196,7 @@ class ItemTable:
                 old is not None
                 and np.array_equal(self.sids[old], sid)
                 and np.array_equal(self.vectors[old], vector)
+                and self.scales[old] == np.float32(scale)
             )
             if unchanged:
                 return False  # e.g. our own ingest coming back through the stream
@@ -192,8 +209,9 @@ class ItemTable:
             row = self.size
             self.vectors[row] = vector
             self.sids[row] = sid
+            self.scales[row] = scale
             self.alive[row] = True
-            self.index.add(normalized(vector[None, :]))
+            self.index.add(normalized(vector[None, :]) * np.float32(scale))
             self.item_ids.append(item_id)
             self.row_of[item_id] = row
             self.size += 1
@@ -212,9 +230,10 @@ class ItemTable:
             out[: self.size] = a[: self.size]
             return out
 
-        self.vectors, self.sids, self.alive = (
+        self.vectors, self.sids, self.scales, self.alive = (
             grown(self.vectors),
             grown(self.sids),
+            grown(self.scales),
             grown(self.alive),
         )
 

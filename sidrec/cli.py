@@ -29,7 +29,9 @@ console = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_DATA = "ml-100k"
-DEFAULT_VARIANTS = "id,sid-prefixn,hybrid-sum"
+DEFAULT_VARIANTS = "id,hybrid-sum,hybrid-tower"
+# id rows for trained items, a content tower for new ones (model/content_tower.py)
+DEFAULT_EXPORT = "hybrid-tower"
 # One single-threaded DDP process per core (two at most: more only pays on bigger data).
 DEFAULT_PROCS = min(2, os.cpu_count() or 1)
 
@@ -283,7 +285,7 @@ def train(
         str,
         typer.Option(
             help="Comma-separated: id, sid-prefixn, sid-rqsum, hybrid-sum, hybrid-alpha, "
-            "hybrid-switch."
+            "hybrid-switch, hybrid-tower."
         ),
     ] = DEFAULT_VARIANTS,
     epochs: Annotated[
@@ -343,7 +345,7 @@ def evaluate(
 def export(
     data: DataOpt = DEFAULT_DATA,
     run: RunOpt = Path("runs/ml-100k"),
-    variant: Annotated[str, typer.Option(help="Trained variant to export.")] = "hybrid-sum",
+    variant: Annotated[str, typer.Option(help="Trained variant to export.")] = DEFAULT_EXPORT,
     out: Annotated[Path | None, typer.Option(help="Bundle folder (default RUN/bundle).")] = None,
     cold_fraction: float = 0.05,
     seed: int = 0,
@@ -364,7 +366,7 @@ def pipeline_cmd(
     data: DataOpt = DEFAULT_DATA,
     run: RunOpt = Path("runs/ml-100k"),
     variants: Annotated[str, typer.Option(help="Variants to train.")] = DEFAULT_VARIANTS,
-    export_variant: Annotated[str, typer.Option(help="Variant to export.")] = "hybrid-sum",
+    export_variant: Annotated[str, typer.Option(help="Variant to export.")] = DEFAULT_EXPORT,
     epochs: int = 60,
     patience: int = 8,
     id_dropout: float = 0.2,
@@ -445,7 +447,7 @@ def quickstart(
     bundle = _run(
         steps.all,
         _split_variants(DEFAULT_VARIANTS),
-        export_variant="hybrid-sum",
+        export_variant=DEFAULT_EXPORT,
         epochs=epochs,
         patience=patience,
         procs=procs,

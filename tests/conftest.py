@@ -97,6 +97,8 @@ def write_synthetic_dataset(
                 ts += int(rng.integers(60, 86_400))
 
 
+# The variant the session's bundle is exported from: the pipeline's default export.
+BUNDLE_VARIANT = "hybrid-tower"
 # The run folder (checkpoint etc.) behind the session's bundle, when this session trained it.
 _RUN: dict[str, Path] = {}
 
@@ -114,9 +116,9 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["SIDREC_CACHE"] = str(root / "cache")
     try:
         steps = pipeline.Steps.open(root / "data", root / "run")
-        steps.train("hybrid-sum", epochs=TEST_EPOCHS, patience=TEST_EPOCHS)
+        steps.train(BUNDLE_VARIANT, epochs=TEST_EPOCHS, patience=TEST_EPOCHS)
         _RUN["run"] = root / "run"
-        return steps.export("hybrid-sum", root / "bundle")
+        return steps.export(BUNDLE_VARIANT, root / "bundle")
     finally:
         if old_cache is None:
             os.environ.pop("SIDREC_CACHE", None)
@@ -128,11 +130,11 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def checkpoint_path(bundle_dir: Path) -> Path:
     """The trained checkpoint the session's bundle was exported from (skips if unknown)."""
     candidates = [
-        bundle_dir.parent / "hybrid-sum" / "checkpoint.pt",  # `sidrec pipeline`: run/bundle
-        bundle_dir.parent / "run" / "hybrid-sum" / "checkpoint.pt",  # this file's layout
+        bundle_dir.parent / BUNDLE_VARIANT / "checkpoint.pt",  # `sidrec pipeline`: run/bundle
+        bundle_dir.parent / "run" / BUNDLE_VARIANT / "checkpoint.pt",  # this file's layout
     ]
     if "run" in _RUN:
-        candidates.insert(0, _RUN["run"] / "hybrid-sum" / "checkpoint.pt")
+        candidates.insert(0, _RUN["run"] / BUNDLE_VARIANT / "checkpoint.pt")
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         pytest.skip(f"no checkpoint next to {bundle_dir} (SIDREC_TEST_BUNDLE without its run)")

@@ -105,7 +105,7 @@ def test_every_requested_run_trains_and_writes_its_results(bench: tuple[Path, Pa
     # the content tower is fitted after training and its table is what the figures rank
     tower = json.loads((out / "runs" / "hybrid-tower.s0" / "metrics.json").read_text())
     assert (out / "runs" / "hybrid-tower.s0" / "tower.pt").is_file()
-    assert tower["tower"]["half_weight_count"] in (0.0, 1.0, 2.0, 5.0, 10.0)
+    assert tower["tower"]["new_item_scale"] in (1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
     assert "test" in tower["id_rows"] and tower["test"] != tower["id_rows"]["test"]
     two = json.loads((out / "runs" / "hybrid-sum:2-layers.s0" / "metrics.json").read_text())
     assert two["config"]["sid_layers"] == 2

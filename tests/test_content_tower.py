@@ -72,27 +72,35 @@ def test_fitted_tower_finds_held_out_items_ids(fitted: tuple) -> None:
     torch.testing.assert_close(v.norm(dim=-1), torch.full((4,), median))
 
 
-def test_item_table_keeps_warm_rows_and_blends_rare_ones(fitted: tuple) -> None:
+def test_item_table_keeps_warm_rows_and_scales_new_ones(fitted: tuple) -> None:
     table, sids, content = planted()
     tower, _, trained = fitted
-    counts = np.where(trained, 1 + np.arange(N + 1) % 7, 0)  # training events per item
     with torch.no_grad():
         new = tower(torch.as_tensor(sids), torch.cat([torch.zeros(1, C), torch.tensor(content)]))
-
-    served = item_table(table, tower, sids, content, counts)
-    assert torch.equal(served[0], torch.zeros(D))
-    assert torch.equal(served[trained], table[trained])  # half weight 0: id rows untouched
-    torch.testing.assert_close(served[WITHHELD], new[WITHHELD])  # untrained: the tower's
-
-    tower.half_weight_count.fill_(2.0)
+    tower.new_item_scale.fill_(1.2)
     try:
-        served = item_table(table, tower, sids, content, counts)
+        served, scales = item_table(table, tower, sids, content, trained)
     finally:
-        tower.half_weight_count.fill_(0.0)
-    rows = np.flatnonzero(trained)
-    w = torch.as_tensor(counts[rows] / (counts[rows] + 2.0), dtype=torch.float32)[:, None]
-    torch.testing.assert_close(served[rows], w * table[rows] + (1 - w) * new[rows])
-    torch.testing.assert_close(served[WITHHELD], new[WITHHELD])
+        tower.new_item_scale.fill_(1.0)
+    assert torch.equal(served[0], torch.zeros(D))
+    assert torch.equal(served[trained], table[trained])  # id rows untouched
+    torch.testing.assert_close(served[WITHHELD], new[WITHHELD])  # untrained: the tower's
+    assert torch.equal(scales[trained], torch.ones(int(trained.sum())))
+    assert torch.equal(scales[WITHHELD], torch.full((20,), 1.2))
+
+    # The scorer ranks by cosine times the row's scale, as the service's index does.
+    from sidrec.model.hstu import HSTU
+    from sidrec.offline.evaluate import EvalBatch, table_scorer
+
+    hstu = HSTU(d=D, num_blocks=1, num_heads=1, dqk=D, dv=D, padded_len=12, use_time=False)
+    batch = EvalBatch(
+        users=torch.zeros(1, dtype=torch.int64), items=torch.tensor([[30, 31, 0]]),
+        timestamps=torch.zeros(1, 3, dtype=torch.int64), mask=torch.tensor([[True, True, False]]),
+        query_time=torch.zeros(1, dtype=torch.int64), full_history=torch.tensor([[30, 31]]),
+    )  # fmt: skip
+    plain = table_scorer(hstu.eval(), served)(batch)
+    scaled = table_scorer(hstu.eval(), served, scales)(batch)
+    torch.testing.assert_close(scaled, plain * scales[None, :])
 
 
 def test_items_of_one_sid_with_different_text_get_different_vectors(fitted: tuple) -> None:
@@ -112,7 +120,7 @@ def test_items_of_one_sid_with_different_text_get_different_vectors(fitted: tupl
 def test_item_vector_onnx_and_model_pt_match_pytorch(tmp_path: Path, fitted: tuple) -> None:
     _, sids, _ = planted()
     tower = copy.deepcopy(fitted[0])
-    tower.half_weight_count.fill_(5.0)
+    tower.new_item_scale.fill_(1.3)
     rng = np.random.default_rng(3)
     unseen = rng.integers(0, K, (30, L + 1))  # includes tuples no catalog item has
     codes = np.concatenate([sids[1:], unseen]).astype(np.int64)
@@ -130,7 +138,7 @@ def test_item_vector_onnx_and_model_pt_match_pytorch(tmp_path: Path, fitted: tup
     hstu = HSTU(d=D, num_blocks=1, num_heads=1, dqk=D, dv=D, padded_len=12)
     save_weights(items, hstu, torch.as_tensor(sids), tmp_path / "model.pt", tower)
     _, _, loaded = load_weights(tmp_path / "model.pt")
-    assert loaded is not None and float(loaded.half_weight_count) == 5.0
+    assert loaded is not None and float(loaded.new_item_scale) == pytest.approx(1.3)
     with torch.no_grad():
         again = loaded(torch.as_tensor(codes), torch.as_tensor(texts)).numpy()
     np.testing.assert_allclose(again, want, atol=1e-6)

@@ -106,3 +106,42 @@ def test_cli_options_and_tie_order_refusal(tmp_path: Path) -> None:
     assert done.exit_code == 2
     assert "tie order 'gr' needs ratings.dat" in done.output
     assert "Traceback" not in done.output
+
+
+def test_hybrid_tower_trains_fits_evaluates_exports_and_ablates(tmp_path: Path) -> None:
+    from sidrec.bundle import load_bundle
+    from sidrec.offline.bench import tower_ablation
+    from sidrec.offline.tower import NEW_ITEM_SCALES, TOWER_FILE
+
+    write_synthetic_dataset(tmp_path / "data", users=80, per_theme=6)
+    steps = pipeline.Steps.open(tmp_path / "data", tmp_path / "run", cold_fraction=0.2)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(steps.data.num_items, 384)).astype(np.float32)
+    steps.__dict__["content_vectors"] = vectors
+    np.save(tmp_path / "run" / "content_vectors.npy", vectors)
+    steps.train("hybrid-tower", epochs=2, patience=2, procs=1)
+
+    metrics = json.loads((tmp_path / "run" / "hybrid-tower" / "metrics.json").read_text())
+    assert (tmp_path / "run" / "hybrid-tower" / TOWER_FILE).is_file()
+    tower = metrics["tower"]
+    assert tower["new_item_scale"] in NEW_ITEM_SCALES
+    assert set(tower["valid_by_new_item_scale"]) == {str(s) for s in NEW_ITEM_SCALES}
+    # the id rows' own figures are kept; withheld items had no vector there, now they do
+    assert metrics["id_rows"]["test"]["cold_start"]["hr@10"] == 0.0
+    assert (
+        metrics["test"]["cold_start"]["count"] == metrics["id_rows"]["test"]["cold_start"]["count"]
+    )
+    # --keep-history ranks the served table (tower rows included) again
+    kept = steps.evaluate(keep_history=True)["hybrid-tower"]
+    assert kept["test"]["history_excluded"] is False
+
+    bundle = load_bundle(steps.export("hybrid-tower"))
+    assert bundle.new_item_graph == "item_vector.onnx" and not bundle.lists("sid_to_vector.onnx")
+    assert bundle.model["new_items"] == "content-tower"
+    assert bundle.model["new_item_score_scale"] == tower["new_item_scale"]
+
+    out = tower_ablation.main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"),
+                               "--variant", "hybrid-tower", "--parts", "sid+content,content",
+                               "--objectives", "ids,users", "--scales", "1.0,1.2"])  # fmt: skip
+    assert len(out) == 2 + 2 * 2 * 2
+    assert json.loads((tmp_path / "run" / "tower_ablation.json").read_text()).keys() == out.keys()

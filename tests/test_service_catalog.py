@@ -142,6 +142,39 @@ def test_two_processes_never_hand_out_the_same_sid(pair: tuple[Service, Service]
     assert len(set(sids)) == 6
 
 
+def test_items_sharing_a_sid_keep_distinct_vectors_and_their_order(
+    pair: tuple[Service, Service],
+) -> None:
+    a, b = pair
+    # Five texts whose content vectors differ a little: one code tuple for all of them (the
+    # dedup digit tells them apart), and the content tower gives each its own vector.
+    ids = [f"near-twin-{n}" for n in range(5)]
+    for n, item_id in enumerate(ids):
+        vector = [0.0] * 384
+        vector[11] = 1.0
+        vector[200 + n] = 0.02
+        r = a.post("/v1/items", {"item_id": item_id, "content_vector": vector})
+        assert r.status_code == 200, r.text
+    sids = [tuple(a.get(f"/v1/items/{i}").json()["sid"]) for i in ids]
+    assert len({s[:-1] for s in sids}) == 1 and len(set(sids)) == 5
+
+    def scores(service: Service) -> dict[str, float]:
+        r = service.post("/v1/recommend", {"user_id": "twin-watcher", "k": 1000,
+                                           "history": ids[:1]})  # fmt: skip
+        assert r.status_code == 200, r.text
+        return {i["item_id"]: i["score"] for i in r.json()["items"] if i["item_id"] in ids}
+
+    before = scores(a)
+    assert len(before) == 4  # the one in the history is excluded
+    assert len({round(v, 6) for v in before.values()}) == 4, before  # no two share a vector
+    b.stop()
+    b.start()
+    after = scores(b)
+    assert sorted(after, key=after.__getitem__) == sorted(before, key=before.__getitem__)
+    for item_id, score in before.items():
+        assert after[item_id] == pytest.approx(score, abs=1e-5)
+
+
 def test_restart_keeps_every_ingested_item(pair: tuple[Service, Service]) -> None:
     a, b = pair
     before = {

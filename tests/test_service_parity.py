@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import Service
 
-from sidrec.offline.evaluate import EvalBatch, Scorer, hstu_scorer
-from sidrec.offline.train import load_checkpoint
+from sidrec.offline.evaluate import EvalBatch, Scorer
+from sidrec.offline.tower import served_scorer
 
 K = 20
 
@@ -29,8 +29,10 @@ def service(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> Itera
 
 @pytest.fixture(scope="module")
 def scorer(checkpoint_path: Path) -> Scorer:
-    model, _cfg, ckpt = load_checkpoint(checkpoint_path)
-    return hstu_scorer(model.encoder, model.items, ckpt["trained"])
+    # the run's content vectors (pipeline.Steps writes them), for a content tower's rows
+    content_path = checkpoint_path.parent.parent / "content_vectors.npy"
+    content = np.load(content_path) if content_path.is_file() else None
+    return served_scorer(checkpoint_path, content)
 
 
 def theme(items: list[dict], _rng: np.random.Generator) -> list[int]:

@@ -128,3 +128,32 @@ def test_item_table_grows_and_counts_codebook_usage() -> None:
     assert table.live_items == 46 and table.codebook_usage() == [0.75, 1.0]
     assert np.array_equal(table.gather(np.array([table.row("new-39")]))[0], np.full(4, 40.0))
     assert table.item_ids[table.row("new-0")] == "new-0"
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_item_table_scores_are_cosine_times_the_rows_scale(kind: str) -> None:
+    from sidrec.service.retrieval import IndexSpec
+
+    rng = np.random.default_rng(1)
+    n, d = 12, 4
+    vectors = np.zeros((n + 1, d), np.float32)
+    vectors[1:] = rng.normal(size=(n, d))
+    sids = np.zeros((n + 1, 3), np.int64)
+    scales = np.ones(n + 1, np.float32)
+    scales[5] = 1.5  # an item without a trained id, scored at the bundle's new-item scale
+    table = ItemTable(vectors, [f"i{r}" for r in range(1, n + 1)], sids, 4, use_gpu=False,
+                      index=IndexSpec(kind), scales=scales)  # fmt: skip
+    query = rng.normal(size=d).astype(np.float32)
+    query /= np.linalg.norm(query)
+    unit = vectors[1:] / np.linalg.norm(vectors[1:], axis=1, keepdims=True)
+    want = unit @ query * scales[1:]
+    hits = dict(table.search(query, k=n, exclude_rows=set()))
+    np.testing.assert_allclose([hits[r] for r in range(1, n + 1)], want, rtol=1e-5, atol=1e-6)
+    # An upsert takes its own scale; the same vector at another scale is a change.
+    assert table.upsert("new", np.zeros(3, np.int64), vectors[1], scale=0.5) is True
+    assert dict(table.search(query, k=n + 1, exclude_rows=set()))[table.row("new")] == (
+        pytest.approx(0.5 * float(unit[0] @ query), rel=1e-5)
+    )
+    assert table.upsert("new", np.zeros(3, np.int64), vectors[1], scale=0.5) is False
+    assert table.upsert("new", np.zeros(3, np.int64), vectors[1], scale=1.0) is False
+    assert table.scales[table.row("new")] == 1.0

@@ -230,8 +230,8 @@ def history_kept_test(
     if tower is not None and fitted is not None:
         with torch.no_grad():
             id_table = model.items.table(torch.as_tensor(split.trained))
-        table = item_table(id_table, fitted, tower[1], tower[2], split.train_counts)
-        scorer = table_scorer(model.encoder, table)
+        table, scales = item_table(id_table, fitted, tower[1], tower[2], split.trained)
+        scorer = table_scorer(model.encoder, table, scales)
     return evaluate(scorer, split, "test", max_history=max_len, keep_history=True)
 
 

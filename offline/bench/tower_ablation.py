@@ -1,0 +1,99 @@
+"""Content-tower ablations on a trained id-only run: what the tower reads, what it is fitted
+to, and the new-item score scale, each ranked like `sidrec eval` (valid and test, overall,
+warm, cold-start with its random rate, per popularity bin), beside id rows alone and the
+content-only baseline. Prints one line per cell and writes RUN/tower_ablation.json.
+
+    python -m sidrec.offline.bench.tower_ablation --data ../shared/data/amazon-toys \\
+        --run runs/toys  # RUN/id/ from `sidrec train --variants id` (or --variant hybrid-tower)
+
+Cells: parts (sid+content | sid | content) x objective (ids | users) at the listed scales.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sidrec.offline.baselines import content_scorer
+from sidrec.offline.evaluate import Scorer, rank_targets, summarize, table_scorer
+from sidrec.offline.pipeline import Steps
+from sidrec.offline.tower import TowerConfig, fit_tower, item_table, user_states
+from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
+
+
+def _reports(scorer: Scorer, steps: Steps, max_len: int) -> dict[str, Any]:
+    return {
+        stage: summarize(rank_targets(scorer, steps.split, stage, 64, max_len), steps.split, stage)
+        for stage in ("valid", "test")
+    }
+
+
+def _line(name: str, r: dict[str, Any]) -> str:
+    v, t = r["valid"], r["test"]
+    cold = t["cold_start"]
+    times = cold["hr@10"] / cold["random_hr@10"] if cold.get("random_hr@10") else 0.0
+    bins = t["by_popularity"]
+    return (
+        f"{name:34s} valid ndcg@10 {v['overall']['ndcg@10']:.4f} | test hr@10 "
+        f"{t['overall']['hr@10']:.4f} ndcg@10 {t['overall']['ndcg@10']:.4f} warm ndcg@10 "
+        f"{t['warm']['ndcg@10']:.4f} cold-start hr@10 {cold['hr@10']:.4f} ({times:.0f}x random)"
+        " | bin hr@10 " + " ".join(f"{b} {bins[b]['hr@10']:.4f}" for b in bins)
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--run", type=Path, required=True, help="run folder with VARIANT/checkpoint.pt")
+    p.add_argument("--variant", default="id", help="an id-only variant: id or hybrid-tower")
+    p.add_argument("--parts", default="sid+content,sid,content")
+    p.add_argument("--objectives", default="ids,users")
+    p.add_argument("--scales", default="1.0,1.1,1.2")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    steps = Steps.open(args.data, args.run)
+    codebooks, sids = steps.sids()
+    model, cfg, ckpt = load_checkpoint(args.run / args.variant / CHECKPOINT_FILE)
+    if cfg.variant != "id":
+        raise SystemExit(f"{args.run / args.variant}: a {cfg.variant} model, not id-only")
+    model.eval()
+    trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
+    with torch.no_grad():
+        id_table = model.items.table(trained)
+    out: dict[str, Any] = {}
+
+    def cell(name: str, scorer: Scorer) -> None:
+        out[name] = _reports(scorer, steps, cfg.max_len)
+        print(_line(name, out[name]), flush=True)
+
+    cell("id rows only", table_scorer(model.encoder, id_table))
+    cell("content-only", content_scorer(steps.content_vectors))
+    states = None
+    for objective in args.objectives.split(","):
+        if objective == "users" and states is None:
+            states = user_states(model, id_table, steps.split, cfg.max_len)
+        for parts in args.parts.split(","):
+            started = time.perf_counter()
+            tower, record = fit_tower(
+                id_table, sids, steps.content_vectors, trained, codebooks.codes,
+                states if objective == "users" else None,
+                TowerConfig(parts=parts, objective=objective),
+            )  # fmt: skip
+            print(f"tower {parts}/{objective}: fitted in {time.perf_counter() - started:.0f}s,"
+                  f" best epoch {record['best_epoch']}", flush=True)  # fmt: skip
+            for scale in (float(s) for s in args.scales.split(",")):
+                tower.new_item_scale.fill_(scale)
+                table, scales = item_table(id_table, tower, sids, steps.content_vectors, trained)
+                cell(f"tower {parts}/{objective} scale {scale:g}",
+                     table_scorer(model.encoder, table, scales))  # fmt: skip
+    (args.run / "tower_ablation.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
