@@ -45,6 +45,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "hybrid-tower": ("id", "sum"),
 }
 TOWER_VARIANTS = ("hybrid-tower",)
+BEST = "best"  # export the trained variant with the highest validation NDCG@10
 BASELINES = ("most-popular", "content-only")
 
 
@@ -357,6 +358,15 @@ class Steps:
         from sidrec.offline.export import export_bundle
         from sidrec.offline.train import CHECKPOINT_FILE, METRICS_FILE
 
+        if name == BEST:
+            trained = {
+                v: {"valid": json.loads((self.run / v / METRICS_FILE).read_text())["valid"]}
+                for v in VARIANTS
+                if (self.run / v / METRICS_FILE).is_file()
+            }
+            if not trained:
+                raise DataError(self.run, "no trained variant to export: train one first")
+            name = best_variant(trained, list(trained))
         _check_variant(name)
         checkpoint = self.run / name / CHECKPOINT_FILE
         if not checkpoint.is_file():
@@ -381,24 +391,38 @@ class Steps:
     def all(
         self,
         variants: list[str],
-        export_variant: str = "hybrid-tower",
+        export_variant: str = BEST,
         epochs: int = 60,
         patience: int = 8,
         id_dropout: float = 0.2,
         procs: int = 1,
         keep_history: bool = False,
     ) -> Path:
-        for name in [*variants, export_variant]:
+        """Train `variants`, evaluate, export `export_variant` (BEST: the trained variant
+        with the highest validation NDCG@10)."""
+        for name in variants if export_variant == BEST else [*variants, export_variant]:
             _check_variant(name)
-        if export_variant not in variants:
+        if export_variant != BEST and export_variant not in variants:
             variants = [*variants, export_variant]
         self.sids()
         for name in variants:
             self.train(name, epochs=epochs, patience=patience, id_dropout=id_dropout, procs=procs)
-        self.evaluate(keep_history)
+        results = self.evaluate(keep_history)
+        if export_variant == BEST:
+            export_variant = best_variant(results, variants)
         bundle = self.export(export_variant)
         console.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()))
         return bundle
+
+
+def best_variant(results: dict[str, dict[str, Any]], variants: list[str]) -> str:
+    """The variant of `variants` with the highest validation NDCG@10 (model selection on
+    validation only: the test figures are not looked at); prints the choice."""
+    scores = {name: results[name]["valid"]["overall"]["ndcg@10"] for name in variants}
+    best = max(scores, key=scores.__getitem__)
+    ranked = ", ".join(f"{n} {s:.4f}" for n, s in sorted(scores.items(), key=lambda x: -x[1]))
+    console.print(f"export: {best}, the best validation NDCG@10 ({ranked})")
+    return best
 
 
 METRIC_COLUMNS = (

@@ -30,8 +30,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_DATA = "ml-100k"
 DEFAULT_VARIANTS = "id,hybrid-sum,hybrid-tower"
-# id rows for trained items, a content tower for new ones (model/content_tower.py)
-DEFAULT_EXPORT = "hybrid-tower"
+# export: the trained variant with the best validation NDCG@10 (pipeline.best_variant)
+DEFAULT_EXPORT = "best"
 # One single-threaded DDP process per core (two at most: more only pays on bigger data).
 DEFAULT_PROCS = min(2, os.cpu_count() or 1)
 
@@ -345,7 +345,9 @@ def evaluate(
 def export(
     data: DataOpt = DEFAULT_DATA,
     run: RunOpt = Path("runs/ml-100k"),
-    variant: Annotated[str, typer.Option(help="Trained variant to export.")] = DEFAULT_EXPORT,
+    variant: Annotated[
+        str, typer.Option(help="Trained variant to export; best = the best validation NDCG@10.")
+    ] = DEFAULT_EXPORT,
     out: Annotated[Path | None, typer.Option(help="Bundle folder (default RUN/bundle).")] = None,
     cold_fraction: float = 0.05,
     seed: int = 0,
@@ -366,7 +368,10 @@ def pipeline_cmd(
     data: DataOpt = DEFAULT_DATA,
     run: RunOpt = Path("runs/ml-100k"),
     variants: Annotated[str, typer.Option(help="Variants to train.")] = DEFAULT_VARIANTS,
-    export_variant: Annotated[str, typer.Option(help="Variant to export.")] = DEFAULT_EXPORT,
+    export_variant: Annotated[
+        str,
+        typer.Option(help="Variant to export; best = the best validation NDCG@10 trained."),
+    ] = DEFAULT_EXPORT,
     epochs: int = 60,
     patience: int = 8,
     id_dropout: float = 0.2,

@@ -135,7 +135,7 @@ def test_hybrid_tower_trains_fits_evaluates_exports_and_ablates(tmp_path: Path) 
     kept = steps.evaluate(keep_history=True)["hybrid-tower"]
     assert kept["test"]["history_excluded"] is False
 
-    bundle = load_bundle(steps.export("hybrid-tower"))
+    bundle = load_bundle(steps.export("best"))  # the only variant trained in this run
     assert bundle.new_item_graph == "item_vector.onnx" and not bundle.lists("sid_to_vector.onnx")
     assert bundle.model["new_items"] == "content-tower"
     assert bundle.model["new_item_score_scale"] == tower["new_item_scale"]
@@ -145,3 +145,12 @@ def test_hybrid_tower_trains_fits_evaluates_exports_and_ablates(tmp_path: Path) 
                                "--objectives", "ids,users", "--scales", "1.0,1.2"])  # fmt: skip
     assert len(out) == 2 + 2 * 2 * 2
     assert json.loads((tmp_path / "run" / "tower_ablation.json").read_text()).keys() == out.keys()
+
+
+def test_best_variant_is_chosen_on_validation_only() -> None:
+    def report(valid: float, test: float) -> dict:
+        return {"valid": {"overall": {"ndcg@10": valid}}, "test": {"overall": {"ndcg@10": test}}}
+
+    results = {"id": report(0.05, 0.09), "hybrid-tower": report(0.06, 0.01),
+               "most-popular": report(0.5, 0.5)}  # fmt: skip
+    assert pipeline.best_variant(results, ["id", "hybrid-tower"]) == "hybrid-tower"
