@@ -168,9 +168,10 @@ def test_altered_file_stops_startup_naming_it(bundle_dir: Path, tmp_path: Path) 
 
 def test_missing_file_stops_startup_naming_it(bundle_dir: Path, tmp_path: Path) -> None:
     bundle = copy_bundle(bundle_dir, tmp_path / "bundle")
-    (bundle / "sid_to_vector.onnx").unlink()
+    graph = load_bundle(bundle).new_item_graph  # item_vector.onnx or sid_to_vector.onnx
+    (bundle / graph).unlink()
     done = run_service(bundle, tmp_path)
-    assert done.returncode == 2 and "sid_to_vector.onnx" in done.stderr and "missing" in done.stderr
+    assert done.returncode == 2 and graph in done.stderr and "missing" in done.stderr
     nothing = run_service(tmp_path / "nope", tmp_path)
     assert nothing.returncode == 2 and "manifest.json" in nothing.stderr
 
