@@ -120,6 +120,8 @@ def fit_tower(
     mode, the best holdout epoch's weights) and its fitting record."""
     if cfg.parts not in ("sid+content", "sid", "content"):
         raise ValueError(f"parts must be sid+content, sid or content, got {cfg.parts!r}")
+    if cfg.objective not in ("ids", "users"):
+        raise ValueError(f"objective must be ids or users, got {cfg.objective!r}")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     sids_t = torch.as_tensor(np.asarray(sids), dtype=torch.int64)

@@ -152,3 +152,5 @@ def test_fit_tower_needs_trained_items() -> None:
     trained[1:5] = True
     with pytest.raises(ValueError, match="at least 20 trained items"):
         fit_tower(table, sids, content, trained, K, cfg=FAST)
+    with pytest.raises(ValueError, match="objective"):
+        fit_tower(table, sids, content, trained, K, cfg=TowerConfig(objective="user"))
