@@ -521,6 +521,37 @@ def test_generic_order_and_no_time(tmp_path: Path) -> None:
     assert item_ids(load_dataset(tmp_path), "2") == ["10", "9"]  # file order
 
 
+def test_generic_timestamps_that_are_positions_become_order(tmp_path: Path) -> None:
+    write(tmp_path / "items.csv", "item_id,title\n1,One\n2,Two\n3,Three\n")
+    # Every user's values are consecutive integers (from 0 or from 1, in any file order).
+    write(
+        tmp_path / "interactions.csv",
+        "user_id,item_id,timestamp\nu1,3,1\nu1,1,0\nu1,2,2\nu2,2,2\nu2,1,1\nu3,3,0\n",
+    )
+    data = load_dataset(tmp_path)
+    assert data.timestamps is None and data.time_source == "none"
+    assert item_ids(data, "u1") == ["1", "3", "2"] and item_ids(data, "u2") == ["1", "2"]
+    assert data.notes == [
+        "interactions.csv: column 'timestamp' holds positions, not unix seconds (every user's "
+        "values are consecutive integers, all below 1,000,000); used as order (as if the "
+        "column were named 'order'), no time features"
+    ]
+
+    # Real unix seconds, even one second apart for a user: kept as time, no note.
+    write(
+        tmp_path / "interactions.csv",
+        "user_id,item_id,timestamp\nu1,3,1700000001\nu1,1,1700000000\nu2,2,1700000500\n",
+    )
+    data = load_dataset(tmp_path)
+    assert data.time_source == "observed" and data.notes == []
+    assert user_times(data, "u1") == [1_700_000_000, 1_700_000_001]
+
+    # Small values with a gap (or a repeat) are not positions: kept as they are.
+    write(tmp_path / "interactions.csv", "user_id,item_id,timestamp\nu1,3,0\nu1,1,5\n")
+    data = load_dataset(tmp_path)
+    assert data.time_source == "observed" and data.notes == []
+
+
 def test_generic_parquet(tmp_path: Path) -> None:
     items = {"item_id": [1, 2], "title": ["One", "Two"], "genres": [["a", "b"], None]}
     pd.DataFrame(items).to_parquet(tmp_path / "items.parquet")

@@ -3,6 +3,8 @@
 Generic format (a directory):
 - `interactions.csv` or `interactions.parquet`: columns `user_id`, `item_id`, and optionally
   `timestamp` (integer unix seconds) and/or `order` (any number; sorts a user's events).
+  A `timestamp` column that holds positions (every user's values consecutive integers, all
+  below 1,000,000: `looks_like_positions`) is used as `order`, with a note.
   Other columns (rating, ...) are ignored. Every row is one event.
 - `items.csv` or `items.parquet`: column `item_id`, optionally `title` and `genres` (`|` or `,`
   separated); every other column becomes a text field of the item.
@@ -359,15 +361,44 @@ def read_generic(directory: Path, name: str | None = None) -> Interactions:
     unique_rows = np.array([row_of_file_index[known[i]] for i in unique_ids], dtype=np.int64)
     rows = unique_rows[codes]
     timestamps = events.get("timestamp")
+    order = events.get("order")
+    if timestamps is not None and looks_like_positions(events["user_id"], timestamps):
+        # Positions taken for unix seconds would put every event in January 1970, one second
+        # apart: the time features would be noise. They still order the events.
+        notes.append(
+            f"{events_path.name}: column 'timestamp' holds positions, not unix seconds "
+            f"(every user's values are consecutive integers, all below {POSITION_LIMIT:,}); "
+            "used as order (as if the column were named 'order'), no time features"
+        )
+        # Distinct per user, so an `order` column could only break ties that do not exist.
+        timestamps, order = None, timestamps.astype(np.float64)
     return make_interactions(
         name or directory.resolve().name,
         catalog,
         events["user_id"],
         rows,
         timestamps,
-        order=events.get("order"),
+        order=order,
         notes=notes,
     )
+
+
+# Unix second 1,000,000 is 1970-01-12: no real event log starts there, while positions of
+# histories up to a million events stay below it.
+POSITION_LIMIT = 1_000_000
+
+
+def looks_like_positions(raw_users: np.ndarray, timestamps: np.ndarray) -> bool:
+    """Whether a timestamp column is really event positions: every user's values, sorted,
+    are consecutive integers (0, 1, 2, ... or 1, 2, 3, ..., each one step from the last) and
+    every value is below POSITION_LIMIT."""
+    if len(timestamps) == 0 or timestamps.min() < 0 or timestamps.max() >= POSITION_LIMIT:
+        return False
+    codes, _ = pd.factorize(raw_users)
+    by_user = np.lexsort((timestamps, codes))
+    users, values = codes[by_user], timestamps[by_user]
+    same_user = users[1:] == users[:-1]
+    return bool((np.diff(values)[same_user] == 1).all())
 
 
 def _read_events(path: Path) -> dict[str, np.ndarray]:
