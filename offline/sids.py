@@ -158,7 +158,9 @@ def sid_report(
         "unique_full_sids": len(np.unique(sids[1:], axis=0)) == n,
         "genre_coherence": None,
     }
-    if genres is not None:
+    # Without a single genre every rate would be 0 or undefined: no table, and the printed
+    # report says why (print_sid_report).
+    if genres is not None and any(genres):
         if len(genres) != n:
             raise ValueError(f"genres has {len(genres)} entries for {n} items")
         report["genre_coherence"] = {
@@ -189,8 +191,16 @@ def print_sid_report(report: dict, console: Console | None = None) -> None:
         f"largest group: {report['largest_group']}, max dedup digit: "
         f"{report['max_dedup_digit']}, full SIDs unique: {report['unique_full_sids']}"
     )
+    console.print(
+        "  (colliding items share their semantic codes; the dedup digit gives each a distinct "
+        "full SID. The model reads only the semantic codes, so they share SID rows; trained "
+        "items still differ by their id rows, and in the service the content tower "
+        "(hybrid-tower) gives new ones distinct vectors. See docs/internals.md, "
+        '"Content and SIDs".)'
+    )
     coherence = report.get("genre_coherence")
     if not coherence:
+        console.print("Genre coherence: not measured, the data has no genres for its items")
         return
     genre_table = Table(title="Genre coherence: pairs sharing a genre")
     for column in ("same prefix", "pairs", "rate", "random pairs", "lift"):

@@ -165,6 +165,22 @@ def test_sid_report_hand_example() -> None:
     print_sid_report(report, Console(file=out, width=120))
     text = out.getvalue()
     assert "3 / 4" in text and "75.0%" in text and "largest group: 3" in text
+    assert "Genre coherence: pairs sharing a genre" in text
+    # The collision line says what the dedup digit does, and where to read more (wrapped to
+    # the console's width, so read with line ends as spaces).
+    text = " ".join(text.split())
+    assert "the dedup digit gives each a distinct full SID" in text
+    assert "content tower (hybrid-tower) gives new ones distinct vectors" in text
+    assert 'docs/internals.md, "Content and SIDs"' in text
+
+    # No genres at all (a generic items file without a genres column): one line, no table.
+    no_genres = sid_report(sids, [()] * 6, books)
+    assert no_genres["genre_coherence"] is None
+    out = io.StringIO()
+    print_sid_report(no_genres, Console(file=out, width=120))
+    text = out.getvalue()
+    assert "Genre coherence: not measured, the data has no genres for its items" in text
+    assert "pairs sharing a genre" not in text and "same prefix" not in text
 
 
 def test_codes_follow_topics() -> None:
