@@ -73,8 +73,11 @@ def _write_shard(cache_dir: Path, keys: list[str], vectors: np.ndarray) -> Path:
     return path
 
 
-def encode_texts(texts: list[str], cache_dir: Path | None, batch_size: int = 64) -> np.ndarray:
-    """texts[n] -> float32[n, 384] L2-normalised MiniLM embeddings (cached when cache_dir)."""
+def encode_texts(
+    texts: list[str], cache_dir: Path | None, batch_size: int = 64, progress: bool = True
+) -> np.ndarray:
+    """texts[n] -> float32[n, 384] L2-normalised MiniLM embeddings (cached when cache_dir);
+    `progress`: a bar when there is more than one batch."""
     keys = [text_key(t) for t in texts]
     cached = _read_cache(cache_dir) if cache_dir is not None and cache_dir.exists() else {}
     # Each distinct uncached text once, in first-seen order.
@@ -85,7 +88,7 @@ def encode_texts(texts: list[str], cache_dir: Path | None, batch_size: int = 64)
         new = model.encode(
             [text_of[k] for k in todo],
             batch_size=batch_size,
-            show_progress_bar=len(todo) > batch_size,
+            show_progress_bar=progress and len(todo) > batch_size,
             convert_to_numpy=True,
             normalize_embeddings=True,
         ).astype(np.float32)  # [len(todo), 384]
@@ -101,9 +104,9 @@ def catalog_texts(catalog: Catalog) -> list[str]:
     return [item_text(t, f) for t, f in zip(catalog.titles, catalog.fields, strict=True)]
 
 
-def encode_catalog(catalog: Catalog, cache_dir: Path | None) -> np.ndarray:
+def encode_catalog(catalog: Catalog, cache_dir: Path | None, progress: bool = True) -> np.ndarray:
     """Catalog of n items -> float32[n, 384]; row i is item row i + 1."""
-    return encode_texts(catalog_texts(catalog), cache_dir)
+    return encode_texts(catalog_texts(catalog), cache_dir, progress=progress)
 
 
 def export_content_encoder(out_dir: Path) -> dict:

@@ -30,7 +30,18 @@ from sidrec.offline.data.dataset import DataError, Interactions
 from sidrec.offline.split import Split
 from sidrec.sid_codebook import Codebooks
 
-console = Console()
+
+def make_console() -> Console:
+    """rich's Console, laid out for a log file when stdout is not a terminal (and COLUMNS is
+    unset): there rich assumes 80 columns and wraps table cells and long lines mid-sentence,
+    so tables get 200 columns and plain lines are not wrapped at all."""
+    console = Console()
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(width=200, soft_wrap=True)
+
+
+console = make_console()
 
 # CLI name -> (ItemEmbedding variant, fusion)
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -101,6 +112,9 @@ class Steps:
     # use_settings() fills both from a tune report or the data's shape
     settings: dict[str, Any] = field(default_factory=dict)
     settings_source: str = "TrainConfig defaults"
+    # Progress bars (training epochs, content encoding); False for plain logs: one line per
+    # epoch (the CLI's --log-format)
+    progress: bool = True
 
     @classmethod
     def open(
@@ -110,12 +124,15 @@ class Steps:
         seed: int = 0,
         cold_fraction: float = 0.05,
         tie_order: str = "file",
+        name: str | None = None,
+        progress: bool = True,
     ) -> Steps:
-        """Loads the data (`tie_order`: see data.load.load_dataset) for steps on `run`."""
+        """Loads the data (`tie_order`, `name`: see data.load.load_dataset) for steps on
+        `run`."""
         from sidrec.offline.data.load import load_dataset
 
         started = time.perf_counter()
-        interactions = load_dataset(resolve_data(data), tie_order=tie_order)
+        interactions = load_dataset(resolve_data(data), name=name, tie_order=tie_order)
         run.mkdir(parents=True, exist_ok=True)
         console.print(
             f"[bold]{interactions.name}[/]: {len(interactions.users):,} users, "
@@ -125,7 +142,7 @@ class Steps:
         for note in interactions.notes:
             console.print(f"  note: {note}")
         _record_data(interactions, run)
-        steps = cls(interactions, run, seed, cold_fraction)
+        steps = cls(interactions, run, seed, cold_fraction, progress=progress)
         steps.timings["load"] = time.perf_counter() - started
         return steps
 
@@ -138,7 +155,7 @@ class Steps:
 
         path = self.run / "content_vectors.npy"
         started = time.perf_counter()
-        vectors = encode_catalog(self.data.catalog, cache_dir() / "content")
+        vectors = encode_catalog(self.data.catalog, cache_dir() / "content", progress=self.progress)
         np.save(path, vectors)
         self.timings["content"] = time.perf_counter() - started
         return vectors
@@ -251,6 +268,7 @@ class Steps:
             threads=1,
             # Batches of users with similar history lengths (shuffled): far less padding.
             group_by_length=True,
+            progress=self.progress,
         )
         cfg = replace(cfg, **self.settings)
         console.rule(f"train {name}" + (f" ({procs} processes)" if procs > 1 else ""))

@@ -79,7 +79,9 @@ def launch(
         str(out_dir),
     ]
     # Unbuffered so rank 0's per-epoch lines stream as they happen when not captured.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # OMP_NUM_THREADS=1 is what torchrun sets when it is unset, announcing it in a banner on
+    # every launch; setting it here keeps that behaviour without the banner.
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         command, check=True, capture_output=quiet, text=True, timeout=timeout, env=env
     )

