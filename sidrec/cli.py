@@ -6,10 +6,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:  # PyTorch comes with it: imported only where a command runs
+    from sidrec.offline.pipeline import Steps
 
 T = TypeVar("T")
 
@@ -114,6 +117,25 @@ def _progress(log_format: str) -> bool:
     return progress
 
 
+def _open_steps(
+    data: str | Path,
+    run: Path,
+    seed: int,
+    name: str | None,
+    log_format: str,
+    cold_fraction: float = 0.05,
+    tie_order: str = "file",
+) -> Steps:
+    """pipeline.Steps.open with the offline commands' shared options (a user's mistake in
+    them exits 2 with the message)."""
+    from sidrec.offline import pipeline
+
+    return _run(
+        pipeline.Steps.open, data, run, seed=seed, cold_fraction=cold_fraction,
+        tie_order=tie_order, name=name, progress=_progress(log_format),
+    )  # fmt: skip
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that are the user's mistake: print the message, exit 2, no traceback."""
     from pydantic import ValidationError
@@ -173,11 +195,8 @@ def sids_build(
 ) -> None:
     """Encode item text (MiniLM) and build Semantic IDs by residual k-means; print the report."""
     _offline_env()
-    from sidrec.offline import pipeline
 
-    steps = _run(
-        pipeline.Steps.open, data, run, seed=seed, name=name, progress=_progress(log_format)
-    )
+    steps = _open_steps(data, run, seed, name, log_format)
     _run(steps.build_sids, layers=layers, codes=codes, normalize_residuals=normalize_residuals)
 
 
@@ -341,18 +360,8 @@ def train(
 ) -> None:
     """Train HSTU variants (leave-one-out, validation item selects the epoch)."""
     _offline_env()
-    from sidrec.offline import pipeline
 
-    steps = _run(
-        pipeline.Steps.open,
-        data,
-        run,
-        seed=seed,
-        cold_fraction=cold_fraction,
-        tie_order=tie_order,
-        name=name,
-        progress=_progress(log_format),
-    )
+    steps = _open_steps(data, run, seed, name, log_format, cold_fraction, tie_order)
     _run(steps.use_settings, settings)
     for variant in _split_variants(variants):
         _run(
@@ -378,18 +387,8 @@ def evaluate(
 ) -> None:
     """Test every trained variant once plus the baselines; print the table, write JSON + plots."""
     _offline_env()
-    from sidrec.offline import pipeline
 
-    steps = _run(
-        pipeline.Steps.open,
-        data,
-        run,
-        seed=seed,
-        cold_fraction=cold_fraction,
-        tie_order=tie_order,
-        name=name,
-        progress=_progress(log_format),
-    )
+    steps = _open_steps(data, run, seed, name, log_format, cold_fraction, tie_order)
     _run(steps.evaluate, keep_history=keep_history)
 
 
@@ -409,18 +408,8 @@ def export(
 ) -> None:
     """Export a trained variant as a versioned bundle (ONNX) for `sidrec serve`."""
     _offline_env()
-    from sidrec.offline import pipeline
 
-    steps = _run(
-        pipeline.Steps.open,
-        data,
-        run,
-        seed=seed,
-        cold_fraction=cold_fraction,
-        tie_order=tie_order,
-        name=name,
-        progress=_progress(log_format),
-    )
+    steps = _open_steps(data, run, seed, name, log_format, cold_fraction, tie_order)
     _run(steps.export, variant, out)
 
 
@@ -457,18 +446,8 @@ def pipeline_cmd(
       interactions.csv with user_id, item_id, timestamp + items.csv with item_id, title, ...)
     """
     _offline_env()
-    from sidrec.offline import pipeline
 
-    steps = _run(
-        pipeline.Steps.open,
-        data,
-        run,
-        seed=seed,
-        cold_fraction=cold_fraction,
-        tie_order=tie_order,
-        name=name,
-        progress=_progress(log_format),
-    )
+    steps = _open_steps(data, run, seed, name, log_format, cold_fraction, tie_order)
     _run(steps.use_settings, settings)
     _run(
         steps.all,
