@@ -312,10 +312,8 @@ class Steps:
     def _rerank(self, name: str, keep_history: bool) -> dict[str, Any]:
         """Validation and test reports of variant `name`'s best checkpoint, ranked again under
         the candidate rule `keep_history` (train.py ranks with the history excluded)."""
-        import torch
-
-        from sidrec.offline.evaluate import hstu_scorer, rank_targets, summarize, table_scorer
-        from sidrec.offline.tower import item_table, load_tower
+        from sidrec.offline.evaluate import rank_targets, summarize
+        from sidrec.offline.tower import load_tower, model_scorer
         from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
         checkpoint = self.run / name / CHECKPOINT_FILE
@@ -324,14 +322,9 @@ class Steps:
         model, cfg, ckpt = load_checkpoint(checkpoint)
         if ckpt["num_items"] != self.data.num_items:
             raise DataError(checkpoint, f"trained on another catalog ({ckpt['num_items']} items)")
-        scorer = hstu_scorer(model.encoder, model.items, ckpt["trained"])
         tower = load_tower(self.run / name)
-        if tower is not None:
-            with torch.no_grad():
-                id_table = model.items.table(torch.as_tensor(ckpt["trained"]))
-            table, scales = item_table(id_table, tower, ckpt["sids"], self.content_vectors,
-                                       ckpt["trained"])  # fmt: skip
-            scorer = table_scorer(model.encoder, table, scales)
+        content = self.content_vectors if tower is not None else None  # encoded only if read
+        scorer = model_scorer(model, ckpt["trained"], ckpt["sids"], tower, content)
         batch_size = cfg.eval_batch_size or 32
         reports = {}
         for stage in ("valid", "test"):

@@ -334,22 +334,34 @@ def attach_tower(
     return metrics
 
 
-def served_scorer(checkpoint: Path, content: np.ndarray | None = None) -> Callable:
-    """offline/evaluate.py's scorer for the table a bundle exported from `checkpoint` serves:
-    with a content tower beside it, the tower's vectors and score scale for untrained rows
-    (it then needs the catalog's content vectors [n, C])."""
+def model_scorer(
+    model: torch.nn.Module,
+    trained: np.ndarray | torch.Tensor,
+    sids: np.ndarray | None = None,
+    tower: ContentTower | None = None,
+    content: np.ndarray | None = None,
+) -> Callable:
+    """offline/evaluate.py's scorer for the table the service holds for a trained `model` (a
+    SequentialRecommender; bool `trained` [n + 1]): with a content tower, the tower's vectors
+    and score scale for untrained rows (which need the SIDs and content vectors [n, C])."""
     from sidrec.offline.evaluate import hstu_scorer, table_scorer
+
+    if tower is None:
+        return hstu_scorer(model.encoder, model.items, trained)
+    if sids is None or content is None:
+        raise ValueError("a model with a content tower is scored with its SIDs and content")
+    trained = torch.as_tensor(np.asarray(trained), dtype=torch.bool)
+    with torch.no_grad():
+        table, scales = item_table(model.items.table(trained), tower, sids, content, trained)
+    return table_scorer(model.encoder, table, scales)
+
+
+def served_scorer(checkpoint: Path, content: np.ndarray | None = None) -> Callable:
+    """model_scorer for `checkpoint` (offline/train.py) and the content tower beside it, if
+    any (it then needs the catalog's content vectors [n, C])."""
     from sidrec.offline.train import load_checkpoint
 
     model, _, ckpt = load_checkpoint(checkpoint)
     model.eval()
     tower = load_tower(Path(checkpoint).parent)
-    if tower is None:
-        return hstu_scorer(model.encoder, model.items, ckpt["trained"])
-    if content is None:
-        raise ValueError(f"{checkpoint} has a content tower: its scorer needs the content")
-    trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
-    with torch.no_grad():
-        table, scales = item_table(model.items.table(trained), tower, ckpt["sids"], content,
-                                   trained)  # fmt: skip
-    return table_scorer(model.encoder, table, scales)
+    return model_scorer(model, ckpt["trained"], ckpt["sids"], tower, content)

@@ -518,9 +518,8 @@ class Catalog:
         }
         self.bundle_row = {r.item_id: r.row for r in records}
         # A vector the model made for an item without a trained id (a content tower's) scores
-        # at this scale (docs/bundle.md); trained items' at 1.
+        # at this scale (docs/bundle.md); a bundle item keeps its row's scale in `table`.
         self.new_item_scale = new_item_score_scale(bundle)
-        self.trained_ids = {r.item_id for r in records if r.popularity > 0}
         # First dedup digit Redis may hand out for a code tuple: the bundle already used 0..m-1.
         self.bundle_next: dict[str, int] = {}
         for r in records:
@@ -575,12 +574,11 @@ class Catalog:
     def _apply(self, stored: StoredItem, derived: Derived) -> bool:
         """Put one item into this worker's table; True if it was new here."""
         row = self.bundle_row.get(stored.item_id)
-        trained = (
-            row is not None
-            and stored.item_id in self.trained_ids
-            and np.array_equal(derived.vector, self.bundle_vectors[row])
-        )
-        scale = 1.0 if trained else self.new_item_scale
+        # A bundle item whose vector is still the bundle's keeps its bundle row's scale (rows
+        # 1..n are never rewritten: a changed item gets a new row); any other is new.
+        scale = self.new_item_scale
+        if row is not None and np.array_equal(derived.vector, self.bundle_vectors[row]):
+            scale = float(self.table.scales[row])
         created = self.table.upsert(stored.item_id, derived.sid, derived.vector, scale)
         self.held[stored.item_id] = (stored, derived)
         popularity = self.meta.get(stored.item_id, {}).get("popularity", 0)

@@ -220,18 +220,14 @@ def history_kept_test(
 ) -> dict:
     """Test report of a trained model with the user's history items left as candidates;
     `tower` = (run folder, SIDs, content vectors) for a model with a content tower."""
-    import torch
+    from sidrec.offline.evaluate import evaluate
+    from sidrec.offline.tower import load_tower, model_scorer
 
-    from sidrec.offline.evaluate import evaluate, hstu_scorer, table_scorer
-    from sidrec.offline.tower import item_table, load_tower
-
-    scorer = hstu_scorer(model.encoder, model.items, split.trained)
-    fitted = load_tower(tower[0]) if tower is not None else None
-    if tower is not None and fitted is not None:
-        with torch.no_grad():
-            id_table = model.items.table(torch.as_tensor(split.trained))
-        table, scales = item_table(id_table, fitted, tower[1], tower[2], split.trained)
-        scorer = table_scorer(model.encoder, table, scales)
+    if tower is None:
+        scorer = model_scorer(model, split.trained)
+    else:
+        folder, sids, content = tower
+        scorer = model_scorer(model, split.trained, sids, load_tower(folder), content)
     return evaluate(scorer, split, "test", max_history=max_len, keep_history=True)
 
 
