@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -19,7 +20,7 @@ import torch
 
 from sidrec.offline.data.dataset import Interactions
 from sidrec.offline.split import Split
-from sidrec.offline.train import TrainConfig, train
+from sidrec.offline.train import LOG_FILE, TrainConfig, train
 
 
 def save_job(
@@ -56,6 +57,26 @@ def load_job(
     )
 
 
+# A port that torchrun's agent found free and a rank then could not bind (or a peer that
+# reset while the ranks were connecting) is a race with other processes on the machine, not a
+# fault of the job: a launch that failed so before its first epoch is tried again, once. Any
+# other failure is raised at once.
+RENDEZVOUS_RETRIES = 1
+TRANSIENT_RENDEZVOUS = re.compile(
+    r"Address already in use|EADDRINUSE|Connection reset by peer|Connection refused"
+    r"|DistNetworkError|RendezvousConnectionError|connectFullMesh"
+)
+
+
+class TrainingLaunchError(subprocess.CalledProcessError):
+    """torchrun's non-zero exit, with the end of what the ranks printed in the message."""
+
+    def __str__(self) -> str:
+        output = f"{self.stdout or ''}{self.stderr or ''}".strip()
+        tail = f"\n--- last lines of the ranks' output ---\n{output[-4000:]}" if output else ""
+        return f"{super().__str__()}{tail}"
+
+
 def launch(
     job_path: str | Path,
     out_dir: str | Path,
@@ -63,7 +84,8 @@ def launch(
     timeout: float | None = None,
     quiet: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the job under torchrun (same interpreter) and wait; raises on a non-zero exit.
+    """Run the job under torchrun (same interpreter) and wait; raises TrainingLaunchError on a
+    non-zero exit (after one retry if the ranks failed to connect).
 
     quiet=True captures the ranks' output (returned); False lets it stream to the terminal.
     """
@@ -82,9 +104,16 @@ def launch(
     # OMP_NUM_THREADS=1 is what torchrun sets when it is unset, announcing it in a banner on
     # every launch; setting it here keeps that behaviour without the banner.
     env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        command, check=True, capture_output=quiet, text=True, timeout=timeout, env=env
-    )
+    for attempt in range(1 + RENDEZVOUS_RETRIES):
+        done = subprocess.run(command, capture_output=quiet, text=True, timeout=timeout, env=env)
+        if done.returncode == 0:
+            return done
+        output = f"{done.stdout or ''}{done.stderr or ''}"
+        started = (log := Path(out_dir) / LOG_FILE).exists() and log.stat().st_size > 0
+        if attempt < RENDEZVOUS_RETRIES and not started and TRANSIENT_RENDEZVOUS.search(output):
+            continue
+        raise TrainingLaunchError(done.returncode, command, done.stdout, done.stderr)
+    raise AssertionError("unreachable")
 
 
 def main(argv: list[str] | None = None) -> None:

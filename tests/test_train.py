@@ -224,6 +224,48 @@ def test_ddp_two_processes_stay_in_sync(tmp_path) -> None:
     )
 
 
+def test_ddp_launch_failure_shows_the_ranks_output(tmp_path, monkeypatch) -> None:
+    import subprocess
+
+    from sidrec.offline import train_ddp
+
+    # A real torchrun whose ranks fail (no job file): the error carries their traceback, and a
+    # failure that is not a rendezvous race is not retried.
+    calls: list[list[str]] = []
+    real_run = subprocess.run
+
+    def counting_run(command, **kwargs):
+        calls.append(command)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(train_ddp.subprocess, "run", counting_run)
+    with pytest.raises(train_ddp.TrainingLaunchError) as failure:
+        launch(tmp_path / "missing.pt", tmp_path / "out", nproc_per_node=1, timeout=120)
+    assert "missing.pt" in str(failure.value) and "last lines of the ranks' output" in str(
+        failure.value
+    )
+    assert len(calls) == 1
+
+    # A port race before the first epoch is tried once more; the second try's result stands.
+    outcomes = iter(
+        [
+            subprocess.CompletedProcess(
+                [], 1, "", "torch.distributed.DistNetworkError: Address already in use"
+            ),
+            subprocess.CompletedProcess([], 0, "ok", ""),
+        ]
+    )
+    monkeypatch.setattr(train_ddp.subprocess, "run", lambda command, **kwargs: next(outcomes))
+    assert launch(tmp_path / "job.pt", tmp_path / "out").stdout == "ok"
+    # ... but not once an epoch was logged: the job itself ran, so its failure is real.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train_log.jsonl").write_text('{"epoch": 1}\n')
+    race = subprocess.CompletedProcess([], 1, "", "Connection reset by peer")
+    monkeypatch.setattr(train_ddp.subprocess, "run", lambda command, **kwargs: race)
+    with pytest.raises(train_ddp.TrainingLaunchError):
+        launch(tmp_path / "job.pt", tmp_path / "out")
+
+
 def test_length_grouped_batches_partition_users() -> None:
     from sidrec.offline.train import length_grouped_batches
 
