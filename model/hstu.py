@@ -14,6 +14,10 @@ from torch import nn
 LN_EPS = 1e-6  # both no-affine LayerNorms and the final L2 norm, as in the reference
 TIME_BUCKET_DIVISOR = 0.301  # ln(dt) / 0.301: buckets grow by a factor of e^0.301 ~ 1.35
 ATTN_NORMS = ("padded", "length")
+# What the encoder's output is scored with: "cosine" (the reference): L2-normalised output
+# against L2-normalised item rows, over a temperature; "dot": a LayerNorm'd output against raw
+# item rows, as SASRec scores, so an item's norm can carry how often it is the answer.
+SCORINGS = ("cosine", "dot")
 
 
 def time_buckets(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -90,7 +94,9 @@ class ScalarLookup(torch.autograd.Function):
 
 
 class HSTUBlock(nn.Module):
-    """Pre-norm pointwise-attention block: no softmax, no FFN, one residual."""
+    """Pre-norm pointwise-attention block: no softmax, one residual; with ffn_mult > 0 a
+    pre-norm GELU feed-forward (d -> ffn_mult * d -> d) and a second residual follow, as in
+    SASRec's transformer layer (the reference has none)."""
 
     def __init__(
         self,
@@ -102,9 +108,11 @@ class HSTUBlock(nn.Module):
         dropout: float,
         time_buckets: int,
         use_time: bool,
+        ffn_mult: int = 0,
     ) -> None:
         super().__init__()
         self.d = d
+        self.ffn_mult = ffn_mult
         self.num_heads = num_heads
         self.dqk = dqk
         self.dv = dv
@@ -115,6 +123,13 @@ class HSTUBlock(nn.Module):
         self.rel_bias = RelativeBias(padded_len, time_buckets, use_time)
         self.out = nn.Linear(num_heads * dv, d)
         nn.init.xavier_uniform_(self.out.weight)
+        if ffn_mult:
+            self.ffn = nn.Sequential(
+                nn.LayerNorm(d, eps=LN_EPS),
+                nn.Linear(d, ffn_mult * d),
+                nn.GELU(),
+                nn.Linear(ffn_mult * d, d),
+            )
 
     def forward(
         self,
@@ -139,11 +154,15 @@ class HSTUBlock(nn.Module):
         scores = F.silu(scores) / attn_divisor * attn_mask[:, None]
         attn = torch.einsum("bhnm,bmhd->bnhd", scores, v).reshape(b, n, h * self.dv)
         y = u * F.layer_norm(attn, (h * self.dv,), eps=LN_EPS)  # [B, N, h * dv]
-        return x + self.out(F.dropout(y, p=self.dropout, training=self.training))
+        x = x + self.out(F.dropout(y, p=self.dropout, training=self.training))
+        if self.ffn_mult:
+            x = x + F.dropout(self.ffn(x), p=self.dropout, training=self.training)  # [B, N, d]
+        return x
 
 
 class HSTU(nn.Module):
-    """Sequence of item vectors -> L2-normalised output per position.
+    """Sequence of item vectors -> output per position: L2-normalised (scoring "cosine") or
+    LayerNorm'd (scoring "dot"; see SCORINGS).
 
     forward(x[B, N, d], ts[B, N] int64, next_ts[B, N] int64, mask[B, N] bool) -> [B, N, d]
     Works for any N <= padded_len; outputs at masked positions are finite but meaningless.
@@ -166,10 +185,17 @@ class HSTU(nn.Module):
         time_buckets: int = 128,
         use_time: bool = True,
         attn_norm: str = "padded",
+        ffn_mult: int = 0,
+        scoring: str = "cosine",
     ) -> None:
         super().__init__()
         if attn_norm not in ATTN_NORMS:
             raise ValueError(f"attn_norm must be one of {ATTN_NORMS}, not {attn_norm!r}")
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, not {scoring!r}")
+        self.scoring = scoring
+        if scoring == "dot":
+            self.out_norm = nn.LayerNorm(d, eps=LN_EPS)
         self.d = d
         self.padded_len = padded_len
         self.dropout = dropout
@@ -178,7 +204,7 @@ class HSTU(nn.Module):
         self.pos_emb = nn.Embedding(padded_len, d)
         nn.init.xavier_normal_(self.pos_emb.weight)
         self.blocks = nn.ModuleList(
-            HSTUBlock(d, num_heads, dqk, dv, padded_len, dropout, time_buckets, use_time)
+            HSTUBlock(d, num_heads, dqk, dv, padded_len, dropout, time_buckets, use_time, ffn_mult)
             for _ in range(num_blocks)
         )
 
@@ -200,6 +226,8 @@ class HSTU(nn.Module):
             divisor = mask.sum(1).clamp(min=1).to(x.dtype)[:, None, None, None]  # [B, 1, 1, 1]
         for block in self.blocks:
             x = block(x, buckets, attn_mask, divisor)
+        if self.scoring == "dot":
+            return self.out_norm(x)
         return F.normalize(x, dim=-1, eps=LN_EPS)
 
 

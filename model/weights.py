@@ -55,6 +55,8 @@ def hstu_args(hstu: HSTU) -> dict[str, Any]:
         "time_buckets": first.rel_bias.num_buckets,
         "use_time": hstu.use_time,
         "attn_norm": hstu.attn_norm,
+        "ffn_mult": first.ffn_mult,
+        "scoring": hstu.scoring,
     }
 
 

@@ -194,7 +194,7 @@ def table_scorer(encoder: HSTU, table: torch.Tensor, scales: torch.Tensor | None
     from sidrec.model.hstu import UserEncoder
 
     user_encoder = UserEncoder(encoder)
-    table_normed = F.normalize(table, dim=-1, eps=1e-6)
+    table_normed = F.normalize(table, dim=-1, eps=1e-6) if encoder.scoring == "cosine" else table
     if scales is not None:
         table_normed = table_normed * scales[:, None].to(table_normed.dtype)
 

@@ -95,8 +95,10 @@ class TrainConfig:
     # positions (3.3x faster CPU steps, same marginal per position), or per position as the
     # reference does (ML-1M notes in docs/results/ml-1m.md).
     negatives: str = "sequence"  # sequence | position
-    temperature: float = 0.05
+    temperature: float = 0.05  # cosine scoring only: dot products are used as they are
     attn_norm: str = "padded"  # padded (the reference's constant 1/211) | length (model/hstu.py)
+    scoring: str = "cosine"  # cosine (the reference) | dot (model/hstu.py SCORINGS)
+    ffn_mult: int = 0  # > 0: a feed-forward layer of that width multiple after each block
     id_dropout: float = 0.0
     # ItemEmbedding's cold-start options, passed through (see model/item_embedding.py). The
     # defaults are the measured best for never-seen items on ML-100K (validation cold-start
@@ -186,7 +188,10 @@ class SequentialRecommender(nn.Module):
         # over P * R rows for catalogs of this size.
         all_rows = torch.arange(self.items.num_items + 1, device=inputs.device)
         table = self.items(all_rows)  # [n + 1, d] raw
-        table_normed = F.normalize(table, dim=-1, eps=1e-6)
+        if self.encoder.scoring == "cosine":
+            table_normed = F.normalize(table, dim=-1, eps=1e-6)
+        else:
+            table_normed, temperature = table, 1.0
         out = self.encoder(table[inputs], timestamps, next_timestamps, mask)  # [B, N, d]
         if loss == "full":
             assert candidates is not None
@@ -237,6 +242,8 @@ def build_model(
         dropout=cfg.dropout,
         use_time=cfg.use_time,
         attn_norm=cfg.attn_norm,
+        ffn_mult=cfg.ffn_mult,
+        scoring=cfg.scoring,
     )
     return SequentialRecommender(items, encoder)
 

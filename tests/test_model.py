@@ -1,6 +1,7 @@
 """HSTU, item embeddings and loss: behaviour the reference implementation guarantees."""
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -20,9 +21,11 @@ D = 16
 P = 30  # padded length of the small test model
 
 
-def small_hstu(use_time: bool = True, seed: int = 0) -> HSTU:
+def small_hstu(use_time: bool = True, seed: int = 0, **options: Any) -> HSTU:
     torch.manual_seed(seed)
-    model = HSTU(d=D, num_blocks=2, num_heads=2, dqk=8, dv=8, padded_len=P, use_time=use_time)
+    model = HSTU(
+        d=D, num_blocks=2, num_heads=2, dqk=8, dv=8, padded_len=P, use_time=use_time, **options
+    )
     # Random init bias tables are tiny (std 0.02); make them matter so tests can see them.
     with torch.no_grad():
         for block in model.blocks:
@@ -90,8 +93,28 @@ def test_output_is_unit_norm_and_shaped() -> None:
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(3, 11))
 
 
-def test_causality() -> None:
-    model = small_hstu()
+# SASRec's pieces as options: a feed-forward layer per block, a LayerNorm'd output for dot scoring
+SASREC_PIECES = {"ffn_mult": 4, "scoring": "dot"}
+
+
+def test_feed_forward_and_dot_output() -> None:
+    model = small_hstu(**SASREC_PIECES)
+    extra = sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for p in small_hstu().parameters()
+    )
+    # per block: LayerNorm (2d) + d x 4d + 4d + 4d x d + d; once: the output LayerNorm (2d)
+    assert extra == 2 * (2 * D + 8 * D * D + 5 * D) + 2 * D
+    x, ts, next_ts = random_batch(3, 11)
+    out = model(x, ts, next_ts, torch.ones(3, 11, dtype=torch.bool))
+    torch.testing.assert_close(out.mean(-1), torch.zeros(3, 11), atol=1e-5, rtol=0)
+    assert not torch.allclose(out.norm(dim=-1), torch.ones(3, 11))
+    with pytest.raises(ValueError, match="scoring"):
+        HSTU(scoring="euclid")
+
+
+@pytest.mark.parametrize("options", [{}, SASREC_PIECES])
+def test_causality(options: dict[str, Any]) -> None:
+    model = small_hstu(**options)
     x, ts, next_ts = random_batch(2, 12)
     mask = torch.ones(2, 12, dtype=torch.bool)
     before = model(x, ts, next_ts, mask)
@@ -212,8 +235,9 @@ def test_length_normalisation_ignores_padding() -> None:
     torch.testing.assert_close(long[:, :6], short, rtol=0, atol=1e-6)
 
 
-def test_gradients_reach_every_parameter() -> None:
-    model = small_hstu().train()
+@pytest.mark.parametrize("options", [{}, SASREC_PIECES])
+def test_gradients_reach_every_parameter(options: dict[str, Any]) -> None:
+    model = small_hstu(**options).train()
     x, ts, next_ts = random_batch(4, 10)
     x.requires_grad_(True)
     mask = torch.arange(10)[None].expand(4, -1) < torch.tensor([[10], [3], [7], [1]])

@@ -15,10 +15,20 @@ from sidrec.offline.onnx_export import export_sid_to_vector, export_user_encoder
 D, MAX_LEN = 50, 200
 
 
-def reference_hstu(use_time: bool, attn_norm: str = "padded") -> HSTU:
+def reference_hstu(
+    use_time: bool, attn_norm: str = "padded", ffn_mult: int = 0, scoring: str = "cosine"
+) -> HSTU:
     torch.manual_seed(0)
     model = HSTU(
-        d=D, num_blocks=2, num_heads=2, dqk=25, dv=25, use_time=use_time, attn_norm=attn_norm
+        d=D,
+        num_blocks=2,
+        num_heads=2,
+        dqk=25,
+        dv=25,
+        use_time=use_time,
+        attn_norm=attn_norm,
+        ffn_mult=ffn_mult,
+        scoring=scoring,
     )
     # Trained-looking bias tables (the std 0.02 init would hide indexing mistakes).
     with torch.no_grad():
@@ -47,10 +57,18 @@ def ragged_batch(b: int, n: int, seed: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize(
-    ("use_time", "attn_norm"), [(True, "padded"), (False, "padded"), (True, "length")]
+    ("use_time", "attn_norm", "ffn_mult", "scoring"),
+    [
+        (True, "padded", 0, "cosine"),
+        (False, "padded", 0, "cosine"),
+        (True, "length", 0, "cosine"),
+        (True, "length", 4, "dot"),
+    ],
 )
-def test_user_encoder_parity(tmp_path: Path, use_time: bool, attn_norm: str) -> None:
-    hstu = reference_hstu(use_time, attn_norm)
+def test_user_encoder_parity(
+    tmp_path: Path, use_time: bool, attn_norm: str, ffn_mult: int, scoring: str
+) -> None:
+    hstu = reference_hstu(use_time, attn_norm, ffn_mult, scoring)
     path = tmp_path / "user_encoder.onnx"
     export_user_encoder(hstu, D, path, MAX_LEN)
     assert hstu.training  # the caller's model is left as it was
@@ -76,7 +94,11 @@ def test_user_encoder_parity(tmp_path: Path, use_time: bool, attn_norm: str) -> 
             want = encoder(*(torch.from_numpy(feeds[k]) for k in feeds)).numpy()
         assert got.shape == (b, D)
         assert np.abs(got - want).max() < 1e-4, (b, n)
-        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        if scoring == "cosine":
+            np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        else:  # LayerNorm'd: zero mean, unit variance per row
+            np.testing.assert_allclose(got.mean(1), 0.0, atol=1e-5)
+            np.testing.assert_allclose(got.std(1), 1.0, atol=1e-3)
 
 
 def test_user_encoder_rejects_max_len_beyond_padded_len(tmp_path: Path) -> None:

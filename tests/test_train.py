@@ -159,14 +159,23 @@ def test_training_is_deterministic(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("loss", "attn_norm"),
-    [("sampled-logq", "length"), ("sampled-uniform", "padded"), ("full", "length")],
+    ("loss", "attn_norm", "scoring"),
+    [
+        ("sampled-logq", "length", "cosine"),
+        ("sampled-uniform", "padded", "cosine"),
+        ("full", "length", "cosine"),
+        ("full", "length", "dot"),
+    ],
 )
-def test_every_loss_learns_the_planted_pattern(tmp_path, loss: str, attn_norm: str) -> None:
+def test_every_loss_learns_the_planted_pattern(
+    tmp_path, loss: str, attn_norm: str, scoring: str
+) -> None:
     data = planted_interactions()
     split = make_split(data, 0.05, seed=0)
     cfg = tiny_config(epochs=12, patience=4, variant="id", loss=loss, attn_norm=attn_norm)
     cfg.num_negatives = 16 if loss == "sampled-logq" else 0  # far fewer than the catalog
+    if scoring == "dot":  # SASRec's scoring and feed-forward layers
+        cfg.scoring, cfg.ffn_mult = "dot", 2
     result = train(data, split, None, None, cfg, tmp_path / loss, log=lambda _: None)
     popular = evaluate(most_popular_scorer(split), split, "test")
     warm_model, warm_popular = result.test["warm"]["hr@10"], popular["warm"]["hr@10"]
@@ -301,8 +310,11 @@ def test_training_without_timestamps_or_sids(tmp_path) -> None:
 def test_config_reaches_the_model() -> None:
     from sidrec.offline.train import build_model
 
-    cfg = tiny_config(unknown_id="zero", prefix_table="exact", trained_rows_only=True, d=8)
+    cfg = tiny_config(
+        unknown_id="zero", prefix_table="exact", trained_rows_only=True, d=8, ffn_mult=2
+    )
     model = build_model(cfg, NUM_ITEMS, random_sids(), 8)
+    assert model.encoder.blocks[0].ffn_mult == 2 and model.encoder.scoring == "cosine"
     assert model.items.unknown_id == "zero" and model.items.prefix_table == "exact"
     assert model.items.trained_rows_only and model.items.d == 8 and model.encoder.d == 8
     assert model.encoder.padded_len == cfg.padded_len and model.encoder.use_time
