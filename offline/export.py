@@ -140,6 +140,9 @@ def export_bundle(
             "padded_len": cfg.padded_len,
             "use_time": cfg.use_time,
             "attn_norm": cfg.attn_norm,
+            "ffn_mult": cfg.ffn_mult,
+            # how the service ranks: cosine (unit item rows) or dot (raw rows), as trained
+            "scoring": cfg.scoring,
             "id_dropout": cfg.id_dropout,
             # how it was trained: the resolved loss (train.py), so a user sees which was used
             "loss": cfg.loss,
@@ -151,7 +154,7 @@ def export_bundle(
             "best_epoch": ckpt["epoch"],
             # how new items get vectors: a content tower (SID + content), or the SID alone
             "new_items": "content-tower" if tower is not None else "sid",
-            # a new item's score is its cosine times this (the service's index rows)
+            # a new item's score is its cosine (dot product) times this (the service's index rows)
             "new_item_score_scale": 1.0 if tower is None else round(float(tower.new_item_scale), 6),
         },
         "sid": {

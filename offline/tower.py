@@ -1,7 +1,8 @@
 """Fit the content tower (model/content_tower.py) to a trained recommender's id rows.
 
 An example is a query vector and the item that answers it; the loss is a softmax over every
-trained id row, scored by cosine / temperature as the recommender scores, with the rows of a
+trained id row, scored as the recommender scores (cosine / temperature, or the raw dot product
+for a model trained with scoring "dot"), with the rows of a
 few items per step (the answer's among them half the time) replaced by their tower vectors: the
 table as the service holds it when those items are new. So a tower vector learns to win for its
 item's queries without crowding out other items. The default query is the item's own id row
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +60,19 @@ class TowerConfig:
 
 def _mixed_logits(
     tower: ContentTower, queries: torch.Tensor, candidates: torch.Tensor, cold: torch.Tensor,
-    sids: torch.Tensor, content: torch.Tensor, temperature: float,
+    sids: torch.Tensor, content: torch.Tensor, temperature: float | None,
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    # queries [B, d] L2-normalised -> logits [B, n + 1] over the candidates' id rows
-    # (normalised, [n + 1, d]; zero rows never win) with the `cold` rows [S] replaced by
-    # their tower vectors: the table as the service holds it when those items are new, so a
-    # tower vector learns to win for its item's users and not to crowd out other items
-    v = F.normalize(tower(sids[cold], content[cold], keep), dim=-1)  # [S, d]
+    # queries [B, d] -> logits [B, n + 1] over the candidates' id rows ([n + 1, d]; zero rows
+    # never win) with the `cold` rows [S] replaced by their tower vectors: the table as the
+    # service holds it when those items are new, so a tower vector learns to win for its
+    # item's users and not to crowd out other items. Cosine scoring (a temperature): queries
+    # and candidates L2-normalised; dot scoring (None): both raw, the tower vector at its norm.
+    v = tower(sids[cold], content[cold], keep)  # [S, d], norm tower.scale
+    if temperature is not None:
+        v = F.normalize(v, dim=-1)
     table = candidates.index_copy(0, cold, v)
-    logits = queries @ table.T / temperature
+    logits = queries @ table.T / (temperature or 1.0)
     return logits.masked_fill(table.norm(dim=-1)[None, :] == 0, float("-inf"))
 
 
@@ -77,9 +81,10 @@ def user_states(
     model: torch.nn.Module, id_table: torch.Tensor, split: Split, max_len: int,
     max_examples: int = 200_000, batch_size: int = 256, seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(user vectors [P, d] L2-normalised, the item each chose next [P]) at every training
-    position of the trained `model` (a SequentialRecommender), at most max_examples of them
-    (a seeded sample): what the tower is fitted on."""
+    """(user vectors [P, d] as the model scores them (L2-normalised under cosine scoring),
+    the item each chose next [P]) at every training position of the trained `model` (a
+    SequentialRecommender), at most max_examples of them (a seeded sample): what the tower is
+    fitted on."""
     from sidrec.offline.train import training_sequences
 
     seqs = training_sequences(split, max_len)
@@ -91,7 +96,8 @@ def user_states(
         mask = inputs != 0
         out = model.encoder(id_table[inputs], seqs.timestamps[idx, :width],
                             seqs.next_timestamps[idx, :width], mask)  # fmt: skip
-        states.append(F.normalize(out[mask], dim=-1, eps=1e-6))
+        cosine = model.encoder.scoring == "cosine"
+        states.append(F.normalize(out[mask], dim=-1, eps=1e-6) if cosine else out[mask])
         answers.append(seqs.targets[idx, :width][mask])
     all_states, all_answers = torch.cat(states), torch.cat(answers)
     if len(all_answers) > max_examples:
@@ -110,14 +116,16 @@ def fit_tower(
     examples: tuple[torch.Tensor, torch.Tensor] | None = None,
     cfg: TowerConfig = TowerConfig(),
     log: Callable[[str], None] | None = None,
+    scoring: str = "cosine",
 ) -> tuple[ContentTower, dict]:
     """A ContentTower fitted to `id_table` [n + 1, d] (row 0 padding) over the `trained` rows
     (bool [n + 1]). sids int64 [n + 1, L + 1]; content float [n, C] (rows 1..n).
 
-    examples = (queries [P, d] L2-normalised, answers [P] item rows), usually user_states():
-    each answer's tower vector should beat every other trained id row for its query. Without
-    them every trained item is its own query (its normalised id row). Returns the tower (eval
-    mode, the best holdout epoch's weights) and its fitting record."""
+    examples = (queries [P, d], answers [P] item rows), usually user_states(): each answer's
+    tower vector should beat every other trained id row for its query, scored as the model
+    scores (`scoring`: "cosine" or "dot", model/hstu.py). Without them every trained item is
+    its own query (its id row; cosine scoring only). Returns the tower (eval mode, the best
+    holdout epoch's weights) and its fitting record."""
     if cfg.parts not in ("sid+content", "sid", "content"):
         raise ValueError(f"parts must be sid+content, sid or content, got {cfg.parts!r}")
     if cfg.objective not in ("ids", "users"):
@@ -136,7 +144,13 @@ def fit_tower(
     rows = np.flatnonzero(trained_t.numpy())
     if len(rows) < 20:
         raise ValueError(f"a content tower needs at least 20 trained items, got {len(rows)}")
-    candidates = F.normalize(table, dim=-1, eps=1e-6) * trained_t[:, None]  # [n + 1, d]
+    if scoring not in ("cosine", "dot"):
+        raise ValueError(f"scoring must be cosine or dot, got {scoring!r}")
+    if scoring == "dot" and examples is None:
+        # a raw id row is no stand-in for a user: dot scores grow with the query's norm
+        raise ValueError("a tower for dot scoring is fitted on user states (examples)")
+    rows_scored = F.normalize(table, dim=-1, eps=1e-6) if scoring == "cosine" else table
+    candidates = rows_scored * trained_t[:, None]  # [n + 1, d]
     if examples is None:
         examples = (candidates[rows], torch.as_tensor(rows))
     queries, answers = examples[0].float(), examples[1].long()
@@ -157,7 +171,7 @@ def fit_tower(
                                      content_t.shape[1], table.shape[1], cfg.hidden)  # fmt: skip
     tower.scale.fill_(float(table[rows].norm(dim=-1).median()))
     optimizer = torch.optim.AdamW(tower.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    shared = (sids_t, content_t, cfg.temperature)
+    shared = (sids_t, content_t, cfg.temperature if scoring == "cosine" else None)
     num_cold = max(1, round(cfg.cold_share * len(fit_rows)))
     # Held-out check: every held-out item new at once; its examples and as many others.
     others = fit_ex[torch.as_tensor(rng.permutation(len(fit_ex))[: len(held_ex)])]
@@ -289,9 +303,13 @@ def attach_tower(
     with torch.no_grad():
         id_table = model.items.table(trained)
     examples = None
+    if model.encoder.scoring == "dot" and cfg.objective != "users":
+        log("content tower: dot scoring, so fitted on user states (objective users)")
+        cfg = replace(cfg, objective="users")
     if cfg.objective == "users":
         examples = user_states(model, id_table, split, train_cfg.max_len, seed=cfg.seed)
-    tower, record = fit_tower(id_table, sids, content, trained, codes_per_layer, examples, cfg)
+    tower, record = fit_tower(id_table, sids, content, trained, codes_per_layer, examples, cfg,
+                              scoring=model.encoder.scoring)  # fmt: skip
     fit_seconds = time.perf_counter() - started
     batch_size = train_cfg.eval_batch_size or 32
 

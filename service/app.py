@@ -81,6 +81,7 @@ def build_services(settings: Settings) -> Services:
             device=settings.device,
         ),
         scales=bundle_score_scales(bundle, records),
+        scoring=bundle.model.get("scoring", "cosine"),
     )
     redis: StoreClient | None = None
     probe: StoreClient | None = None

@@ -123,7 +123,11 @@ class ItemTable:
         use_gpu: bool = True,
         index: IndexSpec | None = None,
         scales: np.ndarray | None = None,  # float32 [n + 1] score scale per row, default 1
+        scoring: str = "cosine",  # the bundle's: "cosine" indexes unit rows, "dot" raw ones
     ) -> None:
+        if scoring not in ("cosine", "dot"):
+            raise ValueError(f"scoring must be cosine or dot, not {scoring!r}")
+        self.scoring = scoring
         n_rows, self.d = vectors.shape
         if len(item_ids) != n_rows - 1 or len(sids) != n_rows:
             raise ValueError("vectors, item ids and SIDs disagree on the number of items")
@@ -167,9 +171,15 @@ class ItemTable:
             self.on_gpu = True
             self._library = "faiss-gpu"
         # row 0's zero vector keeps positions == rows
-        self.index.add(normalized(vectors) * _column(scales, n_rows))
+        self.index.add(self._indexed(vectors) * _column(scales, n_rows))
         # FAISS indexes are not safe to search while another thread adds to them.
         self.lock = threading.Lock()
+
+    def _indexed(self, vectors: np.ndarray) -> np.ndarray:
+        # [m, d] raw -> the rows the index ranks by inner product with the user vector
+        if self.scoring == "dot":
+            return np.asarray(vectors, np.float32)
+        return normalized(vectors)
 
     @property
     def live_items(self) -> int:
@@ -186,8 +196,8 @@ class ItemTable:
         return self.row_of.get(item_id)
 
     def upsert(self, item_id: str, sid: np.ndarray, vector: np.ndarray, scale: float = 1.0) -> bool:
-        """Add an item or replace its SID, vector and score scale (its score is the cosine
-        times `scale`). Returns True if the item is new here."""
+        """Add an item or replace its SID, vector and score scale (its score is the cosine, or
+        the dot product, times `scale`). Returns True if the item is new here."""
         sid = np.asarray(sid, np.int64)
         vector = np.asarray(vector, np.float32)
         with self.lock:
@@ -211,7 +221,7 @@ class ItemTable:
             self.sids[row] = sid
             self.scales[row] = scale
             self.alive[row] = True
-            self.index.add(normalized(vector[None, :]) * np.float32(scale))
+            self.index.add(self._indexed(vector[None, :]) * np.float32(scale))
             self.item_ids.append(item_id)
             self.row_of[item_id] = row
             self.size += 1

@@ -72,6 +72,30 @@ def test_fitted_tower_finds_held_out_items_ids(fitted: tuple) -> None:
     torch.testing.assert_close(v.norm(dim=-1), torch.full((4,), median))
 
 
+def test_tower_fitted_for_dot_scoring_finds_held_out_items() -> None:
+    # A model trained with scoring "dot" ranks by raw inner products, so the id rows' norms
+    # (here they vary 1.5x) take part in the fit: fitted on user states, the held-out items'
+    # tower vectors are still in their users' top 10 among all 400 raw rows. (Where norms vary
+    # 10x, even an item's own direction at the median norm is rarely there: dot scoring
+    # favours long rows, and the new-item scale chosen on validation is what answers that.)
+    table, sids, content = planted()
+    table = table * torch.as_tensor(np.random.default_rng(1).uniform(0.8, 1.25, (N + 1, 1)),
+                                    dtype=torch.float32)  # fmt: skip
+    trained = np.ones(N + 1, bool)
+    trained[0] = False
+    trained[WITHHELD] = False
+    # users: each item's direction at a LayerNorm'd output's norm, answered by the item
+    rows = torch.as_tensor(np.flatnonzero(np.arange(N + 1) > 0))
+    users = F.normalize(table[rows], dim=-1) * D**0.5
+    _, record = fit_tower(table, sids, content, trained, K, (users, rows), FAST, scoring="dot")
+    best = record["curve"][record["best_epoch"] - 1]
+    assert best["holdout_hr@10"] > 0.5, best
+    with pytest.raises(ValueError, match="user states"):
+        fit_tower(table, sids, content, trained, K, cfg=FAST, scoring="dot")
+    with pytest.raises(ValueError, match="scoring"):
+        fit_tower(table, sids, content, trained, K, cfg=FAST, scoring="euclid")
+
+
 def test_item_table_keeps_warm_rows_and_scales_new_ones(fitted: tuple) -> None:
     table, sids, content = planted()
     tower, _, trained = fitted

@@ -157,3 +157,26 @@ def test_item_table_scores_are_cosine_times_the_rows_scale(kind: str) -> None:
     assert table.upsert("new", np.zeros(3, np.int64), vectors[1], scale=0.5) is False
     assert table.upsert("new", np.zeros(3, np.int64), vectors[1], scale=1.0) is False
     assert table.scales[table.row("new")] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "torch"])
+def test_item_table_of_a_dot_bundle_ranks_by_the_raw_inner_product(kind: str) -> None:
+    from sidrec.service.retrieval import IndexSpec
+
+    if kind == "torch":
+        pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    n, d = 12, 4
+    vectors = np.zeros((n + 1, d), np.float32)
+    vectors[1:] = rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, size=(n, 1))  # norms differ
+    sids = np.zeros((n + 1, 3), np.int64)
+    table = ItemTable(vectors, [f"i{r}" for r in range(1, n + 1)], sids, 4, use_gpu=False,
+                      index=IndexSpec(kind, device="cpu"), scoring="dot")  # fmt: skip
+    query = rng.normal(size=d).astype(np.float32) * 3.0
+    hits = dict(table.search(query, k=n, exclude_rows=set()))
+    np.testing.assert_allclose([hits[r] for r in range(1, n + 1)], vectors[1:] @ query, rtol=1e-5)
+    # a long vector wins over a better-aligned short one, as the model was trained to score
+    assert table.upsert("long", np.zeros(3, np.int64), query * 10.0) is True
+    assert table.search(query, k=1, exclude_rows=set())[0][0] == table.row("long")
+    with pytest.raises(ValueError, match="scoring"):
+        ItemTable(vectors, [f"i{r}" for r in range(1, n + 1)], sids, 4, scoring="euclid")
