@@ -109,10 +109,12 @@ class HSTUBlock(nn.Module):
         time_buckets: int,
         use_time: bool,
         ffn_mult: int = 0,
+        attn_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.d = d
         self.ffn_mult = ffn_mult
+        self.attn_dropout = attn_dropout
         self.num_heads = num_heads
         self.dqk = dqk
         self.dv = dv
@@ -152,6 +154,8 @@ class HSTUBlock(nn.Module):
         scores = torch.einsum("bnhd,bmhd->bhnm", q, k)  # [B, h, N, N], no 1/sqrt(dqk)
         scores = scores + self.rel_bias.from_buckets(n, buckets)[:, None].to(scores.dtype)
         scores = F.silu(scores) / attn_divisor * attn_mask[:, None]
+        # the reference's attn_dropout_rate: drops whole query-key weights (0 on ML-1M)
+        scores = F.dropout(scores, p=self.attn_dropout, training=self.training)
         attn = torch.einsum("bhnm,bmhd->bnhd", scores, v).reshape(b, n, h * self.dv)
         y = u * F.layer_norm(attn, (h * self.dv,), eps=LN_EPS)  # [B, N, h * dv]
         x = x + self.out(F.dropout(y, p=self.dropout, training=self.training))
@@ -187,6 +191,7 @@ class HSTU(nn.Module):
         attn_norm: str = "padded",
         ffn_mult: int = 0,
         scoring: str = "cosine",
+        attn_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if attn_norm not in ATTN_NORMS:
@@ -204,7 +209,18 @@ class HSTU(nn.Module):
         self.pos_emb = nn.Embedding(padded_len, d)
         nn.init.xavier_normal_(self.pos_emb.weight)
         self.blocks = nn.ModuleList(
-            HSTUBlock(d, num_heads, dqk, dv, padded_len, dropout, time_buckets, use_time, ffn_mult)
+            HSTUBlock(
+                d,
+                num_heads,
+                dqk,
+                dv,
+                padded_len,
+                dropout,
+                time_buckets,
+                use_time,
+                ffn_mult,
+                attn_dropout,
+            )
             for _ in range(num_blocks)
         )
 

@@ -56,6 +56,7 @@ def hstu_args(hstu: HSTU) -> dict[str, Any]:
         "use_time": hstu.use_time,
         "attn_norm": hstu.attn_norm,
         "ffn_mult": first.ffn_mult,
+        "attn_dropout": first.attn_dropout,
         "scoring": hstu.scoring,
     }
 

@@ -99,6 +99,7 @@ class TrainConfig:
     attn_norm: str = "padded"  # padded (the reference's constant 1/211) | length (model/hstu.py)
     scoring: str = "cosine"  # cosine (the reference) | dot (model/hstu.py SCORINGS)
     ffn_mult: int = 0  # > 0: a feed-forward layer of that width multiple after each block
+    attn_dropout: float = 0.0  # dropout on the attention weights (the reference's, 0 there)
     id_dropout: float = 0.0
     # ItemEmbedding's cold-start options, passed through (see model/item_embedding.py). The
     # defaults are the measured best for never-seen items on ML-100K (validation cold-start
@@ -244,6 +245,7 @@ def build_model(
         attn_norm=cfg.attn_norm,
         ffn_mult=cfg.ffn_mult,
         scoring=cfg.scoring,
+        attn_dropout=cfg.attn_dropout,
     )
     return SequentialRecommender(items, encoder)
 

@@ -93,8 +93,9 @@ def test_output_is_unit_norm_and_shaped() -> None:
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(3, 11))
 
 
-# SASRec's pieces as options: a feed-forward layer per block, a LayerNorm'd output for dot scoring
-SASREC_PIECES = {"ffn_mult": 4, "scoring": "dot"}
+# SASRec's pieces as options: a feed-forward layer per block, a LayerNorm'd output for dot
+# scoring, dropout on the attention weights
+SASREC_PIECES = {"ffn_mult": 4, "scoring": "dot", "attn_dropout": 0.5}
 
 
 def test_feed_forward_and_dot_output() -> None:
@@ -110,6 +111,12 @@ def test_feed_forward_and_dot_output() -> None:
     assert not torch.allclose(out.norm(dim=-1), torch.ones(3, 11))
     with pytest.raises(ValueError, match="scoring"):
         HSTU(scoring="euclid")
+    # attention dropout acts in training only: eval outputs are deterministic
+    again = model(x, ts, next_ts, torch.ones(3, 11, dtype=torch.bool))
+    torch.testing.assert_close(again, out)
+    model.train()
+    a = model(x, ts, next_ts, torch.ones(3, 11, dtype=torch.bool))
+    assert not torch.allclose(a, model(x, ts, next_ts, torch.ones(3, 11, dtype=torch.bool)))
 
 
 @pytest.mark.parametrize("options", [{}, SASREC_PIECES])

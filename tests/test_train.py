@@ -311,10 +311,16 @@ def test_config_reaches_the_model() -> None:
     from sidrec.offline.train import build_model
 
     cfg = tiny_config(
-        unknown_id="zero", prefix_table="exact", trained_rows_only=True, d=8, ffn_mult=2
+        unknown_id="zero",
+        prefix_table="exact",
+        trained_rows_only=True,
+        d=8,
+        ffn_mult=2,
+        attn_dropout=0.3,
     )
     model = build_model(cfg, NUM_ITEMS, random_sids(), 8)
     assert model.encoder.blocks[0].ffn_mult == 2 and model.encoder.scoring == "cosine"
+    assert model.encoder.blocks[0].attn_dropout == 0.3
     assert model.items.unknown_id == "zero" and model.items.prefix_table == "exact"
     assert model.items.trained_rows_only and model.items.d == 8 and model.encoder.d == 8
     assert model.encoder.padded_len == cfg.padded_len and model.encoder.use_time
