@@ -454,6 +454,10 @@ def _fill_limits(schema: dict[str, Any], settings: Settings, services: Services 
             for branch in props["history"].get("anyOf", []):
                 if branch.get("type") == "array":
                     branch["maxItems"] = min(MAX_HISTORY_OVERRIDE, services.runtime.max_len)
+    similar = schema["paths"].get("/v1/items/{item_id}/similar", {}).get("get", {})
+    for param in similar.get("parameters", []):
+        if param["name"] == "k":
+            param["schema"]["maximum"] = settings.max_k
     dim = services.catalog.codebooks.dim if services is not None else None
     for path in ("/v1/events", "/v1/items"):
         body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
