@@ -829,8 +829,15 @@ class Catalog:
         """Apply retirements made by any worker since the last call: one GET when none.
 
         Every read that can return items calls this first, so an item retired through one
-        worker is returned by none from the next request on."""
-        seq = await self.store.retired_seq()
+        worker is returned by none from the next request on. While Redis does not answer, reads
+        that need no store (a history override, similar items) still serve, with the
+        retirements known here: none can be made meanwhile, retiring needs Redis."""
+        if self.follower_error is not None:
+            return  # Redis is away (the stream follower says so): do not wait for it here
+        try:
+            seq = await self.store.retired_seq()
+        except (RedisError, OSError, StoreOverloaded):
+            return
         if seq == self.retired_seq:
             return
         # Lower than ours: the store lost its data; read the whole set it has now.
