@@ -181,6 +181,7 @@ class ItemTable:
         self._compacting = False
         # Item ids changed while a compaction builds its index (None: none running).
         self._touched: set[str] | None = None
+        self._compact_lock = threading.Lock()
         self.compactions = 0
         # Called (on the compaction thread) after each swap, e.g. to update gauges.
         self.on_compacted: Callable[[], None] | None = None
@@ -288,7 +289,12 @@ class ItemTable:
 
         The copy and the swap hold the lock; the index build (the slow part: an HNSW graph over
         every live row) does not, so searches and ingests go on meanwhile. Items changed during
-        the build are replayed at the swap from their current rows."""
+        the build are replayed at the swap from their current rows. One at a time: a second
+        call (by hand, beside the background one) waits for the first."""
+        with self._compact_lock:
+            self._compact()
+
+    def _compact(self) -> None:
         try:
             with self.lock:
                 self._compacting = True
@@ -348,8 +354,13 @@ class ItemTable:
             log.exception("item table compaction failed")
             with self.lock:
                 self._touched = None
-        finally:
+                self._compacting = False
+            return
+        with self.lock:
             self._compacting = False
+            # Rows that died during a slow build (an HNSW graph) may be past the share
+            # again already: go on without waiting for the next change.
+            self._maybe_compact()
 
     def _count_codes(self, sid: np.ndarray, delta: int) -> None:
         layers = self.code_counts.shape[0]
