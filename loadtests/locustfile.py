@@ -1,11 +1,15 @@
 """Locust scenario for a running sidrec service: the traffic mix of a live catalog.
 
-    recommend ~80%   POST /v1/recommend for a known user (k=10)
-    events    ~15%   POST /v1/events: one interaction (item by training popularity, or one of
+    recommend ~76%   POST /v1/recommend for a known user (k=10)
+    filtered   ~2%   the same with exclude_items (a popular item) and, where the bundle keeps
+                     item fields, a filter on one field of a random catalog item
+    events    ~14%   POST /v1/events: one interaction (item by training popularity, or one of
                      the items this run ingested), with an event_id as a real client sends
     ingest     ~3%   POST /v1/items: a brand-new item id whose title and text are a real
                      catalog item's (so its content lands where that item's does)
+    similar    ~2%   GET /v1/items/{id}/similar (k=10) of a popular item
     history    ~2%   GET /v1/users/{id}/history
+    retire    ~1%   DELETE /v1/items/{id} of an item this run ingested (never a bundle item)
 
 Items come from the bundle's items.jsonl (--bundle). The bundle holds no users, so a pool of
 --user-pool users named "lt-user-<i>" gets a history of 5..50 popularity-drawn items before the
@@ -46,6 +50,7 @@ class BundleItem:
     title: str
     text: str
     popularity: int
+    fields: dict[str, str]
 
 
 class Catalog:
@@ -56,12 +61,18 @@ class Catalog:
         with (bundle / "items.jsonl").open(encoding="utf-8") as f:
             for line in f:
                 r = json.loads(line)
-                self.items.append(BundleItem(r["item_id"], r["title"], r["text"], r["popularity"]))
+                self.items.append(
+                    BundleItem(
+                        r["item_id"], r["title"], r["text"], r["popularity"], r.get("fields", {})
+                    )
+                )
         if not self.items:
             raise ValueError(f"{bundle / 'items.jsonl'} has no items")
         self.weights = [item.popularity + 1 for item in self.items]
-        # Items ingested during this run (this process's users), to send events about.
+        # Items ingested during this run (this process's users), to send events about; those
+        # retired since are refused by /v1/events (422), which is then not a failure.
         self.ingested: list[str] = []
+        self.retired: set[str] = set()
 
     def popular_items(self, n: int, rng: random.Random) -> list[BundleItem]:
         return rng.choices(self.items, weights=self.weights, k=n)
@@ -152,7 +163,7 @@ class SidrecUser(FastHttpUser):
     def some_user(self) -> str:
         return f"{USER_PREFIX}{self.rng.randrange(self.pool)}"
 
-    @task(80)
+    @task(76)
     def recommend(self) -> None:
         body = {"user_id": self.some_user(), "k": 10}
         with self.client.post(
@@ -163,7 +174,62 @@ class SidrecUser(FastHttpUser):
             elif not r.json()["items"]:
                 r.failure("no items recommended")
 
-    @task(15)
+    @task(2)
+    def recommend_filtered(self) -> None:
+        assert catalog is not None
+        body: dict[str, Any] = {
+            "user_id": self.some_user(),
+            "k": 10,
+            "exclude_items": [catalog.popular_items(1, self.rng)[0].item_id],
+        }
+        source = self.rng.choice(catalog.items)
+        if source.fields:
+            name = self.rng.choice(sorted(source.fields))
+            body["filter"] = {name: [source.fields[name]]}
+        with self.client.post(
+            "/v1/recommend",
+            json=body,
+            headers=self.key_headers,
+            name="/v1/recommend (filtered)",
+            catch_response=True,
+        ) as r:
+            if r.status_code != 200:
+                r.failure(f"{r.status_code}: {r.text[:200]}")
+            elif body["exclude_items"][0] in {i["item_id"] for i in r.json()["items"]}:
+                r.failure("an excluded item was recommended")
+
+    @task(2)
+    def similar(self) -> None:
+        assert catalog is not None
+        item_id = catalog.popular_items(1, self.rng)[0].item_id
+        with self.client.get(
+            f"/v1/items/{item_id}/similar?k=10",
+            name="/v1/items/[item_id]/similar",
+            headers=self.key_headers,
+            catch_response=True,
+        ) as r:
+            if r.status_code != 200:
+                r.failure(f"{r.status_code}: {r.text[:200]}")
+            elif item_id in {i["item_id"] for i in r.json()["items"]}:
+                r.failure("an item is listed as similar to itself")
+
+    @task(1)
+    def retire(self) -> None:
+        assert catalog is not None
+        if len(catalog.ingested) < 10:
+            return
+        item_id = catalog.ingested.pop(self.rng.randrange(len(catalog.ingested)))
+        catalog.retired.add(item_id)
+        with self.client.delete(
+            f"/v1/items/{item_id}",
+            name="/v1/items/[item_id]",
+            headers=self.key_headers,
+            catch_response=True,
+        ) as r:
+            if r.status_code != 200:
+                r.failure(f"{r.status_code}: {r.text[:200]}")
+
+    @task(14)
     def event(self) -> None:
         assert catalog is not None
         body = {
@@ -174,7 +240,9 @@ class SidrecUser(FastHttpUser):
         with self.client.post(
             "/v1/events", json=body, headers=self.key_headers, catch_response=True
         ) as r:
-            if r.status_code != 200:
+            if r.status_code == 422 and body["item_id"] in catalog.retired:
+                r.success()  # retired by another simulated client meanwhile: refused, rightly
+            elif r.status_code != 200:
                 r.failure(f"{r.status_code}: {r.text[:200]}")
             elif r.json()["accepted"] != 1:
                 r.failure(f"event not accepted: {r.text[:200]}")

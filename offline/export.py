@@ -26,6 +26,8 @@ from sidrec.offline.train import load_checkpoint
 from sidrec.sid_codebook import Codebooks
 
 POPULAR_LIST = 1000
+# items.jsonl keeps an item's fields up to this many characters (see below).
+MAX_FILTER_FIELD = 200
 
 
 def content_encoder_files(cache_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -106,6 +108,11 @@ def export_bundle(
                 "title": catalog.titles[i],
                 "text": item_text(catalog.titles[i], catalog.fields[i]),
                 "popularity": int(counts[row]),
+                # Short fields only (genres, year, ...): what recommend's filter compares.
+                # Long ones (a plot) are in `text` already and no one filters on them.
+                "fields": {
+                    k: v for k, v in catalog.fields[i].items() if len(v) <= MAX_FILTER_FIELD
+                },
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 

@@ -333,11 +333,13 @@ def _http_error(routes: list[RouteTemplate]) -> Callable[[Request, Exception], A
         if exc.status_code == 400 and "parsing the body" in detail:
             # FastAPI's answer to a body it could not decode (e.g. not UTF-8).
             detail = "body: could not be read as JSON text (is it UTF-8?)"
-        # Starlette puts Allow on its 405 (RFC 9110 requires it); keep it, or make it.
+        # RFC 9110 requires Allow on a 405. Starlette's names only the first route matching
+        # the path (GET /v1/items/{id}, not its DELETE): made from every route of the path.
         headers = dict(exc.headers or {})
-        if exc.status_code == 405 and "allow" not in {h.lower() for h in headers}:
+        if exc.status_code == 405:
             route = route_of(routes, request.url.path)
             if route is not None:
+                headers = {k: v for k, v in headers.items() if k.lower() != "allow"}
                 headers["Allow"] = ", ".join(sorted(route.methods))
         return _error_body(exc.status_code, error, detail, [], _rid(request), headers)
 
@@ -455,6 +457,10 @@ def _fill_limits(schema: dict[str, Any], settings: Settings, services: Services 
             for branch in props["history"].get("anyOf", []):
                 if branch.get("type") == "array":
                     branch["maxItems"] = min(MAX_HISTORY_OVERRIDE, services.runtime.max_len)
+    similar = schema["paths"].get("/v1/items/{item_id}/similar", {}).get("get", {})
+    for param in similar.get("parameters", []):
+        if param["name"] == "k":
+            param["schema"]["maximum"] = settings.max_k
     dim = services.catalog.codebooks.dim if services is not None else None
     for path in ("/v1/events", "/v1/items"):
         body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]

@@ -20,30 +20,34 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import metrics
-from .retrieval import ItemTable
+from .retrieval import Hit, ItemTable
 from .runtime import Engine
 
 log = logging.getLogger("sidrec.service")
 
 MAX_BATCH = 32  # beyond this the padded [B, N, N] attention tensors stop fitting in cache
 
-Hits = list[tuple[int, float]]
+Hits = list[Hit]
 
 
 @dataclass
 class _Job:
-    rows: np.ndarray  # int64 [N] history rows, oldest first
+    # Item ids, not rows: the table renumbers its rows when it compacts, so rows are looked
+    # up in the batch thread, under the table's lock. Ids no longer in the table (retired
+    # meanwhile) are left out of the history.
+    item_ids: list[str]  # [N] history, oldest first
     timestamps: np.ndarray  # int64 [N]
     query_time: int
     k: int
-    exclude_rows: set[int]
+    exclude_ids: set[str]
     future: asyncio.Future[Hits]
     loop: asyncio.AbstractEventLoop
+    accept: Callable[[str], bool] | None = field(default=None)
 
 
 class RankBatcher:
@@ -61,18 +65,27 @@ class RankBatcher:
 
     async def rank(
         self,
-        rows: np.ndarray,
+        item_ids: list[str],
         timestamps: np.ndarray,
         query_time: int,
         k: int,
-        exclude_rows: set[int],
+        exclude_ids: set[str],
+        accept: Callable[[str], bool] | None = None,
     ) -> Hits:
-        """Top-k (row, score) for one history, best first; the history's own rows excluded."""
+        """Top-k (item id, score, SID) for one history, best first, without exclude_ids and
+        only items `accept` takes (None: any)."""
         loop = asyncio.get_running_loop()
         max_len = self.runtime.max_len  # the model saw at most max_len items: the most recent
         future: asyncio.Future[Hits] = loop.create_future()
         job = _Job(
-            rows[-max_len:], timestamps[-max_len:], query_time, k, exclude_rows, future, loop
+            item_ids[-max_len:],
+            timestamps[-max_len:],
+            query_time,
+            k,
+            exclude_ids,
+            future,
+            loop,
+            accept,
         )
         with self._ready:
             if self._stopped:
@@ -105,21 +118,27 @@ class RankBatcher:
 
     def _run(self, jobs: list[_Job]) -> list[Hits]:
         started = time.perf_counter()
-        b, n = len(jobs), max(len(j.rows) for j in jobs)
-        rows = np.zeros((b, n), np.int64)  # row 0 = padding, a zero vector
+        found = [self.table.resolve(j.item_ids) for j in jobs]  # (vectors [n, d], known [N])
+        b, n = len(jobs), max(1, max(len(v) for v, _ in found))
+        vectors = np.zeros((b, n, self.table.d), np.float32)  # zero = padding
         stamps = np.zeros((b, n), np.int64)
         mask = np.zeros((b, n), np.bool_)
-        for i, job in enumerate(jobs):
-            rows[i, : len(job.rows)] = job.rows
-            stamps[i, : len(job.rows)] = job.timestamps
-            mask[i, : len(job.rows)] = True
-        vectors = self.table.gather(rows.reshape(-1)).reshape(b, n, -1)  # [B, N, d]
+        for i, (job, (rows, known)) in enumerate(zip(jobs, found, strict=True)):
+            vectors[i, : len(rows)] = rows
+            stamps[i, : len(rows)] = job.timestamps[known]
+            mask[i, : len(rows)] = True
+        mask[:, 0] |= ~mask.any(axis=1)  # every item retired meanwhile: one padding step
         gathered = time.perf_counter()
         users = self.runtime.encode_users(
             vectors, stamps, mask, np.array([j.query_time for j in jobs], np.int64)
         )  # [B, d]
         encoded = time.perf_counter()
-        hits = self.table.search_batch(users, [j.k for j in jobs], [j.exclude_rows for j in jobs])
+        hits = self.table.rank_batch(
+            users,
+            [j.k for j in jobs],
+            [j.exclude_ids for j in jobs],
+            [j.accept for j in jobs],
+        )
         retrieved = time.perf_counter()
         for _ in jobs:  # each request of the batch spent these times in these stages
             metrics.STAGE_LATENCY.labels(stage="gather").observe(gathered - started)

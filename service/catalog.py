@@ -28,11 +28,20 @@ each script touches one node, also on a cluster):
                                 get the same digit)
   P{catalog}:stream             stream of {"item_id"}: "this record changed"
   P{catalog}:generation         random token: which life of this Redis the catalog belongs to
+  P{catalog}:retired            sorted set item_id -> retirement number (bundle items included)
+  P{catalog}:retired:seq        counter: the latest retirement number
 SIDs and vectors are kept per bundle version: after a retrain, a worker on the new bundle
 finds no derived record for its version and derives one from the stored content vector.
 
 A bundle item re-ingested with content that maps to its bundle codes keeps its bundle SID and
 trained vector (only the text changes); with different codes it becomes a SID-only item.
+
+Retiring an item (DELETE /v1/items/{id}): one script deletes its record, numbers the retirement
+(INCR retired:seq) and adds it to the retired set. Every read that can return items first
+compares retired:seq with the number this worker last applied (one GET) and, when it moved,
+reads the retirements after it (ZRANGEBYSCORE): so no worker returns the item from the next
+request on, without waiting for a stream. At start a worker applies the whole set, which is
+how a retired bundle item stays retired. Ingesting the id again removes it from the set.
 """
 
 from __future__ import annotations
@@ -40,9 +49,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -97,8 +108,9 @@ return out
 """
 )
 
-# KEYS = items, derived:<version>, stream, marker; ARGV[1] = generation, ARGV[2] = stream
-# length, then triples (item_id, record, derived). Returns 1 per item new to the store.
+# KEYS = items, derived:<version>, stream, retired, marker; ARGV[1] = generation, ARGV[2] =
+# stream length, then triples (item_id, record, derived). Returns 1 per item new to the store.
+# An item ingested again after its retirement is live again: out of the retired set.
 _PUT_LUA = (
     _CHECK_GENERATION
     + """
@@ -106,6 +118,7 @@ local out = {}
 for i = 3, #ARGV, 3 do
   out[#out + 1] = redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+  redis.call('ZREM', KEYS[4], ARGV[i])
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'item_id', ARGV[i])
 end
 return out
@@ -135,6 +148,34 @@ for i = 2, #ARGV, 5 do
   end
 end
 return written
+"""
+
+
+# KEYS = items, derived:<version>, retired, retired:seq, marker; ARGV[1] = generation,
+# ARGV[2] = item id. Returns the retirement's number.
+_RETIRE_LUA = (
+    _CHECK_GENERATION
+    + """
+redis.call('HDEL', KEYS[1], ARGV[2])
+redis.call('HDEL', KEYS[2], ARGV[2])
+local seq = redis.call('INCR', KEYS[4])
+redis.call('ZADD', KEYS[3], seq, ARGV[2])
+return seq
+"""
+)
+
+# Writing back retirements after Redis lost them. KEYS = items, retired, retired:seq; ARGV =
+# pairs (item_id, number). An id whose record came back (ingested since) stays live.
+_RESTORE_RETIRED_LUA = """
+local top = tonumber(redis.call('GET', KEYS[3]) or '0')
+for i = 1, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then
+    redis.call('ZADD', KEYS[2], 'NX', ARGV[i + 1], ARGV[i])
+  end
+  if tonumber(ARGV[i + 1]) > top then top = tonumber(ARGV[i + 1]) end
+end
+redis.call('SET', KEYS[3], top)
+return top
 """
 
 
@@ -285,6 +326,27 @@ class CatalogStore(Protocol):
         """Every stored item id, in chunks."""
         ...
 
+    async def retire(self, version: str, item_id: str, generation: str | None) -> int:
+        """Delete the item's record and add it to the retired set; returns the retirement's
+        number. Raises GenerationChanged if the store's marker is not `generation`."""
+        ...
+
+    async def retired_seq(self) -> int:
+        """The latest retirement's number (0: none)."""
+        ...
+
+    async def retired_since(self, after: int) -> list[tuple[str, int]]:
+        """(item id, number) of the items retired after number `after` and still retired."""
+        ...
+
+    async def retired_of(self, item_ids: list[str]) -> tuple[set[str], int]:
+        """Which of these ids are retired now, and the latest retirement's number."""
+        ...
+
+    async def restore_retired(self, retired: dict[str, int]) -> None:
+        """Write back retirements the store lost."""
+        ...
+
 
 class RedisCatalogStore:
     kind = "redis"
@@ -299,6 +361,10 @@ class RedisCatalogStore:
         self._dedup = redis.register_script(_DEDUP_LUA)
         self._put = redis.register_script(_PUT_LUA)
         self._restore = redis.register_script(_RESTORE_LUA)
+        self.retired_key = base + "retired"
+        self.retired_seq_key = base + "retired:seq"
+        self._retire = redis.register_script(_RETIRE_LUA)
+        self._restore_retired = redis.register_script(_RESTORE_RETIRED_LUA)
 
     def _derived_key(self, version: str) -> str:
         return f"{self._base}derived:{version}"
@@ -338,7 +404,13 @@ class RedisCatalogStore:
         args: list[str | int | bytes] = [generation or "", STREAM_MAXLEN]
         for stored, derived in items:
             args += [stored.item_id, stored.to_json(), derived.to_json()]
-        keys = [self.items_key, self._derived_key(version), self.stream_key, self.generation_key]
+        keys = [
+            self.items_key,
+            self._derived_key(version),
+            self.stream_key,
+            self.retired_key,
+            self.generation_key,
+        ]
         try:
             replies = await self._put(keys=keys, args=args)
         except ResponseError as e:
@@ -394,6 +466,47 @@ class RedisCatalogStore:
             if cursor == 0:
                 return
 
+    async def retire(self, version: str, item_id: str, generation: str | None) -> int:
+        keys = [
+            self.items_key,
+            self._derived_key(version),
+            self.retired_key,
+            self.retired_seq_key,
+            self.generation_key,
+        ]
+        try:
+            return int(await self._retire(keys=keys, args=[generation or "", item_id]))
+        except ResponseError as e:
+            if _stale(e):
+                raise GenerationChanged(str(e)) from None
+            raise
+
+    async def retired_seq(self) -> int:
+        return int(await self.redis.get(self.retired_seq_key) or 0)
+
+    async def retired_since(self, after: int) -> list[tuple[str, int]]:
+        found = await self.redis.zrangebyscore(
+            self.retired_key, f"({after}", "+inf", withscores=True
+        )
+        return [(item_id.decode(), int(seq)) for item_id, seq in found]
+
+    async def retired_of(self, item_ids: list[str]) -> tuple[set[str], int]:
+        if not item_ids:
+            return set(), await self.retired_seq()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zmscore(self.retired_key, item_ids)
+            pipe.get(self.retired_seq_key)
+            scores, seq = await pipe.execute()
+        retired = {i for i, score in zip(item_ids, scores, strict=True) if score is not None}
+        return retired, int(seq or 0)
+
+    async def restore_retired(self, retired: dict[str, int]) -> None:
+        keys = [self.items_key, self.retired_key, self.retired_seq_key]
+        pairs = list(retired.items())
+        for start in range(0, len(pairs), 500):
+            args = [x for pair in pairs[start : start + 500] for x in pair]
+            await self._restore_retired(keys=keys, args=args)
+
     async def stream_last_id(self) -> str:
         """Id of the newest stream entry, "0-0" if there is none."""
         last = await self.redis.xrevrange(self.stream_key, count=1)
@@ -420,6 +533,8 @@ class MemoryCatalogStore:
         self.derived: dict[tuple[str, str], Derived] = {}
         self.counters: dict[tuple[str, str], int] = {}
         self.assigned: dict[tuple[str, str], int] = {}
+        self.retired: dict[str, int] = {}
+        self.seq = 0
 
     async def generation(self) -> str | None:
         return "memory"  # this process's memory cannot lose data while the process lives
@@ -452,7 +567,27 @@ class MemoryCatalogStore:
             created.append(stored.item_id not in self.items)
             self.items[stored.item_id] = stored
             self.derived[(version, stored.item_id)] = derived
+            self.retired.pop(stored.item_id, None)
         return created
+
+    async def retire(self, version: str, item_id: str, generation: str | None) -> int:
+        self.items.pop(item_id, None)
+        self.derived.pop((version, item_id), None)
+        self.seq += 1
+        self.retired[item_id] = self.seq
+        return self.seq
+
+    async def retired_seq(self) -> int:
+        return self.seq
+
+    async def retired_since(self, after: int) -> list[tuple[str, int]]:
+        return [(i, n) for i, n in self.retired.items() if n > after]
+
+    async def retired_of(self, item_ids: list[str]) -> tuple[set[str], int]:
+        return {i for i in item_ids if i in self.retired}, self.seq
+
+    async def restore_retired(self, retired: dict[str, int]) -> None:
+        return None
 
     async def put_derived(self, version: str, item_id: str, derived: Derived) -> None:
         self.derived[(version, item_id)] = derived
@@ -478,6 +613,18 @@ class ClientError(ValueError):
         self.index = index
         self.field = field_name
         self.problem = problem
+
+
+# A field value lists several values when "|" or "," separates them ("Comedy|Drama",
+# "Animation, Comedy"): recommend's filter matches any of them, or the whole value.
+_VALUE_SEPARATORS = re.compile(r"[|,]")
+_NO_TOKENS: frozenset[str] = frozenset()
+
+
+def field_tokens(value: str) -> frozenset[str]:
+    """ "Animation|Children's" -> {"animation|children's", "animation", "children's"}."""
+    parts = [value, *_VALUE_SEPARATORS.split(value)]
+    return frozenset(t for t in (p.strip().casefold() for p in parts) if t)
 
 
 def stream_id(entry_id: str) -> tuple[int, int]:
@@ -513,10 +660,29 @@ class Catalog:
         records = bundle.items()
         # Display metadata: bundle items from items.jsonl, ingested items added as they come.
         self.meta: dict[str, dict[str, Any]] = {
-            r.item_id: {"title": r.title, "text": r.text, "popularity": r.popularity}
+            r.item_id: {
+                "title": r.title,
+                "text": r.text,
+                "popularity": r.popularity,
+                "fields": r.fields,
+            }
             for r in records
         }
         self.bundle_row = {r.item_id: r.row for r in records}
+        # The bundle's own SIDs and score scales by bundle row: the table renumbers its rows
+        # when it compacts, these never change.
+        self.bundle_sids = table.sids[: len(records) + 1].copy()
+        self.bundle_scales = table.scales[: len(records) + 1].copy()
+        # What recommend's filter reads: per live item, field name (casefolded) -> the
+        # values it lists; and per field name, how many live items have it (unknown = 0).
+        self.fields: dict[str, dict[str, frozenset[str]]] = {}
+        self.field_counts: Counter[str] = Counter()
+        for r in records:
+            self._set_fields(r.item_id, r.fields)
+        # Retired item ids -> retirement number, and the store's number last applied here.
+        self.retired: dict[str, int] = {}
+        self.retired_seq = 0
+        table.on_compacted = self.update_gauges
         # A vector the model made for an item without a trained id (a content tower's) scores
         # at this scale (docs/bundle.md); a bundle item keeps its row's scale in `table`.
         self.new_item_scale = new_item_score_scale(bundle)
@@ -549,9 +715,9 @@ class Catalog:
             for i, item_id in enumerate(item_ids):
                 row = self.bundle_row.get(item_id)
                 if row is not None and np.array_equal(
-                    self.table.sids[row, : self.layers], codes[i]
+                    self.bundle_sids[row, : self.layers], codes[i]
                 ):
-                    sids[i] = self.table.sids[row]
+                    sids[i] = self.bundle_sids[row]
                     keep_trained.append(True)
                 else:
                     key = tuple_key(codes[i])
@@ -578,17 +744,109 @@ class Catalog:
         # 1..n are never rewritten: a changed item gets a new row); any other is new.
         scale = self.new_item_scale
         if row is not None and np.array_equal(derived.vector, self.bundle_vectors[row]):
-            scale = float(self.table.scales[row])
+            scale = float(self.bundle_scales[row])
         created = self.table.upsert(stored.item_id, derived.sid, derived.vector, scale)
+        self.retired.pop(stored.item_id, None)  # ingested again after a retirement: live
         self.held[stored.item_id] = (stored, derived)
         popularity = self.meta.get(stored.item_id, {}).get("popularity", 0)
         self.meta[stored.item_id] = {
             "title": stored.title,
             "text": stored.text,
             "popularity": popularity,
+            "fields": stored.fields,
             "updated": stored.updated,
         }
+        self._set_fields(stored.item_id, stored.fields)
         return created
+
+    def _set_fields(self, item_id: str, fields: dict[str, str] | None) -> None:
+        """Index an item's fields for filters (None: the item is gone)."""
+        old = self.fields.pop(item_id, None)
+        if old is not None:
+            self.field_counts.subtract(old.keys())
+        if fields is None:
+            return
+        tokens: dict[str, frozenset[str]] = {}
+        for name, value in fields.items():
+            key = name.casefold()
+            tokens[key] = tokens.get(key, _NO_TOKENS) | field_tokens(str(value))
+        self.fields[item_id] = tokens
+        self.field_counts.update(tokens.keys())
+
+    # --- filters --------------------------------------------------------------------------
+
+    def unknown_fields(self, names: list[str]) -> list[str]:
+        """The names no live item has as a field (compared casefolded)."""
+        return [n for n in names if self.field_counts.get(n.casefold(), 0) <= 0]
+
+    def known_fields(self) -> list[str]:
+        return sorted(f for f, n in self.field_counts.items() if n > 0)
+
+    def matcher(self, wanted: dict[str, list[str]]) -> Callable[[str], bool]:
+        """item id -> whether, for every field named, one of the item's values is listed."""
+        want = {
+            name.casefold(): frozenset(v.strip().casefold() for v in values)
+            for name, values in wanted.items()
+        }
+        fields = self.fields
+
+        def accept(item_id: str) -> bool:
+            have = fields.get(item_id)
+            if have is None:
+                return False
+            return all(not have.get(f, _NO_TOKENS).isdisjoint(v) for f, v in want.items())
+
+        return accept
+
+    # --- retiring items -------------------------------------------------------------------
+
+    async def retire(self, item_id: str) -> bool:
+        """Retire a live item everywhere; False if no live item has this id."""
+        await self.sync_retired()
+        if await self.ensure_known([item_id]):
+            return False
+        for attempt in range(3):
+            try:
+                seq = await self.store.retire(self.version, item_id, self.generation)
+                break
+            except GenerationChanged:
+                if attempt == 2:
+                    raise
+                await self.recover()
+        self._retire_local(item_id, seq)
+        self.update_gauges()
+        return True
+
+    def _retire_local(self, item_id: str, seq: int) -> None:
+        self.retired[item_id] = max(seq, self.retired.get(item_id, 0))
+        self.table.retire(item_id)
+        self.held.pop(item_id, None)  # nothing to write back should Redis lose its data
+        self._set_fields(item_id, None)
+        if item_id not in self.bundle_row:
+            self.meta.pop(item_id, None)
+
+    async def sync_retired(self) -> None:
+        """Apply retirements made by any worker since the last call: one GET when none.
+
+        Every read that can return items calls this first, so an item retired through one
+        worker is returned by none from the next request on. While Redis does not answer, reads
+        that need no store (a history override, similar items) still serve, with the
+        retirements known here: none can be made meanwhile, retiring needs Redis."""
+        if self.follower_error is not None:
+            return  # Redis is away (the stream follower says so): do not wait for it here
+        try:
+            seq = await self.store.retired_seq()
+        except (RedisError, OSError, StoreOverloaded):
+            return
+        if seq == self.retired_seq:
+            return
+        # Lower than ours: the store lost its data; read the whole set it has now.
+        changes = await self.store.retired_since(self.retired_seq if seq > self.retired_seq else 0)
+        for item_id, number in changes:
+            self._retire_local(item_id, number)
+        self.retired_seq = max(self.retired_seq, seq) if seq > self.retired_seq else seq
+        if changes:
+            self.update_gauges()
 
     # --- the write path -----------------------------------------------------------------
 
@@ -686,6 +944,9 @@ class Catalog:
             )
             if s is not None
         ]
+        # Read after the records: an item retired since its record was read shows here, or
+        # has a retirement number above the one read (applied by a sync meanwhile).
+        retired_now, seq_at_read = await self.store.retired_of([f[0] for f in found])
         missing = [k for k, (_, _, d) in enumerate(found) if d is None]
         if missing:
             # Written under another bundle version: derive ours from the stored content vector
@@ -707,10 +968,14 @@ class Catalog:
             for k, d in zip(missing, derived, strict=True):
                 await self.store.put_derived(self.version, found[k][0], d)
                 found[k] = (found[k][0], found[k][1], d)
-        for _, s, d in found:
+        applied = 0
+        for item_id, s, d in found:
+            if item_id in retired_now or self.retired.get(item_id, 0) > seq_at_read:
+                continue
             self._apply(s, d)
+            applied += 1
         self.update_gauges()
-        return len(found)
+        return applied
 
     async def rebuild(self) -> int:
         """At start: every ingested item from the store into the table."""
@@ -719,6 +984,10 @@ class Catalog:
         if isinstance(self.store, RedisCatalogStore):
             # Read the stream position first: anything written during the scan is replayed.
             self.stream_position = await self.store.stream_last_id()
+        # Retirements before items: a retired bundle item leaves the table at once.
+        self.retired_seq = await self.store.retired_seq()
+        for item_id, number in await self.store.retired_since(0):
+            self._retire_local(item_id, number)
         loaded = 0
         async for chunk in self.store.scan_ids():
             loaded += await self.load(chunk)
@@ -729,7 +998,7 @@ class Catalog:
         for item_id in item_ids:
             stored, derived = self.held[item_id]
             row = self.bundle_row.get(item_id)
-            own = row is not None and np.array_equal(derived.sid, self.table.sids[row])
+            own = row is not None and np.array_equal(derived.sid, self.bundle_sids[row])
             dedup = None if own else (tuple_key(derived.sid[: self.layers]), int(derived.sid[-1]))
             out.append((stored, derived, dedup))
         return out
@@ -762,6 +1031,7 @@ class Catalog:
             )
             first = list(self.held)
             written = await self._restore(first)
+            await self.store.restore_retired(dict(self.retired))
             # Only now may this worker's writes go on: the marker we claim or find is ours.
             self.generation = await self.store.claim_generation(uuid.uuid4().hex)
             # Items an ingest already in flight applied while the first pass ran.
@@ -819,15 +1089,16 @@ class Catalog:
         return unknown
 
     def record(self, item_id: str) -> dict[str, Any] | None:
-        row = self.table.row(item_id)
-        if row is None:
+        sid = self.table.sid_of(item_id)
+        if sid is None:
             return None
         meta = self.meta.get(item_id, {})
         return {
             "item_id": item_id,
-            "sid": self.table.sids[row].tolist(),
+            "sid": sid,
             "title": meta.get("title", ""),
             "text": meta.get("text", ""),
+            "fields": meta.get("fields", {}),
             "popularity": meta.get("popularity", 0),
             "source": "bundle" if "updated" not in meta else "ingested",
             "updated": meta.get("updated"),
@@ -835,5 +1106,6 @@ class Catalog:
 
     def update_gauges(self) -> None:
         metrics.INDEX_ITEMS.set(self.table.live_items)
+        metrics.INDEX_ROWS.set(self.table.rows_held)
         for layer, usage in enumerate(self.table.codebook_usage()):
             metrics.CODEBOOK_USAGE.labels(layer=str(layer)).set(usage)

@@ -69,6 +69,13 @@ CATALOG_RESTORED = Counter(
 INDEX_ITEMS = Gauge(
     "sidrec_index_items", "Live items in the retrieval index", multiprocess_mode="max"
 )
+# Rows held, dead ones (retired or replaced items) included: compaction brings it back near
+# sidrec_index_items.
+INDEX_ROWS = Gauge(
+    "sidrec_index_rows",
+    "Rows in the retrieval index and item table, dead ones included",
+    multiprocess_mode="max",
+)
 MODEL_INFO = Gauge(
     "sidrec_model_info",
     "Always 1; the labels name the bundle version and the ONNX Runtime provider",

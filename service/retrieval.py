@@ -9,7 +9,14 @@ offline evaluator ranks by.
 
 Rows are append-only, because neither a flat GPU index nor an HNSW graph can overwrite a
 vector in place. When an item's vector changes (re-ingested with new content) it gets a new row
-and its old row is marked dead; searches over-fetch by the number of dead rows and drop them.
+and its old row is marked dead; a retired item's row dies the same way. Searches over-fetch by
+the number of dead rows and drop them. Once dead rows pass a quarter of the table, a background
+thread compacts it: it copies the live rows, builds a fresh index over them (no FAISS index
+kind here can remove rows in place: HNSW cannot at all, and a flat index's remove_ids shifts
+every row number anyway) and swaps both in under the lock, replaying what changed meanwhile.
+Row numbers change at a swap, so the service's calls (`resolve`, `rank_batch`, `similar`,
+`sid_of`) take and return item ids and use rows only under the lock; the row-level calls
+(`search`, `search_batch`, `gather`) are for benches and tests on a table nobody compacts.
 
 The index kind is a setting (SIDREC_INDEX): "flat" is exact; "hnsw" (IndexHNSWFlat, inner
 product) is approximate and sub-linear, for catalogs where a scan of every row costs too much;
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -58,6 +66,16 @@ def gpu_count() -> int:
 
 
 IndexKind = Literal["flat", "hnsw", "torch"]
+
+# (item id, score, SID): what the id-level searches return.
+Hit = tuple[str, float, list[int]]
+# Compaction starts when dead rows reach this share of the table (and at least COMPACT_MIN_DEAD):
+# a search over-fetches by the dead rows, so a quarter bounds that overhead; a rebuild costs a
+# copy of the live rows (and for HNSW a graph build), paid once per that many changes.
+COMPACT_DEAD_SHARE = 0.25
+COMPACT_MIN_DEAD = 16
+# Each re-search of a filtered query fetches this many times more candidates than the last.
+OVERFETCH_GROWTH = 4
 
 
 class VectorIndex(Protocol):
@@ -155,25 +173,39 @@ class ItemTable:
                 :codes_per_layer
             ]
         self.index_spec = index or IndexSpec()
-        self.index: VectorIndex = self.index_spec.build(self.d)
         self.on_gpu = False
         self._library = "faiss-cpu"
+        self._use_gpu = use_gpu
+        self.index: VectorIndex = self._new_index()
+        # row 0's zero vector keeps positions == rows
+        self.index.add(self._indexed(vectors) * _column(scales, n_rows))
+        # FAISS indexes are not safe to search while another thread adds to them; reentrant
+        # because similar() searches from inside its own critical section.
+        self.lock = threading.RLock()
+        self._compacting = False
+        # Item ids changed while a compaction builds its index (None: none running).
+        self._touched: set[str] | None = None
+        self._compact_lock = threading.Lock()
+        self.compactions = 0
+        # Called (on the compaction thread) after each swap, e.g. to update gauges.
+        self.on_compacted: Callable[[], None] | None = None
+
+    def _new_index(self) -> VectorIndex:
+        index = self.index_spec.build(self.d)
         if self.index_spec.kind == "torch":
-            device = self.index.device  # type: ignore[attr-defined]
+            device = index.device  # type: ignore[attr-defined]
             self.on_gpu = device.type == "cuda"
             self._library = f"torch-{device.type}"
         # FAISS has no GPU HNSW: an HNSW index stays on the CPU whatever the device.
-        elif use_gpu and self.index_spec.kind == "flat" and gpu_count() > 0:
+        elif self._use_gpu and self.index_spec.kind == "flat" and gpu_count() > 0:
             import faiss
 
-            self._gpu_resources = faiss.StandardGpuResources()
-            self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
+            if not hasattr(self, "_gpu_resources"):
+                self._gpu_resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
             self.on_gpu = True
             self._library = "faiss-gpu"
-        # row 0's zero vector keeps positions == rows
-        self.index.add(self._indexed(vectors) * _column(scales, n_rows))
-        # FAISS indexes are not safe to search while another thread adds to them.
-        self.lock = threading.Lock()
+        return index
 
     def _indexed(self, vectors: np.ndarray) -> np.ndarray:
         # [m, d] raw -> the rows the index ranks by inner product with the user vector
@@ -184,6 +216,15 @@ class ItemTable:
     @property
     def live_items(self) -> int:
         return self.size - 1 - self.dead
+
+    @property
+    def compacting(self) -> bool:
+        return self._compacting
+
+    @property
+    def rows_held(self) -> int:
+        """Rows in the index and the table, dead ones included (row 0 too)."""
+        return self.size
 
     @property
     def index_kind(self) -> str:
@@ -210,10 +251,10 @@ class ItemTable:
             )
             if unchanged:
                 return False  # e.g. our own ingest coming back through the stream
+            if self._touched is not None:
+                self._touched.add(item_id)
             if old is not None:
-                self.alive[old] = False
-                self.dead += 1
-                self._count_codes(self.sids[old], -1)
+                self._kill(old)
             if self.size == self._capacity:
                 self._grow()
             row = self.size
@@ -226,7 +267,110 @@ class ItemTable:
             self.row_of[item_id] = row
             self.size += 1
             self._count_codes(sid, +1)
+            self._maybe_compact()
             return old is None
+
+    def retire(self, item_id: str) -> bool:
+        """Drop an item: it is no longer found or returned. False if it was not here."""
+        with self.lock:
+            row = self.row_of.pop(item_id, None)
+            if row is None:
+                return False
+            if self._touched is not None:
+                self._touched.add(item_id)
+            self._kill(row)
+            self._maybe_compact()
+            return True
+
+    def _kill(self, row: int) -> None:
+        self.alive[row] = False
+        self.dead += 1
+        self._count_codes(self.sids[row], -1)
+
+    def _maybe_compact(self) -> None:
+        # Called under the lock after a row died or was added.
+        if self._compacting or self.dead < max(COMPACT_MIN_DEAD, COMPACT_DEAD_SHARE * self.size):
+            return
+        self._compacting = True
+        threading.Thread(target=self.compact, name="sidrec-compact", daemon=True).start()
+
+    def compact(self) -> None:
+        """Rebuild the table and index from the live rows, then swap them in.
+
+        The copy and the swap hold the lock; the index build (the slow part: an HNSW graph over
+        every live row) does not, so searches and ingests go on meanwhile. Items changed during
+        the build are replayed at the swap from their current rows. One at a time: a second
+        call (by hand, beside the background one) waits for the first."""
+        with self._compact_lock:
+            self._compact()
+
+    def _compact(self) -> None:
+        try:
+            with self.lock:
+                self._compacting = True
+                keep = np.concatenate([[0], np.flatnonzero(self.alive[: self.size])])
+                vectors = self.vectors[keep]
+                sids = self.sids[keep]
+                scales = self.scales[keep]
+                item_ids = [self.item_ids[r] for r in keep]
+                self._touched = set()
+            index = self._new_index()
+            index.add(self._indexed(vectors) * scales[:, None])
+            with self.lock:
+                touched, self._touched = self._touched, None
+                row_of = {item_id: row for row, item_id in enumerate(item_ids) if row}
+                alive = np.ones(len(keep), bool)
+                alive[0] = False
+                # Changed meanwhile: the copied row is stale (kill it), the current one (if
+                # any) is appended like a fresh upsert.
+                appended = [self.row_of[i] for i in touched if i in self.row_of]
+                for item_id in touched:
+                    row = row_of.pop(item_id, None)
+                    if row is not None:
+                        alive[row] = False
+                size = len(keep) + len(appended)
+                capacity = max(16, 2 * size)
+
+                def fresh(copied: np.ndarray, current: np.ndarray) -> np.ndarray:
+                    out = np.zeros((capacity, *copied.shape[1:]), copied.dtype)
+                    out[: len(keep)] = copied
+                    out[len(keep) : size] = current[appended]
+                    return out
+
+                new_vectors = fresh(vectors, self.vectors)
+                new_sids = fresh(sids, self.sids)
+                new_scales = fresh(scales, self.scales)
+                new_alive = fresh(alive, self.alive)
+                if appended:
+                    tail = slice(len(keep), size)
+                    index.add(self._indexed(new_vectors[tail]) * new_scales[tail, None])
+                for n, row in enumerate(appended):
+                    item_ids.append(self.item_ids[row])
+                    row_of[self.item_ids[row]] = len(keep) + n
+                self.vectors, self.sids, self.scales, self.alive = (
+                    new_vectors,
+                    new_sids,
+                    new_scales,
+                    new_alive,
+                )
+                self.item_ids, self.row_of, self.index = item_ids, row_of, index
+                self.size, self._capacity = size, capacity
+                self.dead = int(size - 1 - new_alive[:size].sum())
+                self.compactions += 1
+                log.info("item table compacted: %d live rows of %d", size - 1 - self.dead, size)
+            if self.on_compacted is not None:
+                self.on_compacted()
+        except Exception:  # the old table keeps serving; the next change tries again
+            log.exception("item table compaction failed")
+            with self.lock:
+                self._touched = None
+                self._compacting = False
+            return
+        with self.lock:
+            self._compacting = False
+            # Rows that died during a slow build (an HNSW graph) may be past the share
+            # again already: go on without waiting for the next change.
+            self._maybe_compact()
 
     def _count_codes(self, sid: np.ndarray, delta: int) -> None:
         layers = self.code_counts.shape[0]
@@ -277,19 +421,11 @@ class ItemTable:
             # Enough candidates that k survive after dropping excluded and dead rows.
             most = max(k + len(excluded) for k, excluded in zip(ks, exclude_rows, strict=True))
             fetch = min(self.size, most + self.dead + 1)
-            params = None
-            if self.index_spec.kind == "hnsw":
-                import faiss
-
-                ef_search = max(self.index_spec.hnsw_ef_search, fetch)
-                params = faiss.SearchParametersHNSW(efSearch=ef_search)
-            scores, rows = self.index.search(
-                np.ascontiguousarray(queries, np.float32), fetch, params=params
-            )
+            rows, scores = self._search(queries, fetch)
             alive = self.alive
             out = []
             for k, excluded, found, found_scores in zip(
-                ks, exclude_rows, rows.tolist(), scores.tolist(), strict=True
+                ks, exclude_rows, rows, scores, strict=True
             ):
                 hits = []
                 for row, score in zip(found, found_scores, strict=True):
@@ -300,3 +436,83 @@ class ItemTable:
                         break
                 out.append(hits)
             return out
+
+    # --- id-level calls: what the service uses (rows stay inside the lock) ----------------
+
+    def sid_of(self, item_id: str) -> list[int] | None:
+        with self.lock:
+            row = self.row_of.get(item_id)
+            return None if row is None else self.sids[row].tolist()
+
+    def resolve(self, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """item ids -> (raw vectors float32 [N, d] of the known ones, bool [N] known)."""
+        with self.lock:
+            rows = [self.row_of.get(i) for i in item_ids]
+            known = np.array([r is not None for r in rows], bool)
+            found = np.array([r for r in rows if r is not None], np.int64)
+            return self.vectors[found], known
+
+    def _search(self, queries: np.ndarray, fetch: int) -> tuple[list[list[int]], list[list[float]]]:
+        params = None
+        if self.index_spec.kind == "hnsw":
+            import faiss
+
+            params = faiss.SearchParametersHNSW(efSearch=max(self.index_spec.hnsw_ef_search, fetch))
+        scores, rows = self.index.search(
+            np.ascontiguousarray(queries, np.float32), fetch, params=params
+        )
+        return rows.tolist(), scores.tolist()
+
+    def rank_batch(
+        self,
+        queries: np.ndarray,  # float32 [B, d], L2-normalised
+        ks: list[int],  # [B]
+        exclude_ids: list[set[str]],  # [B]
+        accepts: list[Callable[[str], bool] | None] | None = None,  # [B], None = any item
+    ) -> list[list[Hit]]:
+        """Per query, the top-k live items that are not excluded and that `accept` takes.
+
+        A filter can reject most candidates, so a query short of k is searched again with
+        OVERFETCH_GROWTH times more candidates until k qualify or the whole index was read:
+        fewer than k hits means fewer than k items qualify."""
+        accepts = accepts or [None] * len(ks)
+        with self.lock:
+            excluded = [{self.row_of[i] for i in ex if i in self.row_of} for ex in exclude_ids]
+            most = max(k + len(ex) for k, ex in zip(ks, excluded, strict=True))
+            fetch = min(self.size, most + self.dead + 1)
+            out: list[list[tuple[int, float]]] = [[] for _ in ks]
+            pending = list(range(len(ks)))
+            while pending:
+                rows, scores = self._search(queries[pending], fetch)
+                short = []
+                for q, found, found_scores in zip(pending, rows, scores, strict=True):
+                    hits, accept = [], accepts[q]
+                    for row, score in zip(found, found_scores, strict=True):
+                        if row <= 0 or not self.alive[row] or row in excluded[q]:
+                            continue
+                        if accept is not None and not accept(self.item_ids[row]):
+                            continue
+                        hits.append((row, score))
+                        if len(hits) == ks[q]:
+                            break
+                    out[q] = hits
+                    if len(hits) < ks[q] and fetch < self.size:
+                        short.append(q)
+                pending = short
+                fetch = min(self.size, fetch * OVERFETCH_GROWTH)
+            return [
+                [(self.item_ids[row], score, self.sids[row].tolist()) for row, score in hits]
+                for hits in out
+            ]
+
+    def similar(
+        self, item_id: str, k: int, accept: Callable[[str], bool] | None = None
+    ) -> list[Hit] | None:
+        """The k items nearest to `item_id`'s row (its unit vector against every row, the
+        recommend score), itself excluded; None if the item is not here."""
+        with self.lock:
+            row = self.row_of.get(item_id)
+            if row is None:
+                return None
+            query = normalized(self.vectors[row][None, :])
+            return self.rank_batch(query, [k], [{item_id}], [accept])[0]

@@ -28,6 +28,10 @@ MAX_VECTOR_ABS = 1e6
 # over it, so a 1 MiB list costs no more than a short one). The model's own max_len, usually
 # far lower, is checked by the route and published in the OpenAPI (service/app.py).
 MAX_HISTORY_OVERRIDE = 10_000
+# recommend's exclude_items and filter: bounded so one request stays cheap to check.
+MAX_EXCLUDE_ITEMS = 10_000
+MAX_FILTER_FIELDS = 20
+MAX_FILTER_VALUES = 1_000
 # Ids sent as JSON numbers must be exact in every JSON parser (|n| < 2**53, what a double
 # holds); a longer number id is sent as a string. The OpenAPI states the same bounds.
 _SAFE_INT = (-(2**53 - 1), 2**53 - 1)
@@ -91,6 +95,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A filter's value is text like an item's field value; numbers ({"year": [1995]}) as their text.
+FilterValue = Annotated[
+    str,
+    BeforeValidator(
+        lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+    ),
+    AfterValidator(_unicode),
+    Field(min_length=1, max_length=1_000),
+    WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1}, {"type": "number"}]}),
+]
+FieldName = Annotated[Text, Field(min_length=1, max_length=200)]
+
+
 class HistoryEvent(Strict):
     item_id: Id
     ts: Timestamp | None = None
@@ -120,6 +137,24 @@ class RecommendRequest(Strict):
     # The time the recommendation is for (unix s); default now. The model's time features
     # read it the way the offline evaluator reads the held-out item's timestamp.
     query_time: Timestamp | None = None
+    # Items never to return (ids the catalog does not hold are ignored).
+    exclude_items: Annotated[list[Id], Field(max_length=MAX_EXCLUDE_ITEMS)] = Field(
+        default_factory=list
+    )
+    # Only items whose field equals one of the values listed, for every field named:
+    # {"genres": ["Comedy", "Drama"]}. A field value that lists several ("Comedy|Drama",
+    # "Animation, Comedy") matches any of them; compared ignoring case. An unknown field
+    # name is a 422 naming it.
+    filter: (
+        Annotated[
+            dict[
+                FieldName,
+                Annotated[list[FilterValue], Field(min_length=1, max_length=MAX_FILTER_VALUES)],
+            ],
+            Field(min_length=1, max_length=MAX_FILTER_FIELDS),
+        ]
+        | None
+    ) = None
 
     @model_validator(mode="after")
     def _someone(self) -> RecommendRequest:
@@ -141,7 +176,26 @@ class RecommendResponse(BaseModel):
     # and score is the item's number of training interactions.
     fallback: str | None
     history_len: int
+    # True when fewer than k items qualify (after seen items, exclude_items and filter):
+    # `items` then holds every one that does.
+    fewer_than_k: bool
     model_version: str
+    request_id: str
+
+
+class SimilarResponse(BaseModel):
+    item_id: str
+    # Nearest items by the recommend score (the item's unit vector against every item row),
+    # best first; the item itself and retired items never appear.
+    items: list[ScoredItem]
+    fewer_than_k: bool  # the catalog holds fewer than k other items
+    model_version: str
+    request_id: str
+
+
+class RetiredResponse(BaseModel):
+    item_id: str
+    status: str  # "retired"
     request_id: str
 
 

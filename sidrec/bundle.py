@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,9 @@ class ItemRecord:
     title: str
     text: str
     popularity: int
+    # The item's short catalog fields ({"genres": "Comedy|Drama", "year": "1995"}), what
+    # recommend's `filter` reads; bundles exported before this have none.
+    fields: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class Bundle:
                         title=obj.get("title", ""),
                         text=obj.get("text", ""),
                         popularity=int(obj.get("popularity", 0)),
+                        fields={str(k): str(v) for k, v in obj.get("fields", {}).items()},
                     )
                 )
         return records

@@ -19,6 +19,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTES = {"/v1/recommend", "/v1/events", "/v1/items", "/v1/users/[user_id]/history"}
+# The small shares (about 1-2% each; a retirement needs 10 ingested items first): a short run
+# may make none of them, but what it makes must not fail.
+RARE_ROUTES = {"/v1/recommend (filtered)", "/v1/items/[item_id]/similar", "/v1/items/[item_id]"}
 
 pytestmark = pytest.mark.slow
 
@@ -69,11 +72,11 @@ def test_loadtest_run_passes_and_writes_reports(bundle_dir: Path, tmp_path: Path
     assert "<html" in (out / "report.html").read_text().lower()
 
     rows = stats_rows(out)
-    assert set(rows) == ROUTES | {"Aggregated"}
+    assert ROUTES | {"Aggregated"} <= set(rows) <= ROUTES | RARE_ROUTES | {"Aggregated"}
     counts = {name: int(row["Request Count"]) for name, row in rows.items()}
     assert all(int(row["Failure Count"]) == 0 for row in rows.values())
     assert all(counts[r] > 0 for r in ROUTES - {"/v1/users/[user_id]/history"}), counts
-    # The mix: recommend ~80%, events ~15% (loose bounds: a 10 s run is a small sample).
+    # The mix: recommend ~76%, events ~14% (loose bounds: a 10 s run is a small sample).
     share = {r: counts[r] / counts["Aggregated"] for r in ROUTES}
     assert 0.65 < share["/v1/recommend"] < 0.92, share
     assert 0.07 < share["/v1/events"] < 0.25, share

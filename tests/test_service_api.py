@@ -215,6 +215,12 @@ def test_write_routes_need_the_api_key(service: Service, catalog: list[Any]) -> 
         ({"user_id": "u", "history": "1"}, 422, "history"),
         ({"user_id": "u", "history": [{"item_id": "1", "ts": -5}]}, 422, "history[0].ts"),
         ({"user_id": "u", "query_time": "now"}, 422, "query_time"),
+        ({"user_id": "u", "exclude_items": "1"}, 422, "exclude_items"),
+        ({"user_id": "u", "exclude_items": [None]}, 422, "exclude_items[0]"),
+        ({"user_id": "u", "filter": {"genres": []}}, 422, "filter.genres"),
+        ({"user_id": "u", "filter": {"genres": "Western"}}, 422, "filter.genres"),
+        ({"user_id": "u", "filter": {}}, 422, "filter"),
+        ({"user_id": "u", "filter": {"colour": ["red"]}}, 422, "filter.colour"),  # unknown field
         ([1, 2, 3], 422, "body"),
     ],
 )
@@ -366,6 +372,94 @@ def test_malformed_input_never_500(service: Service, route: str, content_type: s
 
 
 def test_odd_ids_in_paths_never_500(service: Service) -> None:
-    for raw in ("%00", "a%2Fb", "..%2F..", "%F0%9F%99%82", "x" * 2000, "%ff"):
-        for path in (f"/v1/items/{raw}", f"/v1/users/{raw}/history"):
+    for raw in ("%00", "a%2Fb", "..%2F..", "%F0%9F%99%82", "x" * 2000, "%ff", "%20"):
+        for path in (f"/v1/items/{raw}", f"/v1/users/{raw}/history", f"/v1/items/{raw}/similar"):
             assert service.get(path).status_code < 500, path
+        assert service.http.delete(f"/v1/items/{raw}", headers=AUTH).status_code < 500, raw
+
+
+def fields_of(bundle_dir: Path) -> dict[str, dict[str, str]]:
+    items = [json.loads(line) for line in (bundle_dir / "items.jsonl").open()]
+    if not any(i.get("fields") for i in items):
+        pytest.skip("the bundle has no item fields (exported before items.jsonl kept them)")
+    return {i["item_id"]: i["fields"] for i in items}
+
+
+def test_recommend_filter_and_exclude_items(service: Service, bundle_dir: Path) -> None:
+    """Items of another theme than the user's rank low: a filter on them needs over-fetch to
+    fill k, and says when fewer than k qualify."""
+    fields = fields_of(bundle_dir)
+    scifi = [i for i, f in fields.items() if "Sci-Fi" in f["genres"]]
+    western = [i for i, f in fields.items() if f["genres"] == "Western"]
+    user = "filter-user"
+    events = [
+        {"user_id": user, "item_id": i, "ts": 1_100_000_000 + n} for n, i in enumerate(scifi[:8])
+    ]
+    assert service.post("/v1/events", events, headers=AUTH).status_code == 200
+
+    def ask(**extra: Any) -> dict[str, Any]:
+        r = service.post("/v1/recommend", {"user_id": user, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    plain = ask(k=20)
+    assert not {i["item_id"] for i in plain["items"]} & set(western)  # they rank low
+    assert plain["fewer_than_k"] is False
+    got = ask(k=20, filter={"genres": ["western"]})  # any case; one value of "a|b" matches
+    ids = [i["item_id"] for i in got["items"]]
+    assert len(ids) == 20 and set(ids) <= set(western) and got["fewer_than_k"] is False
+    scores = [i["score"] for i in got["items"]]
+    assert scores == sorted(scores, reverse=True)
+    every = ask(k=100, filter={"genres": ["Western", "Adventure"]})
+    assert {i["item_id"] for i in every["items"]} == set(western) | set(scifi[8:])
+    assert every["fewer_than_k"] is True  # 52 qualify
+    skip = ids[:5]
+    fewer = ask(k=20, filter={"genres": ["Western"]}, exclude_items=[*skip, "no-such-item"])
+    assert [i["item_id"] for i in fewer["items"]] == ids[5:] + [
+        i["item_id"] for i in fewer["items"][15:]
+    ]
+    assert not set(skip) & {i["item_id"] for i in fewer["items"]}
+    # Without a history the popular list is filtered the same way.
+    fallback = service.post(
+        "/v1/recommend", {"user_id": "nobody-filtered", "k": 5, "filter": {"genres": ["Western"]}}
+    ).json()
+    assert fallback["fallback"] == "popular"
+    assert {i["item_id"] for i in fallback["items"]} <= set(western)
+    # An unknown field is named, with the fields there are.
+    body = assert_error(ask_raw(service, user, {"Genre": ["Western"]}), 422, "filter.Genre")
+    assert "genres" in body["detail"]
+
+
+def ask_raw(service: Service, user: str, filter_: dict[str, Any]) -> Any:
+    return service.post("/v1/recommend", {"user_id": user, "filter": filter_})
+
+
+def test_similar_items_and_retiring_need_the_right_things(
+    service: Service, catalog: list[Any]
+) -> None:
+    item = catalog[10].item_id
+    r = service.get(f"/v1/items/{item}/similar", params={"k": 5})  # open, like item reads
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["item_id"] == item and len(body["items"]) == 5 and body["fewer_than_k"] is False
+    assert item not in [i["item_id"] for i in body["items"]]
+    assert_error(service.get(f"/v1/items/{item}/similar", params={"k": 0}), 422, "k")
+    assert_error(service.get(f"/v1/items/{item}/similar", params={"k": 501}), 422, "k")
+    assert_error(service.get("/v1/items/no-such-item/similar"), 404, "item_id")
+    # Retiring needs the write key; an unknown item is a 404 naming it.
+    assert_error(service.http.delete(f"/v1/items/{item}"), 401)
+    missing = assert_error(service.http.delete("/v1/items/no-such-item", headers=AUTH), 404)
+    assert "no-such-item" in missing["detail"]
+    paths = service.get("/openapi.json").json()["paths"]
+    assert paths["/v1/items/{item_id}"]["delete"]["security"] == [{"apiKey": []}]
+    assert "404" in paths["/v1/items/{item_id}"]["delete"]["responses"]
+    assert "404" in paths["/v1/items/{item_id}/similar"]["get"]["responses"]
+    (k,) = [
+        p for p in paths["/v1/items/{item_id}/similar"]["get"]["parameters"] if p["name"] == "k"
+    ]
+    assert k["schema"]["maximum"] == 500  # SIDREC_MAX_K
+    # Metrics name the route templates, never the ids.
+    metrics = service.get("/metrics").text
+    assert 'route="/v1/items/{item_id}/similar"' in metrics
+    assert 'method="DELETE",route="/v1/items/{item_id}"' in metrics
+    assert f"/v1/items/{item}" not in metrics

@@ -26,7 +26,7 @@ def services(bundle_dir: Path) -> Iterator[Services]:
     built.ranker.stop()
 
 
-def histories(services: Services, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def histories(services: Services, count: int) -> list[tuple[list[str], np.ndarray]]:
     """Histories of very different lengths (1 .. longer than max_len), with repeats."""
     rng = np.random.default_rng(0)
     n = services.catalog.table.num_bundle_items
@@ -35,21 +35,19 @@ def histories(services: Services, count: int) -> list[tuple[np.ndarray, np.ndarr
     for length in lengths:
         rows = rng.integers(1, n + 1, length).astype(np.int64)
         stamps = np.sort(rng.integers(1_300_000_000, QUERY_TIME, length)).astype(np.int64)
-        out.append((rows, stamps))
+        out.append(([services.catalog.table.item_ids[r] for r in rows], stamps))
     return out
 
 
-async def rank_all(ranker: RankBatcher, cases: list[tuple[np.ndarray, np.ndarray]]) -> list[Hits]:
+async def rank_all(ranker: RankBatcher, cases: list[tuple[list[str], np.ndarray]]) -> list[Hits]:
     return list(
-        await asyncio.gather(
-            *(ranker.rank(rows, ts, QUERY_TIME, 10, set(rows.tolist())) for rows, ts in cases)
-        )
+        await asyncio.gather(*(ranker.rank(ids, ts, QUERY_TIME, 10, set(ids)) for ids, ts in cases))
     )
 
 
 def same_hits(got: Hits, expected: Hits) -> None:
-    assert [row for row, _ in got] == [row for row, _ in expected]
-    np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-5)
+    assert [i for i, _, _ in got] == [i for i, _, _ in expected]
+    np.testing.assert_allclose([s for _, s, _ in got], [s for _, s, _ in expected], atol=1e-5)
 
 
 def test_a_padded_batch_ranks_each_history_as_alone(services: Services) -> None:
@@ -58,7 +56,7 @@ def test_a_padded_batch_ranks_each_history_as_alone(services: Services) -> None:
     alone = [asyncio.run(rank_all(ranker, [case])) for case in cases]
     # One run of the whole batch, as the batch thread makes it when requests queue up.
     keep = ranker.runtime.max_len  # rank() keeps the most recent max_len items
-    jobs = [_job(rows[-keep:], ts[-keep:], set(rows.tolist())) for rows, ts in cases]
+    jobs = [_job(ids[-keep:], ts[-keep:], set(ids)) for ids, ts in cases]
     together = ranker._run(jobs)
     assert len(together) == len(cases)
     for got, (expected,) in zip(together, alone, strict=True):
@@ -73,13 +71,13 @@ def test_concurrent_requests_each_get_their_own_answer(services: Services) -> No
     for got, expected in zip(asyncio.run(rank_all(ranker, cases)), alone * 4, strict=True):
         same_hits(got, expected)
     # The history's own items are never recommended back.
-    for (rows, _), got in zip(cases, alone * 4, strict=True):
-        assert not set(rows.tolist()) & {row for row, _ in got}
+    for (ids, _), got in zip(cases, alone * 4, strict=True):
+        assert not set(ids) & {i for i, _, _ in got}
 
 
-def _job(rows: np.ndarray, ts: np.ndarray, exclude: set[int]) -> _Job:
+def _job(ids: list[str], ts: np.ndarray, exclude: set[str]) -> _Job:
     loop = asyncio.new_event_loop()
     try:
-        return _Job(rows, ts, QUERY_TIME, 10, exclude, loop.create_future(), loop)
+        return _Job(ids, ts, QUERY_TIME, 10, exclude, loop.create_future(), loop)
     finally:
         loop.close()

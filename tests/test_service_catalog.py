@@ -5,6 +5,7 @@ service process on the same Redis, survive restarts and bundle changes; Redis ou
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -244,3 +245,112 @@ def test_redis_outage_gives_503_and_heals_without_restart(
     r = service.post("/v1/items", {"item_id": "after-outage", "title": "Star Voyage 100"})
     assert r.status_code == 200, r.text
     assert service.get("/v1/items/after-outage").status_code == 200
+
+
+def every_ranked(service: Service, user_id: str) -> list[str]:
+    return ranked(service, user_id, 1000)  # the whole catalog: SIDREC_MAX_K's default
+
+
+def test_similar_items_of_an_item_ingested_a_moment_ago_on_every_worker(
+    pair: tuple[Service, Service], bundle_dir: Path
+) -> None:
+    a, b = pair
+    item = {**NEW_ITEM, "item_id": "new-scifi-similar", "title": "Orbit Command 9 (2033)"}
+    assert a.post("/v1/items", item).status_code == 200
+    scifi = set(theme_items(bundle_dir, SCIFI, 30))
+    for service in (a, b):  # B at once: it asks Redis for an item it has not seen yet
+        r = service.get(f"/v1/items/{item['item_id']}/similar", params={"k": 10})
+        assert r.status_code == 200, r.text
+        ids = [i["item_id"] for i in r.json()["items"]]
+        assert len(ids) == 10 and item["item_id"] not in ids
+        # Its content is sci-fi: its nearest items are mostly the catalog's sci-fi films.
+        assert len(scifi & set(ids)) >= 6, ids
+
+
+def test_retired_item_leaves_every_worker_at_once_and_stays_retired(
+    pair: tuple[Service, Service], bundle_dir: Path
+) -> None:
+    a, b = pair
+    item = {**NEW_ITEM, "item_id": "new-scifi-retired", "title": "Rocket Voyage 3 (2034)"}
+    assert a.post("/v1/items", item).status_code == 200
+    bundle_item = theme_items(bundle_dir, SCIFI, 3)[2]
+    add_history(a, "retire-fan", [*theme_items(bundle_dir, SCIFI, 2), bundle_item])
+    deadline = time.monotonic() + 5
+    while b.get(f"/v1/items/{item['item_id']}").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert item["item_id"] in every_ranked(b, "retire-fan")
+
+    r = a.http.delete(f"/v1/items/{item['item_id']}")
+    assert r.status_code == 200 and r.json()["status"] == "retired", r.text
+    assert b.http.delete(f"/v1/items/{bundle_item}").status_code == 200
+    # The very next request, on either worker: neither item is returned or known.
+    for service in (a, b):
+        for gone in (item["item_id"], bundle_item):
+            assert service.get(f"/v1/items/{gone}").status_code == 404
+            assert service.get(f"/v1/items/{gone}/similar").status_code == 404
+        top = every_ranked(service, "retire-fan")
+        assert item["item_id"] not in top and bundle_item not in top
+        near = service.get(f"/v1/items/{theme_items(bundle_dir, SCIFI, 1)[0]}/similar",
+                           params={"k": 1000}).json()["items"]  # fmt: skip
+        assert not {item["item_id"], bundle_item} & {i["item_id"] for i in near}
+        # The history entry of the retired item is ignored when encoding the user.
+        body = service.post("/v1/recommend", {"user_id": "retire-fan"}).json()
+        assert body["history_len"] == 2
+        # Events naming a retired item are refused like unknown ones; retiring again is a 404.
+        event = {"user_id": "x", "item_id": bundle_item}
+        assert service.post("/v1/events", event).status_code == 422
+        assert service.http.delete(f"/v1/items/{bundle_item}").status_code == 404
+
+    # A restarted worker finds both retired (the bundle item from Redis's retired set).
+    b.stop()
+    b.start()
+    for gone in (item["item_id"], bundle_item):
+        assert b.get(f"/v1/items/{gone}").status_code == 404
+    assert bundle_item not in every_ranked(b, "retire-fan")
+
+    # Ingested again, it is back: at once where it was sent, within moments elsewhere.
+    back = {"item_id": bundle_item, "title": "Star Voyage returns", "fields": {"genres": SCIFI}}
+    assert b.post("/v1/items", back).status_code == 200
+    assert b.get(f"/v1/items/{bundle_item}").status_code == 200
+    deadline = time.monotonic() + 5
+    while a.get(f"/v1/items/{bundle_item}").status_code != 200:
+        assert time.monotonic() < deadline, "re-ingested item never came back on the other worker"
+        time.sleep(0.05)
+    assert a.get(f"/v1/items/{bundle_item}/similar").status_code == 200
+
+
+def test_retiring_half_the_catalog_compacts_and_answers_stay_right(
+    pair: tuple[Service, Service], bundle_dir: Path
+) -> None:
+    """Half the bundle retired through two workers: both compact their tables (rows held
+    back near the live items), answer only live items, and a restart keeps it so."""
+    a, b = pair
+    bundle_ids = [i.item_id for i in load_bundle(bundle_dir).items()]
+    retired = bundle_ids[::2]
+    for n, item_id in enumerate(retired):
+        r = (a if n % 2 else b).http.delete(f"/v1/items/{item_id}")
+        assert r.status_code in (200, 404), r.text  # 404: retired by an earlier test
+    live_before = a.get("/readyz").json()["index_items"]
+    add_history(a, "half-fan", bundle_ids[1:20:2])
+    for service in (a, b):
+        top = every_ranked(service, "half-fan")
+        assert not set(top) & set(retired)
+        fallback = service.post("/v1/recommend", {"user_id": "nobody-half", "k": 50}).json()
+        assert not {i["item_id"] for i in fallback["items"]} & set(retired)
+        deadline = time.monotonic() + 10
+        while True:  # compaction runs in the background
+            ready = service.get("/readyz").json()
+            if ready["index_rows"] <= ready["index_items"] / 0.75 + 2:
+                break
+            assert time.monotonic() < deadline, ready
+            time.sleep(0.05)
+        assert ready["index_items"] == live_before
+        rows = re.search(r"^sidrec_index_rows (\S+)", service.get("/metrics").text, re.M)
+        assert rows is not None and float(rows.group(1)) == ready["index_rows"]
+    b.stop()
+    b.start()
+    ready = b.get("/readyz").json()
+    assert ready["index_items"] == live_before
+    assert ready["index_rows"] <= live_before / 0.75 + 2
+    assert not set(every_ranked(b, "half-fan")) & set(retired)

@@ -377,7 +377,8 @@ def test_metrics_are_text_and_405_names_the_allowed_methods(service: Service) ->
     for method, path, allowed in (
         ("GET", "/v1/recommend", {"POST"}),
         ("PUT", "/v1/events", {"POST"}),
-        ("DELETE", "/v1/items/x", {"GET"}),
+        ("PUT", "/v1/items/x", {"GET", "DELETE"}),
+        ("POST", "/v1/items/x/similar", {"GET"}),
         ("POST", "/healthz", {"GET"}),
     ):
         r = service.http.request(method, path, headers=WRITE)

@@ -42,6 +42,7 @@ DATA_DEPENDENT = (
     "is all zeros",
     "has no text",
     "appears twice in one batch",  # one item_id twice in a batch: JSON Schema cannot say it
+    "no item has the field",  # recommend's filter naming a field the catalog does not hold
 )
 
 

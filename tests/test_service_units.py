@@ -4,6 +4,8 @@ atomic SID dedup counter, the item table + FAISS index."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -180,3 +182,130 @@ def test_item_table_of_a_dot_bundle_ranks_by_the_raw_inner_product(kind: str) ->
     assert table.search(query, k=1, exclude_rows=set())[0][0] == table.row("long")
     with pytest.raises(ValueError, match="scoring"):
         ItemTable(vectors, [f"i{r}" for r in range(1, n + 1)], sids, 4, scoring="euclid")
+
+
+def wait_compacted(table: ItemTable, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while table.compacting:
+        assert time.monotonic() < deadline, "compaction did not finish"
+        time.sleep(0.01)
+
+
+def exact_top(table: ItemTable, query: np.ndarray, k: int, keep: Any = None) -> list[str]:
+    """The exact top-k live item ids by the table's score, computed without its index."""
+    scored = []
+    for item_id, row in table.row_of.items():
+        if keep is None or keep(item_id):
+            unit = table.vectors[row] / np.linalg.norm(table.vectors[row])
+            scored.append((float(unit @ query) * float(table.scales[row]), item_id))
+    return [i for _, i in sorted(scored, reverse=True)[:k]]
+
+
+def check_consistent(table: ItemTable, vector_of: dict[str, np.ndarray]) -> None:
+    assert set(table.row_of) == set(vector_of)
+    assert table.index.ntotal == table.size
+    for item_id, row in table.row_of.items():
+        assert table.item_ids[row] == item_id and table.alive[row]
+        assert np.array_equal(table.vectors[row], vector_of[item_id])
+    assert table.live_items == len(vector_of)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_retiring_half_the_catalog_compacts_rows_and_index(kind: str) -> None:
+    """Retired rows die at once and are compacted away in the background; daily churn
+    (retire some, ingest as many) keeps the rows held near the live items."""
+    from sidrec.service.retrieval import IndexSpec
+
+    rng = np.random.default_rng(2)
+    n, d = 2000, 16
+    vectors = np.zeros((n + 1, d), np.float32)
+    vectors[1:] = rng.normal(size=(n, d))
+    ids = [f"i{r}" for r in range(1, n + 1)]
+    table = ItemTable(vectors, ids, np.zeros((n + 1, 3), np.int64), 4, use_gpu=False,
+                      index=IndexSpec(kind, hnsw_ef_search=400))  # fmt: skip
+    vector_of = {i: vectors[r] for r, i in enumerate(ids, start=1)}
+    memory_before = table.vectors.nbytes
+    for i in ids[::2]:
+        assert table.retire(i) is True
+        del vector_of[i]
+    assert table.retire(ids[0]) is False  # already gone
+    wait_compacted(table)
+    assert table.compactions >= 1
+    check_consistent(table, vector_of)
+    # Compaction ran on its own (a quarter dead) and keeps dead rows under that share ...
+    assert table.rows_held <= (n // 2) / 0.75 + 2
+    # ... and one run now leaves only the live rows, in the index and the table.
+    table.compact()
+    assert table.rows_held == table.index.ntotal == n // 2 + 1 and table.dead == 0
+    assert table.vectors.nbytes <= memory_before // 2 + 16 * table.d * 4
+    query = rng.normal(size=d).astype(np.float32)
+    query /= np.linalg.norm(query)
+    hits = [i for i, _, _ in table.rank_batch(query[None], [20], [set()])[0]]
+    assert not set(hits) & set(ids[::2])
+    if kind == "flat":
+        assert hits == exact_top(table, query, 20)
+    for day in range(10):  # churn: 20% of the catalog retired and replaced each day
+        live = list(vector_of)
+        for i in live[::5]:
+            table.retire(i)
+            del vector_of[i]
+        for j in range(len(live[::5])):
+            v = rng.normal(size=d).astype(np.float32)
+            table.upsert(f"d{day}-{j}", np.zeros(3, np.int64), v)
+            vector_of[f"d{day}-{j}"] = v
+        wait_compacted(table)
+        assert table.rows_held <= len(vector_of) / 0.75 + 2, (day, table.rows_held)
+    check_consistent(table, vector_of)
+
+
+def test_compaction_replays_changes_made_while_it_builds() -> None:
+    table = make_table(n=300, d=8)
+    vector_of = {i: table.vectors[r].copy() for i, r in table.row_of.items()}
+    for i in list(vector_of)[:100]:
+        table.retire(i)
+        del vector_of[i]
+    wait_compacted(table)
+    # Start a compaction by hand and change items from another thread while it runs.
+    for i in list(vector_of)[:50]:
+        table.retire(i)
+        del vector_of[i]
+    worker = threading.Thread(target=table.compact)
+    worker.start()
+    for j in range(200):
+        v = np.full(8, j + 1.0, np.float32)
+        table.upsert(f"late-{j}", np.zeros(3, np.int64), v)
+        vector_of[f"late-{j}"] = v
+        if j % 3 == 0:
+            victim = next(iter(vector_of))
+            table.retire(victim)
+            del vector_of[victim]
+    worker.join()
+    wait_compacted(table)
+    check_consistent(table, vector_of)
+
+
+def test_filtered_ranking_over_fetches_until_k_qualify() -> None:
+    table = make_table(n=3000, d=8)
+    rng = np.random.default_rng(3)
+    query = rng.normal(size=8).astype(np.float32)
+    query /= np.linalg.norm(query)
+    rare = {f"i{r}" for r in range(7, 3001, 97)}  # 31 items, anywhere in the ranking
+    accept = rare.__contains__
+    (hits,) = table.rank_batch(query[None], [20], [set()], [accept])
+    assert [i for i, _, _ in hits] == exact_top(table, query, 20, accept)
+    (hits,) = table.rank_batch(query[None], [50], [{"i7"}], [accept])
+    assert len(hits) == 30 and "i7" not in {i for i, _, _ in hits}  # all that qualify
+    scores = [s for _, s, _ in hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_similar_items_exclude_the_item_and_retired_ones() -> None:
+    table = make_table(n=50, d=8)
+    twin = table.vectors[table.row("i3")] * 2  # same direction: the nearest item
+    table.upsert("twin", np.zeros(3, np.int64), twin)
+    hits = table.similar("i3", 5)
+    assert hits is not None and hits[0][0] == "twin" and "i3" not in [i for i, _, _ in hits]
+    assert hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    table.retire("twin")
+    assert "twin" not in [i for i, _, _ in table.similar("i3", 50) or []]
+    assert table.similar("twin", 5) is None

@@ -52,6 +52,7 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
         "provider": services.runtime.provider,
         "index": services.catalog.table.index_kind,
         "index_items": services.catalog.table.live_items,
+        "index_rows": services.catalog.table.rows_held,
         "store": services.history.kind,
         "pid": os.getpid(),  # which worker answered: several share one port
     }

@@ -4,6 +4,7 @@ The last three steps run in service/batching.py, batched with concurrent request
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -40,9 +41,22 @@ async def recommend(
     settings = services.settings
     if body.k > settings.max_k:
         raise invalid("k", f"must be at most {settings.max_k} (SIDREC_MAX_K), got {body.k}")
+    catalog = services.catalog
+    accept = None
+    if body.filter is not None:
+        unknown_fields = catalog.unknown_fields(list(body.filter))
+        if unknown_fields:
+            known = ", ".join(catalog.known_fields()[:50]) or "none"
+            errors = [
+                (f"filter.{name}", f"no item has the field {name!r} (fields: {known})")
+                for name in unknown_fields
+            ]
+            raise ApiError(
+                422, "invalid_request", "; ".join(f"{f}: {p}" for f, p in errors), errors
+            )
+        accept = catalog.matcher(body.filter)
     now = int(time.time())
     query_time = body.query_time if body.query_time is not None else now
-    catalog = services.catalog
     if body.history is not None:
         # The model reads at most max_len items; a longer override is refused rather than cut,
         # since which items a cut drops (and so recommends again) would be a silent choice.
@@ -53,6 +67,8 @@ async def recommend(
                 f"at most {max_len} items (the model's max_len), got {len(body.history)}; "
                 "send the newest ones",
             )
+        # Retirements first (one GET when there are none): retired items must not come back.
+        await catalog.sync_retired()
         events = [
             e if isinstance(e, HistoryEvent) else HistoryEvent(item_id=e) for e in body.history
         ]
@@ -60,7 +76,11 @@ async def recommend(
             ((e.item_id, e.ts if e.ts is not None else query_time) for e in events),
             key=lambda e: e[1],
         )
-        unknown = await catalog.ensure_known([item_id for item_id, _ in history])
+        unknown = [
+            i
+            for i in await catalog.ensure_known([item_id for item_id, _ in history])
+            if i not in catalog.retired  # a retired item is ignored, like a stored one
+        ]
         if unknown:
             positions: dict[str, int] = {}
             for i, e in enumerate(events):
@@ -74,43 +94,44 @@ async def recommend(
     else:
         assert body.user_id is not None
         with metrics.stage("history"):
-            history = await services.history.history(body.user_id)
-
-    table = catalog.table
-    # One dict lookup per history item (the hot path: 200 items), done once.
-    history_rows = [table.row_of.get(item_id) for item_id, _ in history]
-    if body.history is None and None in history_rows:
-        # Items ingested by another worker that this one has not seen yet: ask the store; items
-        # stored under an older catalog may be gone for good and cannot be encoded: skipped.
-        await catalog.ensure_known(
-            [i for (i, _), r in zip(history, history_rows, strict=True) if r is None]
-        )
-        history_rows = [table.row_of.get(item_id) for item_id, _ in history]
-        history = [e for e, r in zip(history, history_rows, strict=True) if r is not None]
-        history_rows = [r for r in history_rows if r is not None]
-    exclude = set(history_rows) if body.exclude_seen else set()
+            history, _ = await asyncio.gather(
+                services.history.history(body.user_id), catalog.sync_retired()
+            )
+        # Items ingested by another worker that this one has not seen yet: ask the store;
+        # items stored under an older catalog may be gone for good and cannot be encoded.
+        row_of = catalog.table.row_of
+        missing = [i for i, _ in history if i not in row_of and i not in catalog.retired]
+        if missing:
+            await catalog.ensure_known(missing)
+    # Retired (and lost) items are left out of the history the model reads: the user is
+    # encoded as if those events had not happened. The stored history keeps them.
+    row_of = catalog.table.row_of
+    history = [e for e in history if e[0] in row_of]
+    exclude = set(body.exclude_items)
+    if body.exclude_seen:
+        exclude.update(item_id for item_id, _ in history)
     items: list[dict[str, Any]]
     if history:
-        rows = np.array(history_rows, np.int64)
-        timestamps = np.array([ts for _, ts in history], np.int64)
-        hits = await services.ranker.rank(rows, timestamps, query_time, body.k, exclude)
-        hit_rows = [row for row, _ in hits]
-        sids = table.sids[hit_rows].tolist()
-        items = [
-            {"item_id": table.item_ids[row], "score": score, "sid": sid}
-            for (row, score), sid in zip(hits, sids, strict=True)
-        ]
+        hits = await services.ranker.rank(
+            [item_id for item_id, _ in history],
+            np.array([ts for _, ts in history], np.int64),
+            query_time,
+            body.k,
+            exclude,
+            accept,
+        )
+        items = [{"item_id": i, "score": score, "sid": sid} for i, score, sid in hits]
         fallback = None
     else:
         items = []
         for item_id in services.popular:
-            row = table.row(item_id)
-            if row is None or row in exclude or not table.alive[row]:
+            if item_id in exclude or (accept is not None and not accept(item_id)):
+                continue
+            sid = catalog.table.sid_of(item_id)
+            if sid is None:  # retired
                 continue
             popularity = catalog.meta.get(item_id, {}).get("popularity", 0)
-            items.append(
-                {"item_id": item_id, "score": float(popularity), "sid": table.sids[row].tolist()}
-            )
+            items.append({"item_id": item_id, "score": float(popularity), "sid": sid})
             if len(items) == body.k:
                 break
         fallback = "popular"
@@ -121,6 +142,7 @@ async def recommend(
         "items": items,
         "fallback": fallback,
         "history_len": len(history),
+        "fewer_than_k": len(items) < body.k,
         "model_version": services.bundle.version,
         "request_id": request_id(request),
     }
