@@ -18,7 +18,15 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUTES = {"/v1/recommend", "/v1/events", "/v1/items", "/v1/users/[user_id]/history"}
+ROUTES = {
+    "/v1/recommend",
+    "/v1/events",
+    "/v1/items",
+    "/v1/users/[user_id]/history",
+    "/v1/users/[user_id]",
+}
+# Small weights: a 10 s run may draw none of them.
+RARE = {"/v1/users/[user_id]/history", "/v1/users/[user_id]"}
 
 pytestmark = pytest.mark.slow
 
@@ -69,12 +77,12 @@ def test_loadtest_run_passes_and_writes_reports(bundle_dir: Path, tmp_path: Path
     assert "<html" in (out / "report.html").read_text().lower()
 
     rows = stats_rows(out)
-    assert set(rows) == ROUTES | {"Aggregated"}
+    assert ROUTES - RARE <= set(rows) - {"Aggregated"} <= ROUTES, set(rows)
     counts = {name: int(row["Request Count"]) for name, row in rows.items()}
     assert all(int(row["Failure Count"]) == 0 for row in rows.values())
-    assert all(counts[r] > 0 for r in ROUTES - {"/v1/users/[user_id]/history"}), counts
+    assert all(counts[r] > 0 for r in ROUTES - RARE), counts
     # The mix: recommend ~80%, events ~15% (loose bounds: a 10 s run is a small sample).
-    share = {r: counts[r] / counts["Aggregated"] for r in ROUTES}
+    share = {r: counts[r] / counts["Aggregated"] for r in ROUTES - RARE}
     assert 0.65 < share["/v1/recommend"] < 0.92, share
     assert 0.07 < share["/v1/events"] < 0.25, share
 
