@@ -132,7 +132,6 @@ class RedisHistoryStore:
         self.history_len = history_len
         self.event_id_ttl_s = event_id_ttl_s
         self._append = redis.register_script(_APPEND_LUA)
-
         self._erase = redis.register_script(_ERASE_LUA)
 
     def _hist_key(self, user_id: str) -> str:
