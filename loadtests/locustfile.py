@@ -9,7 +9,9 @@
                      catalog item's (so its content lands where that item's does)
     similar    ~2%   GET /v1/items/{id}/similar (k=10) of a popular item
     history    ~2%   GET /v1/users/{id}/history
-    retire    ~1%   DELETE /v1/items/{id} of an item this run ingested (never a bundle item)
+    retire     ~1%   DELETE /v1/items/{id} of an item this run ingested (never a bundle item)
+    erase      ~1%   DELETE /v1/users/{id}: a throwaway user given one event, then forgotten
+                     (the pool users keep their histories)
 
 Items come from the bundle's items.jsonl (--bundle). The bundle holds no users, so a pool of
 --user-pool users named "lt-user-<i>" gets a history of 5..50 popularity-drawn items before the
@@ -42,6 +44,7 @@ SEED_BATCH = 500  # events per seeding request (the service takes up to SIDREC_M
 MAX_INGESTED = 1000  # newly ingested item ids kept as event targets
 USER_PREFIX = "lt-user-"
 ITEM_PREFIX = "lt-item-"
+GONE_PREFIX = "lt-gone-"  # users created only to be erased
 
 
 @dataclass
@@ -278,3 +281,25 @@ class SidrecUser(FastHttpUser):
                 r.failure(f"{r.status_code}: {r.text[:200]}")
             elif r.json()["user_id"] != user:
                 r.failure(f"history of the wrong user: {r.text[:200]}")
+
+    @task(1)
+    def erase(self) -> None:
+        assert catalog is not None
+        user = f"{GONE_PREFIX}{uuid.uuid4().hex[:12]}"
+        body = {"user_id": user, "item_id": catalog.event_item(self.rng), "event_id": "gone"}
+        with self.client.post(
+            "/v1/events", json=body, headers=self.key_headers, catch_response=True
+        ) as r:
+            if r.status_code != 200:
+                r.failure(f"{r.status_code}: {r.text[:200]}")
+                return
+        with self.client.delete(
+            f"/v1/users/{user}",
+            name="/v1/users/[user_id]",
+            headers=self.key_headers,
+            catch_response=True,
+        ) as r:
+            if r.status_code != 200:
+                r.failure(f"{r.status_code}: {r.text[:200]}")
+            elif (r.json()["history_events"], r.json()["event_ids"]) != (1, 1):
+                r.failure(f"not everything erased: {r.text[:200]}")

@@ -1,12 +1,15 @@
 """The README's main job, second half: serve a bundle and show a real HTTP exchange.
 
 Starts `sidrec serve` as a child process (in-process history store unless SIDREC_REDIS_URL is
-set), then: recommendations for a user, an event appended, a brand-new item ingested from its
-text, and that item showing up for a user whose history is about the same thing.
+set) with the training data's histories loaded into its store (SIDREC_HISTORIES for the
+in-process store, `service/history_load.py` straight into Redis), then: recommendations for a
+user the model was trained on, an event appended, a brand-new item ingested from its text, and
+that item showing up for a user whose history is about the same thing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -81,28 +84,78 @@ def _show(title: str, answer: dict[str, Any], titles: dict[str, str], mark: str 
     console.print(table)
 
 
-def run_demo(bundle_dir: Path, port: int = 8000, keep_serving: bool = False) -> bool:
-    """Run the exchange; True when the ingested item was recommended to its look-alike user."""
+def _load_into_redis(histories: Path) -> None:
+    """SIDREC_REDIS_URL is set: the service reads Redis, so the histories go there first (what
+    `sidrec histories load` does)."""
+    from sidrec.service.history_load import load_histories, read_interactions
+    from sidrec.service.history_store import RedisHistoryStore
+    from sidrec.service.settings import Settings
+    from sidrec.service.store import connect
+
+    settings = Settings()
+    data = read_interactions(histories)
+
+    async def write() -> int:
+        redis = connect(settings)
+        try:
+            store = RedisHistoryStore(
+                redis, settings.key_prefix, settings.history_len, settings.event_id_ttl_s
+            )
+            return (await load_histories(store, data, settings.history_len)).events
+        finally:
+            await redis.aclose()
+
+    events = asyncio.run(write())
+    console.print(f"{events:,} events of {len(data.users):,} users loaded into Redis")
+
+
+def run_demo(
+    bundle_dir: Path,
+    port: int = 8000,
+    keep_serving: bool = False,
+    histories: Path | None = None,
+    user: str = "1",
+) -> bool:
+    """Run the exchange; True when the ingested item was recommended to its look-alike user.
+
+    `histories`: the data folder the bundle was trained on, loaded into the service's store
+    so that `user` (one of its users) gets recommendations from their history."""
     bundle = load_bundle(bundle_dir)
     items = bundle.items()
     titles = {r.item_id: r.title for r in items}
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "SIDREC_BUNDLE": str(bundle_dir), "SIDREC_PORT": str(port)}
     env.setdefault("SIDREC_HOST", "127.0.0.1")
+    if histories is not None and env.get("SIDREC_REDIS_URL"):
+        _load_into_redis(histories)
+    elif histories is not None:
+        env["SIDREC_HISTORIES"] = str(histories)
     process = subprocess.Popen([sys.executable, "-m", "sidrec.cli", "serve"], env=env)
     try:
         _wait_ready(base, process)
-        console.rule("1. recommendations for user 1 (history kept by the service)")
-        status, answer = _call(base, "POST", "/v1/recommend", {"user_id": "1", "k": 5})
-        console.print(f"POST /v1/recommend -> {status} (fallback={answer.get('fallback')})")
-        _show("user 1 before any event", answer, titles)
+        console.rule(f"1. recommendations for user {user} (history kept by the service)")
+        _, stored = _call(base, "GET", f"/v1/users/{user}/history")
+        newest = [titles.get(e["item_id"], e["item_id"]) for e in stored["events"][::-1][:3]]
+        if newest:
+            console.print(
+                f"user {user}: {len(stored['events'])} events in the store; "
+                f"newest: {'; '.join(newest)}"
+            )
+        status, answer = _call(base, "POST", "/v1/recommend", {"user_id": user, "k": 5})
+        console.print(
+            f"POST /v1/recommend -> {status} (fallback={answer.get('fallback')}, "
+            f"history_len={answer.get('history_len')})"
+        )
+        _show(f"user {user}" + ("" if newest else " before any event"), answer, titles)
 
         console.rule("2. an event appended")
-        event = {"user_id": "1", "item_id": items[0].item_id, "event_id": "demo-1"}
+        seen = {e["item_id"] for e in stored["events"]}
+        watched = next((r for r in items if r.item_id not in seen), items[0])
+        event = {"user_id": user, "item_id": watched.item_id, "event_id": "demo-1"}
         status, answer = _call(base, "POST", "/v1/events", event)
         console.print(f"POST /v1/events {event} -> {status} {answer}")
-        status, answer = _call(base, "POST", "/v1/recommend", {"user_id": "1", "k": 5})
-        _show(f"user 1 after watching {items[0].title}", answer, titles)
+        status, answer = _call(base, "POST", "/v1/recommend", {"user_id": user, "k": 5})
+        _show(f"user {user} after watching {watched.title}", answer, titles)
 
         console.rule("3. a brand-new item ingested from its text")
         status, answer = _call(base, "POST", "/v1/items", NEW_ITEM)

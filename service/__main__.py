@@ -7,6 +7,7 @@ import sys
 from pydantic import ValidationError
 
 from sidrec.bundle import BundleError
+from sidrec.offline.data.dataset import DataError
 
 from .runtime import ProviderError
 from .server import serve
@@ -26,6 +27,9 @@ def main() -> int:
         return 2
     except ProviderError as e:
         print(f"sidrec serve: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"sidrec serve: SIDREC_HISTORIES: {e}", file=sys.stderr)
         return 2
     return 0
 

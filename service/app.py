@@ -34,7 +34,8 @@ from . import metrics
 from .batching import RankBatcher
 from .catalog import Catalog, MemoryCatalogStore, RedisCatalogStore, bundle_score_scales
 from .deps import ApiError, Services, error_list, route_access
-from .history_store import MemoryHistoryStore, RedisHistoryStore
+from .history_load import load_histories, read_interactions
+from .history_store import HistoryStore, MemoryHistoryStore, RedisHistoryStore
 from .retrieval import IndexSpec, ItemTable
 from .routers import events, health, items, recommend, users
 from .runtime import load_engine
@@ -132,6 +133,22 @@ def build_services(settings: Settings) -> Services:
     return services
 
 
+async def bootstrap_histories(store: HistoryStore, settings: Settings) -> None:
+    """SIDREC_HISTORIES: fill the in-process store before the first request (the settings
+    refuse it with Redis, which `sidrec histories load` fills once for every worker)."""
+    assert settings.histories is not None
+    data = read_interactions(settings.histories)
+    report = await load_histories(store, data, settings.history_len)
+    log.info(
+        "histories: %d events of %d users loaded from %s into the %s store (%.1f s)",
+        report.events,
+        report.users,
+        settings.histories,
+        store.kind,
+        report.seconds,
+    )
+
+
 async def sync_catalog(services: Services) -> None:
     """Load ingested items from the store (retrying while Redis is away), then follow it."""
     catalog = services.catalog
@@ -182,8 +199,17 @@ def route_templates(app: FastAPI, routers: list[APIRouter]) -> list[RouteTemplat
     return list(out.values())
 
 
-def route_of(routes: list[RouteTemplate], path: str) -> RouteTemplate | None:
-    return next((r for r in routes if r.pattern.match(path)), None)
+def route_of(
+    routes: list[RouteTemplate], path: str, method: str | None = None
+) -> RouteTemplate | None:
+    """The template a path (and method) is served by: the first whose pattern and method
+    match, else the first whose pattern matches (a 405). With `{id:path}` templates one path
+    can match several (DELETE /v1/users/a/history erases user "a/history")."""
+    matching = [r for r in routes if r.pattern.match(path)]
+    if method is not None:
+        with_method = [r for r in matching if method in r.methods]
+        matching = with_method or matching
+    return matching[0] if matching else None
 
 
 def _valid_utf8_path(raw_path: bytes) -> bool:
@@ -240,7 +266,7 @@ class RequestContext:
             declared = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
             declared = 0
-        route = route_of(self.routes, scope["path"])
+        route = route_of(self.routes, scope["path"], scope["method"])
         try:
             if declared > self.max_body_bytes:
                 # Answered unread. The server discards the body as it arrives and the
@@ -384,6 +410,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = build_services(settings)
+        if settings.histories is not None:
+            await bootstrap_histories(services.history, settings)
         app.state.services = services
         sync_task = asyncio.create_task(sync_catalog(services), name="catalog-sync")
         if not isinstance(services.catalog.store, RedisCatalogStore):

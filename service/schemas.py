@@ -221,6 +221,15 @@ class EventsResponse(BaseModel):
     request_id: str
 
 
+class UserErased(BaseModel):
+    """What DELETE /v1/users/{user_id} removed; all zeros for a user the store did not know."""
+
+    user_id: str
+    history_events: int = Field(description="events the user's history held")
+    event_ids: int = Field(description="remembered event_ids (for idempotent retries) removed")
+    request_id: str
+
+
 # A field's value is text; numbers ({"year": 1995}) are taken as their text.
 FieldValue = Annotated[
     Text,

@@ -18,6 +18,7 @@ import uvicorn
 
 from sidrec.bundle import load_bundle
 
+from .history_load import check_data
 from .metrics import MULTIPROC_ENV
 from .runtime import check_engine
 from .settings import Settings
@@ -46,7 +47,8 @@ def prepare_multiprocess_metrics() -> Path:
 def serve(settings: Settings | None = None) -> None:
     """Run the service until interrupted. Raises BundleError (naming the file) on a bad bundle
     or one without model.pt for SIDREC_ENGINE=torch, ProviderError when SIDREC_DEVICE=cuda
-    (or PyTorch for the torch engine or index) cannot be had."""
+    (or PyTorch for the torch engine or index) cannot be had, DataError when SIDREC_HISTORIES
+    is not a data folder."""
     settings = settings or Settings()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
@@ -54,6 +56,8 @@ def serve(settings: Settings | None = None) -> None:
     # Check the bundle and the device once here, so a mistake stops us before any worker starts.
     bundle = load_bundle(settings.bundle)
     check_engine(bundle, settings.engine, settings.device, settings.index)
+    if settings.histories is not None:
+        check_data(settings.histories)
     os.environ.update(settings_to_env(settings))
     metrics_dir = None
     if settings.workers > 1:

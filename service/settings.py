@@ -19,6 +19,10 @@ class Settings(BaseSettings):
     # Unset = histories and ingested items live in this process only and die with it. Fine for
     # a demo; start-up says so loudly. Several workers or replicas need Redis.
     redis_url: str | None = None
+    # A data folder (any format `sidrec train --data` reads) whose interactions fill the
+    # in-process store at start, newest history_len per user: how `make demo` serves the users
+    # it trained on. Redis is filled once with `sidrec histories load` instead.
+    histories: Path | None = None
     # Every Redis key starts with this, so several deployments can share one Redis.
     key_prefix: str = "sidrec:"
     history_len: int = Field(200, ge=1, le=100_000, description="events kept per user")
@@ -74,5 +78,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "workers > 1 needs SIDREC_REDIS_URL: the in-process store is per process, "
                 "so workers would see different histories and catalogs"
+            )
+        if self.histories is not None and self.redis_url:
+            raise ValueError(
+                "histories (SIDREC_HISTORIES) fills the in-process store only; with "
+                "SIDREC_REDIS_URL load Redis once with `sidrec histories load --data DIR`"
             )
         return self

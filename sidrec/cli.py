@@ -24,9 +24,11 @@ app = typer.Typer(
 data_app = typer.Typer(help="Obtain data sets.", no_args_is_help=True)
 sids_app = typer.Typer(help="Semantic IDs.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print and write figures.", no_args_is_help=True)
+histories_app = typer.Typer(help="Users' histories in the service's store.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(sids_app, name="sids")
 app.add_typer(bench_app, name="bench")
+app.add_typer(histories_app, name="histories")
 
 console = Console()
 # soft_wrap: an error naming a long path must stay one line a user can copy.
@@ -461,6 +463,119 @@ def pipeline_cmd(
     )
 
 
+@histories_app.command("load")
+def histories_load(
+    data: DataOpt = DEFAULT_DATA,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Redis URL (env SIDREC_REDIS_URL; SIDREC_REDIS_CLUSTER and SIDREC_KEY_PREFIX "
+            "apply too)."
+        ),
+    ] = None,
+    history_len: Annotated[
+        int | None,
+        typer.Option(min=1, help="Events kept per user (env SIDREC_HISTORY_LEN, default 200)."),
+    ] = None,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            help="Bundle to check item ids against: events of items it lacks are skipped "
+            "(the service could not encode them); most of them missing is an error."
+        ),
+    ] = None,
+    tie_order: TieOrderOpt = "file",
+    log_format: LogFormatOpt = "auto",
+) -> None:
+    """Load a data set's interactions into the service's Redis: each user's newest
+    SIDREC_HISTORY_LEN events, replacing what the store held for that user (a re-run stores
+    the same lists). The in-process store is filled by `sidrec serve --histories DIR`."""
+    progress = _progress(log_format)
+    _run(_load_histories, data, redis_url, history_len, bundle, tie_order, progress)
+
+
+def _load_histories(
+    data: str,
+    redis_url: str | None,
+    history_len: int | None,
+    bundle: Path | None,
+    tie_order: str,
+    progress: bool,
+) -> None:
+    import asyncio
+    import time
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from sidrec.bundle import load_bundle
+    from sidrec.offline.data.dataset import DataError
+    from sidrec.offline.pipeline import make_console
+    from sidrec.service.history_load import load_histories, read_interactions
+    from sidrec.service.history_store import RedisHistoryStore
+    from sidrec.service.settings import Settings
+    from sidrec.service.store import connect
+
+    overrides: dict[str, Any] = {"redis_url": redis_url, "history_len": history_len}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    if not settings.redis_url:
+        raise DataError(
+            "--redis-url",
+            "no Redis given (nor SIDREC_REDIS_URL); the in-process store lives in the serving "
+            "process: start it with `sidrec serve --histories DIR` instead",
+        )
+    out = make_console()  # one line each in a log file, as the offline commands print
+    known = None
+    if bundle is not None:
+        known = {r.item_id for r in load_bundle(bundle).items()}
+    started = time.perf_counter()
+    interactions = read_interactions(data, tie_order=tie_order)
+    read_s = time.perf_counter() - started
+    out.print(
+        f"{interactions.name}: {len(interactions.users):,} users, "
+        f"{interactions.num_events:,} events (read in {read_s:.1f} s); keeping the newest "
+        f"{settings.history_len} per user"
+    )
+    if known is not None:
+        # A bundle trained on other data shares few ids with this one: refuse before writing
+        # histories the service would mostly skip.
+        lacking = np.array([False] + [i not in known for i in interactions.catalog.ids])
+        unknown = sum(int(lacking[s].sum()) for s in interactions.sequences)
+        if unknown > interactions.num_events / 2:
+            raise DataError(
+                bundle,
+                f"{unknown:,} of {interactions.num_events:,} events name items this bundle "
+                "lacks: was it trained on this data?",
+            )
+
+    async def write() -> Any:
+        redis = connect(settings)
+        store = RedisHistoryStore(
+            redis, settings.key_prefix, settings.history_len, settings.event_id_ttl_s
+        )
+        bar = tqdm(total=len(interactions.users), unit="user", disable=not progress)
+        try:
+            return await load_histories(
+                store, interactions, settings.history_len, known, advance=bar.update
+            )
+        finally:
+            bar.close()
+            await redis.aclose()
+
+    report = asyncio.run(write())
+    if known is not None and report.unknown_items:
+        share = report.unknown_items / max(interactions.num_events, 1)
+        out.print(
+            f"skipped {report.unknown_items:,} events ({share:.1%}) of items the bundle lacks"
+        )
+    where = settings.redis_url.split("@")[-1]  # no password in the output
+    out.print(
+        f"loaded {report.events:,} events of {report.users:,} users into {where} "
+        f"(prefix {settings.key_prefix!r}) in {report.seconds:.2f} s: "
+        f"[bold]{report.events_per_s:,.0f} events/s[/]"
+    )
+
+
 @app.command()
 def serve(
     bundle: Annotated[Path | None, typer.Option(help="Bundle folder (env SIDREC_BUNDLE).")] = None,
@@ -471,6 +586,13 @@ def serve(
     ] = None,
     redis_url: Annotated[
         str | None, typer.Option(help="Redis URL (env SIDREC_REDIS_URL); unset = in-process store.")
+    ] = None,
+    histories: Annotated[
+        Path | None,
+        typer.Option(
+            help="Data folder whose interactions fill the in-process store at start, newest "
+            "SIDREC_HISTORY_LEN per user (env SIDREC_HISTORIES; for Redis: sidrec histories load)."
+        ),
     ] = None,
 ) -> None:
     """Serve a bundle over HTTP (FastAPI + ONNX Runtime + FAISS)."""
@@ -485,6 +607,7 @@ def serve(
             "port": port,
             "workers": workers,
             "redis_url": redis_url,
+            "histories": histories,
         }.items()
         if v is not None
     }
@@ -501,12 +624,14 @@ def quickstart(
     port: int = 8000,
     keep_serving: Annotated[bool, typer.Option(help="Keep serving after the demo.")] = False,
 ) -> None:
-    """The README's main job: train on ML-100K, export, serve, show a real exchange."""
+    """The README's main job: train on ML-100K, export, serve it with the training histories
+    loaded, show a real exchange."""
     _offline_env()
     from sidrec.offline import pipeline
     from sidrec.offline.demo import run_demo
 
-    steps = _run(pipeline.Steps.open, data, run)
+    data_dir = _run(pipeline.resolve_data, data)
+    steps = _run(pipeline.Steps.open, data_dir, run)
     _run(steps.use_settings, None)
     bundle = _run(
         steps.all,
@@ -516,7 +641,11 @@ def quickstart(
         patience=patience,
         procs=procs,
     )
-    _run(run_demo, bundle, port=port, keep_serving=keep_serving)
+    # The service starts with the training histories in its store: a known user (ML-100K's
+    # user 1) gets recommendations from their own history, not the popularity fallback.
+    users = steps.data.users
+    user = "1" if "1" in users else users[0]
+    _run(run_demo, bundle, port=port, keep_serving=keep_serving, histories=data_dir, user=user)
 
 
 def _split_variants(text: str) -> list[str]:

@@ -9,9 +9,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import write_synthetic_dataset
+from conftest import RedisServer, write_synthetic_dataset
 
 from sidrec.bundle import load_bundle
 from sidrec.offline.demo import run_demo
@@ -26,6 +27,7 @@ COMMANDS = [
     ["pipeline"],
     ["serve"],
     ["quickstart"],
+    ["histories", "load"],
 ]
 
 
@@ -112,11 +114,16 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_demo_exchange_against_a_served_bundle(
-    bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_demo(bundle_dir, port=_free_port())
+    # The data the session's bundle was trained on (conftest: same generator, same seed),
+    # loaded into the in-process store (SIDREC_HISTORIES) as `make demo` does.
+    write_synthetic_dataset(tmp_path / "data")
+    run_demo(bundle_dir, port=_free_port(), histories=tmp_path / "data", user="u0")
     out = capsys.readouterr().out
-    assert "POST /v1/recommend -> 200 (fallback=popular)" in out  # a user with no history yet
+    # A user of the training data: recommended from their own history, not the fallback.
+    assert "user u0: " in out and " events in the store; newest: " in out
+    assert "POST /v1/recommend -> 200 (fallback=None, history_len=" in out
     assert "POST /v1/events" in out and "'accepted': 1" in out
     assert "POST /v1/items -> 200" in out and "'status': 'created'" in out
     assert "new item for demo-fan:" in out
@@ -163,3 +170,82 @@ def test_pipeline_log_in_a_file_is_plain(tmp_path: Path, procs: int) -> None:
     assert json.loads((run / "data.json").read_text())["name"] == "toy-shop"
     assert json.loads((run / "id" / "metrics.json").read_text())["dataset"] == "toy-shop"
     assert load_bundle(run / "bundle").manifest["dataset"]["name"] == "toy-shop"
+
+
+def _stored(url: str, users: list[str], history_len: int) -> dict[str, list[tuple[str, int]]]:
+    """What the service's own history store reads back for `users`."""
+    import asyncio
+
+    from redis.asyncio import Redis
+
+    from sidrec.service.history_store import RedisHistoryStore
+
+    async def read() -> dict[str, list[tuple[str, int]]]:
+        redis = Redis.from_url(url)
+        try:
+            store = RedisHistoryStore(redis, "sidrec:", history_len, 60)
+            return {u: await store.history(u) for u in users}
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(read())
+
+
+def test_histories_load_into_redis(
+    tmp_path: Path, bundle_dir: Path, redis_server: RedisServer, start_service: Any
+) -> None:
+    from sidrec.offline.data.load import load_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data)  # the data the session's bundle was trained on
+    expected = load_dataset(data)
+    args = ["histories", "load", "--data", str(data), "--redis-url", redis_server.url]
+    args += ["--history-len", "10", "--bundle", str(bundle_dir)]
+    runs = [sidrec(*args, cwd=tmp_path) for _ in range(2)]
+    users = expected.users[:20]
+    stored = []
+    for done in runs:
+        assert done.returncode == 0, done.stderr
+        # stdout is a pipe here: no progress bar redraws, one final line with the rate.
+        assert "\r" not in done.stdout + done.stderr
+        last = done.stdout.strip().splitlines()[-1]
+        assert last.startswith(f"loaded {10 * len(expected.users):,} events of 600 users into ")
+        assert last.endswith(" events/s")
+        stored.append(_stored(redis_server.url, users, 10))
+    assert stored[0] == stored[1]  # a re-run stores the same lists, not longer ones
+    for u, user_id in enumerate(users):
+        rows = expected.sequences[u][-10:]
+        ts = expected.timestamps[u][-10:] if expected.timestamps is not None else None
+        assert ts is not None
+        want = [(expected.catalog.ids[r - 1], int(t)) for r, t in zip(rows, ts, strict=True)]
+        assert stored[0][user_id] == want
+
+    # The service reads them: a user of the data gets recommendations from that history.
+    service = start_service(redis_url=redis_server.url, history_len=10)
+    rec = service.post("/v1/recommend", {"user_id": users[0], "k": 5}).json()
+    assert rec["fallback"] is None and rec["history_len"] == 10, rec
+    history = service.get(f"/v1/users/{users[0]}/history").json()["events"]
+    assert [(e["item_id"], e["ts"]) for e in history] == stored[0][users[0]]
+
+
+def test_histories_load_mistakes_are_one_line_errors(tmp_path: Path, bundle_dir: Path) -> None:
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, users=20)
+    no_redis = sidrec("histories", "load", "--data", str(data), cwd=tmp_path)
+    assert no_redis.returncode == 2, no_redis.stderr
+    assert "--redis-url" in no_redis.stderr and "sidrec serve --histories" in no_redis.stderr
+    # Items the bundle does not hold: refused before anything is written.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "items.csv").write_text("item_id,title\nzz1,Some film\nzz2,Another film\n")
+    (other / "interactions.csv").write_text("user_id,item_id,order\nu,zz1,1\nu,zz2,2\n")
+    wrong = sidrec(
+        "histories", "load", "--data", str(other), "--bundle", str(bundle_dir),
+        "--redis-url", "redis://127.0.0.1:1/0", cwd=tmp_path,
+    )  # fmt: skip
+    assert wrong.returncode == 2 and "was it trained on this data?" in wrong.stderr, wrong.stderr
+    bad = sidrec("serve", "--bundle", str(bundle_dir), "--histories", str(tmp_path / "nowhere"),
+                 cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 2 and "no such file or directory" in bad.stderr, bad.stderr
+    for done in (no_redis, wrong, bad):
+        assert "Traceback" not in done.stdout + done.stderr

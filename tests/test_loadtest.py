@@ -21,7 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUTES = {"/v1/recommend", "/v1/events", "/v1/items", "/v1/users/[user_id]/history"}
 # The small shares (about 1-2% each; a retirement needs 10 ingested items first): a short run
 # may make none of them, but what it makes must not fail.
-RARE_ROUTES = {"/v1/recommend (filtered)", "/v1/items/[item_id]/similar", "/v1/items/[item_id]"}
+RARE_ROUTES = {
+    "/v1/recommend (filtered)",
+    "/v1/items/[item_id]/similar",
+    "/v1/items/[item_id]",
+    "/v1/users/[user_id]",
+}
 
 pytestmark = pytest.mark.slow
 

@@ -121,6 +121,56 @@ def test_event_ids_make_retries_idempotent(service: Service, catalog: list[Any])
     assert len(service.get("/v1/users/retry-user/history").json()["events"]) == 2
 
 
+def test_erase_user_removes_history_and_event_ids(service: Service, catalog: list[Any]) -> None:
+    user = "erase/me 1"  # a slash and a space: ids in paths are whole path tails
+    path = "/v1/users/erase%2Fme%201"
+    events = [
+        {"user_id": user, "item_id": catalog[n].item_id, "ts": 1_300_000_000 + n, "event_id": n}
+        for n in range(3)
+    ]
+    assert service.post("/v1/events", events, headers=AUTH).json()["duplicates"] == 0
+    other = {"user_id": "erase-bystander", "item_id": catalog[0].item_id}
+    assert service.post("/v1/events", other, headers=AUTH).status_code == 200
+
+    assert_error(service.http.delete(path), 401)  # the write key, like every write
+    assert len(service.get(f"{path}/history").json()["events"]) == 3  # nothing erased
+    r = service.http.delete(path, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body == {
+        "user_id": user,
+        "history_events": 3,
+        "event_ids": 3,
+        "request_id": r.headers["x-request-id"],
+    }
+    assert service.get(f"{path}/history").json()["events"] == []
+    rec = service.post("/v1/recommend", {"user_id": user, "k": 3}).json()
+    assert rec["fallback"] == "popular" and rec["history_len"] == 0
+    # The remembered event ids went too: the same events again are stored, not duplicates.
+    assert service.post("/v1/events", events, headers=AUTH).json()["duplicates"] == 0
+    assert len(service.get("/v1/users/erase-bystander/history").json()["events"]) == 1
+
+    # Erasing a user the store does not know (or twice) is no error.
+    again = service.http.delete("/v1/users/never-was-here", headers=AUTH)
+    assert again.status_code == 200
+    assert again.json()["history_events"] == again.json()["event_ids"] == 0
+    assert_error(service.http.delete("/v1/users/bad%01id", headers=AUTH), 422, "user_id")
+    assert_error(service.http.delete("/v1/users/" + "x" * 300, headers=AUTH), 422, "user_id")
+    for raw in ("%00", "%ff", "..%2F..", ""):
+        assert service.http.delete(f"/v1/users/{raw}", headers=AUTH).status_code < 500, raw
+
+    # A user id may end in "/history": the route (and its metrics label) is the DELETE one.
+    assert service.http.delete("/v1/users/u/history", headers=AUTH).json()["user_id"] == (
+        "u/history"
+    )
+    metrics = service.get("/metrics").text
+    assert 'method="DELETE",route="/v1/users/{user_id}",status="200"' in metrics
+    assert 'method="DELETE",route="/v1/users/{user_id}/history"' not in metrics
+    spec = service.get("/openapi.json").json()["paths"]["/v1/users/{user_id}"]["delete"]
+    assert spec["security"] == [{"apiKey": []}]
+    assert {"200", "401", "422", "503"} <= set(spec["responses"])
+
+
 def test_history_is_capped(service: Service, catalog: list[Any]) -> None:
     events = [
         {"user_id": "cap-user", "item_id": catalog[n % 10].item_id, "ts": n} for n in range(70)

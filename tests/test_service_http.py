@@ -174,6 +174,7 @@ def test_the_read_key_does_not_write_and_health_stays_open(
     assert (
         service.post("/v1/items", {"item_id": "k", "title": "t"}, headers=READ).status_code == 401
     )
+    assert service.http.delete("/v1/users/u", headers=READ).status_code == 401  # erasing writes
     for path in ("/healthz", "/readyz", "/metrics", f"/v1/items/{item_ids[0]}"):
         assert service.get(path).status_code == 200, path
 
@@ -365,6 +366,7 @@ def test_openapi_documents_404_metrics_text_and_keys(openapi: dict[str, Any]) ->
         ("/v1/users/{user_id}/history", "get"),
         ("/v1/events", "post"),
         ("/v1/items", "post"),
+        ("/v1/users/{user_id}", "delete"),
     ):
         assert paths[path][method]["security"] == [{"apiKey": []}], path
     for path in ("/healthz", "/readyz", "/metrics", "/v1/items/{item_id}"):
@@ -380,6 +382,7 @@ def test_metrics_are_text_and_405_names_the_allowed_methods(service: Service) ->
         ("PUT", "/v1/items/x", {"GET", "DELETE"}),
         ("POST", "/v1/items/x/similar", {"GET"}),
         ("POST", "/healthz", {"GET"}),
+        ("GET", "/v1/users/x", {"DELETE"}),
     ):
         r = service.http.request(method, path, headers=WRITE)
         assert r.status_code == 405, (method, path)

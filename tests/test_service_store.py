@@ -348,3 +348,33 @@ def test_core_flows_on_a_redis_cluster(
     b.start()
     assert tuple(b.get("/v1/items/cl-item-1").json()["sid"]) == sids[1]
     assert b.get("/readyz").status_code == 200
+
+
+def test_bulk_load_and_erase_on_a_redis_cluster(redis_cluster: RedisClusterServers) -> None:
+    """The history store's bulk replace (one pipeline over every node) and erase (a script on
+    the user's slot) on a real 3-master cluster."""
+    from redis.asyncio.cluster import RedisCluster
+
+    from sidrec.service.history_store import Event, RedisHistoryStore
+
+    async def scenario() -> None:
+        client = RedisCluster.from_url(redis_cluster.url)
+        try:
+            store = RedisHistoryStore(client, "clh:", history_len=3, event_id_ttl_s=60)
+            data = [(f"user-{u}", [(f"i{j}", 100 + j) for j in range(u + 1)]) for u in range(12)]
+            for _ in range(2):  # idempotent
+                assert await store.replace(data) == sum(min(u + 1, 3) for u in range(12))
+            assert await store.history("user-7") == [("i5", 105), ("i6", 106), ("i7", 107)]
+            await store.append([Event("user-7", "i0", 200, "e-1")])
+            erased = await store.erase("user-7")
+            assert (erased.history_events, erased.event_ids) == (3, 1)
+            assert await store.history("user-7") == []
+            assert await store.append([Event("user-7", "i0", 200, "e-1")]) == 1  # id forgotten
+            assert await store.history("user-8") == [("i6", 106), ("i7", 107), ("i8", 108)]
+        finally:
+            await client.aclose()
+
+    cluster = redis_cluster.client()
+    nodes = {cluster.get_node_from_key(f"clh:hist:{{user-{u}}}").name for u in range(12)}
+    assert len(nodes) == 3  # the users really are spread over the three masters
+    asyncio.run(scenario())
