@@ -56,6 +56,17 @@ class RelativeBias(nn.Module):
         """[B, N] x 2 -> int64 [B, N, N]: the same for every block, so HSTU computes it once."""
         return time_buckets(next_ts[:, :, None] - ts[:, None, :], self.num_buckets)
 
+    def row(self, n: int, query: torch.Tensor, buckets: torch.Tensor | None) -> torch.Tensor:
+        """The bias of one query row per sequence: query [B] int64 positions -> [B, N]
+        (from_buckets(n, buckets)[b, query[b]], without the other rows)."""
+        positions = torch.arange(n, device=self.pos_w.device)
+        rel = self.padded_len - 1 + positions[None, :] - query[:, None]  # [B, N], j - i
+        bias = F.embedding(rel, self.pos_w[:, None]).squeeze(-1)  # [B, N]
+        if self.use_time and buckets is not None:
+            picked = buckets.gather(1, query.view(-1, 1, 1).expand(-1, 1, n)).squeeze(1)
+            bias = bias + F.embedding(picked, self.ts_w[:, None]).squeeze(-1)  # [B, N]
+        return bias
+
     def from_buckets(self, n: int, buckets: torch.Tensor | None) -> torch.Tensor:
         positions = torch.arange(n, device=self.pos_w.device)
         rel = self.padded_len - 1 + positions[None, :] - positions[:, None]  # [N, N], j - i
@@ -139,29 +150,46 @@ class HSTUBlock(nn.Module):
         buckets: torch.Tensor | None,
         attn_mask: torch.Tensor,
         attn_divisor: torch.Tensor | float,
+        query: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # x: [B, N, d]; buckets: [B, N, N] time-gap buckets (None without time);
         # attn_mask: [B, N, N] float, 1 = query may see key; attn_divisor: [B, 1, 1, 1] or a
-        # constant (see HSTU's attn_norm)
+        # constant (see HSTU's attn_norm). query: [B] int64: compute only that position's
+        # output (serving reads one row of the last block), -> [B, 1, d]; else [B, N, d].
         b, n, _ = x.shape
-        h = self.num_heads
+        h, hv, hq = self.num_heads, self.num_heads * self.dv, self.num_heads * self.dqk
         normed = F.layer_norm(x, (self.d,), eps=LN_EPS)
-        uvqk = F.silu(normed @ self.uvqk)
-        u, v, q, k = torch.split(uvqk, [h * self.dv, h * self.dv, h * self.dqk, h * self.dqk], -1)
-        q = q.view(b, n, h, self.dqk)
+        if query is None:
+            uvqk = F.silu(normed @ self.uvqk)
+            u, v, q, k = torch.split(uvqk, [hv, hv, hq, hq], -1)
+            bias = self.rel_bias.from_buckets(n, buckets)  # [B or 1, N, N]
+            rows = x
+        else:
+            # The query rows' U and Q, every row's V and K: the weight's columns are [U|V|Q|K].
+            pick = query.view(b, 1, 1)
+            rows = x.gather(1, pick.expand(b, 1, self.d))  # [B, 1, d]
+            normed_rows = normed.gather(1, pick.expand(b, 1, self.d))
+            u = F.silu(normed_rows @ self.uvqk[:, :hv])  # [B, 1, h * dv]
+            q = F.silu(normed_rows @ self.uvqk[:, 2 * hv : 2 * hv + hq])  # [B, 1, h * dqk]
+            v = F.silu(normed @ self.uvqk[:, hv : 2 * hv])  # [B, N, h * dv]
+            k = F.silu(normed @ self.uvqk[:, 2 * hv + hq :])  # [B, N, h * dqk]
+            bias = self.rel_bias.row(n, query, buckets)[:, None]  # [B, 1, N]
+            attn_mask = attn_mask.gather(1, pick.expand(b, 1, n))  # [B, 1, N]
+        m = rows.shape[1]  # query rows: N, or 1
+        q = q.view(b, m, h, self.dqk)
         k = k.view(b, n, h, self.dqk)
         v = v.view(b, n, h, self.dv)
-        scores = torch.einsum("bnhd,bmhd->bhnm", q, k)  # [B, h, N, N], no 1/sqrt(dqk)
-        scores = scores + self.rel_bias.from_buckets(n, buckets)[:, None].to(scores.dtype)
+        scores = torch.einsum("bnhd,bmhd->bhnm", q, k)  # [B, h, M, N], no 1/sqrt(dqk)
+        scores = scores + bias[:, None].to(scores.dtype)
         scores = F.silu(scores) / attn_divisor * attn_mask[:, None]
         # the reference's attn_dropout_rate: drops whole query-key weights (0 on ML-1M)
         scores = F.dropout(scores, p=self.attn_dropout, training=self.training)
-        attn = torch.einsum("bhnm,bmhd->bnhd", scores, v).reshape(b, n, h * self.dv)
-        y = u * F.layer_norm(attn, (h * self.dv,), eps=LN_EPS)  # [B, N, h * dv]
-        x = x + self.out(F.dropout(y, p=self.dropout, training=self.training))
+        attn = torch.einsum("bhnm,bmhd->bnhd", scores, v).reshape(b, m, hv)
+        y = u * F.layer_norm(attn, (hv,), eps=LN_EPS)  # [B, M, h * dv]
+        out = rows + self.out(F.dropout(y, p=self.dropout, training=self.training))
         if self.ffn_mult:
-            x = x + F.dropout(self.ffn(x), p=self.dropout, training=self.training)  # [B, N, d]
-        return x
+            out = out + F.dropout(self.ffn(out), p=self.dropout, training=self.training)
+        return out  # [B, M, d]
 
 
 class HSTU(nn.Module):
@@ -225,8 +253,15 @@ class HSTU(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, ts: torch.Tensor, next_ts: torch.Tensor, mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        ts: torch.Tensor,
+        next_ts: torch.Tensor,
+        mask: torch.Tensor,
+        query: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # query [B] int64: only that position's output, [B, d] (the last block computes one
+        # row; the earlier ones all, since it reads every key and value)
         n = x.shape[1]
         positions = torch.arange(n, device=x.device)
         x = x * math.sqrt(self.d) + self.pos_emb(positions)[None]  # [B, N, d]
@@ -240,8 +275,11 @@ class HSTU(nn.Module):
         divisor: torch.Tensor | float = float(self.padded_len)
         if self.attn_norm == "length":
             divisor = mask.sum(1).clamp(min=1).to(x.dtype)[:, None, None, None]  # [B, 1, 1, 1]
-        for block in self.blocks:
-            x = block(x, buckets, attn_mask, divisor)
+        for i, block in enumerate(self.blocks):
+            final = i == len(self.blocks) - 1
+            x = block(x, buckets, attn_mask, divisor, query if final else None)
+        if query is not None:
+            x = x[:, 0]  # [B, d]
         if self.scoring == "dot":
             return self.out_norm(x)
         return F.normalize(x, dim=-1, eps=LN_EPS)
@@ -276,5 +314,5 @@ class UserEncoder(nn.Module):
         shifted = torch.cat([timestamps[:, 1:], timestamps[:, -1:]], dim=1)  # [B, N]
         is_last = positions[None, :] == last[:, None]  # [B, N]
         next_ts = torch.where(is_last, query_time[:, None].expand(b, n), shifted)
-        out = self.hstu(item_vectors, timestamps, next_ts, mask)  # [B, N, d]
-        return out.gather(1, last.view(b, 1, 1).expand(b, 1, d)).view(-1, d)  # [B, d]
+        out = self.hstu(item_vectors, timestamps, next_ts, mask, query=last)  # [B, d]
+        return out.reshape(-1, d)  # a fixed d for the ONNX output

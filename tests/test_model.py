@@ -256,6 +256,20 @@ def test_gradients_reach_every_parameter(options: dict[str, Any]) -> None:
     assert (x.grad[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("options", [{}, {"use_time": False}, SASREC_PIECES])
+def test_one_query_row_equals_that_row_of_the_full_output(options: dict[str, Any]) -> None:
+    # Serving computes only the position it reads in the last block (one query row, its bias
+    # row); that must be the full forward's row, for any position and length.
+    model = small_hstu(**options)
+    x, ts, next_ts = random_batch(4, 9)
+    mask = torch.arange(9)[None] < torch.tensor([[9], [4], [1], [7]])
+    query = torch.tensor([8, 3, 0, 2])  # the last real position, and one in the middle
+    full = model(x, ts, next_ts, mask)
+    one = model(x, ts, next_ts, mask, query=query)
+    assert one.shape == (4, D)
+    torch.testing.assert_close(one, full[torch.arange(4), query], rtol=0, atol=1e-6)
+
+
 def test_user_encoder_reads_last_real_position_with_query_time() -> None:
     model = small_hstu()
     encoder = UserEncoder(model)

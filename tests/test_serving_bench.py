@@ -159,3 +159,12 @@ def test_serving_bench_prints_every_row_with_sane_numbers(
     assert {num(r, "value") for r in scale if "flat" in r["measurement"]} == {1.0}
     assert num(by_name[("scale", "3,000 uniform, hnsw M=32 efSearch=64, k=10")], "value") > 0.8
     assert "targets:" in done.stdout and "e2e p50 / floor p50" in done.stdout
+
+
+def test_last_row_bench_compares_the_two_encoder_graphs(capsys) -> None:
+    from loadtests import last_row_bench
+
+    last_row_bench.main()  # asserts the graphs give the same vectors
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 32"]
+    assert all("all rows" in line and "last row only" in line for line in lines)
