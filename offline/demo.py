@@ -1,15 +1,17 @@
 """The README's main job, second half: serve a bundle and show a real HTTP exchange.
 
 Starts `sidrec serve` as a child process (in-process history store unless SIDREC_REDIS_URL is
-set) with the training data's histories loaded into its store (SIDREC_HISTORIES for the
-in-process store, `service/history_load.py` straight into Redis), then: recommendations for a
-user the model was trained on, an event appended, a brand-new item ingested from its text, and
-that item showing up for a user whose history is about the same thing.
+set) with the training data's histories loaded into its store (`sidrec serve --histories DIR`
+for the in-process store, `sidrec histories load` into Redis first), then: recommendations for
+a user the model was trained on, an event appended, a brand-new item ingested from its text,
+and that item showing up for a user whose history is about the same thing.
+
+Only HTTP and the `sidrec` command connect it to the service: the offline side never imports
+`sidrec.service` (docs/internals.md).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -84,29 +86,14 @@ def _show(title: str, answer: dict[str, Any], titles: dict[str, str], mark: str 
     console.print(table)
 
 
-def _load_into_redis(histories: Path) -> None:
-    """SIDREC_REDIS_URL is set: the service reads Redis, so the histories go there first (what
-    `sidrec histories load` does)."""
-    from sidrec.service.history_load import load_histories, read_interactions
-    from sidrec.service.history_store import RedisHistoryStore
-    from sidrec.service.settings import Settings
-    from sidrec.service.store import connect
-
-    settings = Settings()
-    data = read_interactions(histories)
-
-    async def write() -> int:
-        redis = connect(settings)
-        try:
-            store = RedisHistoryStore(
-                redis, settings.key_prefix, settings.history_len, settings.event_id_ttl_s
-            )
-            return (await load_histories(store, data, settings.history_len)).events
-        finally:
-            await redis.aclose()
-
-    events = asyncio.run(write())
-    console.print(f"{events:,} events of {len(data.users):,} users loaded into Redis")
+def _load_into_redis(histories: Path, bundle_dir: Path, env: dict[str, str]) -> None:
+    """SIDREC_REDIS_URL is set: the service reads Redis, so the histories go there first, with
+    the command a user runs (its progress and events/s lines show here)."""
+    command = [sys.executable, "-m", "sidrec.cli", "histories", "load", "--data", str(histories)]
+    command += ["--bundle", str(bundle_dir)]
+    done = subprocess.run(command, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"sidrec histories load exited with code {done.returncode}")
 
 
 def run_demo(
@@ -127,8 +114,8 @@ def run_demo(
     env = {**os.environ, "SIDREC_BUNDLE": str(bundle_dir), "SIDREC_PORT": str(port)}
     env.setdefault("SIDREC_HOST", "127.0.0.1")
     if histories is not None and env.get("SIDREC_REDIS_URL"):
-        _load_into_redis(histories)
-    elif histories is not None:
+        _load_into_redis(histories, bundle_dir, env)
+    elif histories is not None:  # `sidrec serve` reads the folder into its in-process store
         env["SIDREC_HISTORIES"] = str(histories)
     process = subprocess.Popen([sys.executable, "-m", "sidrec.cli", "serve"], env=env)
     try:

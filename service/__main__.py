@@ -7,7 +7,7 @@ import sys
 from pydantic import ValidationError
 
 from sidrec.bundle import BundleError
-from sidrec.offline.data.dataset import DataError
+from sidrec.histories_file import HistoriesFileError
 
 from .runtime import ProviderError
 from .server import serve
@@ -28,7 +28,7 @@ def main() -> int:
     except ProviderError as e:
         print(f"sidrec serve: {e}", file=sys.stderr)
         return 2
-    except DataError as e:
+    except HistoriesFileError as e:
         print(f"sidrec serve: SIDREC_HISTORIES: {e}", file=sys.stderr)
         return 2
     return 0

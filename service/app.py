@@ -28,13 +28,14 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidrec.bundle import load_bundle
+from sidrec.histories_file import read_histories
 from sidrec.sid_codebook import Codebooks
 
 from . import metrics
 from .batching import RankBatcher
 from .catalog import Catalog, MemoryCatalogStore, RedisCatalogStore, bundle_score_scales
 from .deps import ApiError, Services, error_list, route_access
-from .history_load import load_histories, read_interactions
+from .history_load import load_histories
 from .history_store import HistoryStore, MemoryHistoryStore, RedisHistoryStore
 from .retrieval import IndexSpec, ItemTable
 from .routers import events, health, items, recommend, users
@@ -134,11 +135,11 @@ def build_services(settings: Settings) -> Services:
 
 
 async def bootstrap_histories(store: HistoryStore, settings: Settings) -> None:
-    """SIDREC_HISTORIES: fill the in-process store before the first request (the settings
-    refuse it with Redis, which `sidrec histories load` fills once for every worker)."""
+    """SIDREC_HISTORIES: fill the in-process store from the histories file before the first
+    request (the settings refuse it with Redis, which `sidrec histories load` fills once for
+    every worker)."""
     assert settings.histories is not None
-    data = read_interactions(settings.histories)
-    report = await load_histories(store, data, settings.history_len)
+    report = await load_histories(store, read_histories(settings.histories))
     log.info(
         "histories: %d events of %d users loaded from %s into the %s store (%.1f s)",
         report.events,

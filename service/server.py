@@ -17,8 +17,8 @@ from pathlib import Path
 import uvicorn
 
 from sidrec.bundle import load_bundle
+from sidrec.histories_file import check_histories
 
-from .history_load import check_data
 from .metrics import MULTIPROC_ENV
 from .runtime import check_engine
 from .settings import Settings
@@ -47,8 +47,8 @@ def prepare_multiprocess_metrics() -> Path:
 def serve(settings: Settings | None = None) -> None:
     """Run the service until interrupted. Raises BundleError (naming the file) on a bad bundle
     or one without model.pt for SIDREC_ENGINE=torch, ProviderError when SIDREC_DEVICE=cuda
-    (or PyTorch for the torch engine or index) cannot be had, DataError when SIDREC_HISTORIES
-    is not a data folder."""
+    (or PyTorch for the torch engine or index) cannot be had, HistoriesFileError (file and
+    line) when SIDREC_HISTORIES is not a readable histories file."""
     settings = settings or Settings()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
@@ -57,7 +57,7 @@ def serve(settings: Settings | None = None) -> None:
     bundle = load_bundle(settings.bundle)
     check_engine(bundle, settings.engine, settings.device, settings.index)
     if settings.histories is not None:
-        check_data(settings.histories)
+        check_histories(settings.histories)
     os.environ.update(settings_to_env(settings))
     metrics_dir = None
     if settings.workers > 1:

@@ -19,9 +19,11 @@ class Settings(BaseSettings):
     # Unset = histories and ingested items live in this process only and die with it. Fine for
     # a demo; start-up says so loudly. Several workers or replicas need Redis.
     redis_url: str | None = None
-    # A data folder (any format `sidrec train --data` reads) whose interactions fill the
-    # in-process store at start, newest history_len per user: how `make demo` serves the users
-    # it trained on. Redis is filled once with `sidrec histories load` instead.
+    # A histories file (JSON lines, sidrec/histories_file.py; `sidrec histories load --out`
+    # writes one from a data set) that fills the in-process store at start, newest history_len
+    # per user: how `make demo` serves the users it trained on (`sidrec serve --histories DIR`
+    # writes the file from the data folder itself). Redis is filled once with
+    # `sidrec histories load` instead.
     histories: Path | None = None
     # Every Redis key starts with this, so several deployments can share one Redis.
     key_prefix: str = "sidrec:"

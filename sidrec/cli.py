@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:  # PyTorch comes with it: imported only where a command runs
+    from sidrec.histories_file import UserHistory
     from sidrec.offline.pipeline import Steps
 
 T = TypeVar("T")
@@ -143,9 +144,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pydantic import ValidationError
 
     from sidrec.bundle import BundleError
+    from sidrec.histories_file import HistoriesFileError
     from sidrec.offline.data.dataset import DataError  # plain numpy: fine in a service install
 
-    errors: tuple[type[Exception], ...] = (BundleError, DataError, ValidationError)
+    errors: tuple[type[Exception], ...] = (
+        BundleError,
+        DataError,
+        HistoriesFileError,
+        ValidationError,
+    )
     try:
         from sidrec.service.runtime import ProviderError
     except ImportError:
@@ -473,6 +480,13 @@ def histories_load(
             "apply too)."
         ),
     ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a histories file (JSON lines, .jsonl) instead of loading Redis: what "
+            "SIDREC_HISTORIES / `sidrec serve --histories FILE` load into the in-process store."
+        ),
+    ] = None,
     history_len: Annotated[
         int | None,
         typer.Option(min=1, help="Events kept per user (env SIDREC_HISTORY_LEN, default 200)."),
@@ -489,40 +503,50 @@ def histories_load(
 ) -> None:
     """Load a data set's interactions into the service's Redis: each user's newest
     SIDREC_HISTORY_LEN events, replacing what the store held for that user (a re-run stores
-    the same lists). The in-process store is filled by `sidrec serve --histories DIR`."""
+    the same lists). The in-process store is filled by `sidrec serve --histories DIR` (or
+    from a file this command writes with --out)."""
     progress = _progress(log_format)
-    _run(_load_histories, data, redis_url, history_len, bundle, tie_order, progress)
+    _run(_load_histories, data, redis_url, out, history_len, bundle, tie_order, progress)
 
 
 def _load_histories(
     data: str,
     redis_url: str | None,
+    out_file: Path | None,
     history_len: int | None,
     bundle: Path | None,
     tie_order: str,
     progress: bool,
 ) -> None:
+    """The composition the rule asks for (docs/internals.md): the offline side reads the
+    data, the service side stores it; neither imports the other."""
     import asyncio
     import time
 
-    import numpy as np
     from tqdm import tqdm
 
     from sidrec.bundle import load_bundle
+    from sidrec.histories_file import SUFFIX, is_histories_file, write_histories
     from sidrec.offline.data.dataset import DataError
+    from sidrec.offline.histories import read_interactions, unknown_events, user_histories
     from sidrec.offline.pipeline import make_console
-    from sidrec.service.history_load import load_histories, read_interactions
+    from sidrec.service.history_load import LoadReport, load_histories
     from sidrec.service.history_store import RedisHistoryStore
     from sidrec.service.settings import Settings
     from sidrec.service.store import connect
 
+    if out_file is not None and redis_url:
+        raise DataError("--out", "give --redis-url or --out, not both")
+    if out_file is not None and not is_histories_file(out_file):
+        raise DataError(out_file, f"a histories file's name ends in {SUFFIX}")
     overrides: dict[str, Any] = {"redis_url": redis_url, "history_len": history_len}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    if not settings.redis_url:
+    if out_file is None and not settings.redis_url:
         raise DataError(
             "--redis-url",
             "no Redis given (nor SIDREC_REDIS_URL); the in-process store lives in the serving "
-            "process: start it with `sidrec serve --histories DIR` instead",
+            "process: start it with `sidrec serve --histories DIR` instead (or write a file "
+            "for it with --out FILE.jsonl)",
         )
     out = make_console()  # one line each in a log file, as the offline commands print
     known = None
@@ -536,44 +560,80 @@ def _load_histories(
         f"{interactions.num_events:,} events (read in {read_s:.1f} s); keeping the newest "
         f"{settings.history_len} per user"
     )
+    unknown = 0
     if known is not None:
         # A bundle trained on other data shares few ids with this one: refuse before writing
         # histories the service would mostly skip.
-        lacking = np.array([False] + [i not in known for i in interactions.catalog.ids])
-        unknown = sum(int(lacking[s].sum()) for s in interactions.sequences)
+        unknown = unknown_events(interactions, known)
         if unknown > interactions.num_events / 2:
             raise DataError(
                 bundle,
                 f"{unknown:,} of {interactions.num_events:,} events name items this bundle "
                 "lacks: was it trained on this data?",
             )
+    histories = user_histories(interactions, settings.history_len, known)
+    bar = tqdm(total=len(interactions.users), unit="user", disable=not progress)
 
-    async def write() -> Any:
-        redis = connect(settings)
-        store = RedisHistoryStore(
-            redis, settings.key_prefix, settings.history_len, settings.event_id_ttl_s
-        )
-        bar = tqdm(total=len(interactions.users), unit="user", disable=not progress)
+    if out_file is not None:
+
+        def ticking() -> Iterator[UserHistory]:
+            for user in histories:
+                yield user
+                bar.update(1)
+
+        started = time.perf_counter()
         try:
-            return await load_histories(
-                store, interactions, settings.history_len, known, advance=bar.update
-            )
+            users, events = write_histories(out_file, ticking())
         finally:
             bar.close()
-            await redis.aclose()
+        report = LoadReport(users, events, time.perf_counter() - started)
+        where = f"to {out_file}"
+    else:
 
-    report = asyncio.run(write())
-    if known is not None and report.unknown_items:
-        share = report.unknown_items / max(interactions.num_events, 1)
-        out.print(
-            f"skipped {report.unknown_items:,} events ({share:.1%}) of items the bundle lacks"
-        )
-    where = settings.redis_url.split("@")[-1]  # no password in the output
+        async def write() -> LoadReport:
+            redis = connect(settings)
+            store = RedisHistoryStore(
+                redis, settings.key_prefix, settings.history_len, settings.event_id_ttl_s
+            )
+            try:
+                return await load_histories(store, histories, advance=bar.update)
+            finally:
+                bar.close()
+                await redis.aclose()
+
+        report = asyncio.run(write())
+        assert settings.redis_url is not None
+        # no password in the output
+        where = f"into {settings.redis_url.split('@')[-1]} (prefix {settings.key_prefix!r})"
+    if unknown:
+        share = unknown / max(interactions.num_events, 1)
+        out.print(f"skipped {unknown:,} events ({share:.1%}) of items the bundle lacks")
+    verb = "wrote" if out_file is not None else "loaded"
     out.print(
-        f"loaded {report.events:,} events of {report.users:,} users into {where} "
-        f"(prefix {settings.key_prefix!r}) in {report.seconds:.2f} s: "
-        f"[bold]{report.events_per_s:,.0f} events/s[/]"
+        f"{verb} {report.events:,} events of {report.users:,} users {where} "
+        f"in {report.seconds:.2f} s: [bold]{report.events_per_s:,.0f} events/s[/]"
     )
+
+
+def _histories_file_for(data: Path, history_len: int, folder: Path) -> Path:
+    """`sidrec serve --histories DIR`: the data folder's newest `history_len` events per user
+    as a histories file in `folder`, the form the service loads (SIDREC_HISTORIES)."""
+    import time
+
+    from sidrec.histories_file import write_histories
+    from sidrec.offline.histories import check_data, read_interactions, user_histories
+
+    started = time.perf_counter()
+    check_data(data)  # no 'ml-100k' fetch here: an existing folder, as SIDREC_HISTORIES was
+    interactions = read_interactions(data)
+    path = folder / "histories.jsonl"
+    users, events = write_histories(path, user_histories(interactions, history_len))
+    # stderr with the service's log lines, unwrapped (a path to copy)
+    err.print(
+        f"histories: {events:,} events of {users:,} users from {data} (newest {history_len} "
+        f"per user; read in {time.perf_counter() - started:.1f} s)"
+    )
+    return path
 
 
 @app.command()
@@ -590,12 +650,19 @@ def serve(
     histories: Annotated[
         Path | None,
         typer.Option(
-            help="Data folder whose interactions fill the in-process store at start, newest "
-            "SIDREC_HISTORY_LEN per user (env SIDREC_HISTORIES; for Redis: sidrec histories load)."
+            help="Data folder (any format `sidrec train --data` reads) or histories file "
+            "(.jsonl, from `sidrec histories load --out`) that fills the in-process store at "
+            "start, newest SIDREC_HISTORY_LEN per user (env SIDREC_HISTORIES; for Redis: "
+            "sidrec histories load)."
         ),
     ] = None,
 ) -> None:
     """Serve a bundle over HTTP (FastAPI + ONNX Runtime + FAISS)."""
+    import shutil
+    import signal
+    import tempfile
+
+    from sidrec.histories_file import is_histories_file
     from sidrec.service.server import serve as run_server
     from sidrec.service.settings import Settings
 
@@ -611,7 +678,27 @@ def serve(
         }.items()
         if v is not None
     }
-    _run(lambda: run_server(Settings(**overrides)))
+    settings = _run(lambda: Settings(**overrides))
+    if settings.histories is None or is_histories_file(settings.histories):
+        _run(run_server, settings)
+        return
+    # A data folder: the service reads only histories files (it never imports the offline
+    # readers), so the folder is read here and handed over as one, removed on exit.
+    with tempfile.TemporaryDirectory(prefix="sidrec-histories-") as folder:
+
+        def remove_then_stop(sig: int, frame: Any) -> None:
+            # uvicorn stops gracefully on SIGTERM, then raises it again to die of it, which
+            # skips `finally`: remove the folder here first.
+            shutil.rmtree(folder, ignore_errors=True)
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+
+        previous = signal.signal(signal.SIGTERM, remove_then_stop)
+        try:
+            path = _run(_histories_file_for, settings.histories, settings.history_len, Path(folder))
+            _run(run_server, settings.model_copy(update={"histories": path}))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

@@ -8,9 +8,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import RedisServer, write_synthetic_dataset
 
@@ -113,11 +115,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("store", ["memory", "redis"])
 def test_demo_exchange_against_a_served_bundle(
-    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    store: str,
+    bundle_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
 ) -> None:
     # The data the session's bundle was trained on (conftest: same generator, same seed),
-    # loaded into the in-process store (SIDREC_HISTORIES) as `make demo` does.
+    # loaded as `make demo` does: into the in-process store (`sidrec serve --histories`), or
+    # with SIDREC_REDIS_URL set into Redis (`sidrec histories load`) before serving.
+    if store == "redis":
+        monkeypatch.setenv("SIDREC_REDIS_URL", redis_server.url)
+    else:
+        monkeypatch.delenv("SIDREC_REDIS_URL", raising=False)
     write_synthetic_dataset(tmp_path / "data")
     run_demo(bundle_dir, port=_free_port(), histories=tmp_path / "data", user="u0")
     out = capsys.readouterr().out
@@ -228,6 +241,94 @@ def test_histories_load_into_redis(
     assert [(e["item_id"], e["ts"]) for e in history] == stored[0][users[0]]
 
 
+def _newest(data: Path, history_len: int) -> dict[str, list[tuple[str, int]]]:
+    """Each user's newest `history_len` (item_id, ts) of the data set, oldest first."""
+    from sidrec.offline.data.load import load_dataset
+
+    expected = load_dataset(data)
+    assert expected.timestamps is not None
+    return {
+        user_id: [
+            (expected.catalog.ids[r - 1], int(t))
+            for r, t in zip(
+                expected.sequences[u][-history_len:],
+                expected.timestamps[u][-history_len:],
+                strict=True,
+            )
+        ]
+        for u, user_id in enumerate(expected.users)
+    }
+
+
+def test_histories_file_into_the_in_process_store(
+    tmp_path: Path, bundle_dir: Path, start_service: Any
+) -> None:
+    # `sidrec histories load --out` writes the service's own histories file; the service
+    # (`python -m sidrec.service`, no CLI, no pandas needed) loads it with SIDREC_HISTORIES.
+    data, out = tmp_path / "data", tmp_path / "histories.jsonl"
+    write_synthetic_dataset(data)
+    args = ["histories", "load", "--data", str(data), "--out", str(out), "--history-len", "12"]
+    done = sidrec(*args, "--bundle", str(bundle_dir), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    want = _newest(data, 12)
+    last = done.stdout.strip().splitlines()[-1]
+    events = sum(len(e) for e in want.values())
+    assert last.startswith(f"wrote {events:,} events of 600 users to {out} in "), last
+    assert last.endswith(" events/s") and "\r" not in done.stdout + done.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 600
+    assert json.loads(lines[0]) == {"user_id": "u0", "events": [list(e) for e in want["u0"]]}
+
+    service = start_service(histories=out, history_len=10)  # the store keeps its newest 10
+    for user in ("u0", "u599"):
+        history = service.get(f"/v1/users/{user}/history").json()["events"]
+        assert [(e["item_id"], e["ts"]) for e in history] == want[user][-10:]
+    rec = service.post("/v1/recommend", {"user_id": "u0", "k": 5}).json()
+    assert rec["fallback"] is None and rec["history_len"] == 10, rec
+
+
+def test_serve_histories_from_a_data_folder(tmp_path: Path, bundle_dir: Path) -> None:
+    # `sidrec serve --histories DIR`: the CLI reads the folder (offline readers) and hands the
+    # in-process store a histories file; the user of the data is served from their history.
+    data = tmp_path / "data"
+    write_synthetic_dataset(data)
+    port = _free_port()
+    log_path, scratch = tmp_path / "serve.log", tmp_path / "tmp"
+    scratch.mkdir()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sidrec.cli", "serve", "--bundle", str(bundle_dir),
+             "--port", str(port), "--histories", str(data)],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "SIDREC_HISTORY_LEN": "15",
+                 "SIDREC_ORT_THREADS": "1", "TMPDIR": str(scratch)},
+        )  # fmt: skip
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                if http.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        want = _newest(data, 15)
+        history = http.get("/v1/users/u3/history").json()["events"]
+        assert [(e["item_id"], e["ts"]) for e in history] == want["u3"]
+        rec = http.post("/v1/recommend", json={"user_id": "u3", "k": 5}).json()
+        assert rec["fallback"] is None and rec["history_len"] == 15, rec
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    text = log_path.read_text()
+    events = sum(len(e) for e in want.values())
+    assert f"histories: {events:,} events of 600 users from {data}" in text, text
+    assert not list(scratch.glob("sidrec-histories-*"))  # the file handed over is removed
+
+
 def test_histories_load_mistakes_are_one_line_errors(tmp_path: Path, bundle_dir: Path) -> None:
     data = tmp_path / "data"
     write_synthetic_dataset(data, users=20)
@@ -244,8 +345,28 @@ def test_histories_load_mistakes_are_one_line_errors(tmp_path: Path, bundle_dir:
         "--redis-url", "redis://127.0.0.1:1/0", cwd=tmp_path,
     )  # fmt: skip
     assert wrong.returncode == 2 and "was it trained on this data?" in wrong.stderr, wrong.stderr
+    both = sidrec(
+        "histories", "load", "--data", str(data), "--out", str(tmp_path / "h.jsonl"),
+        "--redis-url", "redis://127.0.0.1:1/0", cwd=tmp_path,
+    )  # fmt: skip
+    assert both.returncode == 2 and "give --redis-url or --out, not both" in both.stderr
     bad = sidrec("serve", "--bundle", str(bundle_dir), "--histories", str(tmp_path / "nowhere"),
                  cwd=tmp_path)  # fmt: skip
     assert bad.returncode == 2 and "no such file or directory" in bad.stderr, bad.stderr
-    for done in (no_redis, wrong, bad):
+    # A histories file is checked whole before the service starts: file and line named.
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"user_id": "u", "events": [["1", 5]]}\n{"user_id": "v", "events": 3}\n')
+    malformed = sidrec("serve", "--bundle", str(bundle_dir), "--histories", str(broken),
+                       cwd=tmp_path)  # fmt: skip
+    assert malformed.returncode == 2, malformed.stderr
+    assert f"{broken}, line 2: events: expected a list" in malformed.stderr
+    # The service alone reads histories files only; a data folder is refused, saying what to do.
+    folder = subprocess.run(
+        [sys.executable, "-m", "sidrec.service"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+        env={**os.environ, "SIDREC_BUNDLE": str(bundle_dir), "SIDREC_HISTORIES": str(data)},
+    )  # fmt: skip
+    assert folder.returncode == 2, folder.stderr
+    assert "SIDREC_HISTORIES" in folder.stderr and "--out FILE.jsonl" in folder.stderr
+    for done in (no_redis, wrong, both, bad, malformed, folder):
         assert "Traceback" not in done.stdout + done.stderr

@@ -1,5 +1,6 @@
-"""The service's parts on their own: history stores (Redis and in-process behave alike), the
-atomic SID dedup counter, the item table + FAISS index."""
+"""The service's parts on their own: history stores (Redis and in-process behave alike) and
+their bulk load from a histories file, the atomic SID dedup counter, the item table + FAISS
+index."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,14 @@ import pytest
 from conftest import RedisServer
 from redis.asyncio import Redis
 
+from sidrec.histories_file import (
+    HistoriesFileError,
+    check_histories,
+    read_histories,
+    write_histories,
+)
 from sidrec.service.catalog import GenerationChanged, MemoryCatalogStore, RedisCatalogStore
+from sidrec.service.history_load import load_histories
 from sidrec.service.history_store import Event, MemoryHistoryStore, RedisHistoryStore
 from sidrec.service.retrieval import ItemTable
 
@@ -93,6 +102,70 @@ def test_history_bulk_replace_and_erase(kind: str, redis_server: RedisServer) ->
             assert sorted(await redis.keys("t:*{u}*")) == []  # no key of the user is left
 
     run(scenario, redis_server)
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+def test_load_histories_from_a_histories_file(
+    kind: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # What SIDREC_HISTORIES does at start-up and `sidrec histories load` into Redis: the
+    # service's loader takes (user, events) pairs, here read back from the file format the
+    # offline side writes.
+    given = [
+        ("u", [("a", 1), ("b", 2), ("c 3", 2), ("d", 3)]),
+        ("v", [("x", 0), ("y", 0)]),  # data without time: ts 0, file order kept
+        ("nobody", []),  # not written: nothing to store
+        ("é/1", [("ü", 7)]),
+    ]
+    path = tmp_path / "h.jsonl"
+    assert write_histories(path, given) == (3, 7)
+    assert list(read_histories(path)) == [h for h in given if h[1]]
+    assert check_histories(path) == (3, 7)
+
+    async def scenario(redis: Redis) -> None:
+        store = (
+            RedisHistoryStore(redis, "t:", history_len=3, event_id_ttl_s=60)
+            if kind == "redis"
+            else MemoryHistoryStore(history_len=3, event_id_ttl_s=60)
+        )
+        chunks: list[int] = []
+        for _ in range(2):  # a re-run stores the same lists
+            report = await load_histories(
+                store, read_histories(path), chunk_events=3, advance=chunks.append
+            )
+            assert (report.users, report.events) == (3, 6)
+            assert await store.history("u") == [("b", 2), ("c 3", 2), ("d", 3)]
+            assert await store.history("v") == [("x", 0), ("y", 0)]
+            assert await store.history("é/1") == [("ü", 7)]
+        assert sum(chunks) == 2 * 3 and len(chunks) == 2 * 2  # users per chunk of >= 3 events
+
+    run(scenario, redis_server)
+
+
+def test_histories_file_mistakes_name_file_and_line(tmp_path: Path) -> None:
+    def problem(text: str) -> str:
+        path = tmp_path / "bad.jsonl"
+        path.write_text(text)
+        with pytest.raises(HistoriesFileError) as caught:
+            check_histories(path)
+        return str(caught.value)
+
+    good = '{"user_id": "u", "events": [["a", 1]]}\n'
+    assert problem(good + "\n" + "{oops\n").startswith(
+        f"{tmp_path / 'bad.jsonl'}, line 3: not JSON"
+    )
+    assert "line 2: user_id: expected a non-empty string" in problem(
+        good + '{"user_id": 5, "events": []}\n'
+    )
+    assert 'line 1: expected {"user_id"' in problem('{"user": "u", "events": []}\n')
+    assert "events[1]: expected [item_id (string), ts (int)]" in problem(
+        '{"user_id": "u", "events": [["a", 1], ["b", "2"]]}\n'
+    )
+    assert "events[0]" in problem('{"user_id": "u", "events": [["a", true]]}\n')
+    with pytest.raises(HistoriesFileError, match="No such file or directory"):
+        check_histories(tmp_path / "missing.jsonl")
+    with pytest.raises(HistoriesFileError, match="a folder, not a histories file"):
+        check_histories(tmp_path)
 
 
 def test_event_id_index_forgets_expired_ids(redis_server: RedisServer) -> None:
