@@ -1,4 +1,4 @@
-"""Serving benchmark: component floor, end-to-end HTTP, a naive peer, ratios, catalog scale.
+"""Serving benchmark: component floor, end-to-end HTTP, two peers, ratios, catalog scale.
 
     python -m loadtests.serving_bench --bundle runs/ml-1m-bench/bundle
 
@@ -19,8 +19,14 @@ sidrec   `python -m sidrec.service` (one worker, Redis) as a subprocess: closed-
 naive    loadtests/naive_service.py on the same bundle, Redis and histories: the training
          checkpoint's PyTorch model called eagerly per request + numpy brute-force scoring,
          same FastAPI + uvicorn stack; the same closed-loop /v1/recommend load.
-ratio    sidrec e2e p50 at concurrency 1 / floor total p50; sidrec / naive throughput per
-         level and of each one's best level; naive / sidrec service CPU per request.
+ort      loadtests/ort_service.py on the same bundle, Redis and histories: the straightforward
+         FastAPI + ONNX Runtime + FAISS service (sync route, one ORT run and one FAISS search
+         per request, no batching), ORT on --ort-threads like sidrec; the same closed-loop
+         /v1/recommend load, and a check that it returns sidrec's top-k ids for the first
+         --agree-users users (same query_time, asked sequentially of each service).
+ratio    sidrec e2e p50 at concurrency 1 / floor total p50; sidrec / peer throughput per
+         level and of each one's best level; peer / sidrec service CPU per request (for each
+         peer: naive, ORT).
 scale    synthetic catalogs (--scales items, --vectors uniform and/or clustered unit
          vectors of the bundle's dimension) in service.retrieval.ItemTable: flat (exact) and
          SIDREC_INDEX=hnsw with --hnsw-m / --hnsw-ef-construction at each --ef-search;
@@ -370,6 +376,41 @@ def open_loop(
     return LoadResult(np.array(latencies), elapsed, len(errors), errors[0] if errors else "")
 
 
+def top_ids(url: str, users: int, query_time: int) -> list[tuple[list[str], list[float]]]:
+    """(item ids, scores) of /v1/recommend for the first `users` users, one request each."""
+    import urllib.request
+
+    out = []
+    for u in range(users):
+        body = orjson.dumps({"user_id": USER.format(u), "k": K, "query_time": query_time})
+        request = urllib.request.Request(
+            url + "/v1/recommend", body, {"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            items = orjson.loads(response.read())["items"]
+        out.append(([i["item_id"] for i in items], [float(i["score"]) for i in items]))
+    return out
+
+
+def agreement_row(
+    section: str,
+    ours: list[tuple[list[str], list[float]]],
+    theirs: list[tuple[list[str], list[float]]],
+) -> Row:
+    """The share of users whose top-k ids (in order) the peer returns as sidrec does."""
+    pairs = list(zip(ours, theirs, strict=True))
+    same = [(a, b) for a, b in pairs if a[0] == b[0]]
+    # where the ids agree, how far apart the scores are (float32, two ORT sessions)
+    diff = max((abs(x - y) for a, b in same for x, y in zip(a[1], b[1], strict=True)), default=0.0)
+    return Row(
+        section,
+        f"top-{K} ids equal to sidrec's ({len(ours)} users, same query_time)",
+        n=len(ours),
+        value=len(same) / max(1, len(ours)),
+        note=f"largest score difference {diff:.2g}",
+    )
+
+
 def recommend_body(users: int) -> Callable[[int], bytes]:
     bodies = [orjson.dumps({"user_id": USER.format(u), "k": K}) for u in range(users)]
     return lambda i: bodies[i % users]
@@ -507,8 +548,20 @@ def targets(rows: list[Row], args: argparse.Namespace) -> list[str]:
 
     ratio = find("ratio", "sidrec e2e p50")
     judge("e2e p50 / floor p50", ratio[0].value if ratio else None, 2.0, True)
-    peak = find("ratio", "peak")
+    peak = find("ratio", "peak sidrec / peak naive")
     judge("sidrec / naive throughput (peaks)", peak[0].value if peak else None, 3.0, False)
+    if "ort" not in {s.strip() for s in args.skip.split(",")}:
+        peak = find("ratio", "peak sidrec / peak ORT peer")
+        judge("sidrec / ORT peer throughput (peaks)", peak[0].value if peak else None, 1.5, False)
+        cpu = find("ratio", "ORT peer / sidrec CPU")
+        judge("ORT peer / sidrec CPU per request", cpu[0].value if cpu else None, 1.5, False)
+        agree = find("ort", f"top-{K} ids equal")
+        if agree:
+            same = "met" if agree[0].value == 1.0 else "MISSED"
+            lines.append(
+                f"- ORT peer returns sidrec's top-{K} ids: {agree[0].value:.0%} of "
+                f"{agree[0].n} users (target 100%): {same}"
+            )
     rate = find("sidrec", "POST /v1/recommend open loop")
     if rate:
         judge(f"/v1/recommend p99 ms at {args.rate:g} rps", rate[0].p99, 15.0, True)
@@ -579,7 +632,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SIDREC_NAME=VALUE",
         help="another setting for the sidrec service and the floor, e.g. SIDREC_WORKERS=2",
     )
-    p.add_argument("--skip", default="", help="sections to leave out: floor,sidrec,naive,scale")
+    p.add_argument(
+        "--agree-users",
+        type=int,
+        default=20,
+        help="users whose top-k the ORT peer must return as sidrec does",
+    )
+    p.add_argument("--skip", default="", help="sections to leave out: floor,sidrec,naive,ort,scale")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--out", type=Path, help="also write table.md and results.json here")
     return p.parse_args(argv)
@@ -597,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serving-bench-")))
-        if skip >= {"floor", "sidrec", "naive"}:
+        if skip >= {"floor", "sidrec", "naive", "ort"}:
             redis_url = ""
         else:
             redis_url = stack.enter_context(redis_server(tmp / "redis"))
@@ -607,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
             floor_env = {k[len("SIDREC_") :].lower(): v for k, v in env.items()}
             floor_env["workers"] = "1"  # the floor is one request at a time in this process
             rows += measure_floor(Settings(**floor_env), users, args.requests)
+        agree_users = min(args.agree_users, users)
+        query_time = int(time.time())
+        sidrec_answers: list[tuple[list[str], list[float]]] | None = None
         if "sidrec" not in skip:
             port = free_port()
             with subprocess_service(
@@ -617,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
                 tmp,
                 args.ready_timeout,
             ) as served:
+                sidrec_answers = top_ids(served.url, agree_users, query_time)
                 rows += load_rows("sidrec", served, "/v1/recommend", recommend_body(users), args)
                 cpu_before = served.cpu_s()
                 rate = open_loop(
@@ -639,6 +702,17 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--checkpoint", str(args.checkpoint)]
             with subprocess_service("naive", cmd, {}, port, tmp, args.ready_timeout) as served:
                 rows += load_rows("naive", served, "/v1/recommend", recommend_body(users), args)
+        if "ort" not in skip:
+            port = free_port()
+            cmd = [sys.executable, "-m", "loadtests.ort_service", "--bundle", str(args.bundle)]
+            cmd += ["--redis-url", redis_url, "--key-prefix", KEY_PREFIX, "--port", str(port)]
+            cmd += ["--history-len", str(args.history_len)]
+            cmd += ["--ort-threads", str(args.ort_threads)]
+            with subprocess_service("ort", cmd, {}, port, tmp, args.ready_timeout) as served:
+                if sidrec_answers is not None:
+                    theirs = top_ids(served.url, agree_users, query_time)
+                    rows.append(agreement_row("ort", sidrec_answers, theirs))
+                rows += load_rows("ort", served, "/v1/recommend", recommend_body(users), args)
     rows += ratios(rows, args)
     if "scale" not in skip:
         rows += catalog_scale(args, d)
@@ -650,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{bundle.model['max_len']}; {users} users with {args.history_len}-item histories in "
         f"Redis; {os.cpu_count()} CPU cores; SIDREC_ORT_THREADS={args.ort_threads}, "
         f"{' '.join(args.service_env) + ', ' if args.service_env else ''}"
-        f"naive torch threads {args.torch_threads or 'default'}; k={K}; took {took:.0f} s",
+        f"naive torch threads {args.torch_threads or 'default'}, ORT peer threads "
+        f"{args.ort_threads or 'default'}; k={K}; took {took:.0f} s",
     ]
     table = markdown(rows)
     verdict = targets(rows, args)
@@ -686,15 +761,29 @@ def ratios(rows: list[Row], args: argparse.Namespace) -> list[Row]:
                 value=single.p50 / floor.p50,
             )
         )
-    peaks = []
+    for peer, label in (("naive", "naive"), ("ort", "ORT peer")):
+        out += peer_ratios(rows, args, peer, label)
+    return out
+
+
+def peer_ratios(rows: list[Row], args: argparse.Namespace, peer: str, label: str) -> list[Row]:
+    """sidrec / peer throughput per level and at each one's best; peer / sidrec CPU per
+    request at each one's cheapest level."""
+
+    def one(section: str, measurement: str) -> Row | None:
+        return next(
+            (r for r in rows if r.section == section and r.measurement == measurement), None
+        )
+
+    out, peaks = [], []
     for c in args.concurrency:
         ours = one("sidrec", f"POST /v1/recommend concurrency {c}")
-        theirs = one("naive", f"POST /v1/recommend concurrency {c}")
+        theirs = one(peer, f"POST /v1/recommend concurrency {c}")
         if ours and theirs and ours.rps and theirs.rps:
             out.append(
                 Row(
                     "ratio",
-                    f"sidrec / naive throughput, concurrency {c}",
+                    f"sidrec / {label} throughput, concurrency {c}",
                     value=ours.rps / theirs.rps,
                 )
             )
@@ -702,7 +791,9 @@ def ratios(rows: list[Row], args: argparse.Namespace) -> list[Row]:
     ours_cpu = [
         r for r in rows if r.section == "sidrec" and "/v1/recommend concurrency" in r.measurement
     ]
-    theirs_cpu = [r for r in rows if r.section == "naive" and r.cpu_ms]
+    theirs_cpu = [
+        r for r in rows if r.section == peer and "/v1/recommend concurrency" in r.measurement
+    ]
     if ours_cpu and theirs_cpu:
         # Less noisy than throughput on a shared machine: what each answer costs in CPU.
         ours_ms = min(r.cpu_ms or np.inf for r in ours_cpu)
@@ -710,7 +801,7 @@ def ratios(rows: list[Row], args: argparse.Namespace) -> list[Row]:
         out.append(
             Row(
                 "ratio",
-                "naive / sidrec CPU per request (best level each)",
+                f"{label} / sidrec CPU per request (best level each)",
                 value=theirs_ms / ours_ms,
                 note=f"{theirs_ms:.2f} vs {ours_ms:.2f} ms",
             )
@@ -720,7 +811,7 @@ def ratios(rows: list[Row], args: argparse.Namespace) -> list[Row]:
         out.append(
             Row(
                 "ratio",
-                "peak sidrec / peak naive throughput (best level each)",
+                f"peak sidrec / peak {label} throughput (best level each)",
                 value=best_ours / best_theirs,
                 note=f"{best_ours:.0f} vs {best_theirs:.0f} req/s",
             )

@@ -16,6 +16,7 @@ from test_service_catalog import NEW_ITEM, add_history, neighbours, ranked
 from sidrec.service.retrieval import IndexSpec, ItemTable
 
 REPO = Path(__file__).resolve().parents[1]
+PEERS = ("naive", "ort")  # the serving benchmark's peers of sidrec, in the order it runs them
 
 
 def clustered(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
@@ -135,7 +136,7 @@ def test_serving_bench_prints_every_row_with_sane_numbers(
         for route in ("/v1/recommend", "/v1/items")
         for c in (1, 4)
     ]
-    measured += [("naive", f"POST /v1/recommend concurrency {c}") for c in (1, 4)]
+    measured += [(peer, f"POST /v1/recommend concurrency {c}") for peer in PEERS for c in (1, 4)]
     measured += [("sidrec", "POST /v1/recommend open loop 40 rps")]
     for key in measured:
         r = by_name[key]
@@ -143,8 +144,19 @@ def test_serving_bench_prints_every_row_with_sane_numbers(
         assert 0 < num(r, "p50 ms") <= num(r, "p95 ms") <= num(r, "p99 ms") < 5000, r
         assert num(r, "req/s") > 0 and num(r, "cpu ms/req") > 0, r
 
+    # The ORT peer answers every user with sidrec's top 10 (same ids, same order).
+    agree = by_name[("ort", "top-10 ids equal to sidrec's (20 users, same query_time)")]
+    assert num(agree, "value") == 1.0 and agree["n"] == "20", agree
+
     ratios = [r for r in rows if r["section"] == "ratio"]
-    assert len(ratios) == 5  # e2e / floor, two levels, CPU per request, peaks
+    # e2e / floor; then per peer: two levels, CPU per request, peaks
+    assert len(ratios) == 1 + 4 * len(PEERS), ratios
+    assert [r["measurement"] for r in ratios[5:]] == [
+        "sidrec / ORT peer throughput, concurrency 1",
+        "sidrec / ORT peer throughput, concurrency 4",
+        "ORT peer / sidrec CPU per request (best level each)",
+        "peak sidrec / peak ORT peer throughput (best level each)",
+    ]
     single = by_name[("sidrec", "POST /v1/recommend concurrency 1")]
     assert num(ratios[0], "value") == pytest.approx(
         num(single, "p50 ms") / num(floor[-1], "p50 ms"),
@@ -159,6 +171,18 @@ def test_serving_bench_prints_every_row_with_sane_numbers(
     assert {num(r, "value") for r in scale if "flat" in r["measurement"]} == {1.0}
     assert num(by_name[("scale", "3,000 uniform, hnsw M=32 efSearch=64, k=10")], "value") > 0.8
     assert "targets:" in done.stdout and "e2e p50 / floor p50" in done.stdout
+    for line in ("sidrec / ORT peer throughput (peaks)", "ORT peer / sidrec CPU per request"):
+        assert f"- {line}: " in done.stdout and f"- {line}: not measured" not in done.stdout
+    assert "- ORT peer returns sidrec's top-10 ids: 100% of 20 users" in done.stdout
+
+
+def test_ort_peer_imports_without_torch_or_sidrec() -> None:
+    # The honest peer is what one writes from docs/bundle.md alone: no PyTorch, no sidrec code.
+    code = (
+        "import sys; sys.modules['torch'] = None; import loadtests.ort_service; "
+        "assert not [m for m in sys.modules if m.startswith('sidrec')], 'sidrec imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
 def test_last_row_bench_compares_the_two_encoder_graphs() -> None:
