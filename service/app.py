@@ -27,18 +27,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sidrec.bundle import load_bundle
+from sidrec.bundle import MANIFEST, Bundle, load_bundle, sha256_of
 from sidrec.histories_file import read_histories
 from sidrec.sid_codebook import Codebooks
 
 from . import metrics
 from .batching import RankBatcher
-from .catalog import Catalog, MemoryCatalogStore, RedisCatalogStore, bundle_score_scales
+from .catalog import (
+    Catalog,
+    CatalogStore,
+    MemoryCatalogStore,
+    RedisCatalogStore,
+    bundle_score_scales,
+)
 from .deps import ApiError, Services, error_list, route_access
 from .history_load import load_histories
 from .history_store import HistoryStore, MemoryHistoryStore, RedisHistoryStore
+from .reload import Reloader, bundle_folder
 from .retrieval import IndexSpec, ItemTable
-from .routers import events, health, items, recommend, users
+from .routers import admin, events, health, items, recommend, users
 from .runtime import load_engine
 from .schemas import MAX_ERRORS, MAX_HISTORY_OVERRIDE
 from .settings import Settings
@@ -55,9 +62,46 @@ MAX_DETAIL_CHARS = 2_000
 RETRY_AFTER_S = 1
 
 
-def build_services(settings: Settings) -> Services:
-    """Everything heavy, once per process: bundle (sha256-checked), engine, index, stores."""
-    bundle = load_bundle(settings.bundle)
+@dataclass
+class Stores:
+    """What outlives a model reload: the Redis clients and the stores over them."""
+
+    redis: StoreClient | None
+    probe: StoreClient | None
+    history: HistoryStore
+    catalog: CatalogStore
+
+
+def build_stores(settings: Settings) -> Stores:
+    redis: StoreClient | None = None
+    probe: StoreClient | None = None
+    store: CatalogStore
+    if settings.redis_url:
+        redis = connect(settings)
+        if not settings.redis_cluster:
+            # Probes queue for the probe's own connections, bounded by /readyz's timeout.
+            probe = connect(settings, max_connections=2, pool_timeout=settings.redis_timeout_s)
+        history: HistoryStore = RedisHistoryStore(
+            redis, settings.key_prefix, settings.history_len, settings.event_id_ttl_s
+        )
+        store = RedisCatalogStore(redis, settings.key_prefix)
+    else:
+        log.warning(
+            "\n" + "!" * 78 + "\n"
+            "!! SIDREC_REDIS_URL is not set: histories and ingested items live in THIS PROCESS\n"
+            "!! only and are LOST when it stops. Set SIDREC_REDIS_URL for anything but a demo.\n"
+            + "!"
+            * 78
+        )
+        history = MemoryHistoryStore(settings.history_len, settings.event_id_ttl_s)
+        store = MemoryCatalogStore()
+    return Stores(redis, probe, history, store)
+
+
+def build_model(settings: Settings, stores: Stores, bundle: Bundle) -> Services:
+    """Everything that depends on the bundle: engine, index, catalog, ranker (blocking: ONNX
+    sessions and the index are built here; a reload runs it in a thread). The catalog's
+    ingested items are not loaded yet (Catalog.rebuild)."""
     runtime = load_engine(
         bundle, settings.engine, settings.device, settings.ort_threads, settings.torch_threads
     )
@@ -85,32 +129,8 @@ def build_services(settings: Settings) -> Services:
         scales=bundle_score_scales(bundle, records),
         scoring=bundle.model.get("scoring", "cosine"),
     )
-    redis: StoreClient | None = None
-    probe: StoreClient | None = None
-    if settings.redis_url:
-        redis = connect(settings)
-        if not settings.redis_cluster:
-            # Probes queue for the probe's own connections, bounded by /readyz's timeout.
-            probe = connect(settings, max_connections=2, pool_timeout=settings.redis_timeout_s)
-        history = RedisHistoryStore(
-            redis, settings.key_prefix, settings.history_len, settings.event_id_ttl_s
-        )
-        store = RedisCatalogStore(redis, settings.key_prefix)
-    else:
-        log.warning(
-            "\n" + "!" * 78 + "\n"
-            "!! SIDREC_REDIS_URL is not set: histories and ingested items live in THIS PROCESS\n"
-            "!! only and are LOST when it stops. Set SIDREC_REDIS_URL for anything but a demo.\n"
-            + "!"
-            * 78
-        )
-        history = MemoryHistoryStore(settings.history_len, settings.event_id_ttl_s)
-        store = MemoryCatalogStore()
-    catalog = Catalog(bundle, runtime, codebooks, table, vectors, store)
+    catalog = Catalog(bundle, runtime, codebooks, table, vectors, stores.catalog)
     popular = [str(i) for i in bundle.manifest.get("popular", [])]
-    ranker = RankBatcher(runtime, table)
-    services = Services(settings, bundle, runtime, catalog, history, redis, popular, ranker)
-    services.probe = probe
     # One call each now, so the first request does not pay the engine's first-run cost.
     runtime.encode_users(
         vectors[None, 1:2],
@@ -120,17 +140,48 @@ def build_services(settings: Settings) -> Services:
     )
     runtime.new_item_vectors(sids[1:2], np.zeros((1, runtime.content_dim), np.float32))
     runtime.content_vectors(["warm-up"])
-    metrics.MODEL_INFO.labels(version=bundle.version, provider=runtime.provider).set(1)
-    catalog.update_gauges()
+    ranker = RankBatcher(runtime, table)
+    services = Services(
+        settings, bundle, runtime, catalog, stores.history, stores.redis, popular, ranker
+    )
+    services.probe = stores.probe
+    services.manifest_sha256 = sha256_of(bundle.file(MANIFEST))
     log.info(
-        "bundle %s: %d items, d=%d, provider %s, index %s, store %s",
+        "bundle %s (%s): %d items, d=%d, provider %s, index %s, store %s",
         bundle.version,
+        bundle.path,
         len(records),
         runtime.d,
         runtime.provider,
         table.index_kind,
-        history.kind,
+        stores.history.kind,
     )
+    return services
+
+
+def announce_model(services: Services, previous: Services | None = None) -> None:
+    """sidrec_model_info and the catalog gauges for the model now serving."""
+    if previous is not None:
+        old = metrics.MODEL_INFO.labels(
+            version=previous.bundle.version, provider=previous.runtime.provider
+        )
+        old.set(0)  # several workers: their max, 1 while any worker still serves it
+        if not metrics.multiprocess_mode() and (
+            previous.bundle.version,
+            previous.runtime.provider,
+        ) != (services.bundle.version, services.runtime.provider):
+            metrics.MODEL_INFO.remove(previous.bundle.version, previous.runtime.provider)
+    metrics.MODEL_INFO.labels(
+        version=services.bundle.version, provider=services.runtime.provider
+    ).set(1)
+    services.catalog.update_gauges()
+
+
+def build_services(settings: Settings) -> Services:
+    """Everything heavy, once per process: bundle (sha256-checked), engine, index, stores."""
+    bundle = load_bundle(bundle_folder(settings.bundle))
+    services = build_model(settings, build_stores(settings), bundle)
+    announce_model(services)
     return services
 
 
@@ -410,21 +461,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = build_services(settings)
+        stores = build_stores(settings)
+        services = build_model(settings, stores, load_bundle(bundle_folder(settings.bundle)))
+        announce_model(services)
         if settings.histories is not None:
             await bootstrap_histories(services.history, settings)
         app.state.services = services
-        sync_task = asyncio.create_task(sync_catalog(services), name="catalog-sync")
+
+        def start_sync(services: Services) -> asyncio.Task[None]:
+            return asyncio.create_task(sync_catalog(services), name="catalog-sync")
+
+        reloader = Reloader(
+            app,
+            settings,
+            lambda bundle: build_model(settings, stores, bundle),
+            announce_model,
+            start_sync,
+            stores.redis,
+        )
+        app.state.reloader = reloader
+        reloader.sync_task = start_sync(services)
         if not isinstance(services.catalog.store, RedisCatalogStore):
-            await sync_task  # the in-process store has nothing to load: done at once
+            await reloader.sync_task  # the in-process store has nothing to load: done at once
+        watch_task = asyncio.create_task(reloader.watch(), name="model-watch")
         try:
             yield
         finally:
-            sync_task.cancel()
+            watch_task.cancel()
             with suppress(asyncio.CancelledError):
-                await sync_task
-            services.ranker.stop()
-            for client in (services.redis, services.probe):
+                await watch_task
+            await reloader.close()
+            app.state.services.ranker.stop()
+            for client in (stores.redis, stores.probe):
                 if client is not None:
                     await client.aclose()
 
@@ -435,7 +503,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         default_response_class=_OrjsonResponse,
     )
-    routers = [recommend.router, events.router, items.router, users.router, health.router]
+    routers = [
+        recommend.router,
+        events.router,
+        items.router,
+        users.router,
+        admin.router,
+        health.router,
+    ]
     for router in routers:
         app.include_router(router)
     routes = route_templates(app, routers)

@@ -39,6 +39,9 @@ class Services:
     # /readyz pings through this client's own two connections, so a worker whose request
     # pool is saturated still reports Redis as it is (single server; None = use `redis`).
     probe: StoreClient | None = None
+    # sha256 of the bundle's manifest.json: with bundle.path (resolved), which bundle this is
+    # (a hot reload compares them; service/reload.py).
+    manifest_sha256: str = ""
 
 
 class ApiError(Exception):

@@ -65,6 +65,13 @@ CATALOG_RESTORED = Counter(
     "Ingested items this worker wrote back to Redis after finding that Redis had lost them "
     "(restarted empty, FLUSHALL)",
 )
+MODEL_RELOADS = Counter(
+    "sidrec_model_reloads_total",
+    "Hot model reloads tried by this worker (POST /v1/admin/reload, or following another "
+    "worker's through Redis): reloaded, unchanged (already serving that bundle), refused (the "
+    "bundle failed its sha256 check or could not be loaded; the old one keeps serving)",
+    ["outcome"],
+)
 # Gauges: every worker holds the same catalog and model, so the merged value is the max.
 INDEX_ITEMS = Gauge(
     "sidrec_index_items", "Live items in the retrieval index", multiprocess_mode="max"
@@ -78,7 +85,8 @@ INDEX_ROWS = Gauge(
 )
 MODEL_INFO = Gauge(
     "sidrec_model_info",
-    "Always 1; the labels name the bundle version and the ONNX Runtime provider",
+    "1 for the bundle being served (its version and the ONNX Runtime provider label it); 0 "
+    "for one a hot reload replaced",
     ["version", "provider"],
     multiprocess_mode="max",
 )

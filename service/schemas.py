@@ -295,3 +295,30 @@ class ErrorResponse(BaseModel):
 # Error bodies list at most this many problems, so a request naming 100,000 bad ids gets a
 # small answer (detail names the first ones, errors_total says how many there were).
 MAX_ERRORS = 50
+
+
+class ReloadRequest(Strict):
+    # None: SIDREC_BUNDLE, read again (point it, a symlink, at the new export first).
+    bundle: (
+        Annotated[
+            str,
+            Field(
+                min_length=1,
+                max_length=4096,
+                pattern=ID_PATTERN,
+                description="bundle folder on the service's machine (absolute, or relative to "
+                "its working directory); null or absent: SIDREC_BUNDLE's current target",
+            ),
+        ]
+        | None
+    ) = None
+
+
+class ReloadResponse(BaseModel):
+    status: str  # "reloaded", or "unchanged": this worker already serves that bundle
+    model_version: str
+    previous_version: str
+    bundle: str  # the folder loaded, symlinks resolved
+    seconds: float
+    pid: int  # the worker that answered; the others follow within about a second
+    request_id: str

@@ -5,7 +5,8 @@ failure allowed.
 One refinement: schemathesis's positive_data_acceptance takes any 4xx to valid-looking data as
 a contract breach, but a request can match the schema and still name items the catalog does
 not hold (random ids) or, for POST /v1/items, carry a content vector of zeros, no text once
-blanks are stripped, or one item_id twice in a batch; no schema can say these.
+blanks are stripped, or one item_id twice in a batch, or (POST /v1/admin/reload) name a folder
+that holds no bundle; no schema can say these.
 `positive_data_accepted` below is that check with exactly those answers let through, so every
 other 422 to schema-valid data still fails. Likewise a 413 counts as rejecting invalid data.
 """
@@ -43,6 +44,7 @@ DATA_DEPENDENT = (
     "has no text",
     "appears twice in one batch",  # one item_id twice in a batch: JSON Schema cannot say it
     "no item has the field",  # recommend's filter naming a field the catalog does not hold
+    "cannot load the bundle",  # admin reload naming a folder that holds no (valid) bundle
 )
 
 

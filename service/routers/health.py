@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from .. import metrics
@@ -30,8 +30,12 @@ async def healthz() -> dict[str, str]:
         }
     },
 )
-async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
+async def readyz(request: Request, services: Services = Depends(get_services)) -> JSONResponse:
     reasons = []
+    reloader = getattr(request.app.state, "reloader", None)
+    model = reloader.not_ready() if reloader is not None else None
+    if model is not None:
+        reasons.append(model)
     if services.redis is not None:
         # Answered well inside a 1 s probe timeout (Kubernetes' default) even when Redis
         # hangs; a Redis that takes half a second for PING is not fit to serve either.
@@ -49,6 +53,7 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
         "status": "not_ready" if reasons else "ready",
         "reasons": reasons,
         "model_version": services.bundle.version,
+        "bundle": str(services.bundle.path),
         "provider": services.runtime.provider,
         "index": services.catalog.table.index_kind,
         "index_items": services.catalog.table.live_items,
