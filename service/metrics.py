@@ -72,6 +72,8 @@ MODEL_RELOADS = Counter(
     "bundle failed its sha256 check or could not be loaded; the old one keeps serving)",
     ["outcome"],
 )
+for _outcome in ("reloaded", "unchanged", "refused"):
+    MODEL_RELOADS.labels(outcome=_outcome)  # exported at 0 before the first reload
 # Gauges: every worker holds the same catalog and model, so the merged value is the max.
 INDEX_ITEMS = Gauge(
     "sidrec_index_items", "Live items in the retrieval index", multiprocess_mode="max"
