@@ -59,7 +59,12 @@ def build_services(settings: Settings) -> Services:
     """Everything heavy, once per process: bundle (sha256-checked), engine, index, stores."""
     bundle = load_bundle(settings.bundle)
     runtime = load_engine(
-        bundle, settings.engine, settings.device, settings.ort_threads, settings.torch_threads
+        bundle,
+        settings.engine,
+        settings.device,
+        settings.ort_threads,
+        settings.torch_threads,
+        settings.content_threads,
     )
     codebooks = Codebooks.load(bundle.file("sid_codebooks.npz"))
     records = bundle.items()
