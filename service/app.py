@@ -103,7 +103,12 @@ def build_model(settings: Settings, stores: Stores, bundle: Bundle) -> Services:
     sessions and the index are built here; a reload runs it in a thread). The catalog's
     ingested items are not loaded yet (Catalog.rebuild)."""
     runtime = load_engine(
-        bundle, settings.engine, settings.device, settings.ort_threads, settings.torch_threads
+        bundle,
+        settings.engine,
+        settings.device,
+        settings.ort_threads,
+        settings.torch_threads,
+        settings.content_threads,
     )
     codebooks = Codebooks.load(bundle.file("sid_codebooks.npz"))
     records = bundle.items()

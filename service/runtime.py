@@ -68,11 +68,15 @@ def load_engine(
     device: str = "auto",
     ort_threads: int = 0,
     torch_threads: int = 0,
+    content_threads: int = 0,
 ) -> Engine:
-    """The engine SIDREC_ENGINE names, on SIDREC_DEVICE."""
+    """The engine SIDREC_ENGINE names, on SIDREC_DEVICE; content_threads 0 = ort_threads."""
+    content_threads = content_threads or ort_threads
     if engine == "torch":
-        return _torch_engine().TorchRuntime(bundle, device, ort_threads, torch_threads)
-    return Runtime(bundle, device, ort_threads)
+        return _torch_engine().TorchRuntime(
+            bundle, device, ort_threads, torch_threads, content_threads
+        )
+    return Runtime(bundle, device, ort_threads, content_threads)
 
 
 def check_engine(bundle: Bundle, engine: EngineKind, device: str, index: str) -> None:
@@ -155,7 +159,9 @@ class OrtUserEncoder:
 class Runtime:
     """The ONNX Runtime engine (SIDREC_ENGINE=onnx)."""
 
-    def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0) -> None:
+    def __init__(
+        self, bundle: Bundle, device: str = "auto", threads: int = 0, content_threads: int = 0
+    ) -> None:
         providers = choose_providers(device)
         options = session_options(threads)
         self.users = OrtUserEncoder(bundle.file("user_encoder.onnx"), options, providers)
@@ -169,7 +175,7 @@ class Runtime:
             bundle.file("content_encoder.onnx"),
             bundle.file("tokenizer.json"),
             providers,
-            session_options=options,
+            session_options=session_options(content_threads or threads),
         )
         # What ORT actually runs on: a CUDA provider that failed to load silently falls back
         # to CPU, and /readyz + sidrec_model_info must show that.

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     # ONNX Runtime threads per session; 0 = ORT's default (all cores). With several workers
     # on one machine, set about cores / workers.
     ort_threads: int = Field(0, ge=0)
+    # ORT threads of the content encoder (MiniLM, POST /v1/items); 0 = as ort_threads. One
+    # item's text is ~6 GFLOP at 256 tokens: with ort_threads=1 (what suits /v1/recommend on
+    # 2 cores), 2 here lets one ingest use both cores (docs/serving-benchmark.md, "Ingest").
+    content_threads: int = Field(0, ge=0)
     # PyTorch intra-op threads for the torch engine on the CPU; 0 = PyTorch's default.
     torch_threads: int = Field(0, ge=0)
     redis_timeout_s: float = Field(2.0, gt=0)

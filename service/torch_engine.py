@@ -90,7 +90,12 @@ class TorchRuntime:
     """The torch engine: an `Engine` (service/runtime.py) over the bundle's model.pt."""
 
     def __init__(
-        self, bundle: Bundle, device: str = "auto", ort_threads: int = 0, torch_threads: int = 0
+        self,
+        bundle: Bundle,
+        device: str = "auto",
+        ort_threads: int = 0,
+        torch_threads: int = 0,
+        content_threads: int = 0,
     ) -> None:
         require_weights(bundle)
         import onnxruntime as ort
@@ -119,7 +124,7 @@ class TorchRuntime:
             bundle.file("content_encoder.onnx"),
             bundle.file("tokenizer.json"),
             content_providers,
-            session_options=session_options(ort_threads),
+            session_options=session_options(content_threads or ort_threads),
         )
         self.provider = f"torch-{self.device.type}"
         log.info("torch engine: torch %s on %s", torch.__version__, self.device)
