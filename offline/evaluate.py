@@ -179,7 +179,8 @@ def hstu_scorer(encoder: HSTU, items: ItemEmbedding, trained: np.ndarray | torch
     """Scores with the trained model exactly as the service will: item table with the id part
     dropped for rows never trained (withheld / never-rated items get their SID-only vector),
     user vector = encoder output at the last history position with the target's time as query
-    time, score = cosine against the L2-normalised table. Call under eval mode."""
+    time, score = cosine against the L2-normalised table (dot product with the raw table for
+    scoring "dot"). Call under eval mode."""
     param = next(items.parameters())
     with torch.no_grad():
         trained_t = torch.as_tensor(trained, dtype=torch.bool, device=param.device)
@@ -189,19 +190,21 @@ def hstu_scorer(encoder: HSTU, items: ItemEmbedding, trained: np.ndarray | torch
 
 def table_scorer(encoder: HSTU, table: torch.Tensor, scales: torch.Tensor | None = None) -> Scorer:
     """Scores with `encoder` over the item table [n + 1, d] (raw vectors, row 0 zero): the
-    history's rows are the encoder's input, the cosine against every row the score, times the
-    row's score scale (scales [n + 1], e.g. a content tower's new-item scale) when given."""
+    history's rows are the encoder's input, the score against every row is the cosine (or, for
+    an encoder with scoring "dot", the dot product with the raw row), times the row's score
+    scale (scales [n + 1], e.g. a content tower's new-item scale) when given."""
     from sidrec.model.hstu import UserEncoder
 
     user_encoder = UserEncoder(encoder)
-    table_normed = F.normalize(table, dim=-1, eps=1e-6) if encoder.scoring == "cosine" else table
+    cosine = encoder.scoring == "cosine"
+    scored = F.normalize(table, dim=-1, eps=1e-6) if cosine else table  # [n + 1, d]
     if scales is not None:
-        table_normed = table_normed * scales[:, None].to(table_normed.dtype)
+        scored = scored * scales[:, None].to(scored.dtype)
 
     @torch.no_grad()
     def score(batch: EvalBatch) -> torch.Tensor:
         x = table[batch.items]  # [B, N, d]
         user = user_encoder(x, batch.timestamps, batch.mask, batch.query_time)  # [B, d]
-        return user @ table_normed.T  # [B, n + 1]
+        return user @ scored.T  # [B, n + 1]
 
     return score

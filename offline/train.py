@@ -189,30 +189,30 @@ class SequentialRecommender(nn.Module):
         # over P * R rows for catalogs of this size.
         all_rows = torch.arange(self.items.num_items + 1, device=inputs.device)
         table = self.items(all_rows)  # [n + 1, d] raw
+        # the rows the user vectors are scored against: unit rows over a temperature (cosine),
+        # or the raw rows as they are (dot; model/hstu.py SCORINGS)
         if self.encoder.scoring == "cosine":
-            table_normed = F.normalize(table, dim=-1, eps=1e-6)
+            scored = F.normalize(table, dim=-1, eps=1e-6)
         else:
-            table_normed, temperature = table, 1.0
+            scored, temperature = table, 1.0
         out = self.encoder(table[inputs], timestamps, next_timestamps, mask)  # [B, N, d]
         if loss == "full":
             assert candidates is not None
-            return full_softmax_loss(
-                out[mask], table_normed, targets[mask], candidates, temperature
-            )
+            return full_softmax_loss(out[mask], scored, targets[mask], candidates, temperature)
         if loss == "sampled-logq":
             assert candidates is not None
             return sampled_softmax_logq(
-                out[mask], table_normed, targets[mask], negatives, candidates, temperature
+                out[mask], scored, targets[mask], negatives, candidates, temperature
             )
         if per_sequence:
             user = out * mask[..., None]  # padding rows zero: no NaN can reach a gradient
-            return sampled_softmax_shared(user, table_normed, targets, negatives, mask, temperature)
+            return sampled_softmax_shared(user, scored, targets, negatives, mask, temperature)
         user = out[mask]  # [P, d], only real positions: padding costs no negatives
         pos_rows = targets[mask]  # [P]
         if table.shape[0] <= negatives.shape[1] * table.shape[1]:
-            return sampled_softmax_via_table(user, table_normed, pos_rows, negatives, temperature)
+            return sampled_softmax_via_table(user, scored, pos_rows, negatives, temperature)
         return sampled_softmax_loss(
-            user, table_normed[pos_rows], table_normed[negatives], pos_rows, negatives, temperature
+            user, scored[pos_rows], scored[negatives], pos_rows, negatives, temperature
         )
 
 
