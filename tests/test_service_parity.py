@@ -1,10 +1,12 @@
 """Offline and online compute the same thing: one history through the offline evaluator's
 scorer (PyTorch, the trained checkpoint) and through the HTTP service (ONNX + FAISS) gives the
-same top-k with the same scores."""
+same top-k with the same scores, for a cosine bundle with a content tower (the session's) and
+a dot-scored one (the short-history defaults)."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 from conftest import Service
 
+from sidrec.bundle import load_bundle
 from sidrec.offline.evaluate import EvalBatch, Scorer
 from sidrec.offline.tower import served_scorer
 
@@ -20,15 +23,52 @@ K = 20
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> Iterator[Service]:
-    svc = Service(bundle_dir, tmp_path_factory.mktemp("parity") / "service.log")
+def dot_run(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> tuple[Path, Path]:
+    """(bundle, checkpoint) of an id model trained with the pipeline's short-history defaults
+    on the session's synthetic data: scored by dot product, d=64, a 50-item history."""
+    from conftest import TEST_EPOCHS, write_synthetic_dataset
+
+    from sidrec.offline import pipeline
+
+    root = tmp_path_factory.mktemp("dot")
+    write_synthetic_dataset(root / "data")
+    cache = bundle_dir.parent / "cache"  # the session pipeline's MiniLM export, if it made one
+    old_cache = os.environ.get("SIDREC_CACHE")
+    os.environ["SIDREC_CACHE"] = str(cache if cache.is_dir() else root / "cache")
+    try:
+        steps = pipeline.Steps.open(root / "data", root / "run")
+        assert steps.use_settings(None)["scoring"] == "dot"  # 15-30 events per user: short
+        steps.train("id", epochs=TEST_EPOCHS, patience=TEST_EPOCHS)
+        bundle = steps.export("id", root / "bundle")
+    finally:
+        if old_cache is None:
+            os.environ.pop("SIDREC_CACHE", None)
+        else:
+            os.environ["SIDREC_CACHE"] = old_cache
+    return bundle, root / "run" / "id" / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module", params=["session", "dot"])
+def served(request: pytest.FixtureRequest, bundle_dir: Path) -> tuple[Path, Path]:
+    """(bundle, its checkpoint): the session's (cosine, a content tower) and a dot model's."""
+    if request.param == "dot":
+        return request.getfixturevalue("dot_run")
+    return bundle_dir, request.getfixturevalue("checkpoint_path")
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory, served: tuple[Path, Path]
+) -> Iterator[Service]:
+    svc = Service(served[0], tmp_path_factory.mktemp("parity") / "service.log")
     svc.start()  # in-process store: a history override never reads it
     yield svc
     svc.stop()
 
 
 @pytest.fixture(scope="module")
-def scorer(checkpoint_path: Path) -> Scorer:
+def scorer(served: tuple[Path, Path]) -> Scorer:
+    checkpoint_path = served[1]
     # the run's content vectors (pipeline.Steps writes them), for a content tower's rows
     content_path = checkpoint_path.parent.parent / "content_vectors.npy"
     content = np.load(content_path) if content_path.is_file() else None
@@ -57,10 +97,14 @@ def test_offline_scorer_and_http_agree(
     make_history: Callable[[list[dict], np.random.Generator], list[int]],
     scorer: Scorer,
     service: Service,
-    bundle_dir: Path,
+    served: tuple[Path, Path],
 ) -> None:
-    items = [json.loads(line) for line in (bundle_dir / "items.jsonl").read_text().splitlines()]
-    rows = make_history(items, np.random.default_rng(0))
+    bundle = served[0]
+    items = [json.loads(line) for line in (bundle / "items.jsonl").read_text().splitlines()]
+    # a history override holds at most the model's max_len events (50 for the dot model)
+    rows = make_history(items, np.random.default_rng(0))[
+        -int(load_bundle(bundle).model["max_len"]) :
+    ]
     ts = [1_000_000_000 + 3_600 * n for n in range(len(rows))]
     query_time = ts[-1] + 7_200
 
