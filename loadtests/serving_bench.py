@@ -644,6 +644,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def peer_command(module: str, port: int, redis_url: str, args: argparse.Namespace) -> list[str]:
+    """A peer service's command line: same bundle, Redis, key prefix and history length."""
+    return [
+        sys.executable, "-m", module, "--bundle", str(args.bundle), "--redis-url", redis_url,
+        "--key-prefix", KEY_PREFIX, "--port", str(port), "--history-len", str(args.history_len),
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -694,9 +702,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += load_rows("sidrec", served, "/v1/items", item_body(records, "item"), args)
         if "naive" not in skip:
             port = free_port()
-            cmd = [sys.executable, "-m", "loadtests.naive_service", "--bundle", str(args.bundle)]
-            cmd += ["--redis-url", redis_url, "--key-prefix", KEY_PREFIX, "--port", str(port)]
-            cmd += ["--history-len", str(args.history_len)]
+            cmd = peer_command("loadtests.naive_service", port, redis_url, args)
             cmd += ["--torch-threads", str(args.torch_threads)]
             if args.checkpoint:
                 cmd += ["--checkpoint", str(args.checkpoint)]
@@ -704,9 +710,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += load_rows("naive", served, "/v1/recommend", recommend_body(users), args)
         if "ort" not in skip:
             port = free_port()
-            cmd = [sys.executable, "-m", "loadtests.ort_service", "--bundle", str(args.bundle)]
-            cmd += ["--redis-url", redis_url, "--key-prefix", KEY_PREFIX, "--port", str(port)]
-            cmd += ["--history-len", str(args.history_len)]
+            cmd = peer_command("loadtests.ort_service", port, redis_url, args)
             cmd += ["--ort-threads", str(args.ort_threads)]
             with subprocess_service("ort", cmd, {}, port, tmp, args.ready_timeout) as served:
                 if sidrec_answers is not None:

@@ -103,27 +103,40 @@ BUNDLE_VARIANT = "hybrid-tower"
 _RUN: dict[str, Path] = {}
 
 
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    given = os.environ.get("SIDREC_TEST_BUNDLE")
-    if given:
-        return Path(given)
+def train_synthetic_bundle(
+    root: Path, variant: str, cache: Path, recommended_settings: bool = False
+) -> Path:
+    """Train `variant` on a fresh synthetic data set under root/ (data, run, bundle) with the
+    pipeline and export it; returns the bundle. cache: SIDREC_CACHE meanwhile (MiniLM's
+    export). recommended_settings: the settings `sidrec pipeline` picks for this data's shape
+    (short histories), else TrainConfig's defaults."""
     from sidrec.offline import pipeline  # torch: only in the test process, never the service
 
-    root = tmp_path_factory.mktemp("pipeline")
     write_synthetic_dataset(root / "data")
     old_cache = os.environ.get("SIDREC_CACHE")
-    os.environ["SIDREC_CACHE"] = str(root / "cache")
+    os.environ["SIDREC_CACHE"] = str(cache)
     try:
         steps = pipeline.Steps.open(root / "data", root / "run")
-        steps.train(BUNDLE_VARIANT, epochs=TEST_EPOCHS, patience=TEST_EPOCHS)
-        _RUN["run"] = root / "run"
-        return steps.export(BUNDLE_VARIANT, root / "bundle")
+        if recommended_settings:
+            steps.use_settings(None)
+        steps.train(variant, epochs=TEST_EPOCHS, patience=TEST_EPOCHS)
+        return steps.export(variant, root / "bundle")
     finally:
         if old_cache is None:
             os.environ.pop("SIDREC_CACHE", None)
         else:
             os.environ["SIDREC_CACHE"] = old_cache
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    given = os.environ.get("SIDREC_TEST_BUNDLE")
+    if given:
+        return Path(given)
+    root = tmp_path_factory.mktemp("pipeline")
+    bundle = train_synthetic_bundle(root, BUNDLE_VARIANT, root / "cache")
+    _RUN["run"] = root / "run"
+    return bundle
 
 
 @pytest.fixture(scope="session")

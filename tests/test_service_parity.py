@@ -6,7 +6,6 @@ a dot-scored one (the short-history defaults)."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,25 +25,14 @@ K = 20
 def dot_run(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> tuple[Path, Path]:
     """(bundle, checkpoint) of an id model trained with the pipeline's short-history defaults
     on the session's synthetic data: scored by dot product, d=64, a 50-item history."""
-    from conftest import TEST_EPOCHS, write_synthetic_dataset
-
-    from sidrec.offline import pipeline
+    from conftest import train_synthetic_bundle
 
     root = tmp_path_factory.mktemp("dot")
-    write_synthetic_dataset(root / "data")
     cache = bundle_dir.parent / "cache"  # the session pipeline's MiniLM export, if it made one
-    old_cache = os.environ.get("SIDREC_CACHE")
-    os.environ["SIDREC_CACHE"] = str(cache if cache.is_dir() else root / "cache")
-    try:
-        steps = pipeline.Steps.open(root / "data", root / "run")
-        assert steps.use_settings(None)["scoring"] == "dot"  # 15-30 events per user: short
-        steps.train("id", epochs=TEST_EPOCHS, patience=TEST_EPOCHS)
-        bundle = steps.export("id", root / "bundle")
-    finally:
-        if old_cache is None:
-            os.environ.pop("SIDREC_CACHE", None)
-        else:
-            os.environ["SIDREC_CACHE"] = old_cache
+    bundle = train_synthetic_bundle(
+        root, "id", cache if cache.is_dir() else root / "cache", recommended_settings=True
+    )
+    assert load_bundle(bundle).model["scoring"] == "dot"  # 15-30 events per user: short
     return bundle, root / "run" / "id" / "checkpoint.pt"
 
 
