@@ -18,6 +18,10 @@ ATTN_NORMS = ("padded", "length")
 # against L2-normalised item rows, over a temperature; "dot": a LayerNorm'd output against raw
 # item rows, as SASRec scores, so an item's norm can carry how often it is the answer.
 SCORINGS = ("cosine", "dot")
+# How query-key scores become attention weights: "silu" (HSTU: pointwise, divided by
+# attn_norm's divisor, weights need not sum to one) or "softmax" (SASRec: scaled by
+# 1/sqrt(dqk), normalised over the keys the query may see; attn_norm does not apply).
+ATTENTIONS = ("silu", "softmax")
 
 
 def time_buckets(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -105,9 +109,9 @@ class ScalarLookup(torch.autograd.Function):
 
 
 class HSTUBlock(nn.Module):
-    """Pre-norm pointwise-attention block: no softmax, one residual; with ffn_mult > 0 a
-    pre-norm GELU feed-forward (d -> ffn_mult * d -> d) and a second residual follow, as in
-    SASRec's transformer layer (the reference has none)."""
+    """Pre-norm pointwise-attention block: no softmax (unless attention="softmax"), one
+    residual; with ffn_mult > 0 a pre-norm GELU feed-forward (d -> ffn_mult * d -> d) and a
+    second residual follow, as in SASRec's transformer layer (the reference has none)."""
 
     def __init__(
         self,
@@ -121,8 +125,12 @@ class HSTUBlock(nn.Module):
         use_time: bool,
         ffn_mult: int = 0,
         attn_dropout: float = 0.0,
+        attention: str = "silu",
     ) -> None:
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
+        self.attention = attention
         self.d = d
         self.ffn_mult = ffn_mult
         self.attn_dropout = attn_dropout
@@ -180,8 +188,14 @@ class HSTUBlock(nn.Module):
         k = k.view(b, n, h, self.dqk)
         v = v.view(b, n, h, self.dv)
         scores = torch.einsum("bnhd,bmhd->bhnm", q, k)  # [B, h, M, N], no 1/sqrt(dqk)
-        scores = scores + bias[:, None].to(scores.dtype)
-        scores = F.silu(scores) / attn_divisor * attn_mask[:, None]
+        if self.attention == "softmax":
+            scores = scores / math.sqrt(self.dqk) + bias[:, None].to(scores.dtype)
+            # a large finite negative, not -inf: a padding query sees no key, and its row
+            # must stay finite (uniform) rather than NaN
+            scores = scores.masked_fill(attn_mask[:, None] == 0, -1e9).softmax(-1)
+        else:
+            scores = scores + bias[:, None].to(scores.dtype)
+            scores = F.silu(scores) / attn_divisor * attn_mask[:, None]
         # the reference's attn_dropout_rate: drops whole query-key weights (0 on ML-1M)
         scores = F.dropout(scores, p=self.attn_dropout, training=self.training)
         attn = torch.einsum("bhnm,bmhd->bnhd", scores, v).reshape(b, m, hv)
@@ -199,6 +213,7 @@ class HSTU(nn.Module):
     forward(x[B, N, d], ts[B, N] int64, next_ts[B, N] int64, mask[B, N] bool) -> [B, N, d]
     Works for any N <= padded_len; outputs at masked positions are finite but meaningless.
 
+    attention: SiLU (the reference) or softmax weights, see ATTENTIONS.
     attn_norm: what the SiLU attention weights are divided by. "padded" (the reference): the
     constant padded_len, so a short history's attention output is small. "length": the
     sequence's real length (its number of real items), as NetEase's HSTU port does. Both keep
@@ -220,6 +235,7 @@ class HSTU(nn.Module):
         ffn_mult: int = 0,
         scoring: str = "cosine",
         attn_dropout: float = 0.0,
+        attention: str = "silu",
     ) -> None:
         super().__init__()
         if attn_norm not in ATTN_NORMS:
@@ -248,6 +264,7 @@ class HSTU(nn.Module):
                 use_time,
                 ffn_mult,
                 attn_dropout,
+                attention,
             )
             for _ in range(num_blocks)
         )

@@ -57,6 +57,7 @@ def hstu_args(hstu: HSTU) -> dict[str, Any]:
         "attn_norm": hstu.attn_norm,
         "ffn_mult": first.ffn_mult,
         "attn_dropout": first.attn_dropout,
+        "attention": first.attention,
         "scoring": hstu.scoring,
     }
 

@@ -100,6 +100,7 @@ class TrainConfig:
     scoring: str = "cosine"  # cosine (the reference) | dot (model/hstu.py SCORINGS)
     ffn_mult: int = 0  # > 0: a feed-forward layer of that width multiple after each block
     attn_dropout: float = 0.0  # dropout on the attention weights (the reference's, 0 there)
+    attention: str = "silu"  # silu (the reference) | softmax (SASRec's; model/hstu.py ATTENTIONS)
     id_dropout: float = 0.0
     # ItemEmbedding's cold-start options, passed through (see model/item_embedding.py). The
     # defaults are the measured best for never-seen items on ML-100K (validation cold-start
@@ -246,6 +247,7 @@ def build_model(
         ffn_mult=cfg.ffn_mult,
         scoring=cfg.scoring,
         attn_dropout=cfg.attn_dropout,
+        attention=cfg.attention,
     )
     return SequentialRecommender(items, encoder)
 

@@ -94,8 +94,8 @@ def test_output_is_unit_norm_and_shaped() -> None:
 
 
 # SASRec's pieces as options: a feed-forward layer per block, a LayerNorm'd output for dot
-# scoring, dropout on the attention weights
-SASREC_PIECES = {"ffn_mult": 4, "scoring": "dot", "attn_dropout": 0.5}
+# scoring, dropout on the attention weights, softmax attention
+SASREC_PIECES = {"ffn_mult": 4, "scoring": "dot", "attn_dropout": 0.5, "attention": "softmax"}
 
 
 def test_feed_forward_and_dot_output() -> None:
@@ -111,6 +111,8 @@ def test_feed_forward_and_dot_output() -> None:
     assert not torch.allclose(out.norm(dim=-1), torch.ones(3, 11))
     with pytest.raises(ValueError, match="scoring"):
         HSTU(scoring="euclid")
+    with pytest.raises(ValueError, match="attention"):
+        HSTU(attention="relu")
     # attention dropout acts in training only: eval outputs are deterministic
     again = model(x, ts, next_ts, torch.ones(3, 11, dtype=torch.bool))
     torch.testing.assert_close(again, out)
@@ -148,8 +150,9 @@ def test_next_ts_feeds_time_bias_only_when_use_time() -> None:
     torch.testing.assert_close(no_time(x, ts, next_ts, mask), no_time(x, ts, later, mask))
 
 
-def test_padding_to_longer_n_changes_nothing() -> None:
-    model = small_hstu()
+@pytest.mark.parametrize("options", [{}, {"attention": "softmax"}])
+def test_padding_to_longer_n_changes_nothing(options: dict[str, Any]) -> None:
+    model = small_hstu(**options)
     x, ts, next_ts = random_batch(2, 7)
     short = model(x, ts, next_ts, torch.ones(2, 7, dtype=torch.bool))
     extra = 20
@@ -163,8 +166,9 @@ def test_padding_to_longer_n_changes_nothing() -> None:
     assert torch.isfinite(long).all()
 
 
-def test_key_padding_masks_garbage_in_the_middle() -> None:
-    model = small_hstu()
+@pytest.mark.parametrize("options", [{}, {"attention": "softmax"}])
+def test_key_padding_masks_garbage_in_the_middle(options: dict[str, Any]) -> None:
+    model = small_hstu(**options)
     x, ts, next_ts = random_batch(1, 10)
     mask = torch.ones(1, 10, dtype=torch.bool)
     mask[0, 4] = False

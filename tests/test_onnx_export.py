@@ -16,7 +16,11 @@ D, MAX_LEN = 50, 200
 
 
 def reference_hstu(
-    use_time: bool, attn_norm: str = "padded", ffn_mult: int = 0, scoring: str = "cosine"
+    use_time: bool,
+    attn_norm: str = "padded",
+    ffn_mult: int = 0,
+    scoring: str = "cosine",
+    attention: str = "silu",
 ) -> HSTU:
     torch.manual_seed(0)
     model = HSTU(
@@ -29,6 +33,7 @@ def reference_hstu(
         attn_norm=attn_norm,
         ffn_mult=ffn_mult,
         scoring=scoring,
+        attention=attention,
     )
     # Trained-looking bias tables (the std 0.02 init would hide indexing mistakes).
     with torch.no_grad():
@@ -57,18 +62,19 @@ def ragged_batch(b: int, n: int, seed: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize(
-    ("use_time", "attn_norm", "ffn_mult", "scoring"),
+    ("use_time", "attn_norm", "ffn_mult", "scoring", "attention"),
     [
-        (True, "padded", 0, "cosine"),
-        (False, "padded", 0, "cosine"),
-        (True, "length", 0, "cosine"),
-        (True, "length", 4, "dot"),
+        (True, "padded", 0, "cosine", "silu"),
+        (False, "padded", 0, "cosine", "silu"),
+        (True, "length", 0, "cosine", "silu"),
+        (True, "length", 4, "dot", "silu"),
+        (True, "length", 0, "dot", "softmax"),
     ],
 )
 def test_user_encoder_parity(
-    tmp_path: Path, use_time: bool, attn_norm: str, ffn_mult: int, scoring: str
+    tmp_path: Path, use_time: bool, attn_norm: str, ffn_mult: int, scoring: str, attention: str
 ) -> None:
-    hstu = reference_hstu(use_time, attn_norm, ffn_mult, scoring)
+    hstu = reference_hstu(use_time, attn_norm, ffn_mult, scoring, attention)
     path = tmp_path / "user_encoder.onnx"
     export_user_encoder(hstu, D, path, MAX_LEN)
     assert hstu.training  # the caller's model is left as it was

@@ -317,10 +317,12 @@ def test_config_reaches_the_model() -> None:
         d=8,
         ffn_mult=2,
         attn_dropout=0.3,
+        attention="softmax",
     )
     model = build_model(cfg, NUM_ITEMS, random_sids(), 8)
     assert model.encoder.blocks[0].ffn_mult == 2 and model.encoder.scoring == "cosine"
     assert model.encoder.blocks[0].attn_dropout == 0.3
+    assert model.encoder.blocks[0].attention == "softmax"
     assert model.items.unknown_id == "zero" and model.items.prefix_table == "exact"
     assert model.items.trained_rows_only and model.items.d == 8 and model.encoder.d == 8
     assert model.encoder.padded_len == cfg.padded_len and model.encoder.use_time
