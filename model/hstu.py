@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidrec.time_buckets import TIME_BUCKET_DIVISOR
+
 LN_EPS = 1e-6  # both no-affine LayerNorms and the final L2 norm, as in the reference
-TIME_BUCKET_DIVISOR = 0.301  # ln(dt) / 0.301: buckets grow by a factor of e^0.301 ~ 1.35
 ATTN_NORMS = ("padded", "length")
 # What the encoder's output is scored with: "cosine" (the reference): L2-normalised output
 # against L2-normalised item rows, over a temperature; "dot": a LayerNorm'd output against raw

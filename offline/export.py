@@ -149,6 +149,7 @@ def export_bundle(
             "use_time": cfg.use_time,
             "attn_norm": cfg.attn_norm,
             "ffn_mult": cfg.ffn_mult,
+            "attention": cfg.attention,
             # how the service ranks: cosine (unit item rows) or dot (raw rows), as trained
             "scoring": cfg.scoring,
             "id_dropout": cfg.id_dropout,

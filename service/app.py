@@ -50,6 +50,7 @@ from .runtime import load_engine
 from .schemas import MAX_ERRORS, MAX_HISTORY_OVERRIDE
 from .settings import Settings
 from .store import StoreClient, StoreOverloaded, connect
+from .user_cache import UserVectorCache
 
 log = logging.getLogger("sidrec.service")
 
@@ -145,14 +146,17 @@ def build_model(settings: Settings, stores: Stores, bundle: Bundle) -> Services:
     )
     runtime.new_item_vectors(sids[1:2], np.zeros((1, runtime.content_dim), np.float32))
     runtime.content_vectors(["warm-up"])
-    ranker = RankBatcher(runtime, table)
+    cache = None
+    if settings.user_cache_size:
+        cache = UserVectorCache(settings.user_cache_size, bool(bundle.model.get("use_time", True)))
+    ranker = RankBatcher(runtime, table, threads=settings.rank_thread_count(), cache=cache)
     services = Services(
         settings, bundle, runtime, catalog, stores.history, stores.redis, popular, ranker
     )
     services.probe = stores.probe
     services.manifest_sha256 = sha256_of(bundle.file(MANIFEST))
     log.info(
-        "bundle %s (%s): %d items, d=%d, provider %s, index %s, store %s",
+        "bundle %s (%s): %d items, d=%d, provider %s, index %s, store %s, rank threads %d",
         bundle.version,
         bundle.path,
         len(records),
@@ -160,6 +164,7 @@ def build_model(settings: Settings, stores: Stores, bundle: Bundle) -> Services:
         runtime.provider,
         table.index_kind,
         stores.history.kind,
+        ranker.threads,
     )
     return services
 

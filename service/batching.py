@@ -1,15 +1,17 @@
 """Micro-batching: concurrent /v1/recommend requests share one ONNX Runtime run and one FAISS
-search, on one thread.
+search, on a small pool of rank threads.
 
-Opportunistic, never waiting: a request is handed to the batch thread at once; while that
-thread is busy, later requests queue, and the next run takes all of them (up to MAX_BATCH).
-At low load every batch has one request and nothing changes; under load the per-run costs
-(thread hand-off, ORT call set-up, FAISS call) are paid once per batch, ORT's per-user time
-falls (1.38 -> 1.07 ms at batch 4-8 on the ML-1M model, 2-core box, one ORT thread) and only
-one thread computes at a time, so ORT runs do not fight each other and the event loop for
-the cores. Histories of different lengths are right-padded to the longest in the batch and
-masked: the model was trained that way and the padding cannot reach the last real position
-(causal attention, absolute positions from the oldest item).
+Opportunistic, never waiting: a request is handed to an idle rank thread at once; while every
+thread is busy, later requests queue, and the next free thread takes all of them (up to
+MAX_BATCH). At low load every batch has one request and nothing changes; under load the
+per-run costs (thread hand-off, ORT call set-up, FAISS call) are paid once per batch and ORT's
+per-user time falls (1.38 -> 1.07 ms at batch 4-8 on the ML-1M model, 2-core box, one ORT
+thread). ORT and FAISS release the GIL, so with one rank thread per core the model's compute
+uses every core while the event loop parses the next requests; one thread alone left a 2-core
+worker computing on one core (docs/serving-benchmark.md). Histories of different lengths are
+right-padded to the longest in the batch and masked: the model was trained that way and the
+padding cannot reach the last real position (causal attention, absolute positions from the
+oldest item).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import metrics
-from .retrieval import Hit, ItemTable
+from .retrieval import Hit, ItemTable, Resolved
 from .runtime import Engine
+from .user_cache import UserVectorCache
 
 log = logging.getLogger("sidrec.service")
 
@@ -51,17 +54,35 @@ class _Job:
 
 
 class RankBatcher:
-    """`await rank(...)` from the event loop; one daemon thread runs the batches."""
+    """`await rank(...)` from the event loop; `threads` daemon threads run the batches."""
 
-    def __init__(self, runtime: Engine, table: ItemTable, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        runtime: Engine,
+        table: ItemTable,
+        max_batch: int = MAX_BATCH,
+        threads: int = 1,
+        cache: UserVectorCache | None = None,
+    ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
         self.runtime = runtime
         self.table = table
         self.max_batch = max_batch
+        self.cache = cache  # None: every request runs the encoder
         self._pending: list[_Job] = []
         self._ready = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._serve, name="sidrec-rank-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"sidrec-rank-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def threads(self) -> int:
+        return len(self._threads)
 
     async def rank(
         self,
@@ -97,8 +118,10 @@ class RankBatcher:
     def stop(self) -> None:
         with self._ready:
             self._stopped = True
-            self._ready.notify()
-        self._thread.join(timeout=10)
+            self._ready.notify_all()
+        deadline = time.monotonic() + 10
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _serve(self) -> None:
         while True:
@@ -118,20 +141,28 @@ class RankBatcher:
 
     def _run(self, jobs: list[_Job]) -> list[Hits]:
         started = time.perf_counter()
-        found = [self.table.resolve(j.item_ids) for j in jobs]  # (vectors [n, d], known [N])
-        b, n = len(jobs), max(1, max(len(v) for v, _ in found))
-        vectors = np.zeros((b, n, self.table.d), np.float32)  # zero = padding
-        stamps = np.zeros((b, n), np.int64)
-        mask = np.zeros((b, n), np.bool_)
-        for i, (job, (rows, known)) in enumerate(zip(jobs, found, strict=True)):
-            vectors[i, : len(rows)] = rows
-            stamps[i, : len(rows)] = job.timestamps[known]
-            mask[i, : len(rows)] = True
-        mask[:, 0] |= ~mask.any(axis=1)  # every item retired meanwhile: one padding step
+        found = [self.table.resolve(j.item_ids) for j in jobs]
+        users = np.empty((len(jobs), self.table.d), np.float32)  # [B, d]
+        keys: list[bytes | None] = [None] * len(jobs)
+        todo = []  # jobs whose vector the encoder computes
+        for i, (job, got) in enumerate(zip(jobs, found, strict=True)):
+            if self.cache is not None and len(got.rows):
+                keys[i] = key = self.cache.key(
+                    got.layout, got.rows, job.timestamps[got.known], job.query_time
+                )
+                cached = self.cache.get(key)
+                if cached is not None:
+                    users[i] = cached
+                    continue
+            todo.append(i)
         gathered = time.perf_counter()
-        users = self.runtime.encode_users(
-            vectors, stamps, mask, np.array([j.query_time for j in jobs], np.int64)
-        )  # [B, d]
+        if todo:
+            users[todo] = self._encode([jobs[i] for i in todo], [found[i] for i in todo])
+            if self.cache is not None:
+                for i in todo:
+                    key = keys[i]
+                    if key is not None:
+                        self.cache.put(key, users[i])
         encoded = time.perf_counter()
         hits = self.table.rank_batch(
             users,
@@ -145,6 +176,21 @@ class RankBatcher:
             metrics.STAGE_LATENCY.labels(stage="encode").observe(encoded - gathered)
             metrics.STAGE_LATENCY.labels(stage="retrieve").observe(retrieved - encoded)
         return hits
+
+    def _encode(self, jobs: list[_Job], found: list[Resolved]) -> np.ndarray:
+        """The user encoder over jobs' histories, right-padded to the longest -> [B, d]."""
+        b, n = len(jobs), max(1, max(len(got.rows) for got in found))
+        vectors = np.zeros((b, n, self.table.d), np.float32)  # zero = padding
+        stamps = np.zeros((b, n), np.int64)
+        mask = np.zeros((b, n), np.bool_)
+        for i, (job, got) in enumerate(zip(jobs, found, strict=True)):
+            vectors[i, : len(got.rows)] = got.vectors
+            stamps[i, : len(got.rows)] = job.timestamps[got.known]
+            mask[i, : len(got.rows)] = True
+        mask[:, 0] |= ~mask.any(axis=1)  # every item retired meanwhile: one padding step
+        return self.runtime.encode_users(
+            vectors, stamps, mask, np.array([j.query_time for j in jobs], np.int64)
+        )
 
     @staticmethod
     def _resolve(jobs: list[_Job], outcome: list[Hits] | BaseException) -> None:

@@ -74,6 +74,14 @@ MODEL_RELOADS = Counter(
 )
 for _outcome in ("reloaded", "unchanged", "refused"):
     MODEL_RELOADS.labels(outcome=_outcome)  # exported at 0 before the first reload
+USER_CACHE = Counter(
+    "sidrec_user_vector_cache_total",
+    "User vectors looked up in the exact cache (service/user_cache.py): hit = the user "
+    "encoder did not run for that request",
+    ["result"],
+)
+for _result in ("hit", "miss"):
+    USER_CACHE.labels(result=_result)
 # Gauges: every worker holds the same catalog and model, so the merged value is the max.
 INDEX_ITEMS = Gauge(
     "sidrec_index_items", "Live items in the retrieval index", multiprocess_mode="max"

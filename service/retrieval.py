@@ -36,7 +36,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 
@@ -69,6 +69,17 @@ IndexKind = Literal["flat", "hnsw", "torch"]
 
 # (item id, score, SID): what the id-level searches return.
 Hit = tuple[str, float, list[int]]
+
+
+class Resolved(NamedTuple):
+    """A history's items as the table holds them (ItemTable.resolve)."""
+
+    vectors: np.ndarray  # float32 [n, d], raw rows of the known items, in order
+    known: np.ndarray  # bool [N]: which of the N ids are in the table
+    rows: np.ndarray  # int64 [n]: their rows
+    layout: int  # ItemTable.layout when read: with rows, names the vectors exactly
+
+
 # Compaction starts when dead rows reach this share of the table (and at least COMPACT_MIN_DEAD):
 # a search over-fetches by the dead rows, so a quarter bounds that overhead; a rebuild costs a
 # copy of the live rows (and for HNSW a graph build), paid once per that many changes.
@@ -182,6 +193,9 @@ class ItemTable:
         # FAISS indexes are not safe to search while another thread adds to them; reentrant
         # because similar() searches from inside its own critical section.
         self.lock = threading.RLock()
+        # Bumped when compaction renumbers the rows. Between bumps a row's vector never
+        # changes (a replaced item gets a new row), so (layout, rows) names the vectors.
+        self.layout = 0
         self._compacting = False
         # Item ids changed while a compaction builds its index (None: none running).
         self._touched: set[str] | None = None
@@ -354,6 +368,7 @@ class ItemTable:
                     new_alive,
                 )
                 self.item_ids, self.row_of, self.index = item_ids, row_of, index
+                self.layout += 1
                 self.size, self._capacity = size, capacity
                 self.dead = int(size - 1 - new_alive[:size].sum())
                 self.compactions += 1
@@ -444,13 +459,13 @@ class ItemTable:
             row = self.row_of.get(item_id)
             return None if row is None else self.sids[row].tolist()
 
-    def resolve(self, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """item ids -> (raw vectors float32 [N, d] of the known ones, bool [N] known)."""
+    def resolve(self, item_ids: list[str]) -> Resolved:
+        """item ids -> their raw vectors, rows and which ids are known (see Resolved)."""
         with self.lock:
             rows = [self.row_of.get(i) for i in item_ids]
             known = np.array([r is not None for r in rows], bool)
             found = np.array([r for r in rows if r is not None], np.int64)
-            return self.vectors[found], known
+            return Resolved(self.vectors[found], known, found, self.layout)
 
     def _search(self, queries: np.ndarray, fetch: int) -> tuple[list[list[int]], list[list[float]]]:
         params = None

@@ -5,6 +5,7 @@ Example: SIDREC_BUNDLE=bundles/ml-100k SIDREC_REDIS_URL=redis://localhost:6379/0
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -62,6 +63,13 @@ class Settings(BaseSettings):
     # ONNX Runtime threads per session; 0 = ORT's default (all cores). With several workers
     # on one machine, set about cores / workers.
     ort_threads: int = Field(0, ge=0)
+    # Threads that run batched /v1/recommend work (ORT user encoding + FAISS search; both
+    # release the GIL, so each thread can hold a core). 0 = the cores this process may use,
+    # divided by workers, at least 1. Pair with ort_threads=1 so threads do not oversubscribe.
+    rank_threads: int = Field(0, ge=0, le=256)
+    # User vectors kept for requests whose encoder inputs repeat (same history, query time in
+    # the same time buckets: service/user_cache.py), about 0.3 KB each at d=64; 0 = off.
+    user_cache_size: int = Field(100_000, ge=0)
     # ORT threads of the content encoder (MiniLM, POST /v1/items); 0 = as ort_threads. One
     # item's text is ~6 GFLOP at 256 tokens: with ort_threads=1 (what suits /v1/recommend on
     # 2 cores), 2 here lets one ingest use both cores (docs/serving-benchmark.md, "Ingest").
@@ -77,6 +85,12 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(100, ge=2, le=10_000)
     redis_pool_timeout_s: float = Field(2.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def rank_thread_count(self) -> int:
+        """rank_threads, or the cores this process may use shared among the workers."""
+        if self.rank_threads:
+            return self.rank_threads
+        return max(1, len(os.sched_getaffinity(0)) // self.workers)
 
     @model_validator(mode="after")
     def _workers_need_redis(self) -> Settings:

@@ -5,23 +5,30 @@ request receives its own answer."""
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sidrec.service import metrics
 from sidrec.service.app import build_services
 from sidrec.service.batching import Hits, RankBatcher, _Job
 from sidrec.service.deps import Services
 from sidrec.service.settings import Settings
+from sidrec.service.user_cache import UserVectorCache
 
 QUERY_TIME = 1_400_000_000
 
 
 @pytest.fixture(scope="module")
 def services(bundle_dir: Path) -> Iterator[Services]:
-    built = build_services(Settings(bundle=bundle_dir, device="cpu", ort_threads=1))
+    # No cache: these tests compare batched answers with ones the encoder computes.
+    built = build_services(
+        Settings(bundle=bundle_dir, device="cpu", ort_threads=1, user_cache_size=0)
+    )
     yield built
     built.ranker.stop()
 
@@ -81,3 +88,110 @@ def _job(ids: list[str], ts: np.ndarray, exclude: set[str]) -> _Job:
         return _Job(ids, ts, QUERY_TIME, 10, exclude, loop.create_future(), loop)
     finally:
         loop.close()
+
+
+def test_rank_threads_run_batches_at_the_same_time(services: Services) -> None:
+    """With two rank threads two batches are computed at once (ORT and FAISS release the
+    GIL, so a 2-core worker computes on both cores): a barrier inside the batch run only
+    opens when both threads are in it, so one thread alone would break it."""
+    barrier = threading.Barrier(2, timeout=20)
+
+    class Gated(RankBatcher):
+        def _run(self, jobs: list[_Job]) -> list[Hits]:
+            barrier.wait()
+            return super()._run(jobs)
+
+    ranker = Gated(services.runtime, services.catalog.table, max_batch=1, threads=2)
+    try:
+        assert ranker.threads == 2
+        cases = histories(services, 2)
+        expected = [asyncio.run(rank_all(services.ranker, [case]))[0] for case in cases]
+        for got, want in zip(asyncio.run(rank_all(ranker, cases)), expected, strict=True):
+            same_hits(got, want)
+    finally:
+        ranker.stop()
+    assert not any(t.is_alive() for t in ranker._threads)
+    with pytest.raises(ValueError, match="threads"):
+        RankBatcher(services.runtime, services.catalog.table, threads=0)
+
+
+def test_rank_threads_default_to_cores_per_worker(bundle_dir: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert Settings(bundle=bundle_dir).rank_thread_count() == cores
+    assert Settings(bundle=bundle_dir, rank_threads=3).rank_thread_count() == 3
+    two = Settings(bundle=bundle_dir, workers=2, redis_url="redis://127.0.0.1:1/0")
+    assert two.rank_thread_count() == max(1, cores // 2)
+
+
+def test_user_cache_key_names_exactly_the_encoder_inputs() -> None:
+    cache = UserVectorCache(capacity=10, use_time=True)
+    rows = np.array([5, 9, 2], np.int64)
+    ts = np.array([1_000, 5_000, 90_000], np.int64)
+    key = cache.key(0, rows, ts, 100_000)
+    assert key == cache.key(0, rows.copy(), ts.copy(), 100_000)
+    # the last event is 10,000 s old: bucket floor(ln(10000) / 0.301) = 30 spans 8,398..11,350 s
+    assert key == cache.key(0, rows, ts, 100_500)
+    assert key != cache.key(0, rows, ts, 90_000 + 12_000)  # the next bucket
+    assert key != cache.key(1, rows, ts, 100_000)  # rows renumbered by a compaction
+    assert key != cache.key(0, rows[[1, 0, 2]], ts, 100_000)
+    assert key != cache.key(0, rows, ts + np.array([0, 0, 1]), 100_000)
+    assert key != cache.key(0, rows[:2], ts[:2], 100_000)
+    untimed = UserVectorCache(capacity=10, use_time=False)
+    assert untimed.key(0, rows, ts, 100_000) == untimed.key(0, rows, ts, 10**9)
+
+
+def test_user_cache_is_a_bounded_lru() -> None:
+    cache = UserVectorCache(capacity=2, use_time=False)
+    a, b, c = (cache.key(0, np.array([r]), np.array([0]), 0) for r in (1, 2, 3))
+    cache.put(a, np.ones(4))
+    cache.put(b, np.full(4, 2.0))
+    assert cache.get(a) is not None  # a is now the most recent
+    cache.put(c, np.full(4, 3.0))
+    assert len(cache) == 2 and cache.get(b) is None
+    np.testing.assert_array_equal(cache.get(a), np.ones(4, np.float32))
+    np.testing.assert_array_equal(cache.get(c), np.full(4, 3.0, np.float32))
+
+
+def test_equal_keys_mean_equal_encoder_outputs(services: Services) -> None:
+    """The cache's claim, checked on the exported encoder: query times whose keys agree give
+    bit-identical user vectors; ones whose keys differ give other vectors."""
+    ((ids, ts),) = histories(services, 1)
+    got = services.catalog.table.resolve(ids)
+    cache = UserVectorCache(capacity=10, use_time=True)
+    keep = ts[got.known]
+    runtime = services.runtime
+    last = int(keep[-1])
+
+    def encode(query_time: int) -> np.ndarray:
+        return runtime.encode_users(
+            got.vectors[None], keep[None], np.ones((1, len(keep)), bool), np.array([query_time])
+        )[0]
+
+    times = [last + gap for gap in (3_600, 3_601, 3_700, 4_000, 5_000, 10**6, 10**7)]
+    keys = [cache.key(got.layout, got.rows, keep, t) for t in times]
+    vectors = [encode(t) for t in times]
+    assert len(set(keys)) > 2
+    for i in range(len(times)):
+        for j in range(len(times)):
+            same = np.array_equal(vectors[i], vectors[j])
+            if keys[i] == keys[j]:
+                assert same, (times[i], times[j])
+    assert not np.array_equal(vectors[0], vectors[-1])
+
+
+def test_cached_answers_equal_computed_ones(services: Services) -> None:
+    cache = UserVectorCache(capacity=100, use_time=True)
+    ranker = RankBatcher(services.runtime, services.catalog.table, threads=2, cache=cache)
+    try:
+        cases = histories(services, 8)
+        expected = [asyncio.run(rank_all(services.ranker, [case]))[0] for case in cases]
+        hits_before = metrics.USER_CACHE.labels(result="hit")._value.get()
+        first = asyncio.run(rank_all(ranker, cases))
+        assert len(cache) == len(cases)
+        again = asyncio.run(rank_all(ranker, cases))  # every vector from the cache
+        assert metrics.USER_CACHE.labels(result="hit")._value.get() - hits_before == len(cases)
+        for a, b, want in zip(first, again, expected, strict=True):
+            same_hits(a, want)
+            same_hits(b, want)
+    finally:
+        ranker.stop()

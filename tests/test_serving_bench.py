@@ -136,7 +136,11 @@ def test_serving_bench_prints_every_row_with_sane_numbers(
         for route in ("/v1/recommend", "/v1/items")
         for c in (1, 4)
     ]
-    measured += [(peer, f"POST /v1/recommend concurrency {c}") for peer in PEERS for c in (1, 4)]
+    measured += [
+        (section, f"POST /v1/recommend concurrency {c}")
+        for section in ("sidrec-uncached", *PEERS)
+        for c in (1, 4)
+    ]
     measured += [("sidrec", "POST /v1/recommend open loop 40 rps")]
     for key in measured:
         r = by_name[key]
@@ -149,14 +153,18 @@ def test_serving_bench_prints_every_row_with_sane_numbers(
     assert num(agree, "value") == 1.0 and agree["n"] == "20", agree
 
     ratios = [r for r in rows if r["section"] == "ratio"]
-    # e2e / floor; then per peer: two levels, CPU per request, peaks
-    assert len(ratios) == 1 + 4 * len(PEERS), ratios
-    assert [r["measurement"] for r in ratios[5:]] == [
+    # e2e / floor; then for sidrec and sidrec without its user cache, per peer: two levels,
+    # CPU per request, peaks
+    assert len(ratios) == 1 + 2 * 4 * len(PEERS), ratios
+    assert [r["measurement"] for r in ratios[5:9]] == [
         "sidrec / ORT peer throughput, concurrency 1",
         "sidrec / ORT peer throughput, concurrency 4",
         "ORT peer / sidrec CPU per request (best level each)",
         "peak sidrec / peak ORT peer throughput (best level each)",
     ]
+    assert ratios[-1]["measurement"] == (
+        "peak sidrec-uncached / peak ORT peer throughput (best level each)"
+    )
     single = by_name[("sidrec", "POST /v1/recommend concurrency 1")]
     assert num(ratios[0], "value") == pytest.approx(
         num(single, "p50 ms") / num(floor[-1], "p50 ms"),
@@ -171,7 +179,12 @@ def test_serving_bench_prints_every_row_with_sane_numbers(
     assert {num(r, "value") for r in scale if "flat" in r["measurement"]} == {1.0}
     assert num(by_name[("scale", "3,000 uniform, hnsw M=32 efSearch=64, k=10")], "value") > 0.8
     assert "targets:" in done.stdout and "e2e p50 / floor p50" in done.stdout
-    for line in ("sidrec / ORT peer throughput (peaks)", "ORT peer / sidrec CPU per request"):
+    for line in (
+        "sidrec / ORT peer throughput (peaks)",
+        "ORT peer / sidrec CPU per request",
+        "sidrec-uncached / ORT peer throughput (peaks)",
+        "ORT peer / sidrec-uncached CPU per request",
+    ):
         assert f"- {line}: " in done.stdout and f"- {line}: not measured" not in done.stdout
     assert "- ORT peer returns sidrec's top-10 ids: 100% of 20 users" in done.stdout
 
