@@ -41,6 +41,7 @@ REQUIRED_METRICS = {
     "sidrec_items_ingested_total",
     "sidrec_index_items",
     "sidrec_model_info",
+    "sidrec_user_vector_cache_total",
 }
 
 pytestmark = pytest.mark.slow
