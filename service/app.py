@@ -43,7 +43,7 @@ from .catalog import (
 from .deps import ApiError, Services, error_list, route_access
 from .history_load import load_histories
 from .history_store import HistoryStore, MemoryHistoryStore, RedisHistoryStore
-from .reload import Reloader, bundle_folder
+from .reload import Reloader, bundle_folder, freeze_heap
 from .retrieval import IndexSpec, ItemTable
 from .routers import admin, events, health, items, recommend, users
 from .runtime import load_engine
@@ -494,6 +494,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not isinstance(services.catalog.store, RedisCatalogStore):
             await reloader.sync_task  # the in-process store has nothing to load: done at once
         watch_task = asyncio.create_task(reloader.watch(), name="model-watch")
+        # This generator's frame lives as long as the app: a local reference here would keep
+        # the first model alive after a reload replaced it.
+        del services
+        freeze_heap()
         try:
             yield
         finally:

@@ -9,12 +9,15 @@ way `sidrec export` hashes it: a new version to the service, no training needed.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import re
 import shutil
 import threading
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -235,3 +238,35 @@ def test_reload_without_redis_swaps_the_one_worker(
     ready = service.get("/readyz").json()
     assert ready["model_version"].endswith("-solo") and ready["status"] == "ready"
     assert service.get("/v1/items/solo-new").status_code == 200
+
+
+def test_startup_heap_is_frozen_and_a_replaced_model_is_collected(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start-up moves the bundle's objects out of the collector's sight (a full collection
+    walked them all, a pause for every request in flight); after a reload and its drain the
+    old model's objects are released, frozen or not (the lifespan's own reference to the first
+    model kept it alive for the app's life before)."""
+    from sidrec.service import reload as reload_module
+    from sidrec.service.app import create_app
+    from sidrec.service.settings import Settings
+
+    monkeypatch.setattr(reload_module, "DRAIN_S", 0.0)
+    v2_dir = bundle_copy(bundle_dir, tmp_path / "bundle-v2", "-gc")
+    app = create_app(Settings(bundle=bundle_dir, device="cpu", ort_threads=1))
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            assert gc.get_freeze_count() > 1000
+            old = weakref.ref(app.state.services)
+            table = weakref.ref(app.state.services.catalog.table)
+            await app.state.reloader.reload(v2_dir)
+            assert app.state.services.bundle.version.endswith("-gc")
+            for _ in range(100):  # the drain task: stop the old ranker, then refreeze
+                if old() is None and table() is None:
+                    break
+                await asyncio.sleep(0.05)
+            assert old() is None and table() is None
+            assert gc.get_freeze_count() > 1000
+
+    asyncio.run(run())
