@@ -141,7 +141,9 @@ def test_serving_bench_prints_every_row_with_sane_numbers(
         for section in ("sidrec-uncached", *PEERS)
         for c in (1, 4)
     ]
-    measured += [("sidrec", "POST /v1/recommend open loop 40 rps")]
+    measured += [
+        (ours, "POST /v1/recommend open loop 40 rps") for ours in ("sidrec", "sidrec-uncached")
+    ]
     for key in measured:
         r = by_name[key]
         assert r["errors"] == "0" and int(r["n"]) > 0, r
