@@ -659,6 +659,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def recommend_rows(section: str, served: Served, users: int, args: argparse.Namespace) -> list[Row]:
+    """/v1/recommend at each closed-loop concurrency, then at the open-loop rate."""
+    rows = load_rows(section, served, "/v1/recommend", recommend_body(users), args)
+    cpu_before = served.cpu_s()
+    rate = open_loop(
+        served.url, "/v1/recommend", recommend_body(users), args.rate, args.rate_duration
+    )
+    name = f"POST /v1/recommend open loop {args.rate:g} rps"
+    return [*rows, rate.row(section, name, served.cpu_s() - cpu_before)]
+
+
 def peer_command(module: str, port: int, redis_url: str, args: argparse.Namespace) -> list[str]:
     """A peer service's command line: same bundle, Redis, key prefix and history length."""
     return [
@@ -703,17 +714,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.ready_timeout,
             ) as served:
                 sidrec_answers = top_ids(served.url, agree_users, query_time)
-                rows += load_rows("sidrec", served, "/v1/recommend", recommend_body(users), args)
-                cpu_before = served.cpu_s()
-                rate = open_loop(
-                    served.url,
-                    "/v1/recommend",
-                    recommend_body(users),
-                    args.rate,
-                    args.rate_duration,
-                )
-                name = f"POST /v1/recommend open loop {args.rate:g} rps"
-                rows.append(rate.row("sidrec", name, served.cpu_s() - cpu_before))
+                rows += recommend_rows("sidrec", served, users, args)
                 rows += load_rows("sidrec", served, "/v1/items", item_body(records, "item"), args)
         if "uncached" not in skip:
             # The same service without its user-vector cache: what a request costs when its
@@ -732,19 +733,7 @@ def main(argv: list[str] | None = None) -> int:
                 tmp,
                 args.ready_timeout,
             ) as served:
-                rows += load_rows(
-                    "sidrec-uncached", served, "/v1/recommend", recommend_body(users), args
-                )
-                cpu_before = served.cpu_s()
-                rate = open_loop(
-                    served.url,
-                    "/v1/recommend",
-                    recommend_body(users),
-                    args.rate,
-                    args.rate_duration,
-                )
-                name = f"POST /v1/recommend open loop {args.rate:g} rps"
-                rows.append(rate.row("sidrec-uncached", name, served.cpu_s() - cpu_before))
+                rows += recommend_rows("sidrec-uncached", served, users, args)
         if "naive" not in skip:
             port = free_port()
             cmd = peer_command("loadtests.naive_service", port, redis_url, args)
