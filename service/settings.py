@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     # divided by workers, at least 1. Pair with ort_threads=1 so threads do not oversubscribe.
     rank_threads: int = Field(0, ge=0, le=256)
     # User vectors kept for requests whose encoder inputs repeat (same history, query time in
-    # the same time buckets: service/user_cache.py), about 0.3 KB each at d=64; 0 = off.
+    # the same time buckets: service/user_cache.py), a few hundred bytes each; 0 = off.
     user_cache_size: int = Field(100_000, ge=0)
     # ORT threads of the content encoder (MiniLM, POST /v1/items); 0 = as ort_threads. One
     # item's text is ~6 GFLOP at 256 tokens: with ort_threads=1 (what suits /v1/recommend on
