@@ -73,6 +73,7 @@ def content_tower_args(tower: ContentTower) -> dict[str, Any]:
         "content_dim": first.in_features,
         "d": last.out_features,
         "hidden": first.out_features,
+        "learned_norm": tower.norm_head is not None,
     }
 
 

@@ -56,6 +56,9 @@ class TowerConfig:
     # "content" (no prefix rows)
     parts: str = "sid+content"
     objective: str = "ids"  # the queries: "ids" (each item's own id row) or "users"
+    # a per-item norm for new items (model/content_tower.py), regressed on the log norms of
+    # the trained id rows beside the softmax; matters under dot scoring only
+    learned_norm: bool = False
 
 
 def _mixed_logits(
@@ -68,7 +71,10 @@ def _mixed_logits(
     # service holds it when those items are new, so a tower vector learns to win for its
     # item's users and not to crowd out other items. Cosine scoring (a temperature): queries
     # and candidates L2-normalised; dot scoring (None): both raw, the tower vector at its norm.
-    v = tower(sids[cold], content[cold], keep)  # [S, d], norm tower.scale
+    direction = tower.direction(sids[cold], content[cold], keep)  # [S, d]
+    # the norm as fixed data: the softmax would grow every norm (an item is the answer far
+    # more often in fitting than a new item is in service); fit_tower regresses it instead
+    v = direction * (tower.scale * torch.exp(tower.log_norm(direction.detach())).detach())
     if temperature is not None:
         v = F.normalize(v, dim=-1)
     table = candidates.index_copy(0, cold, v)
@@ -168,7 +174,8 @@ def fit_tower(
         raise ValueError("too few examples to hold some out: give the tower more data")
 
     tower = ContentTower.for_catalog(sids_t[fit_rows, :layers], codes_per_layer,
-                                     content_t.shape[1], table.shape[1], cfg.hidden)  # fmt: skip
+                                     content_t.shape[1], table.shape[1], cfg.hidden,
+                                     cfg.learned_norm)  # fmt: skip
     tower.scale.fill_(float(table[rows].norm(dim=-1).median()))
     optimizer = torch.optim.AdamW(tower.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     shared = (sids_t, content_t, cfg.temperature if scoring == "cosine" else None)
@@ -213,6 +220,11 @@ def fit_tower(
                 keep = torch.zeros_like(keep)  # prefix rows stay zero: never read
             logits = _mixed_logits(tower, queries[ex], candidates, cold, *shared, keep=keep)
             loss = F.cross_entropy(logits, answers[ex])
+            if cfg.learned_norm:
+                with torch.no_grad():
+                    direction = tower.direction(sids_t[cold], content_t[cold], keep)
+                    target = torch.log(table[cold].norm(dim=-1, keepdim=True) / tower.scale)
+                loss = loss + F.mse_loss(tower.log_norm(direction), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -5,6 +5,7 @@ items never share a vector, and the exported graph and model.pt agree with PyTor
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +179,45 @@ def test_fit_tower_needs_trained_items() -> None:
         fit_tower(table, sids, content, trained, K, cfg=FAST)
     with pytest.raises(ValueError, match="objective"):
         fit_tower(table, sids, content, trained, K, cfg=TowerConfig(objective="user"))
+
+
+def test_learned_norm_follows_how_long_similar_items_rows_are(tmp_path: Path) -> None:
+    # Under dot scoring an item's norm carries how often it is the answer. Plant norms that
+    # follow the first SID code (a 4x range) and answer users in proportion to them: the
+    # learned-norm tower gives the withheld items norms that rank like their true ones, where
+    # the fixed tower gives every item the median; the norm survives model.pt and ONNX.
+    table, sids, content = planted()
+    norm_of_code = torch.linspace(0.5, 2.0, K)
+    table[1:] = F.normalize(table[1:], dim=-1) * norm_of_code[torch.as_tensor(sids[1:, 0])][:, None]
+    trained = np.ones(N + 1, bool)
+    trained[0] = False
+    trained[WITHHELD] = False
+    rng = np.random.default_rng(2)
+    rows = torch.as_tensor(np.flatnonzero(trained))
+    weights = (table[rows].norm(dim=-1) ** 2).double().numpy()
+    answers = rows[torch.as_tensor(rng.choice(len(rows), 4000, p=weights / weights.sum()))]
+    torch.manual_seed(2)
+    users = F.normalize(table[answers] + 0.3 * torch.randn(len(answers), D), dim=-1) * D**0.5
+    cfg = replace(FAST, learned_norm=True)
+    tower, _ = fit_tower(table, sids, content, trained, K, (users, answers), cfg, scoring="dot")
+    codes, texts = torch.as_tensor(sids[WITHHELD]), torch.as_tensor(content[:20])
+    with torch.no_grad():
+        norms = tower(codes, texts).norm(dim=-1)
+    truth = table[WITHHELD].norm(dim=-1)
+    order = lambda x: x.argsort().argsort().float()  # noqa: E731
+    assert float(torch.corrcoef(torch.stack([order(norms), order(truth)]))[0, 1]) > 0.5
+    assert float(norms.max() / norms.min()) > 1.5
+
+    items = ItemEmbedding("id", N, D)
+    hstu = HSTU(d=D, num_blocks=1, num_heads=1, dqk=D, dv=D, padded_len=12)
+    save_weights(items, hstu, torch.as_tensor(sids), tmp_path / "model.pt", tower)
+    loaded = load_weights(tmp_path / "model.pt")[2]
+    assert loaded is not None and loaded.norm_head is not None
+    export_item_vector(tower, tmp_path / "item_vector.onnx")
+    session = ort.InferenceSession(str(tmp_path / "item_vector.onnx"),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    (got,) = session.run(["vectors"], {"codes": sids[WITHHELD].astype(np.int64),
+                                       "content": content[:20]})  # fmt: skip
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(codes, texts).numpy(), got, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), norms.numpy(), rtol=1e-5)

@@ -6,7 +6,9 @@ content-only baseline. Prints one line per cell and writes RUN/tower_ablation.js
     python -m sidrec.offline.bench.tower_ablation --data ../shared/data/amazon-toys \\
         --run runs/toys  # RUN/id/ from `sidrec train --variants id` (or --variant hybrid-tower)
 
-Cells: parts (sid+content | sid | content) x objective (ids | users) at the listed scales.
+Cells: parts (sid+content | sid | content) x objective (ids | users) x norm (fixed |
+learned) at the listed scales. For each fitted tower, two more cells separate its two roles:
+new items' tower vectors in histories only (never ranked), and ranked only (zero in histories).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from sidrec.model.hstu import HSTU, UserEncoder
 from sidrec.offline.baselines import content_scorer
-from sidrec.offline.evaluate import Scorer, rank_targets, summarize, table_scorer
+from sidrec.offline.evaluate import EvalBatch, Scorer, rank_targets, summarize, table_scorer
 from sidrec.offline.pipeline import Steps
 from sidrec.offline.tower import TowerConfig, fit_tower, item_table, user_states
 from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
@@ -33,6 +37,26 @@ def _reports(scorer: Scorer, steps: Steps, max_len: int) -> dict[str, Any]:
     }
 
 
+def _roles_scorer(
+    encoder: HSTU, history_table: torch.Tensor, ranked_table: torch.Tensor,
+    scales: torch.Tensor, ranked: torch.Tensor,
+) -> Scorer:  # fmt: skip
+    """table_scorer with the encoder reading history_table and scoring ranked_table [n + 1, d]
+    (times scales [n + 1]); rows where bool `ranked` is False are never recommended."""
+    user_encoder = UserEncoder(encoder)
+    cosine = encoder.scoring == "cosine"
+    scored = F.normalize(ranked_table, dim=-1, eps=1e-6) if cosine else ranked_table
+    scored = scored * scales[:, None]
+
+    @torch.no_grad()
+    def score(batch: EvalBatch) -> torch.Tensor:
+        user = user_encoder(history_table[batch.items], batch.timestamps, batch.mask,
+                            batch.query_time)  # fmt: skip
+        return (user @ scored.T).masked_fill(~ranked[None, :], float("-inf"))
+
+    return score
+
+
 def _line(name: str, r: dict[str, Any]) -> str:
     v, t = r["valid"], r["test"]
     cold = t["cold_start"]
@@ -42,7 +66,10 @@ def _line(name: str, r: dict[str, Any]) -> str:
         f"{name:34s} valid ndcg@10 {v['overall']['ndcg@10']:.4f} | test hr@10 "
         f"{t['overall']['hr@10']:.4f} ndcg@10 {t['overall']['ndcg@10']:.4f} warm ndcg@10 "
         f"{t['warm']['ndcg@10']:.4f} cold-start hr@10 {cold['hr@10']:.4f} ({times:.0f}x random)"
-        " | bin hr@10 " + " ".join(f"{b} {bins[b]['hr@10']:.4f}" for b in bins)
+        " | bin hr@10 "
+        + " ".join(f"{b} {bins[b]['hr@10']:.4f}" for b in bins)
+        + " | bin ndcg@10 "
+        + " ".join(f"{b} {bins[b]['ndcg@10']:.4f}" for b in bins)
     )
 
 
@@ -53,7 +80,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variant", default="id", help="an id-only variant: id or hybrid-tower")
     p.add_argument("--parts", default="sid+content,sid,content")
     p.add_argument("--objectives", default="ids,users")
+    p.add_argument("--norms", default="fixed", help="fixed,learned: the new items' norm")
     p.add_argument("--scales", default="1.0,1.1,1.2")
+    p.add_argument(
+        "--roles",
+        action="store_true",
+        help="also rank each tower at its first scale in one role at a time",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     steps = Steps.open(args.data, args.run)
@@ -77,20 +110,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for objective in args.objectives.split(","):
         if objective == "users" and states is None:
             states = user_states(model, id_table, steps.split, cfg.max_len)
-        for parts in args.parts.split(","):
+        for parts, norm in ((p, n) for p in args.parts.split(",") for n in args.norms.split(",")):
+            name = f"tower {parts}/{objective}" + ("/learned-norm" if norm == "learned" else "")
             started = time.perf_counter()
             tower, record = fit_tower(
                 id_table, sids, steps.content_vectors, trained, codebooks.codes,
                 states if objective == "users" else None,
-                TowerConfig(parts=parts, objective=objective),
+                TowerConfig(parts=parts, objective=objective, learned_norm=norm == "learned"),
+                scoring=model.encoder.scoring,
             )  # fmt: skip
-            print(f"tower {parts}/{objective}: fitted in {time.perf_counter() - started:.0f}s,"
+            print(f"{name}: fitted in {time.perf_counter() - started:.0f}s,"
                   f" best epoch {record['best_epoch']}", flush=True)  # fmt: skip
-            for scale in (float(s) for s in args.scales.split(",")):
+            for i, scale in enumerate(float(s) for s in args.scales.split(",")):
                 tower.new_item_scale.fill_(scale)
                 table, scales = item_table(id_table, tower, sids, steps.content_vectors, trained)
-                cell(f"tower {parts}/{objective} scale {scale:g}",
-                     table_scorer(model.encoder, table, scales))  # fmt: skip
+                cell(f"{name} scale {scale:g}", table_scorer(model.encoder, table, scales))
+                if args.roles and i == 0:
+                    everything = torch.ones_like(trained)
+                    cell(
+                        f"{name} in histories only",
+                        _roles_scorer(model.encoder, table, table, scales, trained),
+                    )
+                    cell(
+                        f"{name} scale {scale:g} ranked only",
+                        _roles_scorer(model.encoder, id_table, table, scales, everything),
+                    )
     (args.run / "tower_ablation.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
