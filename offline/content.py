@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -158,6 +159,12 @@ def export_content_encoder(out_dir: Path) -> dict:
     # vectors differ by < 2e-7 (docs/serving-benchmark.md, "Ingest").
     attention = bert.config._attn_implementation
     bert.set_attn_implementation("eager")
+    # The exporter's op registry logs "torchvision is not installed. Skipping torchvision::nms"
+    # (and three more ops) at WARNING on every export: four lines of noise in a newcomer's
+    # first pipeline log, about ops this graph does not use.
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registry_level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # The dynamo exporter (torch.export), not the deprecated TorchScript one. Its
@@ -180,6 +187,7 @@ def export_content_encoder(out_dir: Path) -> dict:
                 verbose=False,
             )
     finally:
+        registry_log.setLevel(registry_level)
         bert.set_attn_implementation(attention)  # the shared model as it was
         encoder.to(device)
 

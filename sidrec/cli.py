@@ -447,12 +447,19 @@ def pipeline_cmd(
 
     Examples, one per data layout (the format is detected from the file names):
 
-      sidrec pipeline --data ml-100k --run runs/ml-100k   (fetched: MovieLens-100K)
+    MovieLens-100K, fetched on first use (or a folder with u.data + u.item):
+      sidrec pipeline --data ml-100k --run runs/ml-100k
 
-      sidrec pipeline --data data/ml-1m --run runs/ml-1m   (MovieLens: ratings.dat + movies.dat)
+    MovieLens-1M: ratings.dat + movies.dat
+      sidrec pipeline --data data/ml-1m --run runs/ml-1m
 
-      sidrec pipeline --data data/shop --run runs/shop --name shop   (generic:
-      interactions.csv with user_id, item_id, timestamp + items.csv with item_id, title, ...)
+    MovieLens-20M / latest: ratings.csv + movies.csv
+      sidrec pipeline --data data/ml-20m --run runs/ml-20m
+
+    generic: interactions.csv (user_id, item_id, timestamp in unix seconds;
+    per-user positions 0, 1, 2, ... are read as order) + items.csv (item_id,
+    title, any text columns)
+      sidrec pipeline --data data/shop --run runs/shop --name shop
     """
     _offline_env()
 
