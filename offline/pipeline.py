@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from sidrec.offline.data.dataset import DataError, Interactions
@@ -470,42 +471,121 @@ def _record_data(interactions: Interactions, run: Path) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def print_results(results: dict[str, dict[str, Any]], dataset: str) -> None:
+# A figure column: its header variants (the first preferred, the next narrower) and cells.
+_Column = tuple[tuple[str, ...], list[str]]
+
+
+def _results_groups(results: dict[str, dict[str, Any]]) -> list[list[list[_Column]]]:
+    """The results table's figure columns in groups (overall; popularity bins + cold-start)
+    of blocks (@5/@10; @50/@200 + MRR; bins; cold-start, whose header may wrap), the units
+    the table is split into when it is too wide."""
+    tests = [stages["test"] for stages in results.values()]
+    overall = [((c.upper(),), [_figure(t["overall"], c) for t in tests]) for c in METRIC_COLUMNS]
+    bins = [
+        ((f"{b} HR@10",), [f"{t['by_popularity'][b]['hr@10']:.4f}" for t in tests])
+        for b in ("hot", "mild", "cold")
+    ]
+    random_rate = tests[0]["cold_start"].get("random_hr@10")
+    random_text = f"random {random_rate:.4f}" if random_rate is not None else "random ?"
+    cold_start = (
+        (f"cold-start HR@10 ({random_text})", f"cold-start HR@10\n({random_text})"),
+        [f"{t['cold_start']['hr@10']:.4f}" for t in tests],
+    )
+    return [[overall[:4], overall[4:]], [bins, [cold_start]]]
+
+
+def _variants(block: list[_Column]) -> list[list[tuple[str, list[str]]]]:
+    """The block with each column's first header variant, then with the next, ..."""
+    depth = max(len(headers) for headers, _ in block)
+    return [
+        [(headers[min(i, len(headers) - 1)], cells) for headers, cells in block]
+        for i in range(depth)
+    ]
+
+
+def _results_table(
+    names: list[str], columns: list[tuple[str, list[str]]], title: str | None = None
+) -> Table:
+    # no_wrap everywhere: the tables are cut to fit the console, so no cell is squeezed
+    # (rich would elide the figures to "0.1…" and the names to "mos…").
+    table = Table(title=title, title_justify="default")  # flush left, no padding
+    table.add_column("model", no_wrap=True)
+    for header, _ in columns:
+        table.add_column(header, justify="right", no_wrap=True)
+    for row, name in enumerate(names):
+        table.add_row(name, *(cells[row] for _, cells in columns))
+    return table
+
+
+def results_tables(results: dict[str, dict[str, Any]], title: str, console: Console) -> list[Table]:
+    """The results as one table titled `title` where it fits `console`'s width (a log
+    file's 200 columns), else as several, untitled (print the title above them), each with
+    the model column: overall figures, then popularity bins + cold-start, each cut into
+    whole blocks of columns where too wide (at 80 columns: @5/@10; @50/@200 + MRR; bins +
+    cold-start under a wrapped header). Every figure and model name is shown in full at
+    any width >= 80 (rich never has to squeeze a column)."""
+    names = list(results)
+    groups = _results_groups(results)
+    unbounded = console.options.update_width(100_000)  # else the measure is cut to fit
+
+    def fits(columns: list[tuple[str, list[str]]]) -> bool:
+        table = _results_table(names, columns)
+        return Measurement.get(console, unbounded, table).maximum <= console.width
+
+    everything = [c for group in groups for block in group for c in _variants(block)[0]]
+    if fits(everything):
+        return [_results_table(names, everything, title)]
+    tables: list[list[tuple[str, list[str]]]] = []
+    for group in groups:
+        # A block too wide for a table of its own goes column by column.
+        pieces = []
+        for block in group:
+            if any(fits(variant) for variant in _variants(block)):
+                pieces.append(block)
+            else:
+                pieces.extend([column] for column in block)
+        current: list[tuple[str, list[str]]] = []
+        for piece in pieces:
+            variants = _variants(piece)
+            choice = next((v for v in variants if fits(current + v)), None)
+            if choice is None and current:
+                tables.append(current)
+                current = []
+                choice = next((v for v in variants if fits(v)), None)
+            current += choice if choice is not None else variants[-1]
+        tables.append(current)
+    return [_results_table(names, columns) for columns in tables]
+
+
+def print_results(
+    results: dict[str, dict[str, Any]], dataset: str, out: Console | None = None
+) -> None:
+    """Prints the test results: one table in a log file, split to fit a narrower terminal
+    (or `out`, a console to print to instead of stdout's)."""
     first = next(iter(results.values()))["test"]
     excluded = first.get("history_excluded", True)
     rule = "history excluded" if excluded else "history kept as candidates"
-    table = Table(title=f"{dataset}: test metrics (leave-one-out, full ranking, {rule})")
-    table.add_column("model")
-    for column in METRIC_COLUMNS:
-        table.add_column(column.upper(), justify="right")
-    for column in ("hot HR@10", "mild HR@10", "cold HR@10"):
-        table.add_column(column, justify="right")
+    title = f"{dataset}: test metrics (leave-one-out, full ranking, {rule})"
+    # Off a terminal (CI logs, pipes) rich assumes 80 columns: one table 200 columns wide.
+    table_console = out or (console if console.is_terminal else Console(width=200))
+    tables = results_tables(results, title, table_console)
+    if len(tables) > 1:
+        table_console.print(title, style="table.title", highlight=False)
+    for table in tables:
+        table_console.print(table)
+    notes = out or console
     random_rate = first["cold_start"].get("random_hr@10")
-    random_text = f"random {random_rate:.4f}" if random_rate is not None else "random ?"
-    table.add_column(f"cold-start HR@10 ({random_text})", justify="right")
-    for name, stages in results.items():
-        test = stages["test"]
-        overall = test["overall"]
-        bins = test["by_popularity"]
-        table.add_row(
-            name,
-            *(_figure(overall, c) for c in METRIC_COLUMNS),
-            *(f"{bins[b]['hr@10']:.4f}" for b in ("hot", "mild", "cold")),
-            f"{test['cold_start']['hr@10']:.4f}",
-        )
-    # Off a terminal (CI logs, pipes) rich assumes 80 columns and would elide every figure.
-    (console if console.is_terminal else Console(width=200)).print(table)
-    console.print(
+    notes.print(
         "candidates: every catalog item except the user's history (history excluded)"
         if excluded
         else "candidates: every catalog item, the user's history included (--keep-history)"
     )
     if random_rate is not None:
-        console.print(
+        notes.print(
             f"a uniformly random ranking would get cold-start HR@10 {random_rate:.4f} on these "
             "targets"
         )
-    console.print(
+    notes.print(
         f"test users: {first['overall']['count']}, of which cold-start targets: "
         f"{first['cold_start']['count']}; bins by target popularity: "
         + ", ".join(f"{b} {first['by_popularity'][b]['count']}" for b in ("hot", "mild", "cold"))

@@ -3,12 +3,14 @@ the random cold-start rate beside the cold-start column, the ML-1M tie order (--
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import write_synthetic_dataset
+from rich.console import Console
 from typer.testing import CliRunner
 
 from sidrec.cli import app
@@ -83,6 +85,50 @@ def test_results_table_shows_a_dash_for_figures_old_reports_lack(
     old_row = next(line for line in out.splitlines() if "│ old" in line)
     assert "0.2500" in new_row and " - " in old_row
     assert "random 0.0123" in out
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_results_table_shows_every_figure_in_full_at_any_width(width: int) -> None:
+    # At a terminal's 80 or 100 columns rich squeezed the 14-column table to "0.1…" and
+    # "mos…": the table is split instead; a log file's 200 columns keep one table.
+    names = ["most-popular", "content-only", "id", "hybrid-switch", "hybrid-tower"]
+    bin_names = ("hot", "mild", "cold")
+    results: dict[str, dict] = {}
+    figures: dict[str, list[float]] = {}
+    for row, name in enumerate(names):
+        overall = [0.1 + 0.0371 * k + 0.0013 * row for k in range(len(pipeline.METRIC_COLUMNS))]
+        bins = [0.2 + 0.011 * k + 0.0017 * row for k in range(len(bin_names))]
+        cold_start = 0.0456 + 0.0019 * row
+        figures[name] = [*overall, *bins, cold_start]
+        test = {
+            "overall": {"count": 6040, **dict(zip(pipeline.METRIC_COLUMNS, overall, strict=True))},
+            "by_popularity": {
+                b: {"hr@10": v, "count": 2000} for b, v in zip(bin_names, bins, strict=True)
+            },
+            "cold_start": {"hr@10": cold_start, "count": 300, "random_hr@10": 0.0123},
+        }
+        results[name] = {"test": test}
+
+    out = Console(width=width, file=io.StringIO(), record=True, color_system=None)
+    pipeline.print_results(results, "ml-1m", out)
+    text = out.export_text()
+    assert "…" not in text, text
+    lines = text.splitlines()
+    assert all(len(line) <= width for line in lines), text
+    assert lines[0] == "ml-1m: test metrics (leave-one-out, full ranking, history excluded)"
+    for name in names:
+        rows = [line for line in lines if line.startswith(f"│ {name} ")]
+        shown = " ".join(rows)
+        assert all(f" {figure:.4f} " in shown for figure in figures[name]), text
+    assert "random 0.0123" in text and "cold-start HR@10" in text
+    for header in ("HR@5", "NDCG@200", "MRR", "hot HR@10", "mild HR@10", "cold HR@10"):
+        assert header in text, text
+    tables = text.count("┏")
+    if width == 200:
+        assert tables == 1 and "cold-start HR@10 (random 0.0123)" in text
+    else:
+        assert tables > 1, text
+        assert all(sum(line.startswith(f"│ {n} ") for line in lines) == tables for n in names)
 
 
 def test_cli_options_and_tie_order_refusal(tmp_path: Path) -> None:
