@@ -265,7 +265,7 @@ def route_of(
     routes: list[RouteTemplate], path: str, method: str | None = None
 ) -> RouteTemplate | None:
     """The template a path (and method) is served by: the first whose pattern and method
-    match, else the first whose pattern matches (a 405). With `{id:path}` templates one path
+    match, else the first whose pattern matches (a 405). With `{id:idpath}` templates one path
     can match several (DELETE /v1/users/a/history erases user "a/history")."""
     matching = [r for r in routes if r.pattern.match(path)]
     if method is not None:

@@ -12,6 +12,7 @@ from fastapi import Path, Request, Response, Security
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator
+from starlette.convertors import Convertor, register_url_convertor
 
 from sidrec.bundle import Bundle
 
@@ -164,6 +165,25 @@ class KeyFirstRoute(APIRoute):
             return await handler(request)
 
         return key_first
+
+
+class IdPathConvertor(Convertor[str]):
+    """`{name:idpath}`: Starlette's `path` convertor (an id may hold "/"), but matching a line
+    break too. With `path`'s `.*` the route regex stopped at "\n": `/v1/users/a%0Ab/history`
+    was an undocumented 404 instead of the control-character 422, and, as `$` also matches
+    before a final "\n", `DELETE /v1/users/a%0A` erased user "a" (two raw ids, one user)."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return str(value)
+
+    def to_string(self, value: str) -> str:
+        return str(value)
+
+
+# Registered on import, before the routers (which import this module) declare their paths.
+register_url_convertor("idpath", IdPathConvertor())
 
 
 def _no_control(value: str) -> str:

@@ -251,8 +251,14 @@ class ItemIn(Strict):
     # A precomputed content vector (the bundle's content model, e.g. 384 numbers) instead of text.
     # Each number within +-1e6: the vector is normalised anyway, and larger numbers overflow
     # the float32 arithmetic it goes through (1e308 became inf, then NaN: a garbage SID).
+    # Strict: JSON numbers only, as the schema says (lax, true and "0.5" were taken as numbers).
     content_vector: (
-        list[Annotated[float, Field(allow_inf_nan=False, ge=-MAX_VECTOR_ABS, le=MAX_VECTOR_ABS)]]
+        list[
+            Annotated[
+                float,
+                Field(allow_inf_nan=False, ge=-MAX_VECTOR_ABS, le=MAX_VECTOR_ABS, strict=True),
+            ]
+        ]
         | None
     ) = None
 

@@ -88,11 +88,11 @@ async def add_items(
     )
 
 
-# Before GET /v1/items/{item_id:path}, whose path pattern would also take ".../similar". An
+# Before GET /v1/items/{item_id:idpath}, whose path pattern would also take ".../similar". An
 # item whose id itself ends in "/similar" cannot be read through that route for the same reason.
 # Similar items come from item vectors only, nothing personal: open like GET /v1/items/{id}.
 @router.get(
-    "/v1/items/{item_id:path}/similar",
+    "/v1/items/{item_id:idpath}/similar",
     response_model=SimilarResponse,
     responses={404: {"model": ErrorResponse, "description": "no live item with this id"}},
 )
@@ -122,7 +122,7 @@ async def similar_items(
 
 
 @router.get(
-    "/v1/items/{item_id:path}",
+    "/v1/items/{item_id:idpath}",
     responses={404: {"model": ErrorResponse, "description": "no item with this id"}},
 )
 async def get_item(item_id: PathId, services: Services = Depends(get_services)) -> dict[str, Any]:
@@ -135,7 +135,7 @@ async def get_item(item_id: PathId, services: Services = Depends(get_services)) 
 
 
 @router.delete(
-    "/v1/items/{item_id:path}",
+    "/v1/items/{item_id:idpath}",
     response_model=RetiredResponse,
     dependencies=[Depends(require_api_key)],
     responses={404: {"model": ErrorResponse, "description": "no live item with this id"}},

@@ -24,7 +24,7 @@ router = APIRouter(tags=["users"], route_class=KeyFirstRoute, responses=ERROR_RE
 
 # A user's history is personal data: SIDREC_READ_API_KEY guards it when set. Declared before
 # the DELETE route, whose path also matches ".../history": routing tries them in order.
-@router.get("/v1/users/{user_id:path}/history", dependencies=[Depends(require_read_key)])
+@router.get("/v1/users/{user_id:idpath}/history", dependencies=[Depends(require_read_key)])
 async def user_history(
     user_id: PathId, services: Services = Depends(get_services)
 ) -> dict[str, Any]:
@@ -36,7 +36,7 @@ async def user_history(
 # other write answers (a request_id to quote). An unknown user is no error, only zeros, so a
 # retried erase succeeds.
 @router.delete(
-    "/v1/users/{user_id:path}",
+    "/v1/users/{user_id:idpath}",
     response_model=UserErased,
     dependencies=[Depends(require_api_key)],
 )
