@@ -55,6 +55,12 @@ def seed_histories(service: Service, item_ids: list[str], users: int) -> None:
     assert service.post("/v1/events", events).status_code == 200
 
 
+def figures(test: str, **values: Any) -> None:
+    """The figures a test measured, one line (shown with `pytest -s`): issue 12's closing note
+    quotes them."""
+    print(f"\nFIGURES {test}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+
+
 def store_errors(responses: list[httpx.Response]) -> list[str]:
     return [
         r.text
@@ -72,8 +78,14 @@ def test_400_concurrent_recommends_get_no_false_store_errors(
     seed_histories(service, bundle_item_ids(bundle_dir), users=50)
     requests = [("POST", "/v1/recommend", {"user_id": f"c{i % 50}", "k": 10}) for i in range(400)]
     responses = burst(service.url, requests)
-    assert not store_errors(responses)
     statuses = Counter(r.status_code for r in responses)
+    figures(
+        "400 in-flight recommends",
+        in_flight=len(requests),
+        statuses=dict(statuses),
+        false_store_errors=len(store_errors(responses)),
+    )
+    assert not store_errors(responses)
     assert statuses == {200: 400}, statuses
     assert all(r.json()["history_len"] == 5 for r in responses)
 
@@ -104,6 +116,13 @@ def test_saturated_pool_answers_overloaded_not_store_unavailable(
         assert r.headers["retry-after"] == "1"
         assert "SIDREC_REDIS_MAX_CONNECTIONS" in r.json()["detail"]
     (counted,) = samples(service.get("/metrics").text, "sidrec_store_overloaded_total")
+    figures(
+        "saturated pool (2 connections, 1 ms wait)",
+        recommends=len(recommends),
+        overloaded_503=len(overloaded),
+        sidrec_store_overloaded_total=counted[1],
+        readyz=[r.status_code for r in ready],
+    )
     assert counted[1] == len(overloaded)
     assert service.get("/readyz").status_code == 200
 
@@ -200,8 +219,9 @@ def wait_not_ready(service: Service, timeout: float) -> float:
     return time.monotonic() - start
 
 
-def check_stored(redis_server: RedisServer, load: Load, events: bool = True) -> None:
-    """Every acknowledged event is in its user's list, every acknowledged item is stored."""
+def check_stored(redis_server: RedisServer, load: Load, events: bool = True) -> dict[str, int]:
+    """Every acknowledged event is in its user's list, every acknowledged item is stored;
+    returns the counts."""
     prefix = "sidrec:"
     client = redis_server.client()
     stored_events = {
@@ -216,6 +236,12 @@ def check_stored(redis_server: RedisServer, load: Load, events: bool = True) -> 
     items_key = f"{prefix}{{catalog}}:items"
     missing = [i for i in load.acked_items if not client.hexists(items_key, i)]
     assert not lost and not missing, (len(lost), missing, load.answers)
+    return {
+        "acked_events": len(load.acked_events) if events else 0,
+        "stored_acked_events": (len(load.acked_events) - len(lost)) if events else 0,
+        "acked_items": len(load.acked_items),
+        "stored_acked_items": len(load.acked_items) - len(missing),
+    }
 
 
 def test_redis_stopped_and_killed_under_load_loses_no_acknowledged_write(
@@ -231,21 +257,32 @@ def test_redis_stopped_and_killed_under_load_loses_no_acknowledged_write(
             redis_url=redis_server.url, redis_timeout_s=0.5, history_len=100_000
         )
         dim = content_dim(bundle_dir)
+        seconds: dict[str, float] = {}
         with Load(service, bundle_item_ids(bundle_dir), dim, random_vector(dim)) as load:
             time.sleep(1.5)
             redis_server.pause()
-            assert wait_not_ready(service, 5) < 1.0
+            seconds["not_ready_after_sigstop_s"] = wait_not_ready(service, 5)
+            assert seconds["not_ready_after_sigstop_s"] < 1.0
             time.sleep(1.5)
             redis_server.resume()
-            assert wait_ready(service, 5) < 2.0
+            seconds["ready_after_sigcont_s"] = wait_ready(service, 5)
+            assert seconds["ready_after_sigcont_s"] < 2.0
             time.sleep(1.5)
             redis_server.kill()
-            assert wait_not_ready(service, 5) < 1.0
+            seconds["not_ready_after_kill9_s"] = wait_not_ready(service, 5)
+            assert seconds["not_ready_after_kill9_s"] < 1.0
             time.sleep(1.0)
             redis_server.start()  # returns once it answers PING, data loaded from the file
-            assert wait_ready(service, 5) < 2.0
+            seconds["ready_after_restart_s"] = wait_ready(service, 5)
+            assert seconds["ready_after_restart_s"] < 2.0
             time.sleep(1.5)
-        check_stored(redis_server, load)
+        counts = check_stored(redis_server, load)
+        figures(
+            "Redis SIGSTOP + kill -9 under load",
+            **counts,
+            **{k: round(v, 3) for k, v in seconds.items()},
+            answers=dict(load.answers),
+        )
         # Writes kept coming through; the outages cost some (503, nothing acknowledged).
         assert len(load.acked_events) > 50 and len(load.acked_items) > 10, load.answers
         assert load.answers["/v1/events 503 store_unavailable"] > 0, load.answers
@@ -296,6 +333,14 @@ def test_redis_losing_its_data_under_load(
     for item_id, sid in list(load.acked_items.items())[:: max(1, len(sids) // 10)]:
         assert fresh.get(f"/v1/items/{item_id}").json()["sid"] == sid
     (restored,) = samples(service.get("/metrics").text, "sidrec_catalog_restored_items_total")
+    figures(
+        "FLUSHALL + restart-empty under load",
+        acked_items_before_loss=before,
+        acked_items=len(load.acked_items),
+        distinct_sids=len(set(sids)),
+        restored_items_total=restored[1],
+        answers=dict(load.answers),
+    )
     assert restored[1] > 0
 
 
