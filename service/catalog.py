@@ -10,14 +10,21 @@ Every worker tails the stream and applies what the others wrote; at start it reb
 ingested items from Redis.
 
 Redis losing its data (restarted empty, FLUSHALL): every worker keeps the ingested items it
-holds, and the generation marker tells it Redis lost them. The marker is a random token set
-once (SET NX) by the first worker on an empty Redis; each worker remembers the one it saw.
-The scripts that hand out dedup digits and write records refuse to run when the marker is not
-the caller's, so no write lands in a Redis that forgot the catalog. A worker that finds the
-marker gone or changed (at once on a refused write; within GENERATION_CHECK_S from its stream
-follower) writes every item it holds back (HSETNX: newer records win), raises the dedup
-counters past the digits those items hold, and only then takes the marker; its writes wait
-meanwhile. So SIDs handed out afterwards never repeat a live item's.
+holds, and the generation marker tells it Redis lost them. The marker is a random token; each
+worker remembers the one it saw. The scripts that hand out dedup digits and write records
+refuse to run when the marker is not the caller's, so no write lands in a Redis that forgot
+the catalog. A worker that finds the marker gone or changed (at once on a refused write;
+within GENERATION_CHECK_S from its stream follower) takes a restore lease, writes every item
+it holds back (HSETNX: newer records win), raises the dedup counters past the digits those
+items hold, and drops the lease; its writes wait meanwhile.
+
+Nobody sets a missing marker at once, neither a running worker nor a process that just
+started (it cannot tell a first start from a Redis that lost its data a moment ago): it
+waits GENERATION_GRACE_S from when it first saw the marker missing, longer than a follower
+takes to notice, so every running worker has taken its lease by then, and the claim script
+refuses while any lease is live. The first claim after that wins (SET), the others adopt it.
+So a digit is handed out only after every worker that answers Redis has written back what it
+holds, and SIDs handed out afterwards never repeat a live item's.
 
 Redis layout (prefix P; "{catalog}" is a Cluster hash tag: every key below is in one slot, so
 each script touches one node, also on a cluster):
@@ -28,6 +35,8 @@ each script touches one node, also on a cluster):
                                 get the same digit)
   P{catalog}:stream             stream of {"item_id"}: "this record changed"
   P{catalog}:generation         random token: which life of this Redis the catalog belongs to
+  P{catalog}:restoring          sorted set worker -> lease end (ms, Redis clock): workers
+                                writing back after a loss; the marker is not set meanwhile
   P{catalog}:retired            sorted set item_id -> retirement number (bundle items included)
   P{catalog}:retired:seq        counter: the latest retirement number
 SIDs and vectors are kept per bundle version: after a retrain, a worker on the new bundle
@@ -78,6 +87,13 @@ STREAM_MAXLEN = 1_000_000
 
 # How often the stream follower checks that Redis still holds this worker's generation.
 GENERATION_CHECK_S = 0.5
+# How long a process that finds the marker missing waits before setting it (from when it
+# first saw it missing): every running worker's follower has noticed by then and holds a
+# restore lease until it has written back what it holds.
+GENERATION_GRACE_S = 2 * GENERATION_CHECK_S
+# A restore lease lasts this long unless renewed (every chunk written back): a worker that dies
+# while writing back holds the marker back no longer than this.
+RESTORE_LEASE_S = 10.0
 _STALE = "SIDREC_STALE_GENERATION"
 # Every write script starts with this: KEYS[#KEYS] = marker, ARGV[1] = the caller's token.
 _CHECK_GENERATION = f"""
@@ -176,6 +192,30 @@ for i = 1, #ARGV, 2 do
 end
 redis.call('SET', KEYS[3], top)
 return top
+"""
+
+
+# KEYS = marker, restoring; ARGV[1] = token. Sets the marker unless it is set or a restore
+# lease is live; returns the marker in force (nil: a worker is still writing back).
+_CLAIM_LUA = """
+local marker = redis.call('GET', KEYS[1])
+if marker then return marker end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', ms))
+if redis.call('ZCARD', KEYS[2]) > 0 then return false end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+
+# KEYS = restoring; ARGV = worker, lease (ms). Takes or renews a restore lease (the key itself
+# expires with the last lease, should every holder die).
+_LEASE_LUA = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[1], string.format('%.0f', ms + tonumber(ARGV[2])), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
 """
 
 
@@ -292,9 +332,17 @@ class CatalogStore(Protocol):
         """The marker naming the store's current life; None = the store has none (lost it)."""
         ...
 
-    async def claim_generation(self, token: str) -> str:
-        """Set the marker to token unless one is set; returns the marker now in force."""
+    async def claim_generation(self, token: str) -> str | None:
+        """Set the marker to token unless one is set or a restore lease is live; returns the
+        marker now in force, None while a lease holds the claim back."""
         ...
+
+    async def lease_restore(self, worker: str) -> None:
+        """Take or renew `worker`'s restore lease (RESTORE_LEASE_S): no marker is claimed
+        while it is live."""
+        ...
+
+    async def release_restore(self, worker: str) -> None: ...
 
     async def assign_dedup(
         self, version: str, wanted: list[tuple[str, str, int]], generation: str | None
@@ -357,7 +405,10 @@ class RedisCatalogStore:
         self.items_key = base + "items"
         self.stream_key = base + "stream"
         self.generation_key = base + "generation"
+        self.restoring_key = base + "restoring"
         self._base = base
+        self._claim = redis.register_script(_CLAIM_LUA)
+        self._lease = redis.register_script(_LEASE_LUA)
         self._dedup = redis.register_script(_DEDUP_LUA)
         self._put = redis.register_script(_PUT_LUA)
         self._restore = redis.register_script(_RESTORE_LUA)
@@ -373,9 +424,15 @@ class RedisCatalogStore:
         raw = await self.redis.get(self.generation_key)
         return raw.decode() if raw is not None else None
 
-    async def claim_generation(self, token: str) -> str:
-        await self.redis.set(self.generation_key, token, nx=True)
-        return await self.generation() or token
+    async def claim_generation(self, token: str) -> str | None:
+        raw = await self._claim(keys=[self.generation_key, self.restoring_key], args=[token])
+        return raw.decode() if raw is not None else None
+
+    async def lease_restore(self, worker: str) -> None:
+        await self._lease(keys=[self.restoring_key], args=[worker, int(RESTORE_LEASE_S * 1000)])
+
+    async def release_restore(self, worker: str) -> None:
+        await self.redis.zrem(self.restoring_key, worker)
 
     async def assign_dedup(
         self, version: str, wanted: list[tuple[str, str, int]], generation: str | None
@@ -539,8 +596,14 @@ class MemoryCatalogStore:
     async def generation(self) -> str | None:
         return "memory"  # this process's memory cannot lose data while the process lives
 
-    async def claim_generation(self, token: str) -> str:
+    async def claim_generation(self, token: str) -> str | None:
         return "memory"
+
+    async def lease_restore(self, worker: str) -> None:
+        pass
+
+    async def release_restore(self, worker: str) -> None:
+        pass
 
     async def restore(self, version: str, items: list[Held]) -> int:
         return 0
@@ -699,6 +762,9 @@ class Catalog:
         self.generation: str | None = None
         self.held: dict[str, tuple[StoredItem, Derived]] = {}
         self._recover_lock = asyncio.Lock()
+        self.worker_id = uuid.uuid4().hex  # names this worker's restore lease
+        # Set while this worker waits to claim a missing marker (/readyz says why at start).
+        self.waiting: str | None = None
 
     # --- deriving SIDs and vectors ------------------------------------------------------
 
@@ -979,8 +1045,10 @@ class Catalog:
 
     async def rebuild(self) -> int:
         """At start: every ingested item from the store into the table."""
-        # The marker first: a loss during the scan then shows as a marker that is not ours.
-        self.generation = await self.store.claim_generation(uuid.uuid4().hex)
+        # The marker first: a loss during the scan then shows as a marker that is not ours. A
+        # missing one is claimed only after GENERATION_GRACE_S: this may be a Redis that lost
+        # its data a moment ago, and running workers still have to write back their items.
+        await self.recover()
         if isinstance(self.store, RedisCatalogStore):
             # Read the stream position first: anything written during the scan is replayed.
             self.stream_position = await self.store.stream_last_id()
@@ -1007,6 +1075,7 @@ class Catalog:
         written = 0
         for start in range(0, len(item_ids), 500):
             chunk = item_ids[start : start + 500]
+            await self.store.lease_restore(self.worker_id)
             written += await self.store.restore(self.version, self._held(chunk))
         return written
 
@@ -1016,29 +1085,72 @@ class Catalog:
             await self.recover()
 
     async def recover(self) -> None:
-        """The store lost the catalog: write back every item held here, then take the marker
-        (one recovery at a time; ingestion waits for it)."""
+        """The store lost the catalog (or, at start, this worker has no marker yet): write back
+        every item held here under a restore lease, then take the marker in force, claiming a
+        missing one only GENERATION_GRACE_S after first seeing it missing and once no lease is
+        live (one recovery at a time; ingestion waits for it)."""
         async with self._recover_lock:
-            current = await self.store.generation()
-            if current is not None and current == self.generation:
-                return  # recovered while we waited for the lock
-            log.warning(
-                "catalog: Redis lost its data (generation marker %s, expected %s); writing "
-                "back the %d ingested items this worker holds",
-                current,
-                self.generation,
-                len(self.held),
-            )
-            first = list(self.held)
-            written = await self._restore(first)
-            await self.store.restore_retired(dict(self.retired))
+            holds = bool(self.held or self.retired)
+            if holds:
+                # The lease before reading the marker: a claim either came before (we find
+                # it) or waits for us.
+                await self.store.lease_restore(self.worker_id)
+            try:
+                current = await self.store.generation()
+                if current is not None and current == self.generation:
+                    return  # recovered while we waited for the lock
+                missing_since = time.monotonic()
+                if holds:
+                    log.warning(
+                        "catalog: Redis lost its data (generation marker %s, expected %s); "
+                        "writing back the %d ingested items this worker holds",
+                        current,
+                        self.generation,
+                        len(self.held),
+                    )
+                    written = 0
+                    done: set[str] = set()
+                    # Again for items applied while a pass ran (an ingest in flight).
+                    while todo := [i for i in self.held if i not in done]:
+                        written += await self._restore(todo)
+                        done.update(todo)
+                    await self.store.lease_restore(self.worker_id)
+                    await self.store.restore_retired(dict(self.retired))
+                    metrics.CATALOG_RESTORED.inc(written)
+                    log.warning("catalog: %d items written back", written)
+            finally:
+                if holds:
+                    await self.store.release_restore(self.worker_id)
             # Only now may this worker's writes go on: the marker we claim or find is ours.
-            self.generation = await self.store.claim_generation(uuid.uuid4().hex)
-            # Items an ingest already in flight applied while the first pass ran.
-            seen = set(first)
-            written += await self._restore([i for i in self.held if i not in seen])
-            metrics.CATALOG_RESTORED.inc(written)
-            log.warning("catalog: %d items written back; generation %s", written, self.generation)
+            self.generation = current if current is not None else await self._claim(missing_since)
+            if holds:
+                log.warning("catalog: generation %s", self.generation)
+
+    async def _claim(self, missing_since: float) -> str:
+        """The marker in force once this worker may set a missing one: GENERATION_GRACE_S after
+        it saw it missing (every running worker's follower has noticed by then and holds a
+        restore lease), and no lease live."""
+        token = uuid.uuid4().hex
+        log.info(
+            "catalog: no generation marker in Redis; setting one in %.1f s, once running "
+            "workers have written back what they hold",
+            max(0.0, missing_since + GENERATION_GRACE_S - time.monotonic()),
+        )
+        self.waiting = (
+            "the generation marker is missing: waiting for running workers to write back "
+            "the items they hold"
+        )
+        try:
+            while True:
+                left = missing_since + GENERATION_GRACE_S - time.monotonic()
+                if left > 0:
+                    await asyncio.sleep(left)
+                claimed = await self.store.claim_generation(token)
+                if claimed is not None:
+                    return claimed
+                await asyncio.sleep(0.05)  # a lease is live: a worker is writing back
+        finally:
+            self.waiting = None
 
     async def follow(self, block_ms: int = 1000) -> None:
         """Tail the catalog stream forever, applying what other workers ingested."""
@@ -1060,7 +1172,12 @@ class Catalog:
                 elif time.monotonic() - checked >= GENERATION_CHECK_S:
                     await self.check_generation()
                     checked = time.monotonic()
-                position, item_ids = await store.read_stream(self.stream_position, block_ms)
+                # Blocking no longer than the next check is due: a quiet stream must not stretch
+                # GENERATION_CHECK_S (GENERATION_GRACE_S counts on it).
+                due_ms = int((checked + GENERATION_CHECK_S - time.monotonic()) * 1000)
+                position, item_ids = await store.read_stream(
+                    self.stream_position, max(10, min(block_ms, due_ms))
+                )
                 if item_ids:
                     await self.load(list(dict.fromkeys(item_ids)))
                 self.stream_position = position

@@ -1,17 +1,19 @@
 """The service and its Redis under stress, against real redis-server processes and real uvicorn
 servers: 400 requests in flight (backpressure, never a false "Redis did not answer"), a Redis
 that is stopped and killed under load (no acknowledged write lost, readiness follows Redis),
-a Redis that loses its data (the catalog is written back, SIDs never collide), and a real
-3-master Redis Cluster."""
+a Redis that loses its data (the catalog is written back, SIDs never collide, also with a
+process that starts on it at that moment), and a real 3-master Redis Cluster."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +344,108 @@ def test_redis_losing_its_data_under_load(
         answers=dict(load.answers),
     )
     assert restored[1] > 0
+
+
+class HeldProxy:
+    """A TCP proxy to a Redis that holds every connection until release(): a service started
+    through it answers HTTP with its first catalog call (reading the generation marker)
+    waiting, and the test chooses the moment that call reaches Redis."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.released = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.server.getsockname()[1])
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.server.close()
+        for s in self.sockets:
+            s.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        self.released.wait()
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        self.sockets += [client, upstream]
+        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+        self._pump(client, upstream)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_process_started_on_a_just_emptied_redis_repeats_no_sid(
+    redis_server: RedisServer, start_service: Any, bundle_dir: Path
+) -> None:
+    """FLUSHALL while a worker holds items of one code tuple, and at that very moment a new
+    process reads the (now missing) generation marker and ingests items of the same tuple:
+    it waits for the running worker to write its items back, so all SIDs stay distinct."""
+    dim = content_dim(bundle_dir)
+    a = start_service(redis_url=redis_server.url)
+    body = [{"item_id": f"a-{n}", **one_tuple(dim)(n)} for n in range(5)]
+    r = a.post("/v1/items", body)
+    assert r.status_code == 200, r.text
+    acked = {i["item_id"]: tuple(i["sid"]) for i in r.json()["items"]}
+    proxy = HeldProxy(redis_server.port)
+    b: Service | None = None
+    try:
+        # b is up (HTTP answers), its first Redis call held by the proxy.
+        b = start_service(wait_ready=False, redis_url=proxy.url, redis_timeout_s=30)
+        redis_server.client().flushall()
+        proxy.release()
+        start = time.monotonic()
+        body = [{"item_id": f"b-{n}", **one_tuple(dim)(n)} for n in range(5)]
+        r = b.post("/v1/items", body)
+        ingest_s = time.monotonic() - start
+        assert r.status_code == 200, r.text
+        acked.update({i["item_id"]: tuple(i["sid"]) for i in r.json()["items"]})
+        wait_ready(b, 10)
+        # a writes its items back within moments of noticing the loss.
+        client = redis_server.client()
+        deadline = time.monotonic() + 5
+        while not all(client.hexists("sidrec:{catalog}:items", i) for i in acked):
+            assert time.monotonic() < deadline, "a never wrote its items back"
+            time.sleep(0.1)
+        figures(
+            "new process on a just-emptied Redis",
+            items=len(acked),
+            distinct_sids=len(set(acked.values())),
+            first_ingest_s=round(ingest_s, 3),
+        )
+        assert len(set(acked.values())) == len(acked), sorted(acked.items(), key=lambda kv: kv[1])
+        for service in (a, b):
+            for item_id, sid in acked.items():
+                got = service.get(f"/v1/items/{item_id}")
+                assert got.status_code == 200 and tuple(got.json()["sid"]) == sid, got.text
+    finally:
+        if b is not None:
+            b.stop()
+        proxy.close()
 
 
 def test_core_flows_on_a_redis_cluster(

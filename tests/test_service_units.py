@@ -216,6 +216,28 @@ def test_dedup_digits_are_unique_under_concurrency_and_idempotent(
     run(scenario, redis_server)
 
 
+def test_no_marker_is_claimed_while_a_worker_writes_back(redis_server: RedisServer) -> None:
+    # A worker writing back after Redis lost its data holds a restore lease: nobody sets the
+    # missing generation marker meanwhile (digits handed out under it could repeat items not
+    # yet written back). A lease whose holder died lapses.
+    async def scenario(redis: Redis) -> None:
+        store = RedisCatalogStore(redis, "t:")
+        await store.lease_restore("w1")
+        await store.lease_restore("w2")
+        assert 0 < await redis.pttl(store.restoring_key) <= 10_000
+        assert await store.claim_generation("g1") is None
+        await store.release_restore("w1")
+        assert await store.claim_generation("g1") is None
+        await store.release_restore("w2")
+        assert await store.claim_generation("g1") == "g1"
+        assert await store.claim_generation("g2") == "g1"  # the first claim stands
+        await redis.delete(store.generation_key)  # lost again, and the one writing back died
+        await redis.zadd(store.restoring_key, {"w3": 1})  # its lease ended long ago
+        assert await store.claim_generation("g3") == "g3"
+
+    run(scenario, redis_server)
+
+
 def make_table(n: int = 6, d: int = 4) -> ItemTable:
     rng = np.random.default_rng(0)
     vectors = np.zeros((n + 1, d), np.float32)

@@ -45,7 +45,9 @@ async def readyz(request: Request, services: Services = Depends(get_services)) -
         except Exception as e:  # any failure to answer means not ready, whatever its type
             reasons.append(f"redis: not answering ({type(e).__name__}: {e})")
     if not services.rebuilt:
-        why = f" ({services.rebuild_error})" if services.rebuild_error else ""
+        # A Redis error, or (no error) the wait for a missing generation marker.
+        detail = services.rebuild_error or services.catalog.waiting
+        why = f" ({detail})" if detail else ""
         reasons.append(f"catalog: ingested items not yet loaded from the store{why}")
     if services.catalog.follower_error is not None:
         reasons.append(f"catalog stream: {services.catalog.follower_error}")
