@@ -468,7 +468,13 @@ def _record_data(interactions: Interactions, run: Path) -> None:
         "time_source": interactions.time_source,
         "tie_order": interactions.tie_order,
     }
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    text = json.dumps(record, indent=2) + "\n"
+    if before is None or path.read_text() != text:
+        # replaced, not rewritten in place: another command opening this run at the same
+        # moment (an ablation beside a training run) must never read a half-written file
+        scratch = path.with_name(f".{path.name}.{os.getpid()}")
+        scratch.write_text(text)
+        scratch.replace(path)
 
 
 # A figure column: its header variants (the first preferred, the next narrower) and cells.
