@@ -18,11 +18,15 @@ head that predicts each new item's norm from its direction, regressed on the tra
 id-row norms (offline/tower.py), so an item whose content looks rarely chosen comes in
 shorter.
 
-A tower vector is a guess from content where an id row is learnt from behaviour, so the two do
-not score on one scale: `new_item_scale` multiplies a new item's score (its L2-normalised
-vector's length in the index), chosen on validation (offline/tower.py). 1 scores it like a
-trained item.
+A tower vector is a guess from content where an id row is learnt from behaviour, and it is
+fitted with new items as the answer far more often than they are in service, so the two do
+not score on one scale: a new item's score is `new_item_scale` * score - `new_item_offset`.
+The offset (in score units; the log of how much the fitting over-rates new items, for a
+softmax-trained model) is chosen on validation (offline/tower.py); the scale stays 1 for new
+towers and is kept for bundles fitted before the offset.
 """
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +63,7 @@ class ContentTower(nn.Module):
             nn.init.zeros_(self.norm_head.bias)
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("new_item_scale", torch.tensor(1.0))
+        self.register_buffer("new_item_offset", torch.tensor(0.0))
 
     @classmethod
     def for_catalog(
@@ -78,6 +83,13 @@ class ContentTower(nn.Module):
         """A tower of the given shape, to load a state dict into (model/weights.py)."""
         child = torch.zeros(trie_lines, codes_per_layer, dtype=torch.int64)
         return cls(child, num_prefix_rows, sid_layers, content_dim, d, hidden, learned_norm)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # towers saved before the offset existed score new items without one
+        state_dict.setdefault(prefix + "new_item_offset", torch.tensor(0.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def prefix_vectors(self, codes: torch.Tensor) -> torch.Tensor:
         # codes [B, >= L] int64 -> one vector per prefix depth [B, L, d] (zero where absent)

@@ -86,8 +86,8 @@ def export_bundle(
     with torch.no_grad():
         table = model.items.table(trained)  # [n + 1, d]
         if tower is not None:
-            # untrained items' score scale is the manifest's new_item_score_scale
-            table, _ = item_table(table, tower, sids, content, trained)
+            # untrained items' score scale and offset are the manifest's new_item_score_*
+            table = item_table(table, tower, sids, content, trained).table
     np.save(tmp / "item_vectors.npy", table.numpy().astype(np.float32))
     # After table(): it records which SID rows trained items read, and model.pt keeps that.
     save_weights(model.items, model.encoder, torch.as_tensor(sids), tmp / TORCH_WEIGHTS, tower)
@@ -163,8 +163,12 @@ def export_bundle(
             "best_epoch": ckpt["epoch"],
             # how new items get vectors: a content tower (SID + content), or the SID alone
             "new_items": "content-tower" if tower is not None else "sid",
-            # a new item's score is its cosine (dot product) times this (the service's index rows)
+            # a new item's score is its cosine (dot product) times the scale minus the offset
+            # (the service's index rows)
             "new_item_score_scale": 1.0 if tower is None else round(float(tower.new_item_scale), 6),
+            "new_item_score_offset": (
+                0.0 if tower is None else round(float(tower.new_item_offset), 6)
+            ),
         },
         "sid": {
             "layers": codebooks.layers,

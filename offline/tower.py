@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,11 +32,13 @@ from sidrec.model.weights import content_tower_args
 from sidrec.offline.split import Split
 
 TOWER_FILE = "tower.pt"
-# Candidates for the new-item score scale (model/content_tower.py), 0.5 to 1.3 in steps of
-# 0.05; attach_tower takes the largest whose validation NDCG@10 is within one standard error of
-# the best one's. Where the tower's vectors crowd out warm items (ML-100K: at 1.0 they take
-# most of every top 10) the best is low; where they do not (Amazon Toys) it is about 1.
-NEW_ITEM_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(17))
+# Candidates for the new-item score offset (model/content_tower.py) in logits (nats: the
+# model's scores over its temperature), 0 to 6 in steps of 0.25; attach_tower takes the
+# smallest whose validation NDCG@10 is within one standard error of the best one's: new items
+# found as often as warm quality allows. An offset, not a scale: on Amazon Toys (dot scoring)
+# the same cold-start hit rate cost the hot bin 1.8% with an offset against 5% with a scale
+# (docs/results/content-tower.md).
+NEW_ITEM_OFFSETS = tuple(0.25 * i for i in range(25))
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,12 @@ def fit_tower(
     return tower, record
 
 
+class ServedTable(NamedTuple):
+    table: torch.Tensor  # [n + 1, d] raw rows
+    scales: torch.Tensor  # [n + 1] score scale per row
+    offsets: torch.Tensor  # [n + 1] subtracted from the row's (scaled) score
+
+
 @torch.no_grad()
 def item_table(
     id_table: torch.Tensor,
@@ -258,10 +266,10 @@ def item_table(
     sids: np.ndarray | torch.Tensor,
     content: np.ndarray | torch.Tensor,
     trained: np.ndarray | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(table [n + 1, d], score scales [n + 1]) as the service holds them: trained rows keep
-    their id row at scale 1, untrained rows (bool `trained` False) get the tower's vector at
-    tower.new_item_scale; row 0 stays zero."""
+) -> ServedTable:
+    """The table as the service holds it: trained rows keep their id row at scale 1 and offset
+    0, untrained rows (bool `trained` False) get the tower's vector, tower.new_item_scale and
+    tower.new_item_offset; row 0 stays zero."""
     sids_t = torch.as_tensor(np.asarray(sids), dtype=torch.int64)
     content_t = torch.as_tensor(np.asarray(content), dtype=torch.float32)
     content_t = torch.cat([torch.zeros(1, content_t.shape[1]), content_t])
@@ -269,7 +277,8 @@ def item_table(
     table = torch.where(known[:, None], id_table.detach().float().cpu(), tower(sids_t, content_t))
     table[0] = 0.0
     scales = torch.where(known, 1.0, float(tower.new_item_scale))
-    return table, scales
+    offsets = torch.where(known, 0.0, float(tower.new_item_offset))
+    return ServedTable(table, scales, offsets)
 
 
 def save_tower(tower: ContentTower, path: Path, record: dict[str, Any]) -> None:
@@ -298,7 +307,7 @@ def attach_tower(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Fit a content tower to run_dir's trained model (offline/train.py's checkpoint), choose
-    its new-item score scale on validation, save it as run_dir/TOWER_FILE and rewrite
+    its new-item score offset on validation, save it as run_dir/TOWER_FILE and rewrite
     metrics.json with the figures of the table the service will hold (the trained model's
     own figures, new items without a vector, move to "id_rows"). Returns metrics.json."""
     from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
@@ -326,29 +335,31 @@ def attach_tower(
     batch_size = train_cfg.eval_batch_size or 32
 
     def ranks(stage: str) -> np.ndarray:
-        table, scales = item_table(id_table, tower, sids, content, trained)
-        scorer = table_scorer(model.encoder, table, scales)
+        scorer = table_scorer(model.encoder, *item_table(id_table, tower, sids, content, trained))
         return rank_targets(scorer, split, stage, batch_size, train_cfg.max_len)
 
-    # The largest scale whose validation NDCG@10 is within one standard error of the best:
-    # new items found as often as warm quality allows (issue 11's warm-parity rule).
-    by_scale: dict[str, dict[str, float]] = {}
-    for scale in NEW_ITEM_SCALES:
-        tower.new_item_scale.fill_(scale)
+    # The smallest offset whose validation NDCG@10 is within one standard error of the best:
+    # new items found as often as warm quality allows (issue 11's warm-parity rule). Offsets
+    # are in logits; a cosine model's scores are logits times its temperature.
+    unit = train_cfg.temperature if model.encoder.scoring == "cosine" else 1.0
+    by_offset: dict[str, dict[str, float]] = {}
+    for nats in NEW_ITEM_OFFSETS:
+        tower.new_item_offset.fill_(nats * unit)
         valid_ranks = ranks("valid")
         gains = np.where(valid_ranks <= 10, 1.0 / np.log2(valid_ranks + 1.0), 0.0)  # 1-based
-        by_scale[str(scale)] = {
+        by_offset[str(nats)] = {
             "ndcg@10": metrics_from_ranks(valid_ranks)["ndcg@10"],
             "se": float(gains.std(ddof=1) / np.sqrt(len(gains))),
         }
-    best = max(by_scale.values(), key=lambda v: v["ndcg@10"])
-    chosen = max(float(k) for k, v in by_scale.items()
+    best = max(by_offset.values(), key=lambda v: v["ndcg@10"])
+    chosen = min(float(k) for k, v in by_offset.items()
                  if v["ndcg@10"] >= best["ndcg@10"] - best["se"])  # fmt: skip
-    tower.new_item_scale.fill_(chosen)
+    tower.new_item_offset.fill_(chosen * unit)
     valid = summarize(ranks("valid"), split, "valid")
     test = summarize(ranks("test"), split, "test")
-    record |= {"new_item_scale": chosen, "valid_by_new_item_scale": by_scale,
-               "fit_seconds": round(fit_seconds, 1),
+    record |= {"new_item_scale": float(tower.new_item_scale),
+               "new_item_offset": float(tower.new_item_offset), "new_item_offset_logits": chosen,
+               "valid_by_new_item_offset": by_offset, "fit_seconds": round(fit_seconds, 1),
                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     save_tower(tower, run_dir / TOWER_FILE, record)
 
@@ -358,7 +369,7 @@ def attach_tower(
                                                           if k != "curve"}}  # fmt: skip
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"content tower: fitted in {fit_seconds:.0f}s (best epoch {record['best_epoch']}), "
-        f"new-item score scale {chosen:g}; test ndcg@10 {test['overall']['ndcg@10']:.4f} "
+        f"new-item score offset {chosen:g} logits; test ndcg@10 {test['overall']['ndcg@10']:.4f} "
         f"hr@10 {test['overall']['hr@10']:.4f}, cold-start hr@10 "
         f"{test['cold_start']['hr@10']:.4f}")  # fmt: skip
     return metrics
@@ -373,7 +384,8 @@ def model_scorer(
 ) -> Callable:
     """offline/evaluate.py's scorer for the table the service holds for a trained `model` (a
     SequentialRecommender; bool `trained` [n + 1]): with a content tower, the tower's vectors
-    and score scale for untrained rows (which need the SIDs and content vectors [n, C])."""
+    and score scale and offset for untrained rows (which need the SIDs and content vectors
+    [n, C])."""
     from sidrec.offline.evaluate import hstu_scorer, table_scorer
 
     if tower is None:
@@ -382,8 +394,8 @@ def model_scorer(
         raise ValueError("a model with a content tower is scored with its SIDs and content")
     trained = torch.as_tensor(np.asarray(trained), dtype=torch.bool)
     with torch.no_grad():
-        table, scales = item_table(model.items.table(trained), tower, sids, content, trained)
-    return table_scorer(model.encoder, table, scales)
+        served = item_table(model.items.table(trained), tower, sids, content, trained)
+    return table_scorer(model.encoder, *served)
 
 
 def served_scorer(checkpoint: Path, content: np.ndarray | None = None) -> Callable:

@@ -13,7 +13,7 @@ import pytest
 from conftest import write_synthetic_dataset
 
 from sidrec.offline.bench.plan import HYBRID_FUSIONS, SID_SETS, plan_runs
-from sidrec.offline.tower import NEW_ITEM_SCALES
+from sidrec.offline.tower import NEW_ITEM_OFFSETS
 
 # Covers every kind of run: headline, the dependent large-hybrid, reference (nothing withheld),
 # ablations on another SID set, on a layer prefix and on the deeper set.
@@ -106,7 +106,7 @@ def test_every_requested_run_trains_and_writes_its_results(bench: tuple[Path, Pa
     # the content tower is fitted after training and its table is what the figures rank
     tower = json.loads((out / "runs" / "hybrid-tower.s0" / "metrics.json").read_text())
     assert (out / "runs" / "hybrid-tower.s0" / "tower.pt").is_file()
-    assert tower["tower"]["new_item_scale"] in NEW_ITEM_SCALES
+    assert tower["tower"]["new_item_offset_logits"] in NEW_ITEM_OFFSETS
     assert "test" in tower["id_rows"] and tower["test"] != tower["id_rows"]["test"]
     two = json.loads((out / "runs" / "hybrid-sum:2-layers.s0" / "metrics.json").read_text())
     assert two["config"]["sid_layers"] == 2

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from sidrec.model.content_tower import ContentTower
 from sidrec.model.hstu import HSTU
 from sidrec.model.item_embedding import ItemEmbedding
-from sidrec.model.weights import load_weights, save_weights
+from sidrec.model.weights import content_tower_args, load_weights, save_weights
 from sidrec.offline.onnx_export import export_item_vector
 from sidrec.offline.tower import TowerConfig, fit_tower, item_table
 
@@ -103,15 +103,19 @@ def test_item_table_keeps_warm_rows_and_scales_new_ones(fitted: tuple) -> None:
     with torch.no_grad():
         new = tower(torch.as_tensor(sids), torch.cat([torch.zeros(1, C), torch.tensor(content)]))
     tower.new_item_scale.fill_(1.2)
+    tower.new_item_offset.fill_(0.3)
     try:
-        served, scales = item_table(table, tower, sids, content, trained)
+        served, scales, offsets = item_table(table, tower, sids, content, trained)
     finally:
         tower.new_item_scale.fill_(1.0)
+        tower.new_item_offset.fill_(0.0)
     assert torch.equal(served[0], torch.zeros(D))
     assert torch.equal(served[trained], table[trained])  # id rows untouched
     torch.testing.assert_close(served[WITHHELD], new[WITHHELD])  # untrained: the tower's
     assert torch.equal(scales[trained], torch.ones(int(trained.sum())))
     assert torch.equal(scales[WITHHELD], torch.full((20,), 1.2))
+    assert torch.equal(offsets[trained], torch.zeros(int(trained.sum())))
+    assert torch.equal(offsets[WITHHELD], torch.full((20,), 0.3))
 
     # The scorer ranks by cosine times the row's scale, as the service's index does.
     from sidrec.model.hstu import HSTU
@@ -126,6 +130,9 @@ def test_item_table_keeps_warm_rows_and_scales_new_ones(fitted: tuple) -> None:
     plain = table_scorer(hstu.eval(), served)(batch)
     scaled = table_scorer(hstu.eval(), served, scales)(batch)
     torch.testing.assert_close(scaled, plain * scales[None, :])
+    # ... minus the row's offset, as the service's index ranks
+    shifted = table_scorer(hstu.eval(), served, scales, offsets)(batch)
+    torch.testing.assert_close(shifted, plain * scales[None, :] - offsets[None, :])
 
 
 def test_items_of_one_sid_with_different_text_get_different_vectors(fitted: tuple) -> None:
@@ -146,6 +153,7 @@ def test_item_vector_onnx_and_model_pt_match_pytorch(tmp_path: Path, fitted: tup
     _, sids, _ = planted()
     tower = copy.deepcopy(fitted[0])
     tower.new_item_scale.fill_(1.3)
+    tower.new_item_offset.fill_(0.25)
     rng = np.random.default_rng(3)
     unseen = rng.integers(0, K, (30, L + 1))  # includes tuples no catalog item has
     codes = np.concatenate([sids[1:], unseen]).astype(np.int64)
@@ -164,6 +172,12 @@ def test_item_vector_onnx_and_model_pt_match_pytorch(tmp_path: Path, fitted: tup
     save_weights(items, hstu, torch.as_tensor(sids), tmp_path / "model.pt", tower)
     _, _, loaded = load_weights(tmp_path / "model.pt")
     assert loaded is not None and float(loaded.new_item_scale) == pytest.approx(1.3)
+    assert float(loaded.new_item_offset) == pytest.approx(0.25)
+    # a tower saved before the offset existed loads with none
+    old = {k: v for k, v in tower.state_dict().items() if k != "new_item_offset"}
+    before = ContentTower.empty(**content_tower_args(tower))
+    before.load_state_dict(old)
+    assert float(before.new_item_offset) == 0.0
     with torch.no_grad():
         again = loaded(torch.as_tensor(codes), torch.as_tensor(texts)).numpy()
     np.testing.assert_allclose(again, want, atol=1e-6)

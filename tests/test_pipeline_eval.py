@@ -157,7 +157,7 @@ def test_cli_options_and_tie_order_refusal(tmp_path: Path) -> None:
 def test_hybrid_tower_trains_fits_evaluates_exports_and_ablates(tmp_path: Path) -> None:
     from sidrec.bundle import load_bundle
     from sidrec.offline.bench import tower_ablation
-    from sidrec.offline.tower import NEW_ITEM_SCALES, TOWER_FILE
+    from sidrec.offline.tower import NEW_ITEM_OFFSETS, TOWER_FILE
 
     write_synthetic_dataset(tmp_path / "data", users=80, per_theme=6)
     steps = pipeline.Steps.open(tmp_path / "data", tmp_path / "run", cold_fraction=0.2)
@@ -170,8 +170,13 @@ def test_hybrid_tower_trains_fits_evaluates_exports_and_ablates(tmp_path: Path) 
     metrics = json.loads((tmp_path / "run" / "hybrid-tower" / "metrics.json").read_text())
     assert (tmp_path / "run" / "hybrid-tower" / TOWER_FILE).is_file()
     tower = metrics["tower"]
-    assert tower["new_item_scale"] in NEW_ITEM_SCALES
-    assert set(tower["valid_by_new_item_scale"]) == {str(s) for s in NEW_ITEM_SCALES}
+    assert tower["new_item_offset_logits"] in NEW_ITEM_OFFSETS and tower["new_item_scale"] == 1.0
+    assert set(tower["valid_by_new_item_offset"]) == {str(s) for s in NEW_ITEM_OFFSETS}
+    # the chosen offset is the smallest within one standard error of the best on validation
+    by = tower["valid_by_new_item_offset"]
+    best = max(by.values(), key=lambda v: v["ndcg@10"])
+    within = [float(k) for k, v in by.items() if v["ndcg@10"] >= best["ndcg@10"] - best["se"]]
+    assert tower["new_item_offset_logits"] == min(within)
     # the id rows' own figures are kept; withheld items had no vector there, now they do
     assert metrics["id_rows"]["test"]["cold_start"]["hr@10"] == 0.0
     assert (
@@ -185,10 +190,12 @@ def test_hybrid_tower_trains_fits_evaluates_exports_and_ablates(tmp_path: Path) 
     assert bundle.new_item_graph == "item_vector.onnx" and not bundle.lists("sid_to_vector.onnx")
     assert bundle.model["new_items"] == "content-tower"
     assert bundle.model["new_item_score_scale"] == tower["new_item_scale"]
+    assert bundle.model["new_item_score_offset"] == pytest.approx(tower["new_item_offset"])
 
     out = tower_ablation.main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"),
                                "--variant", "hybrid-tower", "--parts", "sid+content,content",
-                               "--objectives", "ids,users", "--scales", "1.0,1.2"])  # fmt: skip
+                               "--objectives", "ids,users", "--scales", "1.0",
+                               "--offsets", "2"])  # fmt: skip
     assert len(out) == 2 + 2 * 2 * 2
     assert json.loads((tmp_path / "run" / "tower_ablation.json").read_text()).keys() == out.keys()
 

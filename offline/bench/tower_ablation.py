@@ -1,14 +1,15 @@
 """Content-tower ablations on a trained id-only run: what the tower reads, what it is fitted
-to, and the new-item score scale, each ranked like `sidrec eval` (valid and test, overall,
-warm, cold-start with its random rate, per popularity bin), beside id rows alone and the
-content-only baseline. Prints one line per cell and writes RUN/tower_ablation.json.
+to, and the new-item score scale and offset, each ranked like `sidrec eval` (valid and test,
+overall, warm, cold-start with its random rate, per popularity bin), beside id rows alone and
+the content-only baseline. Prints one line per cell and writes RUN/tower_ablation.json.
 
     python -m sidrec.offline.bench.tower_ablation --data ../shared/data/amazon-toys \\
         --run runs/toys  # RUN/id/ from `sidrec train --variants id` (or --variant hybrid-tower)
 
 Cells: parts (sid+content | sid | content) x objective (ids | users) x norm (fixed |
-learned) at the listed scales. For each fitted tower, two more cells separate its two roles:
-new items' tower vectors in histories only (never ranked), and ranked only (zero in histories).
+learned) at the listed new-item score scales and offsets. For each fitted tower, two more
+cells separate its two roles: new items' tower vectors in histories only (never ranked), and
+ranked only (zero in histories).
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ def _reports(scorer: Scorer, steps: Steps, max_len: int) -> dict[str, Any]:
 
 def _roles_scorer(
     encoder: HSTU, history_table: torch.Tensor, ranked_table: torch.Tensor,
-    scales: torch.Tensor, ranked: torch.Tensor,
+    scales: torch.Tensor, offsets: torch.Tensor, ranked: torch.Tensor,
 ) -> Scorer:  # fmt: skip
     """table_scorer with the encoder reading history_table and scoring ranked_table [n + 1, d]
-    (times scales [n + 1]); rows where bool `ranked` is False are never recommended."""
+    (times scales [n + 1], minus offsets [n + 1]); rows where bool `ranked` is False are never
+    recommended."""
     user_encoder = UserEncoder(encoder)
     cosine = encoder.scoring == "cosine"
     scored = F.normalize(ranked_table, dim=-1, eps=1e-6) if cosine else ranked_table
@@ -52,7 +54,8 @@ def _roles_scorer(
     def score(batch: EvalBatch) -> torch.Tensor:
         user = user_encoder(history_table[batch.items], batch.timestamps, batch.mask,
                             batch.query_time)  # fmt: skip
-        return (user @ scored.T).masked_fill(~ranked[None, :], float("-inf"))
+        scores = user @ scored.T - offsets[None, :]
+        return scores.masked_fill(~ranked[None, :], float("-inf"))
 
     return score
 
@@ -81,11 +84,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--parts", default="sid+content,sid,content")
     p.add_argument("--objectives", default="ids,users")
     p.add_argument("--norms", default="fixed", help="fixed,learned: the new items' norm")
-    p.add_argument("--scales", default="1.0,1.1,1.2")
+    p.add_argument("--scales", default="1.0", help="new-item score scales, no offset")
+    p.add_argument("--offsets", default="", help="new-item score offsets in logits, at scale 1")
     p.add_argument(
         "--roles",
         action="store_true",
-        help="also rank each tower at its first scale in one role at a time",
+        help="also rank each tower at its first cell in one role at a time",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -121,19 +125,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )  # fmt: skip
             print(f"{name}: fitted in {time.perf_counter() - started:.0f}s,"
                   f" best epoch {record['best_epoch']}", flush=True)  # fmt: skip
-            for i, scale in enumerate(float(s) for s in args.scales.split(",")):
+            # (scale, offset in logits) cells: each scale without an offset, each offset at 1
+            unit = cfg.temperature if model.encoder.scoring == "cosine" else 1.0
+            grid = [(float(x), 0.0) for x in args.scales.split(",") if x] + [
+                (1.0, float(x)) for x in args.offsets.split(",") if x
+            ]
+            for i, (scale, offset) in enumerate(grid):
                 tower.new_item_scale.fill_(scale)
-                table, scales = item_table(id_table, tower, sids, steps.content_vectors, trained)
-                cell(f"{name} scale {scale:g}", table_scorer(model.encoder, table, scales))
+                tower.new_item_offset.fill_(offset * unit)
+                table, scales, offsets = item_table(
+                    id_table, tower, sids, steps.content_vectors, trained
+                )
+                label = f"scale {scale:g}" if offset == 0 else f"offset {offset:g}"
+                cell(f"{name} {label}", table_scorer(model.encoder, table, scales, offsets))
                 if args.roles and i == 0:
                     everything = torch.ones_like(trained)
                     cell(
                         f"{name} in histories only",
-                        _roles_scorer(model.encoder, table, table, scales, trained),
+                        _roles_scorer(model.encoder, table, table, scales, offsets, trained),
                     )
                     cell(
-                        f"{name} scale {scale:g} ranked only",
-                        _roles_scorer(model.encoder, id_table, table, scales, everything),
+                        f"{name} {label} ranked only",
+                        _roles_scorer(model.encoder, id_table, table, scales, offsets, everything),
                     )
     (args.run / "tower_ablation.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
