@@ -38,6 +38,7 @@ from .catalog import (
     CatalogStore,
     MemoryCatalogStore,
     RedisCatalogStore,
+    bundle_score_offsets,
     bundle_score_scales,
 )
 from .deps import ApiError, Services, error_list, route_access
@@ -133,6 +134,7 @@ def build_model(settings: Settings, stores: Stores, bundle: Bundle) -> Services:
             device=settings.device,
         ),
         scales=bundle_score_scales(bundle, records),
+        offsets=bundle_score_offsets(bundle, records),
         scoring=bundle.model.get("scoring", "cosine"),
     )
     catalog = Catalog(bundle, runtime, codebooks, table, vectors, stores.catalog)

@@ -288,14 +288,32 @@ def new_item_score_scale(bundle: Bundle) -> float:
     return float(bundle.model.get("new_item_score_scale", 1.0))
 
 
+def new_item_score_offset(bundle: Bundle) -> float:
+    """The bundle's score offset for items without a trained id, in the index's score units,
+    subtracted from their score after the scale (0 for bundles without one)."""
+    return float(bundle.model.get("new_item_score_offset", 0.0))
+
+
 def bundle_score_scales(bundle: Bundle, records: list[ItemRecord]) -> np.ndarray:
     """float32 [n + 1]: 1 for the bundle's trained items (popularity > 0), the new-item scale
     for the rest (their vectors are the model's guesses from content)."""
     scales = np.ones(len(records) + 1, np.float32)
-    for r in records:
-        if r.popularity == 0:
-            scales[r.row] = new_item_score_scale(bundle)
+    scales[_untrained_rows(records)] = new_item_score_scale(bundle)
     return scales
+
+
+def bundle_score_offsets(bundle: Bundle, records: list[ItemRecord]) -> np.ndarray:
+    """float32 [n + 1]: 0 for the bundle's trained items, the new-item offset for the rows that
+    get the new-item scale (bundle_score_scales): a row's score is its cosine (or dot
+    product) times its scale minus its offset."""
+    offsets = np.zeros(len(records) + 1, np.float32)
+    offsets[_untrained_rows(records)] = new_item_score_offset(bundle)
+    return offsets
+
+
+def _untrained_rows(records: list[ItemRecord]) -> np.ndarray:
+    # int64 [m]: the bundle rows training never saw (popularity 0)
+    return np.array([r.row for r in records if r.popularity == 0], np.int64)
 
 
 @dataclass
@@ -732,10 +750,11 @@ class Catalog:
             for r in records
         }
         self.bundle_row = {r.item_id: r.row for r in records}
-        # The bundle's own SIDs and score scales by bundle row: the table renumbers its rows
-        # when it compacts, these never change.
+        # The bundle's own SIDs, score scales and offsets by bundle row: the table renumbers
+        # its rows when it compacts, these never change.
         self.bundle_sids = table.sids[: len(records) + 1].copy()
         self.bundle_scales = table.scales[: len(records) + 1].copy()
+        self.bundle_offsets = table.offsets[: len(records) + 1].copy()
         # What recommend's filter reads: per live item, field name (casefolded) -> the
         # values it lists; and per field name, how many live items have it (unknown = 0).
         self.fields: dict[str, dict[str, frozenset[str]]] = {}
@@ -747,8 +766,10 @@ class Catalog:
         self.retired_seq = 0
         table.on_compacted = self.update_gauges
         # A vector the model made for an item without a trained id (a content tower's) scores
-        # at this scale (docs/bundle.md); a bundle item keeps its row's scale in `table`.
+        # at this scale, less this offset (docs/bundle.md); a bundle item keeps its row's
+        # scale and offset in `table`.
         self.new_item_scale = new_item_score_scale(bundle)
+        self.new_item_offset = new_item_score_offset(bundle)
         # First dedup digit Redis may hand out for a code tuple: the bundle already used 0..m-1.
         self.bundle_next: dict[str, int] = {}
         for r in records:
@@ -806,12 +827,13 @@ class Catalog:
     def _apply(self, stored: StoredItem, derived: Derived) -> bool:
         """Put one item into this worker's table; True if it was new here."""
         row = self.bundle_row.get(stored.item_id)
-        # A bundle item whose vector is still the bundle's keeps its bundle row's scale (rows
-        # 1..n are never rewritten: a changed item gets a new row); any other is new.
-        scale = self.new_item_scale
+        # A bundle item whose vector is still the bundle's keeps its bundle row's scale and
+        # offset (rows 1..n are never rewritten: a changed item gets a new row); any other is
+        # new: the new-item scale and offset.
+        scale, offset = self.new_item_scale, self.new_item_offset
         if row is not None and np.array_equal(derived.vector, self.bundle_vectors[row]):
-            scale = float(self.bundle_scales[row])
-        created = self.table.upsert(stored.item_id, derived.sid, derived.vector, scale)
+            scale, offset = float(self.bundle_scales[row]), float(self.bundle_offsets[row])
+        created = self.table.upsert(stored.item_id, derived.sid, derived.vector, scale, offset)
         self.retired.pop(stored.item_id, None)  # ingested again after a retirement: live
         self.held[stored.item_id] = (stored, derived)
         popularity = self.meta.get(stored.item_id, {}).get("popularity", 0)

@@ -3,9 +3,12 @@
 Rows: 0 = padding (never returned), 1..n = the bundle's items, n+1.. = items ingested while
 running, in the order this process learnt of them (so row numbers are local to a process; item
 ids are what crosses process boundaries). The table keeps the raw vectors the user encoder
-reads; the index holds their L2-normalised copies times each row's score scale (1, or a content
-tower's scale for items without a trained id), and an inner product over it is the score the
-offline evaluator ranks by.
+reads; the index holds their L2-normalised copies (or, for a "dot" bundle, the raw rows) times
+each row's score scale, with one more column: minus the row's score offset. Items without a
+trained id get the bundle's `model.new_item_score_scale` and `model.new_item_score_offset`
+(docs/bundle.md), trained ones 1 and 0. Every query gets a trailing 1, so the inner product
+FAISS computes, indexed(v) . u * scale - offset, is the score the offline evaluator ranks by,
+exactly and in one search: no re-scoring after it.
 
 Rows are append-only, because neither a flat GPU index nor an HNSW graph can overwrite a
 vector in place. When an item's vector changes (re-ingested with new content) it gets a new row
@@ -48,14 +51,25 @@ def normalized(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def _column(scales: np.ndarray | None, n_rows: int) -> np.ndarray:
-    # per-row score scales [n_rows] (None: all 1) -> float32 [n_rows, 1]
-    if scales is None:
-        return np.ones((n_rows, 1), np.float32)
-    scales = np.asarray(scales, np.float32)
-    if scales.shape != (n_rows,):
-        raise ValueError(f"scales must be [{n_rows}], got {scales.shape}")
-    return scales[:, None]
+def _per_row(values: np.ndarray | None, n_rows: int, default: float, name: str) -> np.ndarray:
+    # per-row values [n_rows] (None: all `default`) -> float32 [n_rows]
+    if values is None:
+        return np.full(n_rows, default, np.float32)
+    values = np.asarray(values, np.float32)
+    if values.shape != (n_rows,):
+        raise ValueError(f"{name} must be [{n_rows}], got {values.shape}")
+    return values
+
+
+def augmented(queries: np.ndarray) -> np.ndarray:
+    """float32 [B, d] queries -> [B, d + 1] with a trailing 1: the column that meets the index
+    rows' -offset, so the inner product subtracts each row's score offset. One array per
+    batch (no per-query work)."""
+    queries = np.asarray(queries, np.float32)
+    out = np.empty((queries.shape[0], queries.shape[1] + 1), np.float32)
+    out[:, :-1] = queries
+    out[:, -1] = 1.0
+    return out
 
 
 def gpu_count() -> int:
@@ -152,6 +166,7 @@ class ItemTable:
         use_gpu: bool = True,
         index: IndexSpec | None = None,
         scales: np.ndarray | None = None,  # float32 [n + 1] score scale per row, default 1
+        offsets: np.ndarray | None = None,  # float32 [n + 1] subtracted from scores, default 0
         scoring: str = "cosine",  # the bundle's: "cosine" indexes unit rows, "dot" raw ones
     ) -> None:
         if scoring not in ("cosine", "dot"):
@@ -167,8 +182,12 @@ class ItemTable:
         self.vectors[:n_rows] = vectors
         self.sids = np.zeros((self._capacity, sids.shape[1]), np.int64)  # [capacity, L + 1]
         self.sids[:n_rows] = sids
+        scales = _per_row(scales, n_rows, 1.0, "scales")
+        offsets = _per_row(offsets, n_rows, 0.0, "offsets")
         self.scales = np.ones(self._capacity, np.float32)  # [capacity]
-        self.scales[:n_rows] = _column(scales, n_rows)[:, 0]
+        self.scales[:n_rows] = scales
+        self.offsets = np.zeros(self._capacity, np.float32)  # [capacity]
+        self.offsets[:n_rows] = offsets
         self.alive = np.zeros(self._capacity, bool)
         self.alive[1:n_rows] = True
         self.size = n_rows
@@ -189,7 +208,7 @@ class ItemTable:
         self._use_gpu = use_gpu
         self.index: VectorIndex = self._new_index()
         # row 0's zero vector keeps positions == rows
-        self.index.add(self._indexed(vectors) * _column(scales, n_rows))
+        self.index.add(self._index_rows(vectors, scales, offsets))
         # FAISS indexes are not safe to search while another thread adds to them; reentrant
         # because similar() searches from inside its own critical section.
         self.lock = threading.RLock()
@@ -205,7 +224,8 @@ class ItemTable:
         self.on_compacted: Callable[[], None] | None = None
 
     def _new_index(self) -> VectorIndex:
-        index = self.index_spec.build(self.d)
+        # d + 1: the last column holds -offset (rows) and 1 (queries); see _index_rows.
+        index = self.index_spec.build(self.d + 1)
         if self.index_spec.kind == "torch":
             device = index.device  # type: ignore[attr-defined]
             self.on_gpu = device.type == "cuda"
@@ -226,6 +246,20 @@ class ItemTable:
         if self.scoring == "dot":
             return np.asarray(vectors, np.float32)
         return normalized(vectors)
+
+    def _index_rows(
+        self, vectors: np.ndarray, scales: np.ndarray, offsets: np.ndarray
+    ) -> np.ndarray:
+        """raw [m, d], scales [m], offsets [m] -> the index's rows float32 [m, d + 1]:
+        [indexed(v) * scale, -offset], so that against a query [u, 1] (augmented) the inner
+        product is indexed(v) . u * scale - offset: the score, offset included."""
+        m = len(vectors)
+        out = np.empty((m, self.d + 1), np.float32)
+        np.multiply(
+            self._indexed(vectors), np.asarray(scales, np.float32)[:, None], out=out[:, :-1]
+        )
+        np.negative(np.asarray(offsets, np.float32), out=out[:, -1])
+        return out
 
     @property
     def live_items(self) -> int:
@@ -250,9 +284,17 @@ class ItemTable:
     def row(self, item_id: str) -> int | None:
         return self.row_of.get(item_id)
 
-    def upsert(self, item_id: str, sid: np.ndarray, vector: np.ndarray, scale: float = 1.0) -> bool:
-        """Add an item or replace its SID, vector and score scale (its score is the cosine, or
-        the dot product, times `scale`). Returns True if the item is new here."""
+    def upsert(
+        self,
+        item_id: str,
+        sid: np.ndarray,
+        vector: np.ndarray,
+        scale: float = 1.0,
+        offset: float = 0.0,
+    ) -> bool:
+        """Add an item or replace its SID, vector, score scale and score offset (its score is
+        the cosine, or the dot product, times `scale`, minus `offset`). Returns True if the
+        item is new here."""
         sid = np.asarray(sid, np.int64)
         vector = np.asarray(vector, np.float32)
         with self.lock:
@@ -262,6 +304,7 @@ class ItemTable:
                 and np.array_equal(self.sids[old], sid)
                 and np.array_equal(self.vectors[old], vector)
                 and self.scales[old] == np.float32(scale)
+                and self.offsets[old] == np.float32(offset)
             )
             if unchanged:
                 return False  # e.g. our own ingest coming back through the stream
@@ -275,8 +318,10 @@ class ItemTable:
             self.vectors[row] = vector
             self.sids[row] = sid
             self.scales[row] = scale
+            self.offsets[row] = offset
             self.alive[row] = True
-            self.index.add(self._indexed(vector[None, :]) * np.float32(scale))
+            one = slice(row, row + 1)
+            self.index.add(self._index_rows(vector[None, :], self.scales[one], self.offsets[one]))
             self.item_ids.append(item_id)
             self.row_of[item_id] = row
             self.size += 1
@@ -326,10 +371,11 @@ class ItemTable:
                 vectors = self.vectors[keep]
                 sids = self.sids[keep]
                 scales = self.scales[keep]
+                offsets = self.offsets[keep]
                 item_ids = [self.item_ids[r] for r in keep]
                 self._touched = set()
             index = self._new_index()
-            index.add(self._indexed(vectors) * scales[:, None])
+            index.add(self._index_rows(vectors, scales, offsets))
             with self.lock:
                 touched, self._touched = self._touched, None
                 row_of = {item_id: row for row, item_id in enumerate(item_ids) if row}
@@ -354,17 +400,21 @@ class ItemTable:
                 new_vectors = fresh(vectors, self.vectors)
                 new_sids = fresh(sids, self.sids)
                 new_scales = fresh(scales, self.scales)
+                new_offsets = fresh(offsets, self.offsets)
                 new_alive = fresh(alive, self.alive)
                 if appended:
                     tail = slice(len(keep), size)
-                    index.add(self._indexed(new_vectors[tail]) * new_scales[tail, None])
+                    index.add(
+                        self._index_rows(new_vectors[tail], new_scales[tail], new_offsets[tail])
+                    )
                 for n, row in enumerate(appended):
                     item_ids.append(self.item_ids[row])
                     row_of[self.item_ids[row]] = len(keep) + n
-                self.vectors, self.sids, self.scales, self.alive = (
+                self.vectors, self.sids, self.scales, self.offsets, self.alive = (
                     new_vectors,
                     new_sids,
                     new_scales,
+                    new_offsets,
                     new_alive,
                 )
                 self.item_ids, self.row_of, self.index = item_ids, row_of, index
@@ -399,10 +449,11 @@ class ItemTable:
             out[: self.size] = a[: self.size]
             return out
 
-        self.vectors, self.sids, self.scales, self.alive = (
+        self.vectors, self.sids, self.scales, self.offsets, self.alive = (
             grown(self.vectors),
             grown(self.sids),
             grown(self.scales),
+            grown(self.offsets),
             grown(self.alive),
         )
 
@@ -431,7 +482,9 @@ class ItemTable:
         ks: list[int],  # [B]
         exclude_rows: list[set[int]],  # [B]
     ) -> list[list[tuple[int, float]]]:
-        """search() for B queries in one FAISS call: per query, top-k live rows, best first."""
+        """search() for B queries in one FAISS call: per query, top-k live rows, best first,
+        with their scores (offsets included)."""
+        queries = augmented(queries)
         with self.lock:
             # Enough candidates that k survive after dropping excluded and dead rows.
             most = max(k + len(excluded) for k, excluded in zip(ks, exclude_rows, strict=True))
@@ -468,6 +521,7 @@ class ItemTable:
             return Resolved(self.vectors[found], known, found, self.layout)
 
     def _search(self, queries: np.ndarray, fetch: int) -> tuple[list[list[int]], list[list[float]]]:
+        # queries: float32 [B, d + 1], already augmented (a trailing 1 per row)
         params = None
         if self.index_spec.kind == "hnsw":
             import faiss
@@ -489,8 +543,9 @@ class ItemTable:
 
         A filter can reject most candidates, so a query short of k is searched again with
         OVERFETCH_GROWTH times more candidates until k qualify or the whole index was read:
-        fewer than k hits means fewer than k items qualify."""
+        fewer than k hits means fewer than k items qualify. Scores include the rows' offsets."""
         accepts = accepts or [None] * len(ks)
+        queries = augmented(queries)  # once; each re-search takes its rows
         with self.lock:
             excluded = [{self.row_of[i] for i in ex if i in self.row_of} for ex in exclude_ids]
             most = max(k + len(ex) for k, ex in zip(ks, excluded, strict=True))
@@ -524,7 +579,11 @@ class ItemTable:
         self, item_id: str, k: int, accept: Callable[[str], bool] | None = None
     ) -> list[Hit] | None:
         """The k items nearest to `item_id`'s row (its unit vector against every row, the
-        recommend score), itself excluded; None if the item is not here."""
+        recommend score), itself excluded; None if the item is not here.
+
+        The query goes through rank_batch, which gives it the trailing 1 like a user's: so the
+        candidates' score offsets apply here too (a new item drops by its offset in similar
+        items as in recommendations, and the scores returned are the same kind of score)."""
         with self.lock:
             row = self.row_of.get(item_id)
             if row is None:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import THEMES, RedisServer, Service
 
@@ -354,3 +355,80 @@ def test_retiring_half_the_catalog_compacts_and_answers_stay_right(
     assert ready["index_items"] == live_before
     assert ready["index_rows"] <= live_before / 0.75 + 2
     assert not set(every_ranked(b, "half-fan")) & set(retired)
+
+
+def bundle_with_offset(bundle_dir: Path, folder: Path, offset: float) -> Path:
+    """The session's bundle with manifest.json's model.new_item_score_offset set (the other
+    files linked, not copied: their sha256 in the manifest still holds)."""
+    folder.mkdir()
+    for path in bundle_dir.iterdir():
+        if path.name != "manifest.json":
+            (folder / path.name).symlink_to(path.resolve())
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["model"]["new_item_score_offset"] = offset
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_new_item_score_offset_lowers_new_items_by_exactly_the_offset(
+    bundle_dir: Path, tmp_path: Path, start_service: Any
+) -> None:
+    """model.new_item_score_offset is subtracted from the score of every item without a trained
+    id (ingested ones and the bundle's untrained rows), in recommendations and similar items,
+    and the score returned includes it; trained items' scores do not move. Two services on
+    in-process stores: the same bundle with offset 0 and with a large one."""
+    bundle = load_bundle(bundle_dir)
+    records = bundle.items()
+    untrained = [r for r in records if r.popularity == 0]
+    assert untrained, "the pipeline withholds some items from training (cold_fraction)"
+    # A copy of an untrained bundle item under a new id: its vector is the new-item path's for
+    # the same text, so (cosine) it is that item's nearest neighbour, first in its similar items.
+    source = untrained[0]
+    twin = {"item_id": "twin-of-" + source.item_id, "title": source.title, "fields": source.fields}
+    new_ids = {NEW_ITEM["item_id"], twin["item_id"]} | {r.item_id for r in untrained}
+
+    def scores(service: Service) -> tuple[list[list[int]], dict[str, float], list[Any]]:
+        r = service.post("/v1/items", [NEW_ITEM, twin])
+        assert r.status_code == 200, r.text
+        assert [i["status"] for i in r.json()["items"]] == ["created", "created"]
+        add_history(service, "offset-fan", neighbours(bundle_dir, r.json()["items"][0]["sid"]))
+        rec = service.post("/v1/recommend", {"user_id": "offset-fan", "k": 1000})  # every item
+        assert rec.status_code == 200, rec.text
+        similar = service.get(f"/v1/items/{source.item_id}/similar", params={"k": 1000})
+        assert similar.status_code == 200, similar.text
+        return (
+            [i["sid"] for i in r.json()["items"]],
+            {i["item_id"]: i["score"] for i in rec.json()["items"]},
+            similar.json()["items"],
+        )
+
+    zero = start_service(bundle=bundle_with_offset(bundle_dir, tmp_path / "offset-0", 0.0))
+    sids0, rec0, similar0 = scores(zero)
+    # Larger than the spread of every score here, so each new item falls behind every trained one.
+    values = [*rec0.values(), *(i["score"] for i in similar0)]
+    offset = float(np.ceil(2 * (max(values) - min(values)) + 1))
+    big = start_service(bundle=bundle_with_offset(bundle_dir, tmp_path / "offset-big", offset))
+    sids1, rec1, similar1 = scores(big)
+    assert sids0 == sids1  # same bundle, same SIDs and vectors: only the offset differs
+
+    # Recommendations: new items drop by exactly the offset, trained ones keep their score.
+    assert rec0.keys() == rec1.keys() and NEW_ITEM["item_id"] in rec0
+    for item_id, score in rec0.items():
+        want = score - offset if item_id in new_ids else score
+        assert rec1[item_id] == pytest.approx(want, abs=1e-4), item_id
+    # With 0 the new film is among the top K (as in test_cold_item_is_recommended_...); with the
+    # offset it falls out of the top K, behind every trained item.
+    assert NEW_ITEM["item_id"] in ranked(zero, "offset-fan", K)
+    top = ranked(big, "offset-fan", K)
+    assert NEW_ITEM["item_id"] not in top and not new_ids & set(top)
+
+    # Similar items query with the item's unit vector and a trailing 1: offsets apply there too.
+    by_id0 = {i["item_id"]: i["score"] for i in similar0}
+    by_id1 = {i["item_id"]: i["score"] for i in similar1}
+    assert by_id0.keys() == by_id1.keys()
+    for item_id, score in by_id0.items():
+        want = score - offset if item_id in new_ids else score
+        assert by_id1[item_id] == pytest.approx(want, abs=1e-4), item_id
+    if bundle.model.get("scoring", "cosine") == "cosine":
+        assert similar0[0]["item_id"] == twin["item_id"], similar0[:3]  # first with 0 ...
+    assert not new_ids & {i["item_id"] for i in similar1[:10]}  # ... gone from the top 10

@@ -330,6 +330,146 @@ def test_item_table_of_a_dot_bundle_ranks_by_the_raw_inner_product(kind: str) ->
         ItemTable(vectors, [f"i{r}" for r in range(1, n + 1)], sids, 4, scoring="euclid")
 
 
+def brute_scores(table: ItemTable, query: np.ndarray) -> dict[str, float]:
+    """Every live item's score computed with numpy alone: indexed(v) . u * scale - offset."""
+    out = {}
+    for item_id, row in table.row_of.items():
+        v = table.vectors[row].astype(np.float64)
+        if table.scoring == "cosine":
+            v = v / np.linalg.norm(v)
+        out[item_id] = float(v @ query) * float(table.scales[row]) - float(table.offsets[row])
+    return out
+
+
+def check_against_brute(table: ItemTable, query: np.ndarray) -> None:
+    """rank_batch over every live item: the brute-force ranking and scores, offsets included."""
+    want = brute_scores(table, query)
+    (hits,) = table.rank_batch(query[None, :], [len(want)], [set()])
+    assert [i for i, _, _ in hits] == sorted(want, key=want.__getitem__, reverse=True)
+    np.testing.assert_allclose([s for _, s, _ in hits], [want[i] for i, _, _ in hits],
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("scoring", ["cosine", "dot"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "torch"])
+def test_item_table_score_offsets_lower_exactly_their_rows(kind: str, scoring: str) -> None:
+    """A row's score is indexed(v) . u * scale - offset (the extra index column): the rows with
+    an offset drop by exactly it, the others keep their score; upserts, growing and compaction
+    keep each row's offset."""
+    from sidrec.service.retrieval import COMPACT_MIN_DEAD, IndexSpec
+
+    if kind == "torch":
+        pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    n, d = 40, 8
+    vectors = np.zeros((n + 1, d), np.float32)
+    vectors[1:] = rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, size=(n, 1))
+    sids = np.zeros((n + 1, 3), np.int64)
+    ids = [f"i{r}" for r in range(1, n + 1)]
+    new_rows = [3, 8, 21, 34]  # items without a trained id: the bundle's new-item scale/offset
+    scales = np.ones(n + 1, np.float32)
+    offsets = np.zeros(n + 1, np.float32)
+    scales[new_rows], offsets[new_rows] = 1.3, 0.4
+    spec = IndexSpec(kind, device="cpu")
+    plain = ItemTable(vectors, ids, sids, 4, use_gpu=False, index=spec, scales=scales,
+                      scoring=scoring)  # fmt: skip
+    table = ItemTable(vectors, ids, sids, 4, use_gpu=False, index=spec, scales=scales,
+                      offsets=offsets, scoring=scoring)  # fmt: skip
+    query = rng.normal(size=d).astype(np.float32)
+    query /= np.linalg.norm(query)
+    # The new items' rows are lower by exactly the offset, every other row is unchanged.
+    with_offsets = dict(table.search(query, k=n, exclude_rows=set()))
+    without = dict(plain.search(query, k=n, exclude_rows=set()))
+    drop = [without[r] - with_offsets[r] for r in range(1, n + 1)]
+    np.testing.assert_allclose(drop, offsets[1:], atol=1e-5)
+    check_against_brute(table, query)
+    # ... and it changes the ranking: some new item falls behind a row it beat without it.
+    order = [r for r, _ in table.search(query, k=n, exclude_rows=set())]
+    assert order != [r for r, _ in plain.search(query, k=n, exclude_rows=set())]
+    # Similar items query with the item's unit vector (plus the 1): offsets apply there too.
+    unit = table.vectors[table.row("i1")] / np.linalg.norm(table.vectors[table.row("i1")])
+    similar = table.similar("i1", n)
+    assert similar is not None
+    want = brute_scores(table, unit.astype(np.float32))
+    del want["i1"]
+    assert [i for i, _, _ in similar] == sorted(want, key=want.__getitem__, reverse=True)
+    np.testing.assert_allclose([s for _, s, _ in similar], [want[i] for i, _, _ in similar],
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+    # An upsert takes its own offset: a vector along the query would be first, its offset
+    # puts it last; the same vector with another offset is a change (a new row).
+    best = query * 30.0
+    assert table.upsert("new", np.zeros(3, np.int64), best, scale=1.3, offset=0.0) is True
+    assert table.rank_batch(query[None], [1], [set()])[0][0][0] == "new"
+    assert table.upsert("new", np.zeros(3, np.int64), best, scale=1.3, offset=100.0) is False
+    assert table.offsets[table.row("new")] == np.float32(100.0) and table.dead == 1
+    (last,) = table.rank_batch(query[None], [table.live_items], [set()])
+    indexed_best = 30.0 if scoring == "dot" else 1.0
+    assert last[-1][0] == "new"
+    assert last[-1][1] == pytest.approx(indexed_best * 1.3 - 100.0, abs=1e-4)
+    assert table.upsert("new", np.zeros(3, np.int64), best, scale=1.3, offset=100.0) is False
+    assert table.size == n + 3  # unchanged: no new row
+    check_against_brute(table, query)
+
+    # Past the table's capacity (it grows), with offsets on every other item.
+    for j in range(2 * n):
+        v = rng.normal(size=d).astype(np.float32)
+        table.upsert(f"late-{j}", np.zeros(3, np.int64), v, scale=1.3, offset=0.25 * (j % 2))
+    assert table.offsets[table.row("late-1")] == np.float32(0.25)
+    check_against_brute(table, query)
+
+    # Retire enough rows to compact: the live rows keep their offsets in the rebuilt index.
+    for item_id in [*ids[::2], *[f"late-{j}" for j in range(0, 2 * n, 4)]]:
+        table.retire(item_id)
+    assert table.dead >= COMPACT_MIN_DEAD
+    wait_compacted(table)
+    table.compact()  # and once more by hand, to be sure a rebuild happened after the last change
+    assert table.compactions >= 1 and table.dead == 0
+    assert table.offsets[table.row("new")] == np.float32(100.0)
+    assert table.offsets[table.row("late-1")] == np.float32(0.25)
+    assert table.offsets[table.row("i8")] == np.float32(0.4)  # bundle row 8, renumbered
+    assert table.row("i8") != 8 and table.offsets[table.row("i10")] == 0.0
+    check_against_brute(table, query)
+
+
+@pytest.mark.parametrize("scoring", ["cosine", "dot"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "torch"])
+def test_item_table_with_zero_offsets_ranks_as_a_scale_only_index(kind: str, scoring: str) -> None:
+    """Offsets all zero (a bundle without new_item_score_offset): the same top-k and scores as
+    an index of indexed(v) * scale alone, the way the table scored before offsets."""
+    import faiss
+
+    from sidrec.service.retrieval import IndexSpec, normalized
+
+    if kind == "torch":
+        pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    n, d, k = 200, 16, 20
+    vectors = np.zeros((n + 1, d), np.float32)
+    vectors[1:] = rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, size=(n, 1))
+    sids = np.zeros((n + 1, 3), np.int64)
+    ids = [f"i{r}" for r in range(1, n + 1)]
+    scales = np.ones(n + 1, np.float32)
+    scales[1::7] = 1.3
+    indexed = vectors if scoring == "dot" else normalized(vectors)
+    before = faiss.IndexFlatIP(d)  # d columns, no offset column: the scale-only index
+    before.add(np.ascontiguousarray(indexed * scales[:, None], np.float32))
+    queries = rng.normal(size=(32, d)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    want_scores, want_rows = before.search(queries, k + 1)  # + row 0, which is never returned
+    for offsets in (None, np.zeros(n + 1, np.float32)):
+        table = ItemTable(vectors, ids, sids, 4, use_gpu=False, index=IndexSpec(kind, device="cpu"),
+                          scales=scales, offsets=offsets, scoring=scoring)  # fmt: skip
+        got = table.search_batch(queries, [k] * len(queries), [set()] * len(queries))
+        for hits, rows, scores in zip(got, want_rows, want_scores, strict=True):
+            keep = rows > 0
+            assert [r for r, _ in hits] == rows[keep][:k].tolist()
+            np.testing.assert_allclose([s for _, s in hits], scores[keep][:k], rtol=1e-5,
+                                       atol=1e-6)  # fmt: skip
+        (ranked,) = table.rank_batch(queries[:1], [k], [set()])
+        assert [table.row(i) for i, _, _ in ranked] == [r for r, _ in got[0]]
+
+
 def wait_compacted(table: ItemTable, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while table.compacting:
@@ -343,7 +483,8 @@ def exact_top(table: ItemTable, query: np.ndarray, k: int, keep: Any = None) -> 
     for item_id, row in table.row_of.items():
         if keep is None or keep(item_id):
             unit = table.vectors[row] / np.linalg.norm(table.vectors[row])
-            scored.append((float(unit @ query) * float(table.scales[row]), item_id))
+            score = float(unit @ query) * float(table.scales[row]) - float(table.offsets[row])
+            scored.append((score, item_id))
     return [i for _, i in sorted(scored, reverse=True)[:k]]
 
 
