@@ -84,10 +84,15 @@ class NaiveRecommender:
         self.encoder = UserEncoder(hstu).eval()
         table = bundle.item_vectors()  # the checkpoint's rows, and a tower's for the rest
         self.table = torch.from_numpy(table)  # [n + 1, d] raw: the encoder's inputs
-        norms = np.linalg.norm(table, axis=1, keepdims=True)
+        if bundle.model.get("scoring", "cosine") == "cosine":
+            table = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
         scales = np.where(trained, 1.0, float(bundle.model.get("new_item_score_scale", 1.0)))
-        # [n + 1, d]: what is scored (cosine times the bundle's score scale per row)
-        self.normed = table / np.maximum(norms, 1e-12) * scales[:, None].astype(np.float32)
+        # [n + 1, d]: what is scored (cosine, or the raw dot product, times the bundle's score
+        # scale per row, minus its offset for untrained rows)
+        self.normed = table * scales[:, None].astype(np.float32)
+        self.offsets = np.where(
+            trained, 0.0, float(bundle.model.get("new_item_score_offset", 0.0))
+        ).astype(np.float32)
         items = bundle.items()
         self.item_ids = ["", *(r.item_id for r in items)]
         self.row_of = {r.item_id: r.row for r in items}
@@ -103,7 +108,7 @@ class NaiveRecommender:
                 torch.ones(1, len(rows), dtype=torch.bool),  # [1, N]
                 torch.tensor([int(time.time())]),  # [1]
             )[0].numpy()  # [d]
-        scores = self.normed @ user  # [n + 1]
+        scores = self.normed @ user - self.offsets  # [n + 1]
         scores[0] = -np.inf  # padding
         scores[rows] = -np.inf  # seen
         top = np.argpartition(-scores, k)[:k]

@@ -6,10 +6,11 @@ The service a competent engineer writes in a day from the bundle's documentation
 (docs/bundle.md), without sidrec's serving code: FastAPI + uvicorn, the bundle's
 `user_encoder.onnx` under ONNX Runtime, its `item_vectors.npy` in a FAISS IndexFlatIP built
 the way the manifest says the model scores (`model.scoring`: "cosine" L2-normalises the rows,
-"dot" keeps them raw; each row times its score scale, `model.new_item_score_scale` for items
-training never saw), and the user's history read from Redis as a list. Written the plain way:
-a sync `def` route (FastAPI runs it in its thread pool), one Redis LRANGE, one ORT run and one
-FAISS search per request, no batching, no pipelining, no caching beyond what loads at start.
+"dot" keeps them raw; items training never saw score times `model.new_item_score_scale`
+minus `model.new_item_score_offset`), and the user's history read from Redis as a list.
+Written the plain way: a sync `def` route (FastAPI runs it in its thread pool), one Redis
+LRANGE, one ORT run and one FAISS search per request, no batching, no pipelining, no caching
+beyond what loads at start.
 
 It reads the histories sidrec's history store writes (service/history_store.py: list
 `{prefix}hist:{{user}}`, newest first, entries "ts item_id"), answers
@@ -73,12 +74,17 @@ class OrtRecommender:
         else:
             indexed = self.vectors.copy()
         scales = np.ones(len(self.vectors), np.float32)  # [n + 1]
+        offsets = np.zeros(len(self.vectors), np.float32)  # [n + 1]
         new_scale = float(model.get("new_item_score_scale", 1.0))
+        new_offset = float(model.get("new_item_score_offset", 0.0))
         for r in records:
             if r.get("popularity", 0) == 0:  # never in training: the vector is a content guess
                 scales[int(r["row"])] = new_scale
-        self.index = faiss.IndexFlatIP(self.vectors.shape[1])
-        self.index.add(np.ascontiguousarray(indexed * scales[:, None], dtype=np.float32))
+                offsets[int(r["row"])] = new_offset
+        # score = row . user * scale - offset: the offset as an extra column, the query's is 1
+        self.index = faiss.IndexFlatIP(self.vectors.shape[1] + 1)
+        rows = np.hstack([indexed * scales[:, None], -offsets[:, None]])
+        self.index.add(np.ascontiguousarray(rows, dtype=np.float32))
 
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -111,7 +117,8 @@ class OrtRecommender:
         )  # [1, d]
         seen = {r for r, _ in known}  # the whole history, also past max_len
         fetch = min(self.index.ntotal, k + len(seen) + 1)  # + row 0 (padding)
-        scores, found = self.index.search(user, fetch)  # [1, fetch] each
+        query = np.hstack([user, np.ones((1, 1), np.float32)])  # [1, d + 1]
+        scores, found = self.index.search(query, fetch)  # [1, fetch] each
         hits = []
         for row, score in zip(found[0].tolist(), scores[0].tolist(), strict=True):
             if row <= 0 or row in seen:
