@@ -717,6 +717,7 @@ def quickstart(
     procs: ProcsOpt = DEFAULT_PROCS,
     port: int = 8000,
     keep_serving: Annotated[bool, typer.Option(help="Keep serving after the demo.")] = False,
+    log_format: LogFormatOpt = "auto",
 ) -> None:
     """The README's main job: train on ML-100K, export, serve it with the training histories
     loaded, show a real exchange."""
@@ -724,8 +725,9 @@ def quickstart(
     from sidrec.offline import pipeline
     from sidrec.offline.demo import run_demo
 
+    progress = _progress(log_format)
     data_dir = _run(pipeline.resolve_data, data)
-    steps = _run(pipeline.Steps.open, data_dir, run)
+    steps = _run(pipeline.Steps.open, data_dir, run, progress=progress)
     _run(steps.use_settings, None)
     bundle = _run(
         steps.all,

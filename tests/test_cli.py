@@ -195,6 +195,29 @@ def test_pipeline_log_in_a_file_is_plain(tmp_path: Path, procs: int) -> None:
     assert load_bundle(run / "bundle").manifest["dataset"]["name"] == "toy-shop"
 
 
+@pytest.mark.slow
+def test_quickstart_log_in_a_file_is_plain(tmp_path: Path) -> None:
+    # `make demo > log 2>&1`, the README's main job: no progress bars in the file either.
+    data = tmp_path / "shop"
+    write_synthetic_dataset(data, users=60)
+    log_path = tmp_path / "quickstart.log"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with log_path.open("w") as log:
+        done = subprocess.run(
+            [sys.executable, "-m", "sidrec.cli", "quickstart", "--data", str(data),
+             "--run", str(tmp_path / "run"), "--epochs", "1", "--procs", "1",
+             "--port", str(port)],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, timeout=600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "SIDREC_CACHE": str(tmp_path / "cache")},
+        )  # fmt: skip
+    text = log_path.read_text()
+    assert done.returncode == 0, text
+    assert "\r" not in text and "it/s" not in text and "s/it" not in text, text
+    assert "epoch 1: loss" in text
+
+
 def _stored(url: str, users: list[str], history_len: int) -> dict[str, list[tuple[str, int]]]:
     """What the service's own history store reads back for `users`."""
     import asyncio
