@@ -35,9 +35,9 @@ TOWER_FILE = "tower.pt"
 # Candidates for the new-item score offset (model/content_tower.py) in logits (nats: the
 # model's scores over its temperature), 0 to 6 in steps of 0.25; attach_tower takes the
 # smallest whose validation NDCG@10 is within one standard error of the best one's: new items
-# found as often as warm quality allows. An offset, not a scale: on Amazon Toys (dot scoring)
-# the same cold-start hit rate cost the hot bin 1.8% with an offset against 5% with a scale
-# (docs/results/content-tower.md).
+# found as often as warm quality allows. An offset, not a scale: the fitting over-rates new
+# items by about a constant number of logits, which a scale corrects only unevenly across
+# users (docs/results/content-tower.md measures both).
 NEW_ITEM_OFFSETS = tuple(0.25 * i for i in range(25))
 
 
