@@ -457,7 +457,8 @@ def _record_data(interactions: Interactions, run: Path) -> None:
     """Writes run/data.json; warns when the run's earlier steps read the data another way
     (their splits, hence their results, could differ from this one's)."""
     path = run / "data.json"
-    before = json.loads(path.read_text()).get("tie_order", "file") if path.is_file() else None
+    old = path.read_text() if path.is_file() else None
+    before = json.loads(old).get("tie_order", "file") if old is not None else None
     if before not in (None, interactions.tie_order):
         console.print(
             f"[yellow]warning: earlier steps in {run} read the data with tie order {before!r}, "
@@ -469,7 +470,7 @@ def _record_data(interactions: Interactions, run: Path) -> None:
         "tie_order": interactions.tie_order,
     }
     text = json.dumps(record, indent=2) + "\n"
-    if before is None or path.read_text() != text:
+    if old != text:
         # replaced, not rewritten in place: another command opening this run at the same
         # moment (an ablation beside a training run) must never read a half-written file
         scratch = path.with_name(f".{path.name}.{os.getpid()}")
