@@ -193,12 +193,14 @@ def table_scorer(
     table: torch.Tensor,
     scales: torch.Tensor | None = None,
     offsets: torch.Tensor | None = None,
+    history_table: torch.Tensor | None = None,
 ) -> Scorer:
     """Scores with `encoder` over the item table [n + 1, d] (raw vectors, row 0 zero): the
     history's rows are the encoder's input, the score against every row is the cosine (or, for
     an encoder with scoring "dot", the dot product with the raw row), times the row's score
     scale (scales [n + 1], e.g. a content tower's new-item scale) when given, minus the row's
-    offset (offsets [n + 1]) when given: what the service's index ranks by."""
+    offset (offsets [n + 1]; inf: never recommended) when given: what the service's index
+    ranks by. `history_table` [n + 1, d], for ablations: what the encoder reads instead."""
     from sidrec.model.hstu import UserEncoder
 
     user_encoder = UserEncoder(encoder)
@@ -209,7 +211,7 @@ def table_scorer(
 
     @torch.no_grad()
     def score(batch: EvalBatch) -> torch.Tensor:
-        x = table[batch.items]  # [B, N, d]
+        x = (table if history_table is None else history_table)[batch.items]  # [B, N, d]
         user = user_encoder(x, batch.timestamps, batch.mask, batch.query_time)  # [B, d]
         scores = user @ scored.T  # [B, n + 1]
         return scores if offsets is None else scores - offsets[None, :].to(scores.dtype)

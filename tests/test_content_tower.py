@@ -133,6 +133,15 @@ def test_item_table_keeps_warm_rows_and_scales_new_ones(fitted: tuple) -> None:
     # ... minus the row's offset, as the service's index ranks
     shifted = table_scorer(hstu.eval(), served, scales, offsets)(batch)
     torch.testing.assert_close(shifted, plain * scales[None, :] - offsets[None, :])
+    # an infinite offset: never recommended; history_table: what the encoder reads instead
+    never = table_scorer(hstu.eval(), served, offsets=offsets.masked_fill(offsets > 0, torch.inf))
+    assert torch.isneginf(never(batch)[0, WITHHELD]).all()
+    moved = served.clone()
+    moved[30] = -moved[30]  # a history row
+    read = table_scorer(hstu.eval(), served, history_table=moved)(batch)
+    assert not torch.allclose(read, plain)  # the user vector comes from `moved`
+    rest = torch.arange(N + 1) != 30  # ... and every row but 30 is scored as `served` has it
+    torch.testing.assert_close(read[:, rest], table_scorer(hstu.eval(), moved)(batch)[:, rest])
 
 
 def test_items_of_one_sid_with_different_text_get_different_vectors(fitted: tuple) -> None:

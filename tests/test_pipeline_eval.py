@@ -195,8 +195,9 @@ def test_hybrid_tower_trains_fits_evaluates_exports_and_ablates(tmp_path: Path) 
     out = tower_ablation.main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"),
                                "--variant", "hybrid-tower", "--parts", "sid+content,content",
                                "--objectives", "ids,users", "--scales", "1.0",
-                               "--offsets", "2"])  # fmt: skip
-    assert len(out) == 2 + 2 * 2 * 2
+                               "--offsets", "2", "--roles"])  # fmt: skip
+    # 2 baselines; per tower (2 parts x 2 objectives): scale 1, offset 2 and the two roles
+    assert len(out) == 2 + 2 * 2 * 4
     assert json.loads((tmp_path / "run" / "tower_ablation.json").read_text()).keys() == out.keys()
 
 

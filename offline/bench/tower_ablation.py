@@ -21,11 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from sidrec.model.hstu import HSTU, UserEncoder
 from sidrec.offline.baselines import content_scorer
-from sidrec.offline.evaluate import EvalBatch, Scorer, rank_targets, summarize, table_scorer
+from sidrec.offline.evaluate import Scorer, rank_targets, summarize, table_scorer
 from sidrec.offline.pipeline import Steps
 from sidrec.offline.tower import TowerConfig, fit_tower, item_table, user_states
 from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
@@ -36,28 +34,6 @@ def _reports(scorer: Scorer, steps: Steps, max_len: int) -> dict[str, Any]:
         stage: summarize(rank_targets(scorer, steps.split, stage, 64, max_len), steps.split, stage)
         for stage in ("valid", "test")
     }
-
-
-def _roles_scorer(
-    encoder: HSTU, history_table: torch.Tensor, ranked_table: torch.Tensor,
-    scales: torch.Tensor, offsets: torch.Tensor, ranked: torch.Tensor,
-) -> Scorer:  # fmt: skip
-    """table_scorer with the encoder reading history_table and scoring ranked_table [n + 1, d]
-    (times scales [n + 1], minus offsets [n + 1]); rows where bool `ranked` is False are never
-    recommended."""
-    user_encoder = UserEncoder(encoder)
-    cosine = encoder.scoring == "cosine"
-    scored = F.normalize(ranked_table, dim=-1, eps=1e-6) if cosine else ranked_table
-    scored = scored * scales[:, None]
-
-    @torch.no_grad()
-    def score(batch: EvalBatch) -> torch.Tensor:
-        user = user_encoder(history_table[batch.items], batch.timestamps, batch.mask,
-                            batch.query_time)  # fmt: skip
-        scores = user @ scored.T - offsets[None, :]
-        return scores.masked_fill(~ranked[None, :], float("-inf"))
-
-    return score
 
 
 def _line(name: str, r: dict[str, Any]) -> str:
@@ -139,14 +115,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 label = f"scale {scale:g}" if offset == 0 else f"offset {offset:g}"
                 cell(f"{name} {label}", table_scorer(model.encoder, table, scales, offsets))
                 if args.roles and i == 0:
-                    everything = torch.ones_like(trained)
+                    # an infinite offset: new items read in histories, never recommended
+                    never = offsets.masked_fill(~trained, float("inf"))
                     cell(
                         f"{name} in histories only",
-                        _roles_scorer(model.encoder, table, table, scales, offsets, trained),
+                        table_scorer(model.encoder, table, scales, never),
                     )
                     cell(
                         f"{name} {label} ranked only",
-                        _roles_scorer(model.encoder, id_table, table, scales, offsets, everything),
+                        table_scorer(model.encoder, table, scales, offsets, history_table=id_table),
                     )
     (args.run / "tower_ablation.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
