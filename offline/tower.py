@@ -39,6 +39,20 @@ TOWER_FILE = "tower.pt"
 # items by about a constant number of logits, which a scale corrects only unevenly across
 # users (docs/results/content-tower.md measures both).
 NEW_ITEM_OFFSETS = tuple(0.25 * i for i in range(25))
+HOT_TOLERANCE = 0.02  # issue 11: the hot bin's NDCG@10 within 2% of the table without new items
+
+
+def choose_offset(
+    by_offset: dict[str, dict[str, float]], hot_reference: float, tolerance: float = HOT_TOLERANCE
+) -> float:
+    """The smallest offset (keys: logits) whose "ndcg@10" is within one standard error ("se")
+    of the best offset's and whose "hot_ndcg@10" is within `tolerance` of hot_reference; the
+    largest offset where none is."""
+    best = max(by_offset.values(), key=lambda v: v["ndcg@10"])
+    fine = [float(k) for k, v in by_offset.items()
+            if v["ndcg@10"] >= best["ndcg@10"] - best["se"]
+            and v["hot_ndcg@10"] >= (1.0 - tolerance) * hot_reference]  # fmt: skip
+    return min(fine) if fine else max(float(k) for k in by_offset)
 
 
 @dataclass(frozen=True)
@@ -312,6 +326,7 @@ def attach_tower(
     own figures, new items without a vector, move to "id_rows"). Returns metrics.json."""
     from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
     from sidrec.offline.metrics import metrics_from_ranks
+    from sidrec.offline.split import BIN_NAMES
     from sidrec.offline.train import CHECKPOINT_FILE, METRICS_FILE, load_checkpoint
 
     started = time.perf_counter()
@@ -338,10 +353,15 @@ def attach_tower(
         scorer = table_scorer(model.encoder, *item_table(id_table, tower, sids, content, trained))
         return rank_targets(scorer, split, stage, batch_size, train_cfg.max_len)
 
-    # The smallest offset whose validation NDCG@10 is within one standard error of the best:
-    # new items found as often as warm quality allows (issue 11's warm-parity rule). Offsets
-    # are in logits; a cosine model's scores are logits times its temperature.
+    # Issue 11's warm rule on validation: the smallest offset (new items found as often as
+    # warm quality allows) whose NDCG@10 is within one standard error of the best offset's,
+    # and whose hot-bin NDCG@10 is within HOT_TOLERANCE of the table's with new items never
+    # recommended. Offsets are in logits; a cosine model's scores are logits times its
+    # temperature.
     unit = train_cfg.temperature if model.encoder.scoring == "cosine" else 1.0
+    hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
+    tower.new_item_offset.fill_(float("inf"))
+    hot_reference = metrics_from_ranks(ranks("valid")[hot])["ndcg@10"]
     by_offset: dict[str, dict[str, float]] = {}
     for nats in NEW_ITEM_OFFSETS:
         tower.new_item_offset.fill_(nats * unit)
@@ -350,15 +370,15 @@ def attach_tower(
         by_offset[str(nats)] = {
             "ndcg@10": metrics_from_ranks(valid_ranks)["ndcg@10"],
             "se": float(gains.std(ddof=1) / np.sqrt(len(gains))),
+            "hot_ndcg@10": metrics_from_ranks(valid_ranks[hot])["ndcg@10"],
         }
-    best = max(by_offset.values(), key=lambda v: v["ndcg@10"])
-    chosen = min(float(k) for k, v in by_offset.items()
-                 if v["ndcg@10"] >= best["ndcg@10"] - best["se"])  # fmt: skip
+    chosen = choose_offset(by_offset, hot_reference)
     tower.new_item_offset.fill_(chosen * unit)
     valid = summarize(ranks("valid"), split, "valid")
     test = summarize(ranks("test"), split, "test")
     record |= {"new_item_scale": float(tower.new_item_scale),
                "new_item_offset": float(tower.new_item_offset), "new_item_offset_logits": chosen,
+               "valid_hot_ndcg@10_never_recommended": hot_reference,
                "valid_by_new_item_offset": by_offset, "fit_seconds": round(fit_seconds, 1),
                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     save_tower(tower, run_dir / TOWER_FILE, record)

@@ -9,7 +9,11 @@ the content-only baseline. Prints one line per cell and writes RUN/tower_ablatio
 Cells: parts (sid+content | sid | content) x objective (ids | users) x norm (fixed |
 learned) at the listed new-item score scales and offsets. For each fitted tower, two more
 cells separate its two roles: new items' tower vectors in histories only (never ranked), and
-ranked only (zero in histories).
+ranked only (zero in histories). Two candidate additions, each at every offset listed:
+`--content-weights` adds weight * cos(mean content of the history, the new item's content) to
+new items' scores (a dense content path beside the tower, as LIGER has), and `--rare-gates
+K:A` moves trained items with at most K training events a share A of the way from their id
+row to their tower vector (offset A times the new-item offset).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from sidrec.offline.baselines import content_scorer
-from sidrec.offline.evaluate import Scorer, rank_targets, summarize, table_scorer
+from sidrec.offline.evaluate import EvalBatch, Scorer, rank_targets, summarize, table_scorer
 from sidrec.offline.pipeline import Steps
 from sidrec.offline.tower import TowerConfig, fit_tower, item_table, user_states
 from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
@@ -34,6 +39,19 @@ def _reports(scorer: Scorer, steps: Steps, max_len: int) -> dict[str, Any]:
         stage: summarize(rank_targets(scorer, steps.split, stage, 64, max_len), steps.split, stage)
         for stage in ("valid", "test")
     }
+
+
+def with_content_term(base: Scorer, content: torch.Tensor, weights: torch.Tensor) -> Scorer:
+    """`base` plus weights[row] * cos(mean content vector of the history, the row's content):
+    content [n, C] float (rows 1..n), weights [n + 1] (0 for rows without the term)."""
+    unit = torch.cat([torch.zeros(1, content.shape[1]), F.normalize(content.float(), dim=-1)])
+
+    def score(batch: EvalBatch) -> torch.Tensor:
+        history = unit[batch.items] * batch.mask[..., None]  # [B, N, C]
+        profile = F.normalize(history.sum(1), dim=-1, eps=1e-6)  # [B, C]
+        return base(batch) + (profile @ unit.T) * weights[None, :]
+
+    return score
 
 
 def _line(name: str, r: dict[str, Any]) -> str:
@@ -62,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--norms", default="fixed", help="fixed,learned: the new items' norm")
     p.add_argument("--scales", default="1.0", help="new-item score scales, no offset")
     p.add_argument("--offsets", default="", help="new-item score offsets in logits, at scale 1")
+    p.add_argument("--content-weights", default="", help="content-term weights in logits")
+    p.add_argument("--rare-gates", default="", help="K:A pairs, e.g. 3:0.5,5:0.25")
     p.add_argument(
         "--roles",
         action="store_true",
@@ -114,6 +134,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
                 label = f"scale {scale:g}" if offset == 0 else f"offset {offset:g}"
                 cell(f"{name} {label}", table_scorer(model.encoder, table, scales, offsets))
+                new = (~trained).float() * unit  # weights in logits, like the offsets
+                for w in (float(x) for x in args.content_weights.split(",") if x):
+                    term = with_content_term(
+                        table_scorer(model.encoder, table, scales, offsets),
+                        torch.as_tensor(steps.content_vectors),
+                        new * w,
+                    )
+                    cell(f"{name} {label} content {w:g}", term)
+                for gate in (g for g in args.rare_gates.split(",") if g):
+                    k, share = int(gate.split(":")[0]), float(gate.split(":")[1])
+                    rare = trained & (torch.as_tensor(steps.split.train_counts) <= k)
+                    tower_rows = item_table(
+                        id_table, tower, sids, steps.content_vectors, torch.zeros_like(trained)
+                    ).table
+                    gated = torch.where(
+                        rare[:, None], (1 - share) * table + share * tower_rows, table
+                    )
+                    gated_offsets = torch.where(rare, share * offset * unit, offsets)
+                    cell(f"{name} {label} rare<={k} x{share:g}",
+                         table_scorer(model.encoder, gated, scales, gated_offsets))  # fmt: skip
                 if args.roles and i == 0:
                     # an infinite offset: new items read in histories, never recommended
                     never = offsets.masked_fill(~trained, float("inf"))
