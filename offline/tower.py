@@ -75,6 +75,8 @@ class TowerConfig:
     # a per-item norm for new items (model/content_tower.py), regressed on the log norms of
     # the trained id rows beside the softmax; matters under dot scoring only
     learned_norm: bool = False
+    # the new-item offset's hot-bin rule (choose_offset); 1.0 leaves only the overall rule
+    hot_tolerance: float = HOT_TOLERANCE
 
 
 def _mixed_logits(
@@ -372,7 +374,7 @@ def attach_tower(
             "se": float(gains.std(ddof=1) / np.sqrt(len(gains))),
             "hot_ndcg@10": metrics_from_ranks(valid_ranks[hot])["ndcg@10"],
         }
-    chosen = choose_offset(by_offset, hot_reference)
+    chosen = choose_offset(by_offset, hot_reference, cfg.hot_tolerance)
     tower.new_item_offset.fill_(chosen * unit)
     valid = summarize(ranks("valid"), split, "valid")
     test = summarize(ranks("test"), split, "test")

@@ -203,12 +203,13 @@ def test_hybrid_tower_trains_fits_evaluates_exports_and_ablates(tmp_path: Path) 
                                "--variant", "hybrid-tower", "--parts", "sid+content,content",
                                "--objectives", "ids,users", "--scales", "1.0",
                                "--offsets", "2", "--roles", "--content-weights", "3",
-                               "--rare-gates", "3:0.5"])  # fmt: skip
+                               "--rare-gates", "3:0.5", "--profile", "content,tower"])  # fmt: skip
     # 2 baselines; per tower (2 parts x 2 objectives): scale 1 and offset 2, each alone, with
-    # the content term and with the rare gate, and the two roles
-    assert len(out) == 2 + 2 * 2 * 8
+    # the term in each of its two spaces and with the rare gate, and the two roles
+    assert len(out) == 2 + 2 * 2 * 10
     name = "tower sid+content/users offset 2"
-    assert {f"{name} content 3", f"{name} rare<=3 x0.5"} <= out.keys()
+    cells = {f"{name} content 3", f"{name} tower-profile 3", f"{name} rare<=3 x0.5"}
+    assert cells <= out.keys()
     assert json.loads((tmp_path / "run" / "tower_ablation.json").read_text()).keys() == out.keys()
 
 

@@ -11,7 +11,8 @@ learned) at the listed new-item score scales and offsets. For each fitted tower,
 cells separate its two roles: new items' tower vectors in histories only (never ranked), and
 ranked only (zero in histories). Two candidate additions, each at every offset listed:
 `--content-weights` adds weight * cos(mean content of the history, the new item's content) to
-new items' scores (a dense content path beside the tower, as LIGER has), and `--rare-gates
+new items' scores (a dense content path beside the tower, as LIGER has; `--profile tower`
+takes every item's tower vector in place of its content vector), and `--rare-gates
 K:A` moves trained items with at most K training events a share A of the way from their id
 row to their tower vector (offset A times the new-item offset).
 """
@@ -81,6 +82,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--scales", default="1.0", help="new-item score scales, no offset")
     p.add_argument("--offsets", default="", help="new-item score offsets in logits, at scale 1")
     p.add_argument("--content-weights", default="", help="content-term weights in logits")
+    p.add_argument(
+        "--profile",
+        default="content",
+        help="content,tower: the term's space: content vectors, or every item's tower vector",
+    )
     p.add_argument("--rare-gates", default="", help="K:A pairs, e.g. 3:0.5,5:0.25")
     p.add_argument(
         "--roles",
@@ -135,19 +141,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 label = f"scale {scale:g}" if offset == 0 else f"offset {offset:g}"
                 cell(f"{name} {label}", table_scorer(model.encoder, table, scales, offsets))
                 new = (~trained).float() * unit  # weights in logits, like the offsets
-                for w in (float(x) for x in args.content_weights.split(",") if x):
-                    term = with_content_term(
-                        table_scorer(model.encoder, table, scales, offsets),
-                        torch.as_tensor(steps.content_vectors),
-                        new * w,
-                    )
-                    cell(f"{name} {label} content {w:g}", term)
+                tower_rows = item_table(
+                    id_table, tower, sids, steps.content_vectors, torch.zeros_like(trained)
+                ).table  # [n + 1, d]: every item's tower vector
+                spaces = {"content": torch.as_tensor(steps.content_vectors),
+                          "tower": tower_rows[1:]}  # fmt: skip
+                for space in args.profile.split(","):
+                    for w in (float(x) for x in args.content_weights.split(",") if x):
+                        term = with_content_term(
+                            table_scorer(model.encoder, table, scales, offsets),
+                            spaces[space],
+                            new * w,
+                        )
+                        tag = "content" if space == "content" else "tower-profile"
+                        cell(f"{name} {label} {tag} {w:g}", term)
                 for gate in (g for g in args.rare_gates.split(",") if g):
                     k, share = int(gate.split(":")[0]), float(gate.split(":")[1])
                     rare = trained & (torch.as_tensor(steps.split.train_counts) <= k)
-                    tower_rows = item_table(
-                        id_table, tower, sids, steps.content_vectors, torch.zeros_like(trained)
-                    ).table
                     gated = torch.where(
                         rare[:, None], (1 - share) * table + share * tower_rows, table
                     )
