@@ -89,7 +89,7 @@ class NaiveRecommender:
         scales = np.where(trained, 1.0, float(bundle.model.get("new_item_score_scale", 1.0)))
         # [n + 1, d]: what is scored (cosine, or the raw dot product, times the bundle's score
         # scale per row, minus its offset for untrained rows)
-        self.normed = table * scales[:, None].astype(np.float32)
+        self.scored = table * scales[:, None].astype(np.float32)
         self.offsets = np.where(
             trained, 0.0, float(bundle.model.get("new_item_score_offset", 0.0))
         ).astype(np.float32)
@@ -108,7 +108,7 @@ class NaiveRecommender:
                 torch.ones(1, len(rows), dtype=torch.bool),  # [1, N]
                 torch.tensor([int(time.time())]),  # [1]
             )[0].numpy()  # [d]
-        scores = self.normed @ user - self.offsets  # [n + 1]
+        scores = self.scored @ user - self.offsets  # [n + 1]
         scores[0] = -np.inf  # padding
         scores[rows] = -np.inf  # seen
         top = np.argpartition(-scores, k)[:k]

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from sidrec.offline.baselines import content_scorer
 from sidrec.offline.evaluate import EvalBatch, Scorer, rank_targets, summarize, table_scorer
@@ -43,14 +42,13 @@ def _reports(scorer: Scorer, steps: Steps, max_len: int) -> dict[str, Any]:
 
 
 def with_content_term(base: Scorer, content: torch.Tensor, weights: torch.Tensor) -> Scorer:
-    """`base` plus weights[row] * cos(mean content vector of the history, the row's content):
-    content [n, C] float (rows 1..n), weights [n + 1] (0 for rows without the term)."""
-    unit = torch.cat([torch.zeros(1, content.shape[1]), F.normalize(content.float(), dim=-1)])
+    """`base` plus weights[row] * the content-only baseline's score of the row (the cosine of
+    the history's mean content vector and the row's): content [n, C] float (rows 1..n),
+    weights [n + 1] (0 for rows without the term)."""
+    content_scores = content_scorer(content)
 
     def score(batch: EvalBatch) -> torch.Tensor:
-        history = unit[batch.items] * batch.mask[..., None]  # [B, N, C]
-        profile = F.normalize(history.sum(1), dim=-1, eps=1e-6)  # [B, C]
-        return base(batch) + (profile @ unit.T) * weights[None, :]
+        return base(batch) + content_scores(batch) * weights[None, :]
 
     return score
 
@@ -129,6 +127,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f" best epoch {record['best_epoch']}", flush=True)  # fmt: skip
             # (scale, offset in logits) cells: each scale without an offset, each offset at 1
             unit = cfg.temperature if model.encoder.scoring == "cosine" else 1.0
+            new = (~trained).float() * unit  # content-term weights in logits, like the offsets
+            tower_rows = item_table(
+                id_table, tower, sids, steps.content_vectors, torch.zeros_like(trained)
+            ).table  # [n + 1, d]: every item's tower vector
+            spaces = {"content": torch.as_tensor(steps.content_vectors),
+                      "tower": tower_rows[1:]}  # fmt: skip
             grid = [(float(x), 0.0) for x in args.scales.split(",") if x] + [
                 (1.0, float(x)) for x in args.offsets.split(",") if x
             ]
@@ -139,20 +143,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     id_table, tower, sids, steps.content_vectors, trained
                 )
                 label = f"scale {scale:g}" if offset == 0 else f"offset {offset:g}"
-                cell(f"{name} {label}", table_scorer(model.encoder, table, scales, offsets))
-                new = (~trained).float() * unit  # weights in logits, like the offsets
-                tower_rows = item_table(
-                    id_table, tower, sids, steps.content_vectors, torch.zeros_like(trained)
-                ).table  # [n + 1, d]: every item's tower vector
-                spaces = {"content": torch.as_tensor(steps.content_vectors),
-                          "tower": tower_rows[1:]}  # fmt: skip
+                base = table_scorer(model.encoder, table, scales, offsets)
+                cell(f"{name} {label}", base)
                 for space in args.profile.split(","):
                     for w in (float(x) for x in args.content_weights.split(",") if x):
-                        term = with_content_term(
-                            table_scorer(model.encoder, table, scales, offsets),
-                            spaces[space],
-                            new * w,
-                        )
+                        term = with_content_term(base, spaces[space], new * w)
                         tag = "content" if space == "content" else "tower-profile"
                         cell(f"{name} {label} {tag} {w:g}", term)
                 for gate in (g for g in args.rare_gates.split(",") if g):
