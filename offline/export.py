@@ -14,7 +14,7 @@ import torch
 from sidrec.bundle import TORCH_WEIGHTS, load_bundle, write_manifest
 from sidrec.item_text import item_text
 from sidrec.model.weights import save_weights
-from sidrec.offline.content import EXPORT_FORM, export_content_encoder
+from sidrec.offline.content import content_encoder_files
 from sidrec.offline.data.dataset import Interactions
 from sidrec.offline.onnx_export import (
     export_item_vector,
@@ -30,21 +30,6 @@ POPULAR_LIST = 1000
 MAX_FILTER_FIELD = 200
 
 
-def content_encoder_files(cache_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The ONNX content encoder, exported once per cache and export form (the weights
-    never change; the graph changes only with EXPORT_FORM)."""
-    folder = cache_dir / f"content_encoder-{EXPORT_FORM}"
-    info_path = folder / "info.json"
-    if not info_path.is_file():
-        tmp = cache_dir / f"content_encoder-{EXPORT_FORM}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        info = export_content_encoder(tmp)
-        (tmp / "info.json").write_text(json.dumps(info))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.replace(folder)
-    return folder, json.loads(info_path.read_text())
-
-
 def export_bundle(
     checkpoint: Path,
     data: Interactions,
@@ -54,12 +39,14 @@ def export_bundle(
     metrics: dict[str, Any] | None = None,
     variant_name: str | None = None,
     content: np.ndarray | None = None,
+    content_precision: str = "fp32",
 ) -> Path:
     """Export `checkpoint` (offline/train.py) as a bundle folder; returns its path.
 
     A content tower saved beside the checkpoint (offline/tower.py) goes into the bundle: its
     table is item_vectors.npy and item_vector.onnx makes new items' vectors; it needs the
-    catalog's `content` vectors float32 [n, C].
+    catalog's `content` vectors float32 [n, C]. `content_precision` picks the content
+    encoder graph, the one the catalog's content vectors (and so the SIDs) were made with.
 
     The folder is written next to `out_dir` first and renamed into place, so a half-written
     bundle never sits where the service looks.
@@ -117,7 +104,7 @@ def export_bundle(
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    encoder_dir, content_info = content_encoder_files(cache_dir)
+    encoder_dir, content_info = content_encoder_files(cache_dir, content_precision)
     for name in ("content_encoder.onnx", "tokenizer.json"):
         shutil.copy2(encoder_dir / name, tmp / name)
 

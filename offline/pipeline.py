@@ -2,6 +2,7 @@
 
 run/
   content_vectors.npy       MiniLM vectors of the catalog (rows 1..n)
+  content.json              their precision (fp32 | int8): the encoder the bundle gets
   sids/                     sids.npy, sid_codebooks.npz, sid_report.json
   <variant>/                checkpoint.pt, train_log.jsonl, metrics.json (train.py)
   baselines.json            most-popular and content-only, validation and test
@@ -57,6 +58,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "hybrid-tower": ("id", "sum"),
 }
 TOWER_VARIANTS = ("hybrid-tower",)
+CONTENT_FILE = "content.json"
 BEST = "best"  # export the trained variant with the highest validation NDCG@10
 BASELINES = ("most-popular", "content-only")
 
@@ -99,6 +101,16 @@ SHORT_HISTORY_SETTINGS: dict[str, Any] = {
 }  # fmt: skip
 
 
+def run_content_precision(run: Path) -> str | None:
+    """The precision of `run`'s content vectors; None before any were made (a folder from
+    before content.json existed holds fp32 ones)."""
+    if (run / CONTENT_FILE).is_file():
+        return str(json.loads((run / CONTENT_FILE).read_text())["precision"])
+    if (run / "content_vectors.npy").is_file() or (run / "sids" / "sids.npy").is_file():
+        return "fp32"
+    return None
+
+
 def recommended_settings(data: Interactions) -> tuple[dict[str, Any], str]:
     """(TrainConfig fields, why) for `data`, from the mean events per user."""
     mean = data.num_events / max(len(data.users), 1)
@@ -123,6 +135,9 @@ class Steps:
     # Progress bars (training epochs, content encoding); False for plain logs: one line per
     # epoch (the CLI's --log-format)
     progress: bool = True
+    # The content encoder's precision (offline/content.py PRECISIONS): fixed per run folder,
+    # since the SIDs and the bundle's encoder must come from the same vectors
+    content_precision: str = "fp32"
 
     @classmethod
     def open(
@@ -134,11 +149,27 @@ class Steps:
         tie_order: str = "file",
         name: str | None = None,
         progress: bool = True,
+        content_precision: str | None = None,
     ) -> Steps:
         """Loads the data (`tie_order`, `name`: see data.load.load_dataset) for steps on
-        `run`."""
+        `run`. `content_precision`: None = the run's (content.json), else fp32; another
+        than the run's is an error (its SIDs are made from the other vectors)."""
+        from sidrec.offline.content import PRECISIONS
         from sidrec.offline.data.load import load_dataset
 
+        if content_precision not in (None, *PRECISIONS):
+            raise DataError(
+                run, f"content precision: expected one of {', '.join(PRECISIONS)}, "
+                f"got {content_precision!r}",
+            )  # fmt: skip
+        recorded = run_content_precision(run)
+        if content_precision not in (None, recorded or content_precision):
+            raise DataError(
+                run,
+                f"this run's content vectors and SIDs are {recorded}, not {content_precision}: "
+                "use another run folder",
+            )
+        precision = recorded or content_precision or "fp32"
         started = time.perf_counter()
         interactions = load_dataset(resolve_data(data), name=name, tie_order=tie_order)
         run.mkdir(parents=True, exist_ok=True)
@@ -150,7 +181,9 @@ class Steps:
         for note in interactions.notes:
             console.print(f"  note: {note}")
         _record_data(interactions, run)
-        steps = cls(interactions, run, seed, cold_fraction, progress=progress)
+        steps = cls(
+            interactions, run, seed, cold_fraction, progress=progress, content_precision=precision
+        )
         steps.timings["load"] = time.perf_counter() - started
         return steps
 
@@ -163,8 +196,17 @@ class Steps:
 
         path = self.run / "content_vectors.npy"
         started = time.perf_counter()
-        vectors = encode_catalog(self.data.catalog, cache_dir() / "content", progress=self.progress)
+        vectors = encode_catalog(
+            self.data.catalog,
+            cache_dir() / "content",
+            progress=self.progress,
+            precision=self.content_precision,
+            graphs=cache_dir(),
+        )
         np.save(path, vectors)
+        (self.run / CONTENT_FILE).write_text(
+            json.dumps({"precision": self.content_precision}) + "\n"
+        )
         self.timings["content"] = time.perf_counter() - started
         return vectors
 
@@ -402,6 +444,7 @@ class Steps:
             metrics={"valid": metrics["valid"]["overall"], "test": metrics["test"]["overall"]},
             variant_name=name,
             content=self.content_vectors if name in TOWER_VARIANTS else None,
+            content_precision=self.content_precision,
         )
         self.timings["export"] = time.perf_counter() - started
         console.print(f"bundle written to [bold]{bundle}[/]")

@@ -125,6 +125,7 @@ class TorchRuntime:
             bundle.file("tokenizer.json"),
             content_providers,
             session_options=session_options(content_threads or ort_threads),
+            quantized=bundle.manifest["content"].get("precision") == "int8",
         )
         self.provider = f"torch-{self.device.type}"
         log.info("torch engine: torch %s on %s", torch.__version__, self.device)

@@ -17,7 +17,13 @@ DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
 class ContentEncoder:
-    """texts -> float32[B, D] L2-normalised embeddings via onnxruntime + tokenizers."""
+    """texts -> float32[B, D] L2-normalised embeddings via onnxruntime + tokenizers.
+
+    `quantized`: the graph is the int8 one (manifest content.precision). Its activations are
+    quantised by each run's own range, so a text's vector depends on what shares its run:
+    it encodes one text per run on the CPU provider, exactly as the offline pipeline encoded
+    the catalog (offline/content.py).
+    """
 
     def __init__(
         self,
@@ -26,12 +32,15 @@ class ContentEncoder:
         providers: Sequence[str] | None = None,
         batch_size: int = 64,
         session_options: ort.SessionOptions | None = None,
+        quantized: bool = False,
     ) -> None:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         if self.tokenizer.truncation is None or self.tokenizer.padding is None:
             # Without both, a long text overflows the model and a batch cannot be stacked.
             raise ValueError(f"{tokenizer_path}: tokenizer must have truncation and padding")
-        if providers is None:
+        if quantized:
+            providers, batch_size = ["CPUExecutionProvider"], 1
+        elif providers is None:
             # GPU when this onnxruntime build and a GPU are there, else CPU. Not simply
             # get_available_providers(): some builds list e.g. AzureExecutionProvider first.
             available = ort.get_available_providers()
@@ -42,6 +51,7 @@ class ContentEncoder:
         self.dim = int(self.session.get_outputs()[0].shape[-1])
         self.max_tokens = int(self.tokenizer.truncation["max_length"])
         self.batch_size = batch_size
+        self.quantized = quantized
 
     @property
     def provider(self) -> str:

@@ -104,19 +104,25 @@ _RUN: dict[str, Path] = {}
 
 
 def train_synthetic_bundle(
-    root: Path, variant: str, cache: Path, recommended_settings: bool = False
+    root: Path,
+    variant: str,
+    cache: Path,
+    recommended_settings: bool = False,
+    content_precision: str | None = None,
 ) -> Path:
     """Train `variant` on a fresh synthetic data set under root/ (data, run, bundle) with the
     pipeline and export it; returns the bundle. cache: SIDREC_CACHE meanwhile (MiniLM's
     export). recommended_settings: the settings `sidrec pipeline` picks for this data's shape
-    (short histories), else TrainConfig's defaults."""
+    (short histories), else TrainConfig's defaults. content_precision: Steps.open's."""
     from sidrec.offline import pipeline  # torch: only in the test process, never the service
 
     write_synthetic_dataset(root / "data")
     old_cache = os.environ.get("SIDREC_CACHE")
     os.environ["SIDREC_CACHE"] = str(cache)
     try:
-        steps = pipeline.Steps.open(root / "data", root / "run")
+        steps = pipeline.Steps.open(
+            root / "data", root / "run", content_precision=content_precision
+        )
         if recommended_settings:
             steps.use_settings(None)
         steps.train(variant, epochs=TEST_EPOCHS, patience=TEST_EPOCHS)
@@ -136,7 +142,17 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pipeline")
     bundle = train_synthetic_bundle(root, BUNDLE_VARIANT, root / "cache")
     _RUN["run"] = root / "run"
+    _RUN["cache"] = root / "cache"
     return bundle
+
+
+@pytest.fixture(scope="session")
+def int8_bundle_dir(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> Path:
+    """An id-only bundle whose run encoded the catalog with the int8 content encoder (and
+    whose bundle carries that graph); shares bundle_dir's cache, so MiniLM exports once."""
+    root = tmp_path_factory.mktemp("pipeline-int8")
+    cache = _RUN.get("cache", root / "cache")
+    return train_synthetic_bundle(root, "id", cache, content_precision="int8")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@ check that SIDs built from real movie text group movies by genre."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -221,6 +223,50 @@ def test_content_encoder_threads_give_the_same_vectors(
         for threads in (1, 2)
     )
     np.testing.assert_allclose(two.encode(PARITY_TEXTS), one.encode(PARITY_TEXTS), atol=1e-6)
+
+
+def test_int8_encoder_is_one_graph_for_the_catalog_and_the_service(
+    tmp_path: Path, exported: tuple[Path, dict, ContentEncoder]
+) -> None:
+    out_dir, info, _ = exported
+    graphs = tmp_path / "graphs"  # a cache holding the fixture's fp32 export, as the pipeline's
+    fp32_dir = graphs / f"content_encoder-{content.EXPORT_FORM}"
+    fp32_dir.mkdir(parents=True)
+    for name in ("content_encoder.onnx", "tokenizer.json"):
+        shutil.copy2(out_dir / name, fp32_dir / name)
+    (fp32_dir / "info.json").write_text(json.dumps(info))
+    folder, int8_info = content.content_encoder_files(graphs, "int8")
+    assert info["precision"] == "fp32"
+    assert int8_info == {**info, "model": "all-MiniLM-L6-v2/int8", "precision": "int8"}
+    ops = Counter(n.op_type for n in onnx.load(str(folder / "content_encoder.onnx")).graph.node)
+    assert ops["MatMulInteger"] >= 36 and ops["DynamicQuantizeLinear"] > 0, ops  # 6 x 6 weights
+    assert (folder / "content_encoder.onnx").stat().st_size < 0.4 * (
+        fp32_dir / "content_encoder.onnx"
+    ).stat().st_size
+
+    service = ContentEncoder(
+        folder / "content_encoder.onnx", folder / "tokenizer.json", quantized=True
+    )
+    vectors = service.encode(PARITY_TEXTS)  # [20, 384], one text per run
+    alone = np.concatenate([service.encode([t]) for t in PARITY_TEXTS])
+    np.testing.assert_array_equal(vectors, alone)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # Close to the fp32 vectors, not equal: what quantising the weights costs.
+    reference = content.encode_texts(PARITY_TEXTS, None)
+    cosine = (vectors * reference).sum(axis=1)
+    assert cosine.min() > 0.95 and np.abs(vectors - reference).max() > 1e-4, cosine.round(4)
+
+    # The offline pipeline's int8 vectors are the service's, cached apart from fp32 ones.
+    cache = tmp_path / "vectors"
+    offline = content.encode_texts(PARITY_TEXTS, cache, precision="int8", graphs=graphs)
+    np.testing.assert_allclose(offline, vectors, rtol=0, atol=1e-6)
+    assert content.text_key("a", "int8") != content.text_key("a")
+    np.testing.assert_allclose(content.encode_texts(PARITY_TEXTS, cache), reference, atol=1e-6)
+    np.testing.assert_array_equal(
+        content.encode_texts(PARITY_TEXTS, cache, precision="int8", graphs=graphs), offline
+    )
+    with pytest.raises(ValueError, match="expected one of fp32, int8"):
+        content.encode_texts(["a"], None, precision="fp16")
 
 
 def read_ml100k_items(limit: int) -> tuple[list[str], list[tuple[str, ...]]]:

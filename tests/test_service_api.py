@@ -560,3 +560,55 @@ def test_service_content_vectors_and_sids_match_the_offline_pipeline(
         ]
     )
     np.testing.assert_allclose(served, offline, rtol=0, atol=1e-5)
+
+
+def test_int8_bundle_service_ingests_the_vectors_its_sids_were_built_from(
+    tmp_path: Path, int8_bundle_dir: Path, shared_redis: RedisServer
+) -> None:
+    """A run with --content-precision int8: the bundle carries the int8 graph, and the
+    service, running it one text per run, gives every re-ingested bundle item the very vector
+    the offline run encoded (and built the SIDs from) and the bundle's SID, alone or in a
+    batch."""
+    import base64
+
+    import numpy as np
+    import onnx
+    import redis
+
+    bundle = load_bundle(int8_bundle_dir)
+    assert bundle.manifest["content"]["precision"] == "int8"
+    assert bundle.manifest["content"]["model"] == "all-MiniLM-L6-v2/int8"
+    ops = {n.op_type for n in onnx.load(str(int8_bundle_dir / "content_encoder.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, ops
+    run = int8_bundle_dir.parent / "run"
+    assert json.loads((run / "content.json").read_text()) == {"precision": "int8"}
+    items = bundle.items()
+    offline = np.load(run / "content_vectors.npy")[[item.row - 1 for item in items]]
+    prefix = "content-int8:"
+    svc = Service(
+        int8_bundle_dir, tmp_path / "service.log", redis_url=shared_redis.url, key_prefix=prefix
+    )
+    svc.env["SIDREC_CONTENT_THREADS"] = "2"
+    svc.start()
+    try:
+        singles = [
+            svc.post("/v1/items", {"item_id": item.item_id, "title": item.text}).json()["items"][0]
+            for item in items[:20]
+        ]
+        r = svc.post("/v1/items", [{"item_id": i.item_id, "title": i.text} for i in items])
+        assert r.status_code == 200, r.text
+        batch = r.json()["items"]
+    finally:
+        svc.stop()
+    assert [s["sid"] for s in singles] == [list(i.sid) for i in items[:20]]
+    assert [b["sid"] for b in batch] == [list(i.sid) for i in items]
+    client = redis.Redis.from_url(shared_redis.url)
+    stored = client.hmget(f"{prefix}{{catalog}}:items", [i.item_id for i in items])
+    served = np.stack(
+        [
+            np.frombuffer(base64.b64decode(json.loads(raw)["content_vector"]), "<f4")
+            for raw in stored
+        ]
+    )
+    # The same graph on the same inputs: equal up to the float order of ORT's threads.
+    np.testing.assert_allclose(served, offline, rtol=0, atol=1e-6)

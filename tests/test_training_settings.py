@@ -76,3 +76,25 @@ def test_trained_variant_uses_the_settings(steps: pipeline.Steps, tmp_path: Path
         8,
         0.3,
     )
+
+
+def test_a_run_folder_keeps_its_content_precision(tmp_path: Path) -> None:
+    write_synthetic_dataset(tmp_path / "data", users=40, per_theme=6)
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert pipeline.Steps.open(data, run).content_precision == "fp32"
+    assert pipeline.run_content_precision(run) is None  # nothing encoded yet: still open
+    assert pipeline.Steps.open(data, run, content_precision="int8").content_precision == "int8"
+    with pytest.raises(DataError, match="expected one of fp32, int8"):
+        pipeline.Steps.open(data, run, content_precision="fp16")
+    # What content.json records wins, and the other precision is refused.
+    (run / pipeline.CONTENT_FILE).write_text(json.dumps({"precision": "int8"}))
+    assert pipeline.Steps.open(data, run).content_precision == "int8"
+    with pytest.raises(DataError, match="are int8, not fp32"):
+        pipeline.Steps.open(data, run, content_precision="fp32")
+    # A folder from before content.json holds fp32 vectors and SIDs.
+    (run / pipeline.CONTENT_FILE).unlink()
+    (run / "sids").mkdir()
+    np.save(run / "sids" / "sids.npy", np.zeros((3, 2), np.int64))
+    assert pipeline.run_content_precision(run) == "fp32"
+    with pytest.raises(DataError, match="are fp32, not int8"):
+        pipeline.Steps.open(data, run, content_precision="int8")
