@@ -160,7 +160,7 @@ def test_encode_catalog_uses_item_text(tmp_path: Path) -> None:
 
 def test_exported_files(exported: tuple[Path, dict, ContentEncoder]) -> None:
     out_dir, info, encoder = exported
-    assert info == {"model": "all-MiniLM-L6-v2", "dim": 384, "max_tokens": 256}
+    assert info == {"model": "all-MiniLM-L6-v2", "dim": 384, "max_tokens": 256, "precision": "fp32"}
     # One self-contained graph (no external-data side files) and its tokenizer.
     assert sorted(p.name for p in out_dir.iterdir()) == ["content_encoder.onnx", "tokenizer.json"]
     graph = onnx.load(str(out_dir / "content_encoder.onnx")).graph
