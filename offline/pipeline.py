@@ -94,7 +94,8 @@ LONG_HISTORY_SETTINGS: dict[str, Any] = {"attn_norm": "length"}
 # Toys, validation NDCG@10 (docs/results/losses-and-tuning.md): dropout 0.5 0.0610 (bench
 # tune's winner); with SASRec's width and history (d=64, 50 items) 0.0642; scored by dot
 # product as SASRec scores 0.0673 (3 seeds); twice as wide, d=128, 0.0677 (3 seeds); AdamW
-# weight decay 0.1, 0.0684 (3 seeds; Sports +0.0011 too); weight decay 0.3, 0.0709 (3 seeds).
+# weight decay 0.1, 0.0684 (3 seeds); weight decay 0.3, 0.0709 (3 seeds; Sports 0.0397 against
+# 0.0373 at 0.1).
 SHORT_HISTORY_SETTINGS: dict[str, Any] = {
     "attn_norm": "length", "dropout": 0.5, "d": 128, "dqk": 128, "dv": 128, "max_len": 50,
     "scoring": "dot", "weight_decay": 0.3,
