@@ -515,27 +515,18 @@ def test_similar_items_and_retiring_need_the_right_things(
     assert f"/v1/items/{item}" not in metrics
 
 
-def test_service_content_vectors_and_sids_match_the_offline_pipeline(
-    tmp_path: Path, bundle_dir: Path, shared_redis: RedisServer
-) -> None:
-    """Every bundle item re-ingested with its own text gets the content vector the offline
-    pipeline computed for that text (sentence-transformers; tolerance 1e-5 per component of
-    an L2-normalised 384-d vector) and the bundle's own SID. With SIDREC_CONTENT_THREADS=2
-    (the content encoder's own ORT threads), one item per request and all in one batch."""
+def reingest_bundle_items(bundle_dir: Path, log_path: Path, redis: RedisServer, prefix: str) -> Any:
+    """Re-ingest every item of `bundle_dir` with its own text through a real service
+    (SIDREC_CONTENT_THREADS=2, the content encoder's own ORT threads): the first 20 one per
+    request, then all in one batch. Checks each gets the bundle's SID both ways; returns the
+    content vectors the service stored, float32 [n, 384] in items.jsonl order."""
     import base64
 
     import numpy as np
-    import redis
-
-    from sidrec.offline import content
+    import redis as redis_py
 
     items = load_bundle(bundle_dir).items()
-    texts = [item.text for item in items]
-    offline = content.encode_texts(texts, None, progress=False)  # [n, 384]
-    prefix = "content-parity:"
-    svc = Service(
-        bundle_dir, tmp_path / "service.log", redis_url=shared_redis.url, key_prefix=prefix
-    )
+    svc = Service(bundle_dir, log_path, redis_url=redis.url, key_prefix=prefix)
     svc.env["SIDREC_CONTENT_THREADS"] = "2"
     svc.start()
     try:
@@ -551,13 +542,31 @@ def test_service_content_vectors_and_sids_match_the_offline_pipeline(
         svc.stop()
     assert [s["sid"] for s in singles] == [list(i.sid) for i in items[:20]]
     assert [b["sid"] for b in batch] == [list(i.sid) for i in items]
-    client = redis.Redis.from_url(shared_redis.url)
+    client = redis_py.Redis.from_url(redis.url)
     stored = client.hmget(f"{prefix}{{catalog}}:items", [i.item_id for i in items])
-    served = np.stack(
+    return np.stack(
         [
             np.frombuffer(base64.b64decode(json.loads(raw)["content_vector"]), "<f4")
             for raw in stored
         ]
+    )
+
+
+def test_service_content_vectors_and_sids_match_the_offline_pipeline(
+    tmp_path: Path, bundle_dir: Path, shared_redis: RedisServer
+) -> None:
+    """Every bundle item re-ingested with its own text gets the content vector the offline
+    pipeline computed for that text (sentence-transformers; tolerance 1e-5 per component of
+    an L2-normalised 384-d vector) and the bundle's own SID, one item per request and all in
+    one batch."""
+    import numpy as np
+
+    from sidrec.offline import content
+
+    texts = [item.text for item in load_bundle(bundle_dir).items()]
+    offline = content.encode_texts(texts, None, progress=False)  # [n, 384]
+    served = reingest_bundle_items(
+        bundle_dir, tmp_path / "service.log", shared_redis, "content-parity:"
     )
     np.testing.assert_allclose(served, offline, rtol=0, atol=1e-5)
 
@@ -569,11 +578,8 @@ def test_int8_bundle_service_ingests_the_vectors_its_sids_were_built_from(
     service, running it one text per run, gives every re-ingested bundle item the very vector
     the offline run encoded (and built the SIDs from) and the bundle's SID, alone or in a
     batch."""
-    import base64
-
     import numpy as np
     import onnx
-    import redis
 
     bundle = load_bundle(int8_bundle_dir)
     assert bundle.manifest["content"]["precision"] == "int8"
@@ -582,33 +588,9 @@ def test_int8_bundle_service_ingests_the_vectors_its_sids_were_built_from(
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, ops
     run = int8_bundle_dir.parent / "run"
     assert json.loads((run / "content.json").read_text()) == {"precision": "int8"}
-    items = bundle.items()
-    offline = np.load(run / "content_vectors.npy")[[item.row - 1 for item in items]]
-    prefix = "content-int8:"
-    svc = Service(
-        int8_bundle_dir, tmp_path / "service.log", redis_url=shared_redis.url, key_prefix=prefix
-    )
-    svc.env["SIDREC_CONTENT_THREADS"] = "2"
-    svc.start()
-    try:
-        singles = [
-            svc.post("/v1/items", {"item_id": item.item_id, "title": item.text}).json()["items"][0]
-            for item in items[:20]
-        ]
-        r = svc.post("/v1/items", [{"item_id": i.item_id, "title": i.text} for i in items])
-        assert r.status_code == 200, r.text
-        batch = r.json()["items"]
-    finally:
-        svc.stop()
-    assert [s["sid"] for s in singles] == [list(i.sid) for i in items[:20]]
-    assert [b["sid"] for b in batch] == [list(i.sid) for i in items]
-    client = redis.Redis.from_url(shared_redis.url)
-    stored = client.hmget(f"{prefix}{{catalog}}:items", [i.item_id for i in items])
-    served = np.stack(
-        [
-            np.frombuffer(base64.b64decode(json.loads(raw)["content_vector"]), "<f4")
-            for raw in stored
-        ]
+    offline = np.load(run / "content_vectors.npy")[[item.row - 1 for item in bundle.items()]]
+    served = reingest_bundle_items(
+        int8_bundle_dir, tmp_path / "service.log", shared_redis, "content-int8:"
     )
     # The same graph on the same inputs: equal up to the float order of ORT's threads.
     np.testing.assert_allclose(served, offline, rtol=0, atol=1e-6)
