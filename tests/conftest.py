@@ -360,7 +360,12 @@ class Service:
         for name, value in settings.items():
             self.env[f"SIDREC_{name.upper()}"] = str(value)
         self.proc: subprocess.Popen[bytes] | None = None
-        self.http = httpx.Client(base_url=self.url, timeout=30)
+        # Idle connections dropped after 2 s, before uvicorn's 5 s keep-alive closes them: at
+        # httpx's default (also 5 s) a request sent as the server closes its idle connection
+        # fails with "connection reset by peer" (CI, test_service_catalog, on a loaded box).
+        self.http = httpx.Client(
+            base_url=self.url, timeout=30, limits=httpx.Limits(keepalive_expiry=2.0)
+        )
 
     @property
     def url(self) -> str:
