@@ -65,6 +65,12 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     unknown = sidrec("train", "--data", str(tmp_path / "nowhere"), "--variants", "x", cwd=tmp_path)
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
 
+    write_synthetic_dataset(tmp_path / "data", users=40, per_theme=6)
+    args = ["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run")]
+    precision = sidrec("sids", "build", *args, "--content-precision", "fp16", cwd=tmp_path)
+    assert precision.returncode == 2 and "Traceback" not in precision.stderr
+    assert "expected one of fp32, int8" in precision.stderr
+
 
 @pytest.mark.slow
 def test_steps_through_the_cli(tmp_path: Path) -> None:
