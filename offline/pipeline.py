@@ -155,14 +155,14 @@ class Steps:
         """Loads the data (`tie_order`, `name`: see data.load.load_dataset) for steps on
         `run`. `content_precision`: None = the run's (content.json), else fp32; another
         than the run's is an error (its SIDs are made from the other vectors)."""
-        from sidrec.offline.content import PRECISIONS
+        from sidrec.offline.content import check_precision
         from sidrec.offline.data.load import load_dataset
 
-        if content_precision not in (None, *PRECISIONS):
-            raise DataError(
-                run, f"content precision: expected one of {', '.join(PRECISIONS)}, "
-                f"got {content_precision!r}",
-            )  # fmt: skip
+        if content_precision is not None:
+            try:
+                check_precision(content_precision)
+            except ValueError as e:
+                raise DataError(run, str(e)) from None
         recorded = run_content_precision(run)
         if content_precision not in (None, recorded or content_precision):
             raise DataError(

@@ -176,7 +176,7 @@ class Runtime:
             bundle.file("tokenizer.json"),
             providers,
             session_options=session_options(content_threads or threads),
-            quantized=bundle.manifest["content"].get("precision") == "int8",
+            quantized=bundle.content_quantized,
         )
         # What ORT actually runs on: a CUDA provider that failed to load silently falls back
         # to CPU, and /readyz + sidrec_model_info must show that.

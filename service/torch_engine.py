@@ -125,7 +125,7 @@ class TorchRuntime:
             bundle.file("tokenizer.json"),
             content_providers,
             session_options=session_options(content_threads or ort_threads),
-            quantized=bundle.manifest["content"].get("precision") == "int8",
+            quantized=bundle.content_quantized,
         )
         self.provider = f"torch-{self.device.type}"
         log.info("torch engine: torch %s on %s", torch.__version__, self.device)

@@ -88,6 +88,12 @@ class Bundle:
         return self.path / name
 
     @property
+    def content_quantized(self) -> bool:
+        """Whether content_encoder.onnx is the int8 graph (docs/bundle.md, content.precision;
+        absent in older bundles: fp32)."""
+        return self.manifest["content"].get("precision") == "int8"
+
+    @property
     def new_item_graph(self) -> str:
         """The file name of the graph for new items' vectors (NEW_ITEM_GRAPHS)."""
         return next(name for name in NEW_ITEM_GRAPHS if self.lists(name))

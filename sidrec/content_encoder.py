@@ -51,7 +51,6 @@ class ContentEncoder:
         self.dim = int(self.session.get_outputs()[0].shape[-1])
         self.max_tokens = int(self.tokenizer.truncation["max_length"])
         self.batch_size = batch_size
-        self.quantized = quantized
 
     @property
     def provider(self) -> str:
