@@ -107,6 +107,28 @@ def test_user_encoder_parity(
             np.testing.assert_allclose(got.std(1), 1.0, atol=1e-3)
 
 
+def test_user_encoder_position_bias_is_folded_at_load(tmp_path: Path) -> None:
+    # Block 0 needs the whole N x N position bias; its table depends on the weights only, so
+    # ONNX Runtime must fold it at load, leaving the final block's one-row lookup as the only
+    # run-time gather from a position table.
+    hstu = reference_hstu(use_time=True, attn_norm="length", scoring="dot")
+    path, optimized = tmp_path / "user_encoder.onnx", tmp_path / "optimized.onnx"
+    export_user_encoder(hstu, D, path, MAX_LEN)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def position_gathers(graph: onnx.GraphProto) -> int:
+        tables = {
+            t.name for t in graph.initializer if list(t.dims)[:1] == [2 * hstu.padded_len - 1]
+        }
+        return sum(n.op_type == "Gather" and n.input[0] in tables for n in graph.node)
+
+    assert position_gathers(onnx.load(str(path)).graph) == len(hstu.blocks)
+    assert position_gathers(onnx.load(str(optimized)).graph) == 1
+
+
 def test_user_encoder_rejects_max_len_beyond_padded_len(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_len"):
         export_user_encoder(HSTU(padded_len=20), 50, tmp_path / "x.onnx", max_len=21)
