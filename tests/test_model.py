@@ -70,16 +70,14 @@ def test_relative_bias_matches_naive_loop() -> None:
     n, padded = 6, 9
     bias = RelativeBias(padded, num_buckets=128, use_time=True)
     _, ts, next_ts = random_batch(2, n)
-    # training builds the n x n table; eval cuts the padded one (see from_buckets)
-    for training in (True, False):
-        got = bias.train(training)(ts, next_ts)  # [2, n, n]
-        for b in range(2):
-            for i in range(n):
-                for j in range(n):
-                    dt = abs(int(next_ts[b, i]) - int(ts[b, j]))
-                    bucket = min(max(int(math.log(max(dt, 1)) / 0.301), 0), 128)
-                    want = bias.pos_w[padded - 1 + j - i] + bias.ts_w[bucket]
-                    assert torch.isclose(got[b, i, j], want, atol=1e-6)
+    got = bias(ts, next_ts)  # [2, n, n]
+    for b in range(2):
+        for i in range(n):
+            for j in range(n):
+                dt = abs(int(next_ts[b, i]) - int(ts[b, j]))
+                bucket = min(max(int(math.log(max(dt, 1)) / 0.301), 0), 128)
+                want = bias.pos_w[padded - 1 + j - i] + bias.ts_w[bucket]
+                assert torch.isclose(got[b, i, j], want, atol=1e-6)
     bias.use_time = False
     no_time = bias(ts, next_ts)
     assert no_time.shape == (1, n, n)
