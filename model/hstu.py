@@ -77,8 +77,8 @@ class RelativeBias(nn.Module):
     def from_buckets(self, n: int, buckets: torch.Tensor | None) -> torch.Tensor:
         # In an ONNX export, the table of every padded position, cut to N: it depends on the
         # weights only, so ONNX Runtime folds it into a constant at load and serving slices
-        # it instead of gathering N^2 scalars (16% of a 200-item user encoding). Eager code
-        # gathers N x N, which for short histories is far less than the padded table.
+        # it instead of gathering N^2 scalars per request. Eager code gathers N x N, far less
+        # than the padded table for short histories.
         size = self.padded_len if torch.onnx.is_in_onnx_export() else n
         positions = torch.arange(size, device=self.pos_w.device)
         rel = self.padded_len - 1 + positions[None, :] - positions[:, None]  # [S, S], j - i
