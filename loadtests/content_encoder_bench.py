@@ -32,14 +32,7 @@ def measure(bundle_path: Path, threads: int, texts: list[str], repeats: int, spi
     options = session_options(threads)
     if spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    encoder = ContentEncoder(
-        bundle.file("content_encoder.onnx"),
-        bundle.file("tokenizer.json"),
-        ["CPUExecutionProvider"],
-        batch_size=1,
-        session_options=options,
-        quantized=bundle.content_quantized,
-    )
+    encoder = ContentEncoder.of_bundle(bundle, ["CPUExecutionProvider"], options)
     for text in texts[:3]:  # warm up
         encoder.encode([text])
     wall, cpu = [], []

@@ -171,12 +171,8 @@ class Runtime:
             str(bundle.file(bundle.new_item_graph)), options, providers=providers
         )
         self.new_items_read_content = len(self.new_items.get_inputs()) == 2
-        self.content = ContentEncoder(
-            bundle.file("content_encoder.onnx"),
-            bundle.file("tokenizer.json"),
-            providers,
-            session_options=session_options(content_threads or threads),
-            quantized=bundle.content_quantized,
+        self.content = ContentEncoder.of_bundle(
+            bundle, providers, session_options(content_threads or threads)
         )
         # What ORT actually runs on: a CUDA provider that failed to load silently falls back
         # to CPU, and /readyz + sidrec_model_info must show that.

@@ -120,12 +120,8 @@ class TorchRuntime:
         content_providers = [CPU]
         if self.device.type == "cuda" and CUDA in ort.get_available_providers():
             content_providers = [CUDA, CPU]
-        self.content = ContentEncoder(
-            bundle.file("content_encoder.onnx"),
-            bundle.file("tokenizer.json"),
-            content_providers,
-            session_options=session_options(content_threads or ort_threads),
-            quantized=bundle.content_quantized,
+        self.content = ContentEncoder.of_bundle(
+            bundle, content_providers, session_options(content_threads or ort_threads)
         )
         self.provider = f"torch-{self.device.type}"
         log.info("torch engine: torch %s on %s", torch.__version__, self.device)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from sidrec.bundle import Bundle
 
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -51,6 +55,22 @@ class ContentEncoder:
         self.dim = int(self.session.get_outputs()[0].shape[-1])
         self.max_tokens = int(self.tokenizer.truncation["max_length"])
         self.batch_size = batch_size
+
+    @classmethod
+    def of_bundle(
+        cls,
+        bundle: Bundle,
+        providers: Sequence[str] | None = None,
+        session_options: ort.SessionOptions | None = None,
+    ) -> ContentEncoder:
+        """The bundle's content encoder, at the precision its manifest records."""
+        return cls(
+            bundle.file("content_encoder.onnx"),
+            bundle.file("tokenizer.json"),
+            providers,
+            session_options=session_options,
+            quantized=bundle.content_quantized,
+        )
 
     @property
     def provider(self) -> str:
