@@ -16,6 +16,7 @@ from sidrec.item_text import item_text
 from sidrec.model.weights import save_weights
 from sidrec.offline.content import content_encoder_files
 from sidrec.offline.data.dataset import Interactions
+from sidrec.offline.new_items import load_new_item_scale
 from sidrec.offline.onnx_export import (
     export_item_vector,
     export_sid_to_vector,
@@ -152,7 +153,12 @@ def export_bundle(
             "new_items": "content-tower" if tower is not None else "sid",
             # a new item's score is its cosine (dot product) times the scale minus the offset
             # (the service's index rows)
-            "new_item_score_scale": 1.0 if tower is None else round(float(tower.new_item_scale), 6),
+            "new_item_score_scale": round(
+                load_new_item_scale(Path(checkpoint).parent)
+                if tower is None
+                else float(tower.new_item_scale),
+                6,
+            ),
             "new_item_score_offset": (
                 0.0 if tower is None else round(float(tower.new_item_offset), 6)
             ),

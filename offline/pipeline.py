@@ -90,7 +90,12 @@ def _check_variant(name: str) -> tuple[str, str]:
 # 5-core: Toys 8.6, Sports 8.3). The loss is TrainConfig's "auto" either way: the exact full
 # softmax wherever the catalog's logits fit, else the logQ-corrected sampled softmax.
 LONG_HISTORY_EVENTS = 50
-LONG_HISTORY_SETTINGS: dict[str, Any] = {"attn_norm": "length"}
+# ML-1M, validation NDCG@10: length norm 0.1607; scored by dot product 0.1636 (3 seeds); AdamW
+# weight decay 0.3, 0.1678 (2 seeds, 0.0001 apart). Under dot scoring a SID variant's new items
+# need their score scale (offline/new_items.py) to be recommended at all.
+LONG_HISTORY_SETTINGS: dict[str, Any] = {
+    "attn_norm": "length", "scoring": "dot", "weight_decay": 0.3,
+}  # fmt: skip
 # Toys, validation NDCG@10 (docs/results/losses-and-tuning.md): dropout 0.5 0.0610 (bench
 # tune's winner); with SASRec's width and history (d=64, 50 items) 0.0642; scored by dot
 # product as SASRec scores 0.0673 (3 seeds); twice as wide, d=128, 0.0677 (3 seeds); AdamW
@@ -335,6 +340,10 @@ class Steps:
             from sidrec.offline.tower import attach_tower
 
             attach_tower(out, self.split, self.content_vectors, codebooks.codes, log=console.print)
+        elif variant != "id":
+            from sidrec.offline.new_items import calibrate_scale
+
+            calibrate_scale(out, self.split, log=console.print)
         self.timings[f"train {name}"] = time.perf_counter() - started
         return json.loads((self.run / name / METRICS_FILE).read_text())
 
@@ -360,6 +369,7 @@ class Steps:
         """Validation and test reports of variant `name`'s best checkpoint, ranked again under
         the candidate rule `keep_history` (train.py ranks with the history excluded)."""
         from sidrec.offline.evaluate import rank_targets, summarize
+        from sidrec.offline.new_items import load_new_item_scale
         from sidrec.offline.tower import load_tower, model_scorer
         from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
@@ -371,7 +381,8 @@ class Steps:
             raise DataError(checkpoint, f"trained on another catalog ({ckpt['num_items']} items)")
         tower = load_tower(self.run / name)
         content = self.content_vectors if tower is not None else None  # encoded only if read
-        scorer = model_scorer(model, ckpt["trained"], ckpt["sids"], tower, content)
+        scale = load_new_item_scale(self.run / name)
+        scorer = model_scorer(model, ckpt["trained"], ckpt["sids"], tower, content, scale)
         batch_size = cfg.eval_batch_size or 32
         reports = {}
         for stage in ("valid", "test"):

@@ -29,6 +29,13 @@ import torch.nn.functional as F
 
 from sidrec.model.content_tower import ContentTower
 from sidrec.model.weights import content_tower_args
+from sidrec.offline.new_items import (
+    HOT_TOLERANCE,
+    choose_by_warm_rule,
+    load_new_item_scale,
+    scales_for,
+    warm_figures,
+)
 from sidrec.offline.split import Split
 
 TOWER_FILE = "tower.pt"
@@ -39,20 +46,14 @@ TOWER_FILE = "tower.pt"
 # items by about a constant number of logits, which a scale corrects only unevenly across
 # users (docs/results/content-tower.md measures both).
 NEW_ITEM_OFFSETS = tuple(0.25 * i for i in range(25))
-HOT_TOLERANCE = 0.02  # issue 11: the hot bin's NDCG@10 within 2% of the table without new items
 
 
 def choose_offset(
     by_offset: dict[str, dict[str, float]], hot_reference: float, tolerance: float = HOT_TOLERANCE
 ) -> float:
-    """The smallest offset (keys: logits) whose "ndcg@10" is within one standard error ("se")
-    of the best offset's and whose "hot_ndcg@10" is within `tolerance` of hot_reference; the
-    largest offset where none is."""
-    best = max(by_offset.values(), key=lambda v: v["ndcg@10"])
-    fine = [float(k) for k, v in by_offset.items()
-            if v["ndcg@10"] >= best["ndcg@10"] - best["se"]
-            and v["hot_ndcg@10"] >= (1.0 - tolerance) * hot_reference]  # fmt: skip
-    return min(fine) if fine else max(float(k) for k in by_offset)
+    """The smallest offset (keys: logits) that passes the warm rule (choose_by_warm_rule);
+    the largest where none does."""
+    return choose_by_warm_rule(by_offset, hot_reference, min, max, tolerance)
 
 
 @dataclass(frozen=True)
@@ -367,13 +368,7 @@ def attach_tower(
     by_offset: dict[str, dict[str, float]] = {}
     for nats in NEW_ITEM_OFFSETS:
         tower.new_item_offset.fill_(nats * unit)
-        valid_ranks = ranks("valid")
-        gains = np.where(valid_ranks <= 10, 1.0 / np.log2(valid_ranks + 1.0), 0.0)  # 1-based
-        by_offset[str(nats)] = {
-            "ndcg@10": metrics_from_ranks(valid_ranks)["ndcg@10"],
-            "se": float(gains.std(ddof=1) / np.sqrt(len(gains))),
-            "hot_ndcg@10": metrics_from_ranks(valid_ranks[hot])["ndcg@10"],
-        }
+        by_offset[str(nats)] = warm_figures(ranks("valid"), hot)
     chosen = choose_offset(by_offset, hot_reference, cfg.hot_tolerance)
     tower.new_item_offset.fill_(chosen * unit)
     valid = summarize(ranks("valid"), split, "valid")
@@ -403,15 +398,21 @@ def model_scorer(
     sids: np.ndarray | None = None,
     tower: ContentTower | None = None,
     content: np.ndarray | None = None,
+    new_item_scale: float = 1.0,
 ) -> Callable:
     """offline/evaluate.py's scorer for the table the service holds for a trained `model` (a
     SequentialRecommender; bool `trained` [n + 1]): with a content tower, the tower's vectors
     and score scale and offset for untrained rows (which need the SIDs and content vectors
-    [n, C])."""
-    from sidrec.offline.evaluate import hstu_scorer, table_scorer
+    [n, C]); without, the model's own rows and `new_item_scale` for untrained ones
+    (offline/new_items.py)."""
+    from sidrec.offline.evaluate import table_scorer
 
     if tower is None:
-        return hstu_scorer(model.encoder, model.items, trained)
+        device = next(model.items.parameters()).device
+        known = torch.as_tensor(np.asarray(trained), dtype=torch.bool, device=device)
+        with torch.no_grad():
+            table = model.items.table(known)  # [n + 1, d]
+        return table_scorer(model.encoder, table, scales_for(known, new_item_scale))
     if sids is None or content is None:
         raise ValueError("a model with a content tower is scored with its SIDs and content")
     trained = torch.as_tensor(np.asarray(trained), dtype=torch.bool)
@@ -421,11 +422,12 @@ def model_scorer(
 
 
 def served_scorer(checkpoint: Path, content: np.ndarray | None = None) -> Callable:
-    """model_scorer for `checkpoint` (offline/train.py) and the content tower beside it, if
-    any (it then needs the catalog's content vectors [n, C])."""
+    """model_scorer for `checkpoint` (offline/train.py) and the content tower or new-item
+    scale beside it, if any (a tower needs the catalog's content vectors [n, C])."""
     from sidrec.offline.train import load_checkpoint
 
     model, _, ckpt = load_checkpoint(checkpoint)
     model.eval()
-    tower = load_tower(Path(checkpoint).parent)
-    return model_scorer(model, ckpt["trained"], ckpt["sids"], tower, content)
+    folder = Path(checkpoint).parent
+    return model_scorer(model, ckpt["trained"], ckpt["sids"], load_tower(folder), content,
+                        load_new_item_scale(folder))  # fmt: skip

@@ -18,6 +18,7 @@ from conftest import RedisServer, write_synthetic_dataset
 
 from sidrec.bundle import load_bundle
 from sidrec.offline.demo import run_demo
+from sidrec.offline.new_items import NEW_ITEM_SCALES, choose_scale
 
 COMMANDS = [
     [],
@@ -106,10 +107,24 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
         "cold_vs_warm.png",
     }
 
+    # hybrid-sum's new-item scale, chosen on validation by the warm rule, with the figures of
+    # the table the service holds (the model's own, scale 1, kept beside them)
+    hybrid = json.loads((run / "hybrid-sum" / "metrics.json").read_text())
+    by_scale = hybrid["new_items"]["valid_by_new_item_scale"]
+    assert set(by_scale) == {str(s) for s in NEW_ITEM_SCALES}
+    chosen = choose_scale(by_scale, hybrid["new_items"]["valid_hot_ndcg@10_never_recommended"])
+    assert hybrid["new_items"]["new_item_scale"] == chosen
+    assert hybrid["valid"]["overall"]["ndcg@10"] == pytest.approx(by_scale[str(chosen)]["ndcg@10"])
+    assert hybrid["unscaled"]["valid"]["overall"]["ndcg@10"] == pytest.approx(
+        by_scale["1.0"]["ndcg@10"]
+    )
+    assert "new_items" not in json.loads((run / "id" / "metrics.json").read_text())
+
     exported = sidrec("export", *common, "--variant", "hybrid-sum", cwd=tmp_path, env=env)
     assert exported.returncode == 0, exported.stderr
     bundle = load_bundle(run / "bundle")
     assert bundle.model["variant"] == "hybrid"
+    assert bundle.model["new_item_score_scale"] == chosen
     assert bundle.manifest["sid"] == {**bundle.manifest["sid"], "layers": 2, "codes": 8}
     assert bundle.manifest["metrics"]["test"] == results["hybrid-sum"]["test"]["overall"]
 

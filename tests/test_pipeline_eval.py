@@ -252,6 +252,21 @@ def test_new_item_offset_rule_keeps_overall_and_hot_bin() -> None:
     assert choose_offset(by, hot_reference=0.200) == 4.0
 
 
+def test_new_item_scale_rule_takes_the_largest_scale_that_keeps_warm_items() -> None:
+    from sidrec.offline.new_items import choose_scale
+
+    def cell(ndcg: float, hot: float, se: float = 0.001) -> dict[str, float]:
+        return {"ndcg@10": ndcg, "se": se, "hot_ndcg@10": hot}
+
+    # a larger scale shows new items more: warm figures fall as it grows
+    by = {"0.5": cell(0.0490, 0.100), "1.0": cell(0.0500, 0.099), "1.5": cell(0.0495, 0.097),
+          "2.0": cell(0.0480, 0.090)}  # fmt: skip
+    assert choose_scale(by, hot_reference=0.100) == 1.0  # 1.5 costs the hot bin 3%
+    assert choose_scale(by, hot_reference=0.100, tolerance=0.05) == 1.5  # 2.0: overall too low
+    # none keeps the hot bin: the smallest, the one that shows new items least
+    assert choose_scale(by, hot_reference=0.200) == 0.5
+
+
 def test_best_variant_is_chosen_on_validation_only() -> None:
     def report(valid: float, test: float) -> dict:
         return {"valid": {"overall": {"ndcg@10": valid}}, "test": {"overall": {"ndcg@10": test}}}

@@ -137,10 +137,14 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
         content = np.load(out / PREPARED / f"content-{SID_SETS[run.sid_set][0]}.npy")
         attach_tower(folder, split, content, codes, log=lambda _: None)
         tower = (folder, sids, content)
+    elif cfg.variant != "id":
+        from sidrec.offline.new_items import calibrate_scale
+
+        calibrate_scale(folder, split, log=lambda _: None)
     info = {
         # the generative-retrieval papers' rule (history items stay candidates), for
         # comparing with their published figures; the benchmark's own rule excludes them
-        "test_history_kept": history_kept_test(result.model, split, cfg.max_len, tower),
+        "test_history_kept": history_kept_test(result.model, split, cfg.max_len, tower, folder),
         "run": run.as_dict(),
         "resolved_variant": variant,
         "picked_settings_of": picked,
@@ -198,8 +202,12 @@ def finish_stopped(data_dir: Path, out: Path, run: Run) -> dict | None:
         "stopped": note,
     }
     (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    if cfg.variant != "id":
+        from sidrec.offline.new_items import calibrate_scale
+
+        calibrate_scale(folder, split, log=lambda _: None)
     info = {
-        "test_history_kept": history_kept_test(model, split, cfg.max_len),
+        "test_history_kept": history_kept_test(model, split, cfg.max_len, None, folder),
         "run": run.as_dict(),
         "resolved_variant": run.variant,
         "best_epoch": ckpt["epoch"],
@@ -217,14 +225,18 @@ def history_kept_test(
     split: Split,
     max_len: int,
     tower: tuple[Path, np.ndarray, np.ndarray] | None = None,
+    folder: Path | None = None,
 ) -> dict:
     """Test report of a trained model with the user's history items left as candidates;
-    `tower` = (run folder, SIDs, content vectors) for a model with a content tower."""
+    `tower` = (run folder, SIDs, content vectors) for a model with a content tower; `folder`,
+    the run folder of one without, holds its new-item scale (offline/new_items.py)."""
     from sidrec.offline.evaluate import evaluate
+    from sidrec.offline.new_items import load_new_item_scale
     from sidrec.offline.tower import load_tower, model_scorer
 
     if tower is None:
-        scorer = model_scorer(model, split.trained)
+        scale = 1.0 if folder is None else load_new_item_scale(folder)
+        scorer = model_scorer(model, split.trained, new_item_scale=scale)
     else:
         folder, sids, content = tower
         scorer = model_scorer(model, split.trained, sids, load_tower(folder), content)
