@@ -16,6 +16,12 @@ Variants (after the hstu-semantic-id fork of GR):
                10% but found new items far less often (cold-start HR@10 0.004 vs 0.024
                for sum)
 
+Content part (attach_content_map, hybrid sum only): a warm item's vector is its SID part plus
+its trained id row; an item without a trained id gets, in place of the id row, a linear map of
+its content vector fitted to the warm items' id rows (offline/new_items.py). Without it, items
+with one semantic code tuple share one vector; with it, distinct texts get distinct vectors
+and the id part is the best linear guess the content allows.
+
 Cold start: an item that was never trained (withheld, or new in the service) or whose id is
 dropped in training has no id part, so its vector comes from its SID alone. The defaults are
 the ones that make that vector useful (ML-100K, docs/internals.md):
@@ -212,6 +218,12 @@ class ItemEmbedding(nn.Module):
             # rows some trained item reads (mark_trained); every row until told
             self.register_buffer("sid_row_trained", torch.ones(self.table_size, dtype=torch.bool))
 
+        # attach_content_map: content [C] -> id part [d] for items without a trained id, and
+        # that part for every catalog row [n + 1, d]; None until attached
+        self.register_buffer("content_map", None)
+        self.register_buffer("content_bias", None)
+        self.register_buffer("content_part", None)
+
         self.alpha: nn.Parameter | None = None
         if variant == "hybrid" and fusion == "alpha":
             self.alpha = nn.Parameter(torch.tensor(0.5))
@@ -252,11 +264,33 @@ class ItemEmbedding(nn.Module):
         mark[self.sid_rows[trained].flatten()] = True
         self.sid_row_trained.copy_(mark)
 
+    @property
+    def has_content_part(self) -> bool:
+        return self.content_map is not None
+
+    @torch.no_grad()
+    def attach_content_map(
+        self, weight: torch.Tensor, bias: torch.Tensor, catalog_content: torch.Tensor
+    ) -> None:
+        """Items without a trained id get content @ weight + bias as their id part.
+        weight [C, d], bias [d], catalog_content [n, C] (rows 1..n)."""
+        if self.variant != "hybrid" or self.fusion != "sum":
+            raise ValueError("a content part replaces the id part of a hybrid-sum item only")
+        device = self.id_emb.weight.device
+        weight, bias = weight.float().to(device), bias.float().to(device)
+        part = catalog_content.float().to(device) @ weight + bias  # [n, d]
+        self.content_map, self.content_bias = weight, bias
+        self.content_part = torch.cat([torch.zeros_like(part[:1]), part])
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
         # Checkpoints from before the trained-rows record: every row counts, as it did then.
         key = prefix + "sid_row_trained"
         if self.sid_emb is not None and key not in state_dict:
             state_dict[key] = torch.ones_like(self.sid_row_trained)
+        # a content part is attached after training: take its shapes from the saved one
+        for name in ("content_map", "content_bias", "content_part"):
+            if prefix + name in state_dict and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _fuse(
@@ -314,6 +348,8 @@ class ItemEmbedding(nn.Module):
         id_part = None
         if self.id_emb is not None:
             id_part = self._id_part(rows, trained)
+            if self.content_part is not None:
+                id_part = torch.where(trained[:, None], id_part, self.content_part)
         sid_part = None
         if self.sid_emb is not None:
             self.mark_trained(trained)
@@ -322,10 +358,15 @@ class ItemEmbedding(nn.Module):
         out[0] = 0.0
         return out
 
-    def from_sid(self, codes: torch.Tensor) -> torch.Tensor:
-        """Vector of an item known only by its SID: codes [B, L + 1] int64 -> [B, d]."""
+    def from_sid(self, codes: torch.Tensor, content: torch.Tensor | None = None) -> torch.Tensor:
+        """Vector of an item without a trained id: codes [B, L + 1] int64 (and content [B, C]
+        float, which a model with a content part needs) -> [B, d]."""
         id_part = None
-        if self.id_emb is not None:
+        if self.content_map is not None:
+            if content is None:
+                raise ValueError("this item embedding has a content part: from_sid needs content")
+            id_part = content.to(self.content_map.dtype) @ self.content_map + self.content_bias
+        elif self.id_emb is not None:
             if self.unknown_id == "learned":
                 unknown = self.id_emb.weight[self.unknown_row]  # [d]
             else:
@@ -347,3 +388,15 @@ class SidToVector(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         return self.item_embedding.from_sid(codes)
+
+
+class SidContentToVector(nn.Module):
+    """ONNX graph for cold items of a model with a content part: codes [B, L + 1] int64,
+    content [B, C] float -> vectors [B, d]."""
+
+    def __init__(self, item_embedding: ItemEmbedding) -> None:
+        super().__init__()
+        self.item_embedding = item_embedding
+
+    def forward(self, codes: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        return self.item_embedding.from_sid(codes, content)

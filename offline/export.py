@@ -149,8 +149,11 @@ def export_bundle(
             "lr": cfg.lr,
             "weight_decay": cfg.weight_decay,
             "best_epoch": ckpt["epoch"],
-            # how new items get vectors: a content tower (SID + content), or the SID alone
-            "new_items": "content-tower" if tower is not None else "sid",
+            # how new items get vectors: a content tower (SID + content), the SID plus a content
+            # part in place of the id row (model/item_embedding.py), or the SID alone
+            "new_items": "content-tower"
+            if tower is not None
+            else ("sid+content" if model.items.has_content_part else "sid"),
             # a new item's score is its cosine (dot product) times the scale minus the offset
             # (the service's index rows)
             "new_item_score_scale": round(

@@ -10,6 +10,12 @@ and issue 11's warm rule picks the knob on validation: of the candidate values, 
 shows new items most whose NDCG@10 is within one standard error of the best value's and whose
 hot-bin NDCG@10 is within HOT_TOLERANCE of the table's with new items never recommended.
 The tower's offset is chosen in offline/tower.py; the SID variants' scale here.
+
+Before the scale, a hybrid-sum model gets its content part (model/item_embedding.py): a ridge
+regression from the content vector to the id row, fitted on the trained items with the
+penalty chosen by cross-validation on them (held-out warm items stand in for new ones). A new
+item's id part is then the regression's guess instead of zero, so items with one code tuple
+and different texts get different vectors.
 """
 
 from __future__ import annotations
@@ -31,6 +37,69 @@ HOT_TOLERANCE = 0.02  # issue 11: the hot bin's NDCG@10 within 2% of the table w
 # Fine steps: on ML-100K under dot scoring 1.15 keeps the hot bin within 2% and 1.2 does not.
 NEW_ITEM_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(31))
 NEW_ITEMS_FILE = "new_items.json"  # beside a SID variant's checkpoint: the chosen scale
+# Ridge penalties tried, as multiples of the mean eigenvalue of the centred content Gram matrix
+RIDGE_PENALTIES = tuple(10.0 ** (e / 2) for e in range(-8, 5))
+RIDGE_FOLDS = 5
+
+
+def fit_ridge(
+    x: np.ndarray, y: np.ndarray, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Ridge regression y ~ x @ weight + bias, x [m, C], y [m, d]: the penalty of
+    RIDGE_PENALTIES with the least squared error over RIDGE_FOLDS held-out folds, then refitted
+    on all rows. Returns (weight [C, d], bias [d], record: penalty, held-out R^2 per penalty)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    folds = np.random.default_rng(seed).permutation(len(x)) % RIDGE_FOLDS
+
+    def solve(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, ...]:
+        # centred Gram eigenvectors: every penalty's weights from one decomposition
+        x_mean, y_mean = xs.mean(0), ys.mean(0)
+        xc = xs - x_mean
+        eig, vec = np.linalg.eigh(xc.T @ xc)
+        return x_mean, y_mean, eig, vec, vec.T @ (xc.T @ (ys - y_mean))
+
+    def weights(parts: tuple[np.ndarray, ...], penalty: float) -> np.ndarray:
+        _, _, eig, vec, projected = parts
+        return vec @ (projected / (eig + penalty * max(eig.mean(), 1e-12))[:, None])
+
+    errors = np.zeros(len(RIDGE_PENALTIES))
+    for fold in range(RIDGE_FOLDS):
+        fit, held = folds != fold, folds == fold
+        parts = solve(x[fit], y[fit])
+        for i, penalty in enumerate(RIDGE_PENALTIES):
+            guess = (x[held] - parts[0]) @ weights(parts, penalty) + parts[1]
+            errors[i] += float(((guess - y[held]) ** 2).sum())
+    total = float(((y - y.mean(0)) ** 2).sum())
+    best = int(errors.argmin())
+    parts = solve(x, y)
+    weight = weights(parts, RIDGE_PENALTIES[best])
+    bias = parts[1] - parts[0] @ weight
+    record = {
+        "penalty": RIDGE_PENALTIES[best],
+        "heldout_r2_by_penalty": {f"{p:g}": round(1.0 - e / total, 4)
+                                  for p, e in zip(RIDGE_PENALTIES, errors, strict=True)},
+    }  # fmt: skip
+    return weight.astype(np.float32), bias.astype(np.float32), record
+
+
+def fit_content_part(
+    model: torch.nn.Module, trained: torch.Tensor, content: np.ndarray
+) -> dict[str, Any]:
+    """Fit and attach the content part of `model`'s item embedding (hybrid-sum): content
+    vectors [n, C] of rows 1..n, bool `trained` [n + 1]. Returns the fit's record."""
+    items = model.items
+    rows = torch.nonzero(trained).flatten()
+    rows = rows[rows > 0]
+    id_rows = items.id_emb.weight.detach().cpu()[rows].numpy()
+    weight, bias, record = fit_ridge(content[rows.numpy() - 1], id_rows)
+    items.attach_content_map(torch.from_numpy(weight), torch.from_numpy(bias),
+                             torch.as_tensor(content))  # fmt: skip
+    return {"fitted_on_items": len(rows), **record}
+
+
+def has_content_part(variant: str, fusion: str) -> bool:
+    """Whether a trained model of this variant and fusion gets a content part."""
+    return variant == "hybrid" and fusion == "sum"
 
 
 def warm_figures(ranks: np.ndarray, hot: np.ndarray) -> dict[str, float]:
@@ -85,13 +154,16 @@ def scales_for(trained: torch.Tensor, scale: float) -> torch.Tensor:
 def calibrate_scale(
     run_dir: Path,
     split: Split,
+    content: np.ndarray | None = None,
     tolerance: float = HOT_TOLERANCE,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Choose the new-item score scale of run_dir's trained SID variant on validation, save it
-    as run_dir/NEW_ITEMS_FILE and rewrite metrics.json with the figures of the table the
-    service will hold (the trained model's own, scale 1, move to "unscaled"). A model with no
-    untrained item keeps scale 1. Returns metrics.json."""
+    """Fit a hybrid-sum model's content part (when `content`, the catalog's vectors [n, C], is
+    given; saved into its checkpoint), then choose the new-item score scale of run_dir's
+    trained SID variant on validation, save it as run_dir/NEW_ITEMS_FILE and rewrite
+    metrics.json with the figures of the table the service will hold (the trained model's
+    own, no content part and scale 1, move to "unscaled"). A model with no untrained item
+    keeps scale 1 and no content part. Returns metrics.json."""
     from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
     from sidrec.offline.metrics import metrics_from_ranks
     from sidrec.offline.split import BIN_NAMES
@@ -107,6 +179,14 @@ def calibrate_scale(
         log("new-item scale: every item was trained, so scale 1")
         (run_dir / NEW_ITEMS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         return metrics
+    if content is not None and has_content_part(cfg.variant, cfg.fusion):
+        record["content_part"] = fit_content_part(model, trained, content)
+        ckpt["state_dict"] = {k: v.cpu() for k, v in model.state_dict().items()}
+        tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
+        torch.save(ckpt, tmp)
+        tmp.replace(run_dir / CHECKPOINT_FILE)
+        log(f"content part: ridge penalty {record['content_part']['penalty']:g}, held-out "
+            f"R^2 {max(record['content_part']['heldout_r2_by_penalty'].values()):.3f}")  # fmt: skip
     with torch.no_grad():
         table = model.items.table(trained)  # [n + 1, d]
     batch_size = cfg.eval_batch_size or 32
@@ -129,7 +209,8 @@ def calibrate_scale(
                "valid_by_new_item_scale": by_scale,
                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     (run_dir / NEW_ITEMS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    metrics["unscaled"] = {"valid": metrics["valid"], "test": metrics["test"]}
+    # the model as trained (kept from a first calibration when run again)
+    metrics.setdefault("unscaled", {"valid": metrics["valid"], "test": metrics["test"]})
     metrics |= {"valid": valid, "test": test, "new_items": record}
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"new-item scale {chosen:g} (validation, warm rule; {record['seconds']:.0f}s): test "

@@ -17,7 +17,7 @@ from torch import nn
 
 from sidrec.model.content_tower import ContentTower, TowerVector
 from sidrec.model.hstu import HSTU, UserEncoder
-from sidrec.model.item_embedding import ItemEmbedding, SidToVector
+from sidrec.model.item_embedding import ItemEmbedding, SidContentToVector, SidToVector
 
 OPSET = 17  # LayerNormalization is opset 17; ONNX Runtime 1.17+ runs it
 PARITY_TOL = 1e-4
@@ -125,7 +125,11 @@ def export_user_encoder(hstu: HSTU, d: int, path: Path, max_len: int) -> None:
 @torch.no_grad()
 def export_sid_to_vector(item_embedding: ItemEmbedding, path: Path) -> None:
     """Write sid_to_vector.onnx: codes [B, L + 1] int64 -> vectors [B, d] float32 (raw), the
-    vector of an item known only by its SID; B dynamic."""
+    vector of an item without a trained id; B dynamic. A model with a content part
+    (model/item_embedding.py) also reads content [B, C] float32."""
+    if item_embedding.has_content_part:
+        _export_sid_content_to_vector(item_embedding, path)
+        return
     model = SidToVector(copy.deepcopy(item_embedding)).cpu().eval()
     # The id variant ignores the codes (every cold item gets the unknown row) and does not
     # know L, so the code width is left dynamic too; SID variants read the first L columns.
@@ -141,6 +145,24 @@ def export_sid_to_vector(item_embedding: ItemEmbedding, path: Path) -> None:
         dynamic_axes={"codes": {0: "batch", 1: "width"}, "vectors": {0: "batch"}},
     )
     _check_parity(path, {"codes": codes.numpy()}, model(codes).numpy(), "SID -> vector")
+
+
+def _export_sid_content_to_vector(item_embedding: ItemEmbedding, path: Path) -> None:
+    model = SidContentToVector(copy.deepcopy(item_embedding)).cpu().eval()
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(item_embedding.codes_per_layer, (3, item_embedding.sid_layers + 1),
+                          generator=generator)  # fmt: skip
+    content = torch.randn(3, item_embedding.content_map.shape[0], generator=generator)
+    _export(
+        model,
+        (codes, content),
+        path,
+        input_names=["codes", "content"],
+        output_names=["vectors"],
+        dynamic_axes={"codes": {0: "batch"}, "content": {0: "batch"}, "vectors": {0: "batch"}},
+    )
+    feeds = {"codes": codes.numpy(), "content": content.numpy()}
+    _check_parity(path, feeds, model(codes, content).numpy(), "SID + content part -> vector")
 
 
 @torch.no_grad()

@@ -83,6 +83,9 @@ class TorchModel:
         codes_t = _tensor(codes, np.int64, self.device)
         if self.tower is not None:
             return self.tower(codes_t, _tensor(content, np.float32, self.device)).cpu().numpy()
+        if self.items.has_content_part:
+            content_t = _tensor(content, np.float32, self.device)
+            return self.items.from_sid(codes_t, content_t).cpu().numpy()
         return self.items.from_sid(codes_t).cpu().numpy()
 
 

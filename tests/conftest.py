@@ -156,6 +156,16 @@ def int8_bundle_dir(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) 
 
 
 @pytest.fixture(scope="session")
+def sum_run(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> tuple[Path, Path]:
+    """(bundle, checkpoint) of hybrid-sum with the pipeline's short-history defaults: dot
+    scoring, a content part for new items, a new-item scale (what `make demo` exports)."""
+    root = tmp_path_factory.mktemp("hybrid-sum")
+    cache = _RUN.get("cache", root / "cache")
+    bundle = train_synthetic_bundle(root, "hybrid-sum", cache, recommended_settings=True)
+    return bundle, root / "run" / "hybrid-sum" / "checkpoint.pt"
+
+
+@pytest.fixture(scope="session")
 def checkpoint_path(bundle_dir: Path) -> Path:
     """The trained checkpoint the session's bundle was exported from (skips if unknown)."""
     candidates = [

@@ -18,7 +18,7 @@ from conftest import RedisServer, write_synthetic_dataset
 
 from sidrec.bundle import load_bundle
 from sidrec.offline.demo import run_demo
-from sidrec.offline.new_items import NEW_ITEM_SCALES, choose_scale
+from sidrec.offline.new_items import NEW_ITEM_SCALES, RIDGE_PENALTIES, choose_scale
 
 COMMANDS = [
     [],
@@ -115,9 +115,12 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     chosen = choose_scale(by_scale, hybrid["new_items"]["valid_hot_ndcg@10_never_recommended"])
     assert hybrid["new_items"]["new_item_scale"] == chosen
     assert hybrid["valid"]["overall"]["ndcg@10"] == pytest.approx(by_scale[str(chosen)]["ndcg@10"])
-    assert hybrid["unscaled"]["valid"]["overall"]["ndcg@10"] == pytest.approx(
-        by_scale["1.0"]["ndcg@10"]
-    )
+    # the served table's new items carry a content part fitted on the trained items' id rows
+    # (the model as trained, SID-only new items at scale 1, is kept as "unscaled")
+    fit = hybrid["new_items"]["content_part"]
+    assert fit["penalty"] in RIDGE_PENALTIES
+    assert fit["fitted_on_items"] == hybrid["split"]["trained_items"]
+    assert set(hybrid["unscaled"]) == {"valid", "test"}
     assert "new_items" not in json.loads((run / "id" / "metrics.json").read_text())
 
     exported = sidrec("export", *common, "--variant", "hybrid-sum", cwd=tmp_path, env=env)
@@ -125,6 +128,7 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     bundle = load_bundle(run / "bundle")
     assert bundle.model["variant"] == "hybrid"
     assert bundle.model["new_item_score_scale"] == chosen
+    assert bundle.model["new_items"] == "sid+content"
     assert bundle.manifest["sid"] == {**bundle.manifest["sid"], "layers": 2, "codes": 8}
     assert bundle.manifest["metrics"]["test"] == results["hybrid-sum"]["test"]["overall"]
 

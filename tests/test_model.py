@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from sidrec.model.hstu import HSTU, RelativeBias, UserEncoder, time_buckets
 from sidrec.model.item_embedding import (
     ItemEmbedding,
+    SidContentToVector,
     SidToVector,
     prefix_rows,
     prefix_trie,
@@ -592,6 +593,44 @@ def test_trained_rows_record_is_saved_with_the_weights() -> None:
     old = make_embedding("hybrid")
     old.load_state_dict(state)
     assert old.sid_row_trained.all()
+
+
+def test_content_part_replaces_only_the_missing_id_part() -> None:
+    emb = make_embedding("hybrid").eval()
+    sids = make_sids()
+    C = 6
+    content = torch.randn(N_ITEMS, C, generator=torch.Generator().manual_seed(3))
+    weight, bias = torch.randn(C, D), torch.randn(D)
+    trained = torch.ones(N_ITEMS + 1, dtype=torch.bool)
+    trained[[4, 5, 9]] = False
+    before = emb.table(trained)
+    emb.attach_content_map(weight, bias, content)
+    table = emb.table(trained)
+    warm = trained.nonzero().flatten()
+    torch.testing.assert_close(table[warm], before[warm])  # warm items lose nothing
+    cold = torch.tensor([4, 5, 9])
+    # a cold item: its SID part plus the content's guess of its id row
+    torch.testing.assert_close(table[cold], before[cold] + content[cold - 1] @ weight + bias)
+    torch.testing.assert_close(emb.from_sid(sids[cold], content[cold - 1]), table[cold])
+    torch.testing.assert_close(SidContentToVector(emb)(sids[cold], content[cold - 1]), table[cold])
+    # items 4 and 5 share their code tuple: the SID alone gave them one vector, content parts
+    # with different texts do not
+    torch.testing.assert_close(before[4], before[5])
+    assert not torch.allclose(table[4], table[5])
+    with pytest.raises(ValueError, match="needs content"):
+        emb.from_sid(sids[cold])
+    # saved with the weights: a fresh embedding built from the same arguments loads it
+    fresh = make_embedding("hybrid")
+    fresh.load_state_dict(emb.state_dict())
+    assert fresh.has_content_part
+    torch.testing.assert_close(fresh.table(trained), table)
+
+
+@pytest.mark.parametrize("variant, fusion", [("hybrid", "switch"), ("sid-prefixn", "sum")])
+def test_content_part_is_for_hybrid_sum_only(variant: str, fusion: str) -> None:
+    emb = make_embedding(variant, fusion=fusion)
+    with pytest.raises(ValueError, match="hybrid-sum"):
+        emb.attach_content_map(torch.zeros(4, D), torch.zeros(D), torch.zeros(N_ITEMS, 4))
 
 
 def test_hybrid_with_rqsum_sid_part() -> None:

@@ -212,3 +212,30 @@ def test_sid_to_vector_parity_for_new_tuples(tmp_path: Path, options: dict) -> N
     if options.get("prefix_table") == "exact":
         rows = embedding._sid_rows(new)
         assert (rows[:32, 0] > 0).all() and (rows[:32, 2] == 0).any() and (rows[32:] == 0).any()
+
+
+def test_sid_to_vector_with_a_content_part_reads_content(tmp_path: Path) -> None:
+    num_items, k, layers, c = 200, 16, 3, 24
+    gen = torch.Generator().manual_seed(0)
+    sids = torch.randint(0, k, (num_items + 1, layers + 1), generator=gen)
+    sids[:, layers] = 0
+    sids[0] = 0
+    torch.manual_seed(0)
+    embedding = ItemEmbedding("hybrid", num_items, D, sids=sids, codes_per_layer=k)
+    content = torch.randn(num_items, c, generator=gen)
+    embedding.attach_content_map(torch.randn(c, D, generator=gen), torch.randn(D), content)
+    trained = torch.rand(num_items + 1, generator=gen) < 0.7
+    table = embedding.table(trained).numpy()
+    path = tmp_path / "sid_to_vector.onnx"
+    export_sid_to_vector(embedding, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["codes", "content"]
+    # the service's vector for a cold item is the offline table's row for it
+    cold = (~trained[1:]).nonzero().flatten() + 1
+    feeds = {"codes": sids[cold].numpy(), "content": content[cold - 1].numpy()}
+    (got,) = session.run(None, feeds)
+    assert np.abs(got - table[cold]).max() < 1e-5
+    # one code tuple, two texts: two vectors
+    twins = {"codes": sids[[1, 1]].numpy(), "content": content[[0, 1]].numpy()}
+    (got,) = session.run(None, twins)
+    assert np.abs(got[0] - got[1]).max() > 1e-3

@@ -274,3 +274,21 @@ def test_best_variant_is_chosen_on_validation_only() -> None:
     results = {"id": report(0.05, 0.09), "hybrid-tower": report(0.06, 0.01),
                "most-popular": report(0.5, 0.5)}  # fmt: skip
     assert pipeline.best_variant(results, ["id", "hybrid-tower"]) == "hybrid-tower"
+
+
+def test_ridge_fit_recovers_a_linear_map_and_shrinks_noise_away() -> None:
+    from sidrec.offline.new_items import RIDGE_PENALTIES, fit_ridge
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 20))
+    weight, bias = rng.normal(size=(20, 8)), rng.normal(size=8)
+    y = x @ weight + bias + 0.01 * rng.normal(size=(600, 8))
+    got_w, got_b, record = fit_ridge(x, y)
+    assert record["penalty"] == min(RIDGE_PENALTIES)  # clean signal: the least shrinkage
+    assert np.abs(got_w - weight).max() < 0.05 and np.abs(got_b - bias).max() < 0.05
+    assert max(record["heldout_r2_by_penalty"].values()) > 0.99
+    # content that says nothing about the id rows: the largest penalty, a guess near the mean
+    noise = rng.normal(size=(600, 8)) + 3.0
+    got_w, got_b, record = fit_ridge(x, noise)
+    assert record["penalty"] >= 10.0
+    assert np.abs(x @ got_w + got_b - noise.mean(0)).max() < 0.5

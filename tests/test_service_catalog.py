@@ -144,12 +144,32 @@ def test_two_processes_never_hand_out_the_same_sid(pair: tuple[Service, Service]
     assert len(set(sids)) == 6
 
 
+@pytest.fixture(scope="module")
+def sum_pair(
+    tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
+) -> Iterator[tuple[Service, Service]]:
+    """Two service processes on one Redis of their own, serving the hybrid-sum bundle."""
+    folder = tmp_path_factory.mktemp("sum-pair")
+    redis = RedisServer(folder / "redis")
+    redis.start()
+    a = Service(sum_run[0], folder / "a.log", redis_url=redis.url)
+    b = Service(sum_run[0], folder / "b.log", redis_url=redis.url)
+    a.start()
+    b.start()
+    yield a, b
+    a.stop()
+    b.stop()
+    redis.stop()
+
+
+@pytest.mark.parametrize("bundle", ["content-tower", "hybrid-sum"])
 def test_items_sharing_a_sid_keep_distinct_vectors_and_their_order(
-    pair: tuple[Service, Service],
+    bundle: str, request: pytest.FixtureRequest
 ) -> None:
-    a, b = pair
+    a, b = request.getfixturevalue("pair" if bundle == "content-tower" else "sum_pair")
     # Five texts whose content vectors differ a little: one code tuple for all of them (the
-    # dedup digit tells them apart), and the content tower gives each its own vector.
+    # dedup digit tells them apart), and the content tower or the hybrid's content part
+    # gives each its own vector.
     ids = [f"near-twin-{n}" for n in range(5)]
     for n, item_id in enumerate(ids):
         vector = [0.0] * 384

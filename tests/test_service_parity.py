@@ -1,7 +1,8 @@
 """Offline and online compute the same thing: one history through the offline evaluator's
 scorer (PyTorch, the trained checkpoint) and through the HTTP service (ONNX + FAISS) gives the
-same top-k with the same scores, for a cosine bundle with a content tower (the session's) and
-a dot-scored one (the short-history defaults)."""
+same top-k with the same scores, for a cosine bundle with a content tower (the session's), a
+dot-scored id one (the short-history defaults) and a dot-scored hybrid-sum one with a content
+part and a new-item scale (the demo's)."""
 
 from __future__ import annotations
 
@@ -36,11 +37,14 @@ def dot_run(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> tuple
     return bundle, root / "run" / "id" / "checkpoint.pt"
 
 
-@pytest.fixture(scope="module", params=["session", "dot"])
+@pytest.fixture(scope="module", params=["session", "dot", "hybrid-sum"])
 def served(request: pytest.FixtureRequest, bundle_dir: Path) -> tuple[Path, Path]:
-    """(bundle, its checkpoint): the session's (cosine, a content tower) and a dot model's."""
+    """(bundle, its checkpoint): the session's (cosine, a content tower), a dot id model's and
+    a dot hybrid-sum model's."""
     if request.param == "dot":
         return request.getfixturevalue("dot_run")
+    if request.param == "hybrid-sum":
+        return request.getfixturevalue("sum_run")
     return bundle_dir, request.getfixturevalue("checkpoint_path")
 
 

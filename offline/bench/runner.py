@@ -130,21 +130,23 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
     folder = run_dir(out, run)
     result = train(data, split, sids, codes, cfg, folder)
     tower = None
+    model = result.model
     if variant in TOWER_VARIANTS:
-        from sidrec.offline.bench.plan import SID_SETS
         from sidrec.offline.tower import attach_tower
 
-        content = np.load(out / PREPARED / f"content-{SID_SETS[run.sid_set][0]}.npy")
+        content = prepared_content(out, run)
         attach_tower(folder, split, content, codes, log=lambda _: None)
         tower = (folder, sids, content)
     elif cfg.variant != "id":
         from sidrec.offline.new_items import calibrate_scale
+        from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
-        calibrate_scale(folder, split, log=lambda _: None)
+        calibrate_scale(folder, split, prepared_content(out, run), log=lambda _: None)
+        model = load_checkpoint(folder / CHECKPOINT_FILE)[0]  # with its content part, if any
     info = {
         # the generative-retrieval papers' rule (history items stay candidates), for
         # comparing with their published figures; the benchmark's own rule excludes them
-        "test_history_kept": history_kept_test(result.model, split, cfg.max_len, tower, folder),
+        "test_history_kept": history_kept_test(model, split, cfg.max_len, tower, folder),
         "run": run.as_dict(),
         "resolved_variant": variant,
         "picked_settings_of": picked,
@@ -158,6 +160,13 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
     }
     (folder / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def prepared_content(out: Path, run: Run) -> np.ndarray:
+    """The content vectors [n, C] that `run`'s SID set was made from."""
+    from sidrec.offline.bench.plan import SID_SETS
+
+    return np.load(out / PREPARED / f"content-{SID_SETS[run.sid_set][0]}.npy")
 
 
 def finish_stopped(data_dir: Path, out: Path, run: Run) -> dict | None:
@@ -205,7 +214,8 @@ def finish_stopped(data_dir: Path, out: Path, run: Run) -> dict | None:
     if cfg.variant != "id":
         from sidrec.offline.new_items import calibrate_scale
 
-        calibrate_scale(folder, split, log=lambda _: None)
+        calibrate_scale(folder, split, prepared_content(out, run), log=lambda _: None)
+        model = load_checkpoint(folder / CHECKPOINT_FILE)[0]  # with its content part, if any
     info = {
         "test_history_kept": history_kept_test(model, split, cfg.max_len, None, folder),
         "run": run.as_dict(),
