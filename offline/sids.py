@@ -194,8 +194,8 @@ def print_sid_report(report: dict, console: Console | None = None) -> None:
     console.print(
         "  (colliding items share their semantic codes; the dedup digit gives each a distinct "
         "full SID. The model reads only the semantic codes, so they share SID rows; trained "
-        "items still differ by their id rows, and in the service the content tower "
-        "(hybrid-tower) gives new ones distinct vectors. See docs/internals.md, "
+        "items still differ by their id rows, and new ones by their content: the content "
+        "tower (hybrid-tower) or hybrid-sum's content part. See docs/internals.md, "
         '"Content and SIDs".)'
     )
     coherence = report.get("genre_coherence")

@@ -23,8 +23,12 @@ from sidrec.service.torch_engine import TorchRuntime
 NO_CUDA = "needs a CUDA GPU (torch.cuda.is_available() is False; CI has none)"
 
 
-@pytest.fixture(scope="module")
-def bundle(bundle_dir: Path) -> Bundle:
+@pytest.fixture(scope="module", params=["content-tower", "hybrid-sum"])
+def bundle(request: pytest.FixtureRequest, bundle_dir: Path) -> Bundle:
+    """The session's bundle (new items from a content tower) and a hybrid-sum one (new items
+    from the SID plus the content part)."""
+    if request.param == "hybrid-sum":
+        bundle_dir = request.getfixturevalue("sum_run")[0]
     loaded = load_bundle(bundle_dir)
     if not loaded.lists(TORCH_WEIGHTS):
         pytest.skip(f"SIDREC_TEST_BUNDLE={bundle_dir} has no {TORCH_WEIGHTS} (an older export)")
