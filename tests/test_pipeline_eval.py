@@ -292,3 +292,25 @@ def test_ridge_fit_recovers_a_linear_map_and_shrinks_noise_away() -> None:
     got_w, got_b, record = fit_ridge(x, noise)
     assert record["penalty"] >= 10.0
     assert np.abs(x @ got_w + got_b - noise.mean(0)).max() < 0.5
+
+
+def test_content_part_ablation_ranks_the_served_table_and_the_one_without(tmp_path: Path) -> None:
+    from sidrec.offline.bench.content_part_ablation import main
+
+    write_synthetic_dataset(tmp_path / "data", users=60, per_theme=5)
+    steps = pipeline.Steps.open(tmp_path / "data", tmp_path / "run", cold_fraction=0.2)
+    rng = np.random.default_rng(0)  # random content vectors: no MiniLM needed here
+    steps.__dict__["content_vectors"] = rng.normal(size=(steps.data.num_items, 384)).astype(
+        np.float32
+    )
+    steps.train("hybrid-sum", epochs=1, patience=1, procs=1)
+    metrics = json.loads((tmp_path / "run" / "hybrid-sum" / "metrics.json").read_text())
+    chosen = metrics["new_items"]["new_item_scale"]
+    main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"),
+          "--scales", f"1.0,{chosen}", "--cold-fraction", "0.2"])  # fmt: skip
+    cells = json.loads((tmp_path / "run" / "hybrid-sum" / "content_part_ablation.json").read_text())
+    # the served table (content part, chosen scale) is what metrics.json reports; the model as
+    # trained (no part, scale 1) is its "unscaled"
+    assert cells[f"content part scale {chosen:g} test"] == metrics["test"]
+    assert cells["sid only scale 1 test"]["overall"] == metrics["unscaled"]["test"]["overall"]
+    assert cells["sid only scale 1 valid"]["overall"] == metrics["unscaled"]["valid"]["overall"]

@@ -1,0 +1,78 @@
+"""hybrid-sum's content part, ablated on a calibrated run: the same trained model's table with
+and without the part (model/item_embedding.py), at each listed new-item scale, ranked like
+`sidrec eval` (valid and test). Prints one line per cell and writes
+RUN/<variant>/content_part_ablation.json.
+
+    python -m sidrec.offline.bench.content_part_ablation --data ../shared/data/amazon-toys \\
+        --run runs/toys-hs --scales 0.9,1.0  # RUN/hybrid-sum/ from `sidrec train`
+
+--seed and --cold-fraction must be the run's, so the split is the one it was trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
+from sidrec.offline.new_items import scales_for
+from sidrec.offline.split import Split
+from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
+
+TABLES = ("content part", "sid only")
+
+
+def ablate(run_dir: Path, split: Split, scales: list[float]) -> dict[str, dict[str, Any]]:
+    """{"<table> scale <s> <stage>": summarize's report} for run_dir's checkpoint, whose item
+    embedding has a content part (calibrate_scale fitted it)."""
+    model, cfg, ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    if not model.items.has_content_part:
+        raise ValueError(f"{run_dir}: no content part (a hybrid-sum run after calibrate_scale)")
+    trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
+    with torch.no_grad():
+        with_part = model.items.table(trained)
+        part, model.items.content_part = model.items.content_part, None
+        without = model.items.table(trained)
+        model.items.content_part = part
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in zip(TABLES, (with_part, without), strict=True):
+        for scale in scales:
+            scorer = table_scorer(model.encoder, table, scales_for(trained, scale))
+            for stage in ("valid", "test"):
+                ranks = rank_targets(scorer, split, stage, cfg.eval_batch_size or 32, cfg.max_len)
+                out[f"{name} scale {scale:g} {stage}"] = summarize(ranks, split, stage)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from sidrec.offline.pipeline import Steps
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--variant", default="hybrid-sum")
+    parser.add_argument("--scales", default="1.0", help="comma-separated new-item scales")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cold-fraction", type=float, default=0.05)
+    args = parser.parse_args(argv)
+    steps = Steps.open(
+        args.data, args.run, seed=args.seed, cold_fraction=args.cold_fraction, progress=False
+    )
+    folder = args.run / args.variant
+    cells = ablate(folder, steps.split, [float(s) for s in args.scales.split(",")])
+    for key, report in cells.items():
+        bins = report["by_popularity"]
+        print(f"{key:28s} hr@10 {report['overall']['hr@10']:.4f} "
+              f"ndcg@10 {report['overall']['ndcg@10']:.4f} "
+              f"hot ndcg@10 {bins['hot']['ndcg@10']:.4f} "
+              f"cold-bin hr@10 {bins['cold']['hr@10']:.4f} "
+              f"cold-start hr@10 {report['cold_start']['hr@10']:.4f}")  # fmt: skip
+    (folder / "content_part_ablation.json").write_text(json.dumps(cells, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
