@@ -97,7 +97,7 @@ def fit_content_part(
     return {"fitted_on_items": len(rows), **record}
 
 
-def has_content_part(variant: str, fusion: str) -> bool:
+def gets_content_part(variant: str, fusion: str) -> bool:
     """Whether a trained model of this variant and fusion gets a content part."""
     return variant == "hybrid" and fusion == "sum"
 
@@ -179,7 +179,7 @@ def calibrate_scale(
         log("new-item scale: every item was trained, so scale 1")
         (run_dir / NEW_ITEMS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         return metrics
-    if content is not None and has_content_part(cfg.variant, cfg.fusion):
+    if content is not None and gets_content_part(cfg.variant, cfg.fusion):
         record["content_part"] = fit_content_part(model, trained, content)
         ckpt["state_dict"] = {k: v.cpu() for k, v in model.state_dict().items()}
         tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
