@@ -149,20 +149,9 @@ def export_sid_to_vector(item_embedding: ItemEmbedding, path: Path) -> None:
 
 def _export_sid_content_to_vector(item_embedding: ItemEmbedding, path: Path) -> None:
     model = SidContentToVector(copy.deepcopy(item_embedding)).cpu().eval()
-    generator = torch.Generator().manual_seed(0)
-    codes = torch.randint(item_embedding.codes_per_layer, (3, item_embedding.sid_layers + 1),
-                          generator=generator)  # fmt: skip
-    content = torch.randn(3, item_embedding.content_map.shape[0], generator=generator)
-    _export(
-        model,
-        (codes, content),
-        path,
-        input_names=["codes", "content"],
-        output_names=["vectors"],
-        dynamic_axes={"codes": {0: "batch"}, "content": {0: "batch"}, "vectors": {0: "batch"}},
-    )
-    feeds = {"codes": codes.numpy(), "content": content.numpy()}
-    _check_parity(path, feeds, model(codes, content).numpy(), "SID + content part -> vector")
+    content_dim = item_embedding.content_map.shape[0]
+    _export_codes_and_content(model, item_embedding.codes_per_layer, item_embedding.sid_layers,
+                              content_dim, path, "SID + content part")  # fmt: skip
 
 
 @torch.no_grad()
@@ -170,10 +159,18 @@ def export_item_vector(tower: ContentTower, path: Path) -> None:
     """Write item_vector.onnx: codes [B, L + 1] int64 and content [B, C] float32 -> vectors
     [B, d] float32 (raw), a new item's vector from its SID and content vector; B dynamic."""
     model = TowerVector(copy.deepcopy(tower)).cpu().eval()
+    _export_codes_and_content(model, tower.prefix_child.shape[1], tower.sid_layers,
+                              tower.content[0].in_features, path, "SID + content")  # fmt: skip
+
+
+def _export_codes_and_content(
+    model: torch.nn.Module, codes_per_layer: int, sid_layers: int, content_dim: int, path: Path,
+    what: str,
+) -> None:  # fmt: skip
+    # (codes [B, L + 1] int64, content [B, C] float32) -> vectors [B, d], B dynamic
     generator = torch.Generator().manual_seed(0)
-    codes = torch.randint(tower.prefix_child.shape[1], (3, tower.sid_layers + 1),
-                          generator=generator)  # fmt: skip
-    content = torch.randn(3, tower.content[0].in_features, generator=generator)
+    codes = torch.randint(codes_per_layer, (3, sid_layers + 1), generator=generator)
+    content = torch.randn(3, content_dim, generator=generator)
     _export(
         model,
         (codes, content),
@@ -183,4 +180,4 @@ def export_item_vector(tower: ContentTower, path: Path) -> None:
         dynamic_axes={"codes": {0: "batch"}, "content": {0: "batch"}, "vectors": {0: "batch"}},
     )
     feeds = {"codes": codes.numpy(), "content": content.numpy()}
-    _check_parity(path, feeds, model(codes, content).numpy(), "SID + content -> vector")
+    _check_parity(path, feeds, model(codes, content).numpy(), f"{what} -> vector")
