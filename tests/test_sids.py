@@ -170,7 +170,7 @@ def test_sid_report_hand_example() -> None:
     # the console's width, so read with line ends as spaces).
     text = " ".join(text.split())
     assert "the dedup digit gives each a distinct full SID" in text
-    assert "content tower (hybrid-tower) gives new ones distinct vectors" in text
+    assert "new ones by their content: the content tower (hybrid-tower) or hybrid-sum's" in text
     assert 'docs/internals.md, "Content and SIDs"' in text
 
     # No genres at all (a generic items file without a genres column): one line, no table.
