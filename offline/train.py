@@ -16,7 +16,8 @@ a busy 2-core machine one thread per process is much faster than two (OpenMP thr
 each other): use threads=1, and torchrun with 2 processes for both cores.
 
 Training sequences: per user the split's training sequence t (= s[:-2] minus withheld
-items); inputs t[:-1] predict t[1:] at every position, both cut to the `max_len` most recent.
+items); inputs t[:-1] predict t[1:] at every position, both cut to the `max_len` most recent
+(`windows`: the earlier targets too, in more rows).
 Position i's time bias uses next_ts = the time of t[i + 1], the event it predicts.
 """
 
@@ -61,6 +62,7 @@ DEFAULT_NEGATIVES = {"sampled-logq": 4096, "sampled-uniform": 128}
 # most this many scores per batch (batch_size x max_len x catalog rows): 128 x 200 x 21k,
 # i.e. ML-1M and both Amazon sets are full, a 50k-item catalog is sampled; 16x that on CUDA.
 FULL_SOFTMAX_MAX_SCORES = 1 << 29
+WINDOWS = ("last", "all", "overlap")
 LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -77,6 +79,10 @@ class TrainConfig:
     dv: int = 50
     max_len: int = 200
     padded_len: int = 211
+    # Which training targets a user longer than max_len contributes: last (the reference's
+    # rule: only the max_len most recent), all or overlap (earlier ones too, in more rows;
+    # see training_sequences).
+    windows: str = "last"
     dropout: float = 0.2
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
@@ -131,6 +137,8 @@ class TrainConfig:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         if self.max_len > self.padded_len:
             raise ValueError(f"max_len {self.max_len} exceeds padded_len {self.padded_len}")
+        if self.windows not in WINDOWS:
+            raise ValueError(f"windows must be one of {WINDOWS}, not {self.windows!r}")
         if self.negatives not in ("sequence", "position"):
             raise ValueError(f"negatives must be sequence or position, not {self.negatives!r}")
         if self.loss not in ("auto", *LOSSES):
@@ -184,7 +192,8 @@ class SequentialRecommender(nn.Module):
         # [B, R] (one draw per sequence) or [P, R] (per position, P = real positions
         # (inputs != 0), row-major); sampled-logq: [R]; full: unused. candidates: full: bool
         # [n + 1] rows that compete; sampled-logq: float [n + 1] log inclusion probabilities.
-        mask = inputs != 0  # [B, N]
+        mask = inputs != 0  # [B, N] items the attention reads
+        scored_at = targets != 0  # [B, N] positions in the loss: mask minus context-only ones
         # One embedding call per step: id dropout then drops an item everywhere at once
         # (input, positive and negative alike). The whole table is cheaper than torch.unique
         # over P * R rows for catalogs of this size.
@@ -199,17 +208,19 @@ class SequentialRecommender(nn.Module):
         out = self.encoder(table[inputs], timestamps, next_timestamps, mask)  # [B, N, d]
         if loss == "full":
             assert candidates is not None
-            return full_softmax_loss(out[mask], scored, targets[mask], candidates, temperature)
+            return full_softmax_loss(
+                out[scored_at], scored, targets[scored_at], candidates, temperature
+            )
         if loss == "sampled-logq":
             assert candidates is not None
             return sampled_softmax_logq(
-                out[mask], scored, targets[mask], negatives, candidates, temperature
+                out[scored_at], scored, targets[scored_at], negatives, candidates, temperature
             )
         if per_sequence:
-            user = out * mask[..., None]  # padding rows zero: no NaN can reach a gradient
-            return sampled_softmax_shared(user, scored, targets, negatives, mask, temperature)
-        user = out[mask]  # [P, d], only real positions: padding costs no negatives
-        pos_rows = targets[mask]  # [P]
+            user = out * scored_at[..., None]  # other rows zero: no NaN can reach a gradient
+            return sampled_softmax_shared(user, scored, targets, negatives, scored_at, temperature)
+        user = out[scored_at]  # [P, d], only scored positions: padding costs no negatives
+        pos_rows = targets[scored_at]  # [P]
         if table.shape[0] <= negatives.shape[1] * table.shape[1]:
             return sampled_softmax_via_table(user, scored, pos_rows, negatives, temperature)
         return sampled_softmax_loss(
@@ -264,7 +275,7 @@ def load_checkpoint(path: str | Path) -> tuple[SequentialRecommender, TrainConfi
 
 @dataclass
 class TrainingSequences:
-    """Training sequences right-padded to max_len (rows = users with >= 2 training events)."""
+    """Training rows right-padded to max_len (see training_sequences)."""
 
     inputs: torch.Tensor  # int64[U, max_len]
     targets: torch.Tensor  # int64[U, max_len]
@@ -273,21 +284,45 @@ class TrainingSequences:
     lengths: torch.Tensor  # int64[U]
 
 
-def training_sequences(split: Split, max_len: int) -> TrainingSequences:
-    users = [u for u, s in enumerate(split.train_sequences) if len(s) >= 2]
-    shape = (len(users), max_len)
+def training_sequences(split: Split, max_len: int, windows: str = "last") -> TrainingSequences:
+    """One row per user with >= 2 training events, holding its max_len most recent targets.
+
+    Users with more targets than that get more rows for the earlier ones with windows="all" or
+    "overlap", so every training event is in the loss once an epoch. "all" cuts the sequence
+    back from its end into rows of max_len targets (the oldest row may be shorter): a row's
+    first target sees only the item before it. "overlap" gives each earlier row the max_len
+    // 2 items before its targets as context only (their targets are 0, outside the loss), so
+    its targets see at least that much history, at about twice the rows. On ML-1M the
+    last-only rule leaves a third of the training targets unseen.
+    """
+    if windows not in WINDOWS:
+        raise ValueError(f"windows must be one of {WINDOWS}, not {windows!r}")
+    new_per_row = max_len - max_len // 2 if windows == "overlap" else max_len
+    # (user, start, first, end): positions start..end-1 predict s[1:][start:end]; the loss
+    # counts first..end-1
+    rows: list[tuple[int, int, int, int]] = []
+    for u, s in enumerate(split.train_sequences):
+        end = len(s) - 1
+        if end > 0:
+            rows.append((u, max(0, end - max_len), max(0, end - max_len), end))
+            end = rows[-1][2]
+        while windows != "last" and end > 0:
+            first = max(0, end - new_per_row)
+            rows.append((u, max(0, end - max_len), first, end))
+            end = first
+    shape = (len(rows), max_len)
     inputs, targets = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
     ts, next_ts = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
-    lengths = np.zeros(len(users), np.int64)
-    for i, u in enumerate(users):
+    lengths = np.zeros(len(rows), np.int64)
+    for i, (u, start, first, end) in enumerate(rows):
         s = split.train_sequences[u]
-        k = min(len(s) - 1, max_len)
-        inputs[i, :k] = s[:-1][-k:]
-        targets[i, :k] = s[1:][-k:]
+        k = end - start
+        inputs[i, :k] = s[start:end]
+        targets[i, first - start : k] = s[first + 1 : end + 1]
         if split.train_timestamps is not None:
             t = split.train_timestamps[u]
-            ts[i, :k] = t[:-1][-k:]
-            next_ts[i, :k] = t[1:][-k:]
+            ts[i, :k] = t[start:end]
+            next_ts[i, :k] = t[start + 1 : end + 1]
         lengths[i] = k
     return TrainingSequences(
         *(torch.from_numpy(a) for a in (inputs, targets, ts, next_ts, lengths))
@@ -412,7 +447,7 @@ def _train(
         model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
 
-    seqs = training_sequences(split, cfg.max_len)
+    seqs = training_sequences(split, cfg.max_len, cfg.windows)
     if len(seqs.lengths) == 0:
         raise ValueError("no user has two training events: nothing to train on")
     negative_pool = torch.as_tensor(np.flatnonzero(split.trained), device=device)  # [M]
@@ -431,7 +466,7 @@ def _train(
         started = time.perf_counter()
         model.train()
         sampler.set_epoch(epoch)
-        order = torch.as_tensor(list(sampler))  # this rank's users, shuffled
+        order = torch.as_tensor(list(sampler))  # this rank's rows, shuffled
         batches = list(order.split(local_batch))
         if cfg.group_by_length:
             batches = length_grouped_batches(order, seqs.lengths, local_batch, cfg.seed, epoch)
@@ -448,7 +483,7 @@ def _train(
             width = int(seqs.lengths[idx].max())  # trim padding columns past the longest row
             inputs = seqs.inputs[idx, :width].to(device)
             targets = seqs.targets[idx, :width].to(device)
-            num_positions = int((inputs != 0).sum())
+            num_positions = int((targets != 0).sum())  # positions in the loss
             per_sequence = cfg.negatives == "sequence"
             candidates = trained if cfg.loss == "full" else None
             if cfg.loss == "sampled-uniform":

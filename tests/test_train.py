@@ -20,8 +20,10 @@ from sidrec.offline.evaluate import evaluate, hstu_scorer
 from sidrec.offline.split import make_split
 from sidrec.offline.train import (
     TrainConfig,
+    TrainingSequences,
     load_checkpoint,
     train,
+    training_sequences,
 )
 from sidrec.offline.train_ddp import launch, save_job
 from sidrec.sid_codebook import dedup_digits
@@ -292,6 +294,64 @@ def test_length_grouped_batches_partition_users() -> None:
     assert padded(batches) < 0.7 * padded(list(order.split(8)))
     again = length_grouped_batches(order, lengths, 8, seed=0, epoch=1)
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def _row_pairs(seqs: TrainingSequences) -> list[tuple[int, int, int, int]]:
+    """(input, target, input time, target time) of every position in the loss (target > 0)."""
+    out = []
+    for i, k in enumerate(seqs.lengths.tolist()):
+        parts = (seqs.inputs, seqs.targets, seqs.timestamps, seqs.next_timestamps)
+        assert all(int(p[i, k:].abs().sum()) == 0 for p in parts)  # right-padded with zeros
+        assert bool((seqs.inputs[i, :k] > 0).all())
+        scored = seqs.targets[i, :k] > 0
+        out += zip(*(p[i, :k][scored].tolist() for p in parts), strict=True)
+    return sorted(out)
+
+
+@pytest.mark.parametrize("windows", ["all", "overlap"])
+def test_windows_make_every_training_event_a_target_once(windows: str) -> None:
+    split = make_split(planted_interactions(), 0.05, seed=0)
+    max_len = 6
+    every, recent = [], []
+    for s, t in zip(split.train_sequences, split.train_timestamps, strict=True):
+        pairs = list(zip(s[:-1], s[1:], t[:-1], t[1:], strict=True))
+        pairs = [tuple(int(x) for x in p) for p in pairs]
+        every += pairs
+        recent += pairs[-max_len:]
+    assert len(every) > 1.4 * len(recent)  # most users are longer than max_len here
+
+    last = training_sequences(split, max_len, "last")
+    assert _row_pairs(last) == sorted(recent)
+    assert bool((last.targets[last.inputs > 0] > 0).all())  # no context-only positions
+    rows = training_sequences(split, max_len, windows)
+    assert _row_pairs(rows) == sorted(every)
+    assert int(rows.lengths.max()) == max_len and len(rows.lengths) > len(last.lengths)
+    # overlap: an earlier row's first scored target sees max_len // 2 items before it
+    context = (rows.inputs > 0).sum(1) - (rows.targets > 0).sum(1)  # [rows]
+    if windows == "all":
+        assert int(context.max()) == 0
+    else:
+        assert set(context.tolist()) <= set(range(max_len // 2 + 1))
+        assert int((context == max_len // 2).sum()) > 0
+        # a row with context is a full one, unless it reaches the user's first event
+        full = rows.lengths == max_len
+        assert bool((full | (context == 0) | (rows.targets[:, 0] == 0)).all())
+    with pytest.raises(ValueError, match="windows"):
+        tiny_config(windows="random")
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled-logq", "sampled-uniform"])
+def test_training_on_overlapping_windows_learns_the_planted_pattern(tmp_path, loss: str) -> None:
+    data = planted_interactions()
+    split = make_split(data, 0.05, seed=0)
+    cfg = tiny_config(variant="id", epochs=12, patience=4, max_len=4, windows="overlap")
+    cfg.loss = loss
+    result = train(data, split, None, None, cfg, tmp_path / "run", log=lambda _: None)
+    popular = evaluate(most_popular_scorer(split), split, "test")
+    warm_model, warm_popular = result.test["warm"]["hr@10"], popular["warm"]["hr@10"]
+    assert warm_model > 0.5 and warm_model > warm_popular + 0.2, (warm_model, warm_popular)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["config"]["windows"] == "overlap"
 
 
 def test_training_without_timestamps_or_sids(tmp_path) -> None:
