@@ -189,8 +189,8 @@ class SequentialRecommender(nn.Module):
         candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # inputs, timestamps, next_timestamps, targets: [B, N]; negatives: sampled-uniform:
-        # [B, R] (one draw per sequence) or [P, R] (per position, P = real positions
-        # (inputs != 0), row-major); sampled-logq: [R]; full: unused. candidates: full: bool
+        # [B, R] (one draw per sequence) or [P, R] (per position, P = positions with a
+        # target (targets != 0), row-major); sampled-logq: [R]; full: unused. candidates: full: bool
         # [n + 1] rows that compete; sampled-logq: float [n + 1] log inclusion probabilities.
         mask = inputs != 0  # [B, N] items the attention reads
         scored_at = targets != 0  # [B, N] positions in the loss: mask minus context-only ones
@@ -277,11 +277,11 @@ def load_checkpoint(path: str | Path) -> tuple[SequentialRecommender, TrainConfi
 class TrainingSequences:
     """Training rows right-padded to max_len (see training_sequences)."""
 
-    inputs: torch.Tensor  # int64[U, max_len]
-    targets: torch.Tensor  # int64[U, max_len]
-    timestamps: torch.Tensor  # int64[U, max_len] time of each input
-    next_timestamps: torch.Tensor  # int64[U, max_len] time of each target
-    lengths: torch.Tensor  # int64[U]
+    inputs: torch.Tensor  # int64[rows, max_len]
+    targets: torch.Tensor  # int64[rows, max_len], 0 at padding and context-only positions
+    timestamps: torch.Tensor  # int64[rows, max_len] time of each input
+    next_timestamps: torch.Tensor  # int64[rows, max_len] time of the event each one predicts
+    lengths: torch.Tensor  # int64[rows] items in the row (context included)
 
 
 def training_sequences(split: Split, max_len: int, windows: str = "last") -> TrainingSequences:
