@@ -913,8 +913,17 @@ class Catalog:
         if item_id not in self.bundle_row:
             self.meta.pop(item_id, None)
 
-    async def sync_retired(self) -> None:
-        """Apply retirements made by any worker since the last call: one GET when none.
+    def retired_seq_key(self) -> str | None:
+        """The Redis key of the retirement counter, for a caller that reads it together with
+        its own keys and passes the value to sync_retired; None when there is no Redis or it
+        is away (then sync_retired returns at once)."""
+        if self.follower_error is not None or not isinstance(self.store, RedisCatalogStore):
+            return None
+        return self.store.retired_seq_key
+
+    async def sync_retired(self, seq: int | None = None) -> None:
+        """Apply retirements made by any worker since the last call: one GET when none, or
+        nothing more when the caller read the counter (`seq`) in its own round trip.
 
         Every read that can return items calls this first, so an item retired through one
         worker is returned by none from the next request on. While Redis does not answer, reads
@@ -922,10 +931,11 @@ class Catalog:
         retirements known here: none can be made meanwhile, retiring needs Redis."""
         if self.follower_error is not None:
             return  # Redis is away (the stream follower says so): do not wait for it here
-        try:
-            seq = await self.store.retired_seq()
-        except (RedisError, OSError, StoreOverloaded):
-            return
+        if seq is None:
+            try:
+                seq = await self.store.retired_seq()
+            except (RedisError, OSError, StoreOverloaded):
+                return
         if seq == self.retired_seq:
             return
         # Lower than ours: the store lost its data; read the whole set it has now.

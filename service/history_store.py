@@ -121,6 +121,14 @@ def _chronological(newest_first: list[tuple[str, int]]) -> list[tuple[str, int]]
     return sorted(reversed(newest_first), key=lambda e: e[1])
 
 
+def _parse(raw: list[bytes]) -> list[tuple[str, int]]:
+    entries = []
+    for entry in raw:
+        ts, item_id = entry.decode().split(" ", 1)
+        entries.append((item_id, int(ts)))
+    return _chronological(entries)
+
+
 class RedisHistoryStore:
     kind = "redis"
 
@@ -181,11 +189,28 @@ class RedisHistoryStore:
 
     async def history(self, user_id: str) -> list[tuple[str, int]]:
         raw = await self.redis.lrange(self._hist_key(user_id), 0, self.history_len - 1)
-        entries = []
-        for entry in raw:
-            ts, item_id = entry.decode().split(" ", 1)
-            entries.append((item_id, int(ts)))
-        return _chronological(entries)
+        return _parse(raw)
+
+    async def history_and_get(
+        self, user_id: str, key: str
+    ) -> tuple[list[tuple[str, int]], bytes | None]:
+        """The history and the value of one other key, in one round trip.
+
+        /v1/recommend reads the catalog's retirement counter with every history
+        (service/catalog.py): one pipeline takes one pooled connection, one write and one read
+        where two commands took two of each. On a cluster the two keys are in different slots,
+        so there they stay two concurrent commands."""
+        hist_key = self._hist_key(user_id)
+        if isinstance(self.redis, RedisCluster):
+            raw, value = await asyncio.gather(
+                self.redis.lrange(hist_key, 0, self.history_len - 1), self.redis.get(key)
+            )
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.lrange(hist_key, 0, self.history_len - 1)
+                pipe.get(key)
+                raw, value = await pipe.execute()
+        return _parse(raw), value
 
     async def ping(self) -> None:
         await self.redis.ping()

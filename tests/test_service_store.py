@@ -520,10 +520,48 @@ def test_bulk_load_and_erase_on_a_redis_cluster(redis_cluster: RedisClusterServe
             assert await store.history("user-7") == []
             assert await store.append([Event("user-7", "i0", 200, "e-1")]) == 1  # id forgotten
             assert await store.history("user-8") == [("i6", 106), ("i7", 107), ("i8", 108)]
+            # The history and another slot's key (as /v1/recommend reads the catalog's
+            # retirement counter with it): two commands here, one value each.
+            await client.set("clh:counter", 7)
+            got = await store.history_and_get("user-8", "clh:counter")
+            assert got == ([("i6", 106), ("i7", 107), ("i8", 108)], b"7")
+            assert await store.history_and_get("nobody", "clh:absent") == ([], None)
         finally:
             await client.aclose()
 
     cluster = redis_cluster.client()
     nodes = {cluster.get_node_from_key(f"clh:hist:{{user-{u}}}").name for u in range(12)}
     assert len(nodes) == 3  # the users really are spread over the three masters
+    asyncio.run(scenario())
+
+
+def test_history_and_retirement_counter_in_one_round_trip(redis_server: RedisServer) -> None:
+    """/v1/recommend's read on one server: the history and the catalog's retirement counter
+    take one pooled connection (one pipeline), not two, and come back as two reads would."""
+    from redis.asyncio import BlockingConnectionPool, Redis
+
+    from sidrec.service.history_store import Event, RedisHistoryStore
+
+    class CountingPool(BlockingConnectionPool):
+        taken = 0
+
+        async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+            CountingPool.taken += 1
+            return await super().get_connection(*args, **kwargs)
+
+    async def scenario() -> None:
+        client = Redis.from_pool(CountingPool.from_url(redis_server.url))
+        try:
+            store = RedisHistoryStore(client, "rt:", history_len=3, event_id_ttl_s=60)
+            await store.append([Event("u", f"i{j}", 100 + j) for j in range(5)])
+            await client.set("rt:retired:seq", 12)
+            before = CountingPool.taken
+            history, seq = await store.history_and_get("u", "rt:retired:seq")
+            assert CountingPool.taken - before == 1
+            assert history == await store.history("u") == [("i2", 102), ("i3", 103), ("i4", 104)]
+            assert seq == await client.get("rt:retired:seq") == b"12"
+            assert await store.history_and_get("nobody", "rt:none") == ([], None)
+        finally:
+            await client.aclose()
+
     asyncio.run(scenario())

@@ -23,6 +23,7 @@ from ..deps import (
     request_id,
     require_read_key,
 )
+from ..history_store import RedisHistoryStore
 from ..schemas import HistoryEvent, RecommendRequest, RecommendResponse
 
 # Recommendations for a user reveal that user's history: the read key guards them when set.
@@ -32,6 +33,19 @@ router = APIRouter(
     route_class=KeyFirstRoute,
     responses=ERROR_RESPONSES,
 )
+
+
+async def _history_and_retirements(services: Services, user_id: str) -> list[tuple[str, int]]:
+    """The user's history, after applying retirements made by any worker: one Redis round
+    trip for both where the history and the catalog share one Redis."""
+    store, catalog = services.history, services.catalog
+    seq_key = catalog.retired_seq_key()
+    if seq_key is None or not isinstance(store, RedisHistoryStore):
+        history, _ = await asyncio.gather(store.history(user_id), catalog.sync_retired())
+        return history
+    history, seq = await store.history_and_get(user_id, seq_key)
+    await catalog.sync_retired(int(seq or 0))
+    return history
 
 
 @router.post("/v1/recommend", response_model=RecommendResponse)
@@ -94,9 +108,7 @@ async def recommend(
     else:
         assert body.user_id is not None
         with metrics.stage("history"):
-            history, _ = await asyncio.gather(
-                services.history.history(body.user_id), catalog.sync_retired()
-            )
+            history = await _history_and_retirements(services, body.user_id)
         # Items ingested by another worker that this one has not seen yet: ask the store;
         # items stored under an older catalog may be gone for good and cannot be encoded.
         row_of = catalog.table.row_of
