@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -70,8 +71,11 @@ class RankBatcher:
         self.table = table
         self.max_batch = max_batch
         self.cache = cache  # None: every request runs the encoder
-        self._pending: list[_Job] = []
-        self._ready = threading.Condition()
+        # A C-level queue: put() hands the job to a waiting thread directly. With
+        # threading.Condition (inside queue.Queue too) the woken thread then waited for the
+        # lock its notifier still held (docs/serving-benchmark.md has the measurement).
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # None: stop
+        self._stop_lock = threading.Lock()  # nothing is queued behind the stop markers
         self._stopped = False
         self._threads = [
             threading.Thread(target=self._serve, name=f"sidrec-rank-{i}", daemon=True)
@@ -108,30 +112,37 @@ class RankBatcher:
             loop,
             accept,
         )
-        with self._ready:
+        with self._stop_lock:
             if self._stopped:
                 raise RuntimeError("the rank batcher is stopped")
-            self._pending.append(job)
-            self._ready.notify()
+            self._queue.put(job)
         return await job.future
 
     def stop(self) -> None:
-        with self._ready:
+        with self._stop_lock:
             self._stopped = True
-            self._ready.notify_all()
+            for _ in self._threads:
+                self._queue.put(None)  # after every job: each thread serves what came first
         deadline = time.monotonic() + 10
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _serve(self) -> None:
-        while True:
-            with self._ready:
-                while not self._pending and not self._stopped:
-                    self._ready.wait()
-                if self._stopped and not self._pending:
-                    return
-                jobs = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            while len(jobs) < self.max_batch:  # everything that queued meanwhile, up to a batch
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:  # this thread's stop marker: serve the batch, then stop
+                    stop = True
+                    break
+                jobs.append(job)
             try:
                 outcome: list[Hits] | BaseException = self._run(jobs)
             except Exception as e:  # every request of the batch gets the error, the thread lives

@@ -115,6 +115,46 @@ def test_rank_threads_run_batches_at_the_same_time(services: Services) -> None:
         RankBatcher(services.runtime, services.catalog.table, threads=0)
 
 
+def test_queued_requests_share_one_batch_and_stop_serves_every_queued_one(
+    services: Services,
+) -> None:
+    """Requests that arrive while the only rank thread is busy are ranked together in its
+    next batch; stop() while they wait still answers each of them, then ends the thread, and
+    a request after stop() is refused."""
+    gate = threading.Event()
+    sizes: list[int] = []
+
+    class Held(RankBatcher):
+        def _run(self, jobs: list[_Job]) -> list[Hits]:
+            assert gate.wait(20)
+            sizes.append(len(jobs))
+            return super()._run(jobs)
+
+    ranker = Held(services.runtime, services.catalog.table, threads=1)
+    cases = histories(services, 8)
+    expected = [asyncio.run(rank_all(services.ranker, [case]))[0] for case in cases]
+
+    async def scenario() -> list[Hits]:
+        first = asyncio.ensure_future(rank_all(ranker, cases[:1]))
+        await asyncio.sleep(0.2)  # the thread took it and waits at the gate
+        rest = asyncio.ensure_future(rank_all(ranker, cases[1:]))
+        await asyncio.sleep(0.2)  # the other seven are queued
+        stopper = threading.Thread(target=ranker.stop)
+        stopper.start()
+        await asyncio.sleep(0.2)
+        gate.set()
+        got = [*await first, *await rest]
+        await asyncio.to_thread(stopper.join, 20)
+        return got
+
+    for got, want in zip(asyncio.run(scenario()), expected, strict=True):
+        same_hits(got, want)
+    assert sizes == [1, 7]
+    assert not any(t.is_alive() for t in ranker._threads)
+    with pytest.raises(RuntimeError, match="stopped"):
+        asyncio.run(rank_all(ranker, cases[:1]))
+
+
 def test_rank_threads_default_to_cores_per_worker(bundle_dir: Path) -> None:
     cores = len(os.sched_getaffinity(0))
     assert Settings(bundle=bundle_dir).rank_thread_count() == cores
