@@ -10,7 +10,7 @@ import pytest
 from conftest import write_synthetic_dataset
 
 from sidrec.offline import pipeline
-from sidrec.offline.data.dataset import DataError
+from sidrec.offline.data.dataset import Catalog, DataError, Interactions
 
 
 @pytest.fixture
@@ -27,6 +27,37 @@ def test_default_settings_follow_the_data_shape(steps: pipeline.Steps) -> None:
     assert record["settings"] == chosen and "Amazon" in record["source"]
     long_events = pipeline.LONG_HISTORY_EVENTS * len(steps.data.users)
     assert steps.data.num_events < long_events
+
+
+def _long_histories(lengths: list[int]) -> Interactions:
+    catalog = Catalog(
+        ids=[f"i{r}" for r in range(1, 301)],
+        titles=[f"item {r}" for r in range(1, 301)],
+        fields=[{} for _ in range(300)],
+        genres=[() for _ in range(300)],
+    )
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(1, 301, n).astype(np.int64) for n in lengths]
+    return Interactions("long", catalog, [f"u{u}" for u in range(len(lengths))], sequences, None)
+
+
+def test_long_histories_train_on_earlier_targets_where_many_lie_beyond_the_last_window() -> None:
+    from sidrec.offline.train import TrainConfig
+
+    assert TrainConfig().max_len == pipeline.LONG_HISTORY_MAX_LEN
+    # Training targets a user: events - 3 (two held out, the first predicts nothing).
+    # 403 events: 400 targets, 200 beyond the last window; 103: 100 targets, none.
+    data = _long_histories([403, 103])
+    assert pipeline.unseen_target_share(data, 200) == pytest.approx(200 / 500)
+    settings, why = pipeline.recommended_settings(data)
+    assert settings == {**pipeline.LONG_HISTORY_SETTINGS, "windows": "overlap"}
+    assert "40% of the training targets" in why and "windows=overlap" in why
+    # 206 and 103 events: 3 of 303 targets beyond it, 1%: the last window only.
+    data = _long_histories([206, 103])
+    assert pipeline.unseen_target_share(data, 200) == pytest.approx(3 / 303)
+    settings, why = pipeline.recommended_settings(data)
+    assert settings == pipeline.LONG_HISTORY_SETTINGS and "overlap" not in why
+    assert pipeline.unseen_target_share(_long_histories([2, 3]), 200) == 0.0  # no target
 
 
 def test_settings_from_a_tune_report_take_its_validation_winner(
