@@ -194,22 +194,19 @@ class RedisHistoryStore:
     async def history_and_get(
         self, user_id: str, key: str
     ) -> tuple[list[tuple[str, int]], bytes | None]:
-        """The history and the value of one other key, in one round trip.
+        """The history and the value of one other key, in one round trip (one server only).
 
         /v1/recommend reads the catalog's retirement counter with every history
         (service/catalog.py): one pipeline takes one pooled connection, one write and one read
-        where two commands took two of each. On a cluster the two keys are in different slots,
-        so there they stay two concurrent commands."""
-        hist_key = self._hist_key(user_id)
+        where two commands took two of each."""
         if isinstance(self.redis, RedisCluster):
-            raw, value = await asyncio.gather(
-                self.redis.lrange(hist_key, 0, self.history_len - 1), self.redis.get(key)
+            raise TypeError(
+                "history_and_get needs one Redis server: on a cluster the keys live apart"
             )
-        else:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.lrange(hist_key, 0, self.history_len - 1)
-                pipe.get(key)
-                raw, value = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(self._hist_key(user_id), 0, self.history_len - 1)
+            pipe.get(key)
+            raw, value = await pipe.execute()
         return _parse(raw), value
 
     async def ping(self) -> None:

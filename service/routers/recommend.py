@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
+from redis.asyncio.cluster import RedisCluster
 
 from .. import metrics
 from ..deps import (
@@ -37,10 +38,15 @@ router = APIRouter(
 
 async def _history_and_retirements(services: Services, user_id: str) -> list[tuple[str, int]]:
     """The user's history, after applying retirements made by any worker: one Redis round
-    trip for both where the history and the catalog share one Redis."""
+    trip for both on one Redis server. On a cluster the two keys live on different nodes, and a
+    failed counter read must not fail a history that could be read: two commands there."""
     store, catalog = services.history, services.catalog
     seq_key = catalog.retired_seq_key()
-    if seq_key is None or not isinstance(store, RedisHistoryStore):
+    if (
+        seq_key is None
+        or not isinstance(store, RedisHistoryStore)
+        or isinstance(store.redis, RedisCluster)
+    ):
         history, _ = await asyncio.gather(store.history(user_id), catalog.sync_retired())
         return history
     history, seq = await store.history_and_get(user_id, seq_key)
