@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_synthetic_dataset
+from test_split_metrics import make_catalog
 
 from sidrec.offline import pipeline
-from sidrec.offline.data.dataset import Catalog, DataError, Interactions
+from sidrec.offline.data.dataset import DataError, Interactions
 
 
 @pytest.fixture
@@ -30,15 +31,10 @@ def test_default_settings_follow_the_data_shape(steps: pipeline.Steps) -> None:
 
 
 def _long_histories(lengths: list[int]) -> Interactions:
-    catalog = Catalog(
-        ids=[f"i{r}" for r in range(1, 301)],
-        titles=[f"item {r}" for r in range(1, 301)],
-        fields=[{} for _ in range(300)],
-        genres=[() for _ in range(300)],
-    )
     rng = np.random.default_rng(0)
     sequences = [rng.integers(1, 301, n).astype(np.int64) for n in lengths]
-    return Interactions("long", catalog, [f"u{u}" for u in range(len(lengths))], sequences, None)
+    users = [f"u{u}" for u in range(len(lengths))]
+    return Interactions("long", make_catalog(300), users, sequences, None)
 
 
 def test_long_histories_train_on_earlier_targets_where_many_lie_beyond_the_last_window() -> None:
