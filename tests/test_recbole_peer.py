@@ -157,10 +157,7 @@ def test_peer_venv_is_reused_when_its_marker_matches(tmp_path: Path) -> None:
     assert peer.peer_venv(tmp_path, log=pytest.fail) == venv / "bin" / "python"  # no build
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1200)  # the first call builds the venv from PyPI; later calls ~30 s
-def test_recbole_sasrec_end_to_end(tiny: tuple[Path, Interactions, Split], tmp_path: Path) -> None:
-    folder, data, _ = tiny
+def require_peer_venv() -> None:
     try:
         peer.peer_venv()
     except peer.PeerVenvError as error:
@@ -168,6 +165,13 @@ def test_recbole_sasrec_end_to_end(tiny: tuple[Path, Interactions, Split], tmp_p
             last = error.output.strip().splitlines()[-1]
             pytest.skip(f"the RecBole venv cannot be built, PyPI is unreachable: {last}")
         raise
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # the first call builds the venv from PyPI; later calls ~30 s
+def test_recbole_sasrec_end_to_end(tiny: tuple[Path, Interactions, Split], tmp_path: Path) -> None:
+    folder, data, _ = tiny
+    require_peer_venv()
     out = tmp_path / "run"
     metrics = peer.run_recbole_sasrec(
         folder, out, seed=0, epochs=2, patience=2, max_len=20, cold_fraction=0.1, threads=1
@@ -198,3 +202,30 @@ def test_recbole_sasrec_end_to_end(tiny: tuple[Path, Interactions, Split], tmp_p
         assert metrics[f"{stage}_history_kept"]["overall"]["count"] == len(users)
     # Two epochs on themed users already beat a random ranking (HR@10 = 10 / n).
     assert metrics["test"]["overall"]["hr@10"] > 10 / n
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_time_batches_projects_an_epoch_without_training_one(
+    tiny: tuple[Path, Interactions, Split], tmp_path: Path
+) -> None:
+    folder, _, split = tiny
+    require_peer_venv()
+    out = tmp_path / "timing"
+    timing = peer.run_recbole_sasrec(
+        folder, out, max_len=20, cold_fraction=0.1, threads=1, time_batches=2,
+        config=peer.PeerConfig(train_batch_size=32, eval_batch_size=50),
+    )  # fmt: skip
+    assert json.loads((out / peer.TIMING_FILE).read_text()) == timing
+    assert not (out / peer.METRICS_FILE).exists() and not (out / "test_ranks.npy").exists()
+    # RecBole trains one row per prefix: every training event but each user's first.
+    rows = sum(max(len(s) - 1, 0) for s in split.train_sequences)
+    assert timing["train_rows"] == rows and timing["batches_per_epoch"] == -(-rows // 32)
+    assert timing["batches_timed"] == 2 and timing["median_batch_seconds"] > 0
+    assert timing["projected_epoch_train_seconds"] == pytest.approx(
+        timing["median_batch_seconds"] * timing["batches_per_epoch"], rel=1e-3, abs=0.1
+    )
+    valid_batches = -(-len(split.stage("valid")) // 50)
+    assert timing["projected_valid_seconds"] == pytest.approx(
+        timing["eval_batch_seconds"] * valid_batches, rel=1e-3, abs=0.1
+    )

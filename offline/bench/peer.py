@@ -43,6 +43,7 @@ DATASET = "peer"  # RecBole's data set name: export/peer/peer.inter, .item (recb
 EVAL_FILE = "eval.npz"
 PEER_RESULT = "peer_result.json"
 METRICS_FILE = "metrics.json"
+TIMING_FILE = "peer_timing.json"  # what --time-batches writes instead of a run
 LOG_FILE = "log.txt"
 # What the venv build must import, or it is not finished (the script's whole import path).
 SMOKE_IMPORTS = (
@@ -239,13 +240,18 @@ def run_recbole_sasrec(
     threads: int = 0,
     cache_dir: Path | None = None,
     timeout: float | None = None,
+    time_batches: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train and score RecBole's SASRec on the benchmark's split of `data_dir`; writes
     out_dir/metrics.json (returned), log.txt, the ranks (*.npy) and peer_result.json.
 
     `threads` = torch threads in the peer (0: torch's default, all cores). The venv build
-    (first call only) is not part of wall_seconds; its time is `venv_seconds`."""
+    (first call only) is not part of wall_seconds; its time is `venv_seconds`.
+
+    `time_batches` > 0 trains only that many batches and returns (and writes to
+    out_dir/peer_timing.json) the projected seconds of an epoch and of a validation, so a
+    run can be sized before it is started; no metrics.json then."""
     from sidrec.offline.bench.runner import SPLIT_SEED
     from sidrec.offline.data.load import load_dataset
     from sidrec.offline.evaluate import summarize
@@ -271,7 +277,7 @@ def run_recbole_sasrec(
         str(python), str(SCRIPT), "--data", str(export.resolve()), "--out", str(out_dir.resolve()),
         "--metrics-py", str(METRICS_PY), "--seed", str(seed), "--epochs", str(epochs),
         "--patience", str(patience), "--max-len", str(max_len), "--device", device,
-        "--threads", str(threads), *config.script_args(),
+        "--threads", str(threads), "--time-batches", str(time_batches), *config.script_args(),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -288,6 +294,16 @@ def run_recbole_sasrec(
         tail = (out_dir / LOG_FILE).read_text()[-3000:]
         raise RuntimeError(f"recbole_sasrec.py failed (exit {done.returncode}):\n{tail}")
 
+    if time_batches > 0:
+        timing = json.loads((out_dir / TIMING_FILE).read_text())
+        log(
+            f"RecBole SASRec on {data.name}: {timing['median_batch_seconds']:.3f}s a batch of "
+            f"{timing['train_batch_size']}, {timing['batches_per_epoch']} batches an epoch: "
+            f"about {timing['projected_epoch_train_seconds'] / 60:.0f} minutes of training and "
+            f"{timing['projected_valid_seconds'] / 60:.0f} of validation an epoch "
+            f"({timing['threads']} threads, {timing['device']})"
+        )
+        return timing
     peer = json.loads((out_dir / PEER_RESULT).read_text())
     ranks = {
         f"{stage}{suffix}": np.load(out_dir / f"{stage}_ranks{suffix}.npy")
@@ -357,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=("cpu", "auto"), default="cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--cache", type=Path, default=None, help="default: sidrec's cache folder")
+    p.add_argument("--time-batches", type=int, default=0,
+                   help="time this many training batches, project an epoch and stop")  # fmt: skip
     for f in fields(PeerConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
                        default=getattr(defaults, f.name))  # fmt: skip
@@ -366,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         args.data, args.out, seed=args.seed, epochs=args.epochs, patience=args.patience,
         max_len=args.max_len, cold_fraction=args.cold_fraction, config=config,
         device=args.device, threads=args.threads, cache_dir=args.cache,
+        time_batches=args.time_batches,
     )  # fmt: skip
 
 
