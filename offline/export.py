@@ -165,6 +165,11 @@ def export_bundle(
             "new_item_score_offset": (
                 0.0 if tower is None else round(float(tower.new_item_offset), 6)
             ),
+            # which codes a new item's SID graph reads: its own, or the nearest path that the
+            # trained items have (offline/new_items.py), the SID it is given staying its own
+            "new_item_codes": "nearest-trained-path"
+            if tower is None and model.items.untrained_sid_rows is not None
+            else "own",
         },
         "sid": {
             "layers": codebooks.layers,

@@ -16,6 +16,11 @@ regression from the content vector to the id row, fitted on the trained items wi
 penalty chosen by cross-validation on them (held-out warm items stand in for new ones). A new
 item's id part is then the regression's guess instead of zero, so items with one code tuple
 and different texts get different vectors.
+
+And every SID variant's untrained items read the SID rows of the nearest code path that
+trained items have (nearest_trained_paths): an item's own path often leaves the trained
+catalog below its first code or two, and an untrained row adds nothing, so its vector was
+little more than its first code's row.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 
 from sidrec.offline.split import Split
+from sidrec.sid_codebook import Codebooks, CodePaths
 
 HOT_TOLERANCE = 0.02  # issue 11: the hot bin's NDCG@10 within 2% of the table without new items
 # Candidate scales for a SID variant's new items, 0.5 to 2 in steps of 0.05: below 1 where SID
@@ -151,19 +157,68 @@ def scales_for(trained: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.where(trained, 1.0, scale).float()
 
 
+def nearest_trained_paths(
+    codebooks: Codebooks, sids: np.ndarray, trained: np.ndarray, content: np.ndarray
+) -> np.ndarray:
+    """int64 [n + 1, L]: each item's own codes where it was trained; elsewhere the nearest
+    path that trained items have (Codebooks.assign within their paths) for its content
+    vector (content [n, C], row i = item row i + 1). What the service computes for an item it
+    ingests, from the bundle's trained items (service/catalog.py)."""
+    layers = codebooks.layers
+    codes = np.array(sids[:, :layers], dtype=np.int64)
+    untrained = np.flatnonzero(~trained[1:]) + 1
+    if len(untrained):
+        paths = CodePaths(codes[trained])
+        codes[untrained] = codebooks.assign(content[untrained - 1], within=paths)
+    return codes
+
+
+def attach_nearest_trained_paths(
+    model: torch.nn.Module,
+    codebooks: Codebooks,
+    sids: np.ndarray,
+    trained: torch.Tensor,
+    content: np.ndarray,
+) -> dict[str, Any]:
+    """Give the untrained items of a SID model the rows of their nearest trained path
+    (ItemEmbedding.attach_untrained_codes); returns how many read another path than their
+    own and how many trained SID rows an untrained item reads on average, before and after."""
+    items = model.items
+    sids = np.asarray(sids)
+    codes = nearest_trained_paths(codebooks, sids, trained.numpy(), content)
+    untrained = np.flatnonzero(~trained.numpy()[1:]) + 1
+    items.mark_trained(trained)
+    own_rows = items.sid_rows[untrained]
+    items.attach_untrained_codes(torch.as_tensor(codes))
+    new_rows = items.untrained_sid_rows[untrained]
+
+    def trained_rows(rows: torch.Tensor) -> float:
+        return round(float(items.sid_row_trained[rows].sum(1).float().mean()), 3)
+
+    moved = (codes[untrained] != sids[untrained, : codebooks.layers]).any(1)
+    return {
+        "untrained_items": len(untrained),
+        "on_another_path": int(moved.sum()),
+        "trained_rows_read_own_path": trained_rows(own_rows),
+        "trained_rows_read": trained_rows(new_rows),
+    }
+
+
 def calibrate_scale(
     run_dir: Path,
     split: Split,
     content: np.ndarray | None = None,
     tolerance: float = HOT_TOLERANCE,
     log: Callable[[str], None] = print,
+    codebooks: Codebooks | None = None,
 ) -> dict[str, Any]:
-    """Fit a hybrid-sum model's content part (when `content`, the catalog's vectors [n, C], is
-    given; saved into its checkpoint), then choose the new-item score scale of run_dir's
-    trained SID variant on validation, save it as run_dir/NEW_ITEMS_FILE and rewrite
-    metrics.json with the figures of the table the service will hold (the trained model's
-    own, no content part and scale 1, move to "unscaled"). A model with no untrained item
-    keeps scale 1 and no content part. Returns metrics.json."""
+    """Give run_dir's trained SID model its untrained items' nearest trained paths (when
+    `codebooks` and `content`, the catalog's vectors [n, C], are given) and, for hybrid-sum,
+    fit its content part (when `content` is given); both are saved into its checkpoint. Then
+    choose the new-item score scale on validation, save it as run_dir/NEW_ITEMS_FILE and
+    rewrite metrics.json with the figures of the table the service will hold (the trained
+    model's own, no content part, own paths and scale 1, move to "unscaled"). A model with no
+    untrained item keeps scale 1 and neither. Returns metrics.json."""
     from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
     from sidrec.offline.metrics import metrics_from_ranks
     from sidrec.offline.split import BIN_NAMES
@@ -179,14 +234,22 @@ def calibrate_scale(
         log("new-item scale: every item was trained, so scale 1")
         (run_dir / NEW_ITEMS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         return metrics
+    if content is not None and codebooks is not None and model.items.uses_sid:
+        paths = attach_nearest_trained_paths(model, codebooks, ckpt["sids"], trained, content)
+        record["nearest_trained_paths"] = paths
+        before, after = paths["trained_rows_read_own_path"], paths["trained_rows_read"]
+        moved, total = paths["on_another_path"], paths["untrained_items"]
+        log(f"untrained items: {moved} of {total} read a nearer trained path's SID rows; "
+            f"trained rows read {before:.2f} -> {after:.2f}")  # fmt: skip
     if content is not None and gets_content_part(cfg.variant, cfg.fusion):
         record["content_part"] = fit_content_part(model, trained, content)
+        log(f"content part: ridge penalty {record['content_part']['penalty']:g}, held-out "
+            f"R^2 {max(record['content_part']['heldout_r2_by_penalty'].values()):.3f}")  # fmt: skip
+    if len(record) > 1:
         ckpt["state_dict"] = {k: v.cpu() for k, v in model.state_dict().items()}
         tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
         torch.save(ckpt, tmp)
         tmp.replace(run_dir / CHECKPOINT_FILE)
-        log(f"content part: ridge penalty {record['content_part']['penalty']:g}, held-out "
-            f"R^2 {max(record['content_part']['heldout_r2_by_penalty'].values()):.3f}")  # fmt: skip
     with torch.no_grad():
         table = model.items.table(trained)  # [n + 1, d]
     batch_size = cfg.eval_batch_size or 32

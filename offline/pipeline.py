@@ -369,7 +369,9 @@ class Steps:
         elif variant != "id":
             from sidrec.offline.new_items import calibrate_scale
 
-            calibrate_scale(out, self.split, self.content_vectors, log=console.print)
+            calibrate_scale(
+                out, self.split, self.content_vectors, log=console.print, codebooks=codebooks
+            )
         self.timings[f"train {name}"] = time.perf_counter() - started
         return json.loads((self.run / name / METRICS_FILE).read_text())
 

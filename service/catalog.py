@@ -73,7 +73,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sidrec.bundle import Bundle, ItemRecord
 from sidrec.item_text import item_text
-from sidrec.sid_codebook import Codebooks
+from sidrec.sid_codebook import Codebooks, CodePaths
 
 from . import metrics
 from .retrieval import ItemTable
@@ -770,6 +770,13 @@ class Catalog:
         # scale and offset in `table`.
         self.new_item_scale = new_item_score_scale(bundle)
         self.new_item_offset = new_item_score_offset(bundle)
+        # The codes a new item's vector reads (docs/bundle.md, model.new_item_codes): the
+        # nearest path of the bundle's trained items, whose SID rows were trained.
+        self.vector_paths: CodePaths | None = None
+        if bundle.model.get("new_item_codes") == "nearest-trained-path":
+            trained = [r.row for r in records if r.popularity > 0]
+            if trained:
+                self.vector_paths = CodePaths(self.bundle_sids[trained, : self.layers])
         # First dedup digit Redis may hand out for a code tuple: the bundle already used 0..m-1.
         self.bundle_next: dict[str, int] = {}
         for r in records:
@@ -789,12 +796,19 @@ class Catalog:
 
     # --- deriving SIDs and vectors ------------------------------------------------------
 
+    def _codes(self, content: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """content float32 [B, D] -> (SID codes, the codes the item's vector reads) [B, L]."""
+        codes = self.codebooks.assign(content)
+        if self.vector_paths is None:
+            return codes, codes
+        return codes, self.codebooks.assign(content, within=self.vector_paths)
+
     async def _derive(
         self, item_ids: list[str], content: np.ndarray, generation: str | None = None
     ) -> list[Derived]:
         """content float32 [B, D] -> SID and item vector per item, under this bundle."""
         with metrics.stage("sid_assign"):
-            codes = await run_in_threadpool(self.codebooks.assign, content)  # [B, L]
+            codes, vector_codes = await run_in_threadpool(self._codes, content)  # [B, L] each
             sids = np.zeros((len(item_ids), self.layers + 1), np.int64)
             sids[:, : self.layers] = codes
             keep_trained: list[bool] = []
@@ -815,7 +829,9 @@ class Catalog:
             for i, keep in enumerate(keep_trained):
                 if not keep:
                     sids[i, self.layers] = next(digits)
-            vectors = await run_in_threadpool(self.runtime.new_item_vectors, sids, content)
+            graph_codes = sids.copy()
+            graph_codes[:, : self.layers] = vector_codes
+            vectors = await run_in_threadpool(self.runtime.new_item_vectors, graph_codes, content)
         derived = []
         for i, item_id in enumerate(item_ids):
             vector = (

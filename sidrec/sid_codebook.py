@@ -50,6 +50,27 @@ def assign_layer(
     return codes, x - centroids[codes].astype(np.float64)
 
 
+class CodePaths:
+    """A set of code tuples (paths), e.g. the SIDs of the items a model was trained on, read
+    as a trie: which codes may follow a prefix."""
+
+    def __init__(self, codes: np.ndarray) -> None:
+        codes = np.asarray(codes, dtype=np.int64)  # [m, L]
+        if codes.ndim != 2 or len(codes) == 0:
+            raise ValueError(f"paths must be a non-empty [m, L] array, got shape {codes.shape}")
+        self.layers = int(codes.shape[1])
+        self._next: dict[tuple[int, ...], np.ndarray] = {}
+        for layer in range(self.layers):
+            pairs = np.unique(codes[:, : layer + 1], axis=0)  # [p, layer + 1], sorted
+            prefixes, starts = np.unique(pairs[:, :layer], axis=0, return_index=True)
+            for prefix, part in zip(prefixes, np.split(pairs[:, layer], starts[1:]), strict=True):
+                self._next[tuple(prefix.tolist())] = part
+
+    def next_codes(self, prefix: np.ndarray) -> np.ndarray:
+        """int64[m] ascending: the codes that follow `prefix` (a prefix of some path)."""
+        return self._next[tuple(np.asarray(prefix).tolist())]
+
+
 @dataclass
 class Codebooks:
     """centroids float32[L, K, D]: layer l quantises the residual left by layers < l."""
@@ -75,17 +96,34 @@ class Codebooks:
     def dim(self) -> int:
         return int(self.centroids.shape[2])
 
-    def assign(self, vectors: np.ndarray) -> np.ndarray:
-        """vectors float32[B, D] -> int64[B, L] codes (exactly the rule used at build time)."""
+    def assign(self, vectors: np.ndarray, within: CodePaths | None = None) -> np.ndarray:
+        """vectors float32[B, D] -> int64[B, L] codes (exactly the rule used at build time).
+
+        `within`: at each layer only the codes that extend the prefix chosen so far to a
+        prefix of one of these paths (the nearest such centroid), so the result is one of
+        the paths. A model's SID rows are trained only for the paths of trained items: this
+        gives an item without one the nearest path whose rows say something (its SID itself
+        stays the free assignment)."""
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"vectors must be [B, {self.dim}], got shape {vectors.shape}")
+        if within is not None and within.layers != self.layers:
+            raise ValueError(f"paths have {within.layers} layers, the codebooks {self.layers}")
         residual = vectors.astype(np.float64)  # [B, D]
         codes = np.zeros((len(vectors), self.layers), dtype=np.int64)
         for layer in range(self.layers):
-            codes[:, layer], residual = assign_layer(
-                residual, self.centroids[layer], self.normalize_residuals
-            )
+            if within is None:
+                codes[:, layer], residual = assign_layer(
+                    residual, self.centroids[layer], self.normalize_residuals
+                )
+                continue
+            x = normalize_rows(residual) if self.normalize_residuals else residual
+            c = self.centroids[layer].astype(np.float64)  # [K, D]
+            dist = (c * c).sum(axis=1)[None, :] - 2.0 * (x @ c.T)  # [B, K], as nearest_centroid
+            for b in range(len(vectors)):
+                allowed = within.next_codes(codes[b, :layer])  # int64[m], ascending
+                codes[b, layer] = allowed[dist[b, allowed].argmin()]
+            residual = x - c[codes[:, layer]]
         return codes
 
     def save(self, path: str | Path) -> None:

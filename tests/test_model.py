@@ -626,6 +626,30 @@ def test_content_part_replaces_only_the_missing_id_part() -> None:
     torch.testing.assert_close(fresh.table(trained), table)
 
 
+@pytest.mark.parametrize("variant", ["sid-prefixn", "hybrid"])
+def test_untrained_codes_change_only_untrained_rows_and_are_saved(variant: str) -> None:
+    emb = make_embedding(variant).eval()
+    sids = make_sids()
+    trained = torch.ones(N_ITEMS + 1, dtype=torch.bool)
+    trained[[4, 9]] = False
+    before = emb.table(trained)
+    codes = sids.clone()
+    codes[4, :L] = sids[7, :L]  # item 4 reads trained item 7's path, item 9 keeps its own
+    emb.attach_untrained_codes(codes[:, :L])
+    table = emb.table(trained)
+    warm = trained.nonzero().flatten()
+    torch.testing.assert_close(table[warm], before[warm])
+    torch.testing.assert_close(table[9], before[9])
+    # item 4 has no id part (untrained), so its vector is item 7's SID part alone
+    torch.testing.assert_close(table[4], emb.from_sid(codes[7:8])[0])
+    torch.testing.assert_close(table[4], emb.from_sid(codes[4:5])[0])
+    fresh = make_embedding(variant)
+    fresh.load_state_dict(emb.state_dict())
+    torch.testing.assert_close(fresh.table(trained), table)
+    with pytest.raises(ValueError, match="num_items"):
+        emb.attach_untrained_codes(codes[:5, :L])
+
+
 @pytest.mark.parametrize("variant, fusion", [("hybrid", "switch"), ("sid-prefixn", "sum")])
 def test_content_part_is_for_hybrid_sum_only(variant: str, fusion: str) -> None:
     emb = make_embedding(variant, fusion=fusion)

@@ -17,6 +17,7 @@ import pytest
 from conftest import THEMES, RedisServer, Service
 
 from sidrec.bundle import load_bundle
+from sidrec.sid_codebook import Codebooks, CodePaths
 
 SCIFI = "Sci-Fi|Adventure"
 # A film that is not in the bundle, written the way the catalog's sci-fi films are.
@@ -195,6 +196,45 @@ def test_items_sharing_a_sid_keep_distinct_vectors_and_their_order(
     assert sorted(after, key=after.__getitem__) == sorted(before, key=before.__getitem__)
     for item_id, score in before.items():
         assert after[item_id] == pytest.approx(score, abs=1e-5)
+
+
+def test_new_item_reads_the_nearest_trained_path_as_the_bundles_untrained_items_do(
+    sum_pair: tuple[Service, Service], sum_run: tuple[Path, Path]
+) -> None:
+    """An item whose own SID path leaves the trained items' paths reads the rows of the
+    nearest path they have (docs/bundle.md, model.new_item_codes), as the bundle's untrained
+    items were given offline: a copy of such an item ingested under a new id scores exactly
+    as the bundle's row, while its SID stays its own free assignment."""
+    a, _ = sum_pair
+    bundle_dir, checkpoint = sum_run
+    bundle = load_bundle(bundle_dir)
+    assert bundle.model["new_item_codes"] == "nearest-trained-path"
+    codebooks = Codebooks.load(bundle_dir / "sid_codebooks.npz")
+    layers = codebooks.layers
+    records = bundle.items()
+    content = np.load(checkpoint.parent.parent / "content_vectors.npy")  # row r at r - 1
+    paths = CodePaths(np.array([r.sid[:layers] for r in records if r.popularity > 0]))
+    untrained = [r for r in records if r.popularity == 0]
+    vectors = content[[r.row - 1 for r in untrained]]
+    nearest = codebooks.assign(vectors, within=paths)
+    moved = [
+        (r, v)
+        for r, v, near in zip(untrained, vectors, nearest, strict=True)
+        if list(near) != list(r.sid[:layers])
+    ][:6]
+    assert moved, "no untrained bundle item leaves the trained paths: the test would not test"
+    for r, vector in moved:
+        answer = a.post(
+            "/v1/items", {"item_id": f"copy-{r.item_id}", "content_vector": vector.tolist()}
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["items"][0]["sid"][:layers] == list(r.sid[:layers])  # its own SID
+    history = [r.item_id for r in records if r.popularity > 0][:5]
+    answer = a.post("/v1/recommend", {"user_id": "path-watcher", "k": 1000, "history": history})
+    assert answer.status_code == 200, answer.text
+    scores = {i["item_id"]: i["score"] for i in answer.json()["items"]}
+    for r, _ in moved:
+        assert scores[f"copy-{r.item_id}"] == pytest.approx(scores[r.item_id], abs=1e-4)
 
 
 def test_restart_keeps_every_ingested_item(pair: tuple[Service, Service]) -> None:

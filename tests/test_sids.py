@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from sidrec.offline.sids import build_sids, default_sid_shape, print_sid_report, sid_report
-from sidrec.sid_codebook import Codebooks, codebook_usage, dedup_digits
+from sidrec.sid_codebook import Codebooks, CodePaths, codebook_usage, dedup_digits
 
 LAYERS, CODES = 3, 8
 
@@ -191,3 +191,52 @@ def test_codes_follow_topics() -> None:
     report = sid_report(sids, [(f"t{t}",) for t in topic], books)
     first = report["genre_coherence"]["prefix_1"]
     assert first["lift"] > 3.0
+
+
+def reference_assign_within(
+    vectors: np.ndarray, centroids: np.ndarray, paths: np.ndarray, normalize: bool
+) -> np.ndarray:
+    """The constrained rule written out: at each layer the nearest centroid among the codes
+    that some path continues the prefix with, by looking the paths up one by one."""
+    out = np.zeros((len(vectors), len(centroids)), dtype=np.int64)
+    for i, v in enumerate(vectors.astype(np.float64)):
+        r = v
+        for layer, c in enumerate(centroids.astype(np.float64)):
+            if normalize:
+                r = r / max(np.linalg.norm(r), 1e-12)
+            allowed = sorted({int(p[layer]) for p in paths if (p[:layer] == out[i, :layer]).all()})
+            dist = ((c[allowed] - r) ** 2).sum(axis=1)
+            out[i, layer] = allowed[int(np.argmin(dist))]
+            r = r - c[out[i, layer]]
+    return out
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_assign_within_paths_takes_the_nearest_allowed_code_per_layer(normalize: bool) -> None:
+    x, _ = clustered_vectors(n=300)
+    codebooks, sids = build_sids(x, LAYERS, CODES, normalize_residuals=normalize, seed=0)
+    codes = sids[1:, :LAYERS]
+    paths = CodePaths(codes[:60])  # "trained": the first 60 items' paths
+    new = clustered_vectors(n=80, seed=1)[0]
+    within = codebooks.assign(new, within=paths)
+    np.testing.assert_array_equal(
+        within, reference_assign_within(new, codebooks.centroids, codes[:60], normalize)
+    )
+    known = {tuple(p) for p in codes[:60].tolist()}
+    assert all(tuple(c) in known for c in within.tolist())  # always one of the paths
+    free = codebooks.assign(new)
+    assert (within != free).any(axis=1).any()  # some free paths leave the 60 items' paths
+    # where the free path is one of the paths, it is kept
+    on_paths = np.array([tuple(c) in known for c in free.tolist()])
+    assert on_paths.any()
+    np.testing.assert_array_equal(within[on_paths], free[on_paths])
+    # within every item's own path, the build's codes come back
+    np.testing.assert_array_equal(codebooks.assign(x, within=CodePaths(codes)), codes)
+
+
+def test_code_paths_refuse_empty_or_mismatched_paths() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        CodePaths(np.zeros((0, LAYERS), np.int64))
+    codebooks = Codebooks(np.zeros((LAYERS, CODES, 4), np.float32))
+    with pytest.raises(ValueError, match="layers"):
+        codebooks.assign(np.zeros((1, 4), np.float32), within=CodePaths(np.zeros((2, 2), np.int64)))

@@ -1,7 +1,9 @@
-"""hybrid-sum's content part, ablated on a calibrated run: the same trained model's table with
-and without the part (model/item_embedding.py), at each listed new-item scale, ranked like
-`sidrec eval` (valid and test). Prints one line per cell and writes
-RUN/<variant>/content_part_ablation.json.
+"""hybrid-sum's new-item pieces (content part, nearest trained paths), ablated on a run.
+
+The same calibrated model's table with and without its content part, and with its untrained
+items on their nearest trained paths or on their own (model/item_embedding.py,
+offline/new_items.py), at each listed new-item scale, ranked like `sidrec eval` (valid and
+test). Prints one line per cell and writes RUN/<variant>/content_part_ablation.json.
 
     python -m sidrec.offline.bench.content_part_ablation --data ../shared/data/amazon-toys \\
         --run runs/toys-hs --scales 0.9,1.0  # RUN/hybrid-sum/ from `sidrec train`
@@ -23,28 +25,38 @@ from sidrec.offline.new_items import scales_for
 from sidrec.offline.split import Split
 from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
-TABLES = ("content part", "sid only")
+# (name, content part, nearest trained paths): the first is the table the service holds, the
+# last the model as trained
+TABLES = (
+    ("content part", True, True),
+    ("sid only", False, True),
+    ("own paths", True, False),
+    ("as trained", False, False),
+)
 
 
 def ablate(run_dir: Path, split: Split, scales: list[float]) -> dict[str, dict[str, Any]]:
     """{"<table> scale <s> <stage>": summarize's report} for run_dir's checkpoint, whose item
-    embedding has a content part (calibrate_scale fitted it)."""
+    embedding has a content part (calibrate_scale fitted it); the nearest-path tables equal the
+    own-path ones for a model calibrated without them."""
     model, cfg, ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    if not model.items.has_content_part:
+    items = model.items
+    if not items.has_content_part:
         raise ValueError(f"{run_dir}: no content part (a hybrid-sum run after calibrate_scale)")
     trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
-    with torch.no_grad():
-        with_part = model.items.table(trained)
-        part, model.items.content_part = model.items.content_part, None
-        without = model.items.table(trained)
-        model.items.content_part = part
+    part, paths = items.content_part, items.untrained_sid_rows
     out: dict[str, dict[str, Any]] = {}
-    for name, table in zip(TABLES, (with_part, without), strict=True):
+    for name, with_part, with_paths in TABLES:
+        items.content_part = part if with_part else None
+        items.untrained_sid_rows = paths if with_paths else None
+        with torch.no_grad():
+            table = items.table(trained)
         for scale in scales:
             scorer = table_scorer(model.encoder, table, scales_for(trained, scale))
             for stage in ("valid", "test"):
                 ranks = rank_targets(scorer, split, stage, cfg.eval_batch_size or 32, cfg.max_len)
                 out[f"{name} scale {scale:g} {stage}"] = summarize(ranks, split, stage)
+    items.content_part, items.untrained_sid_rows = part, paths
     return out
 
 

@@ -31,6 +31,7 @@ import numpy as np
 if TYPE_CHECKING:
     from sidrec.offline.split import Split
     from sidrec.offline.train import SequentialRecommender
+    from sidrec.sid_codebook import Codebooks
 
 from sidrec.offline.bench.plan import HYBRID_FUSIONS, PEER, Run, plan_of, run_config
 
@@ -141,7 +142,10 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
         from sidrec.offline.new_items import calibrate_scale
         from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
-        calibrate_scale(folder, split, prepared_content(out, run), log=lambda _: None)
+        calibrate_scale(
+            folder, split, prepared_content(out, run), log=lambda _: None,
+            codebooks=prepared_codebooks(out, run),
+        )  # fmt: skip
         model = load_checkpoint(folder / CHECKPOINT_FILE)[0]  # with its content part, if any
     info = {
         # the generative-retrieval papers' rule (history items stay candidates), for
@@ -167,6 +171,13 @@ def prepared_content(out: Path, run: Run) -> np.ndarray:
     from sidrec.offline.bench.plan import SID_SETS
 
     return np.load(out / PREPARED / f"content-{SID_SETS[run.sid_set][0]}.npy")
+
+
+def prepared_codebooks(out: Path, run: Run) -> Codebooks:
+    """The codebooks of `run`'s SID set."""
+    from sidrec.sid_codebook import Codebooks
+
+    return Codebooks.load(out / PREPARED / f"codebooks-{run.sid_set}.npz")
 
 
 def finish_stopped(data_dir: Path, out: Path, run: Run) -> dict | None:
@@ -214,7 +225,10 @@ def finish_stopped(data_dir: Path, out: Path, run: Run) -> dict | None:
     if cfg.variant != "id":
         from sidrec.offline.new_items import calibrate_scale
 
-        calibrate_scale(folder, split, prepared_content(out, run), log=lambda _: None)
+        calibrate_scale(
+            folder, split, prepared_content(out, run), log=lambda _: None,
+            codebooks=prepared_codebooks(out, run),
+        )  # fmt: skip
         model = load_checkpoint(folder / CHECKPOINT_FILE)[0]  # with its content part, if any
     info = {
         "test_history_kept": history_kept_test(model, split, cfg.max_len, None, folder),
