@@ -234,42 +234,67 @@ def calibrate_scale(
         log("new-item scale: every item was trained, so scale 1")
         (run_dir / NEW_ITEMS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         return metrics
-    if content is not None and codebooks is not None and model.items.uses_sid:
-        paths = attach_nearest_trained_paths(model, codebooks, ckpt["sids"], trained, content)
-        record["nearest_trained_paths"] = paths
-        before, after = paths["trained_rows_read_own_path"], paths["trained_rows_read"]
-        moved, total = paths["on_another_path"], paths["untrained_items"]
-        log(f"untrained items: {moved} of {total} read a nearer trained path's SID rows; "
-            f"trained rows read {before:.2f} -> {after:.2f}")  # fmt: skip
+    items = model.items
+    # Which rows untrained items read: their own paths, and (given codebooks) the nearest
+    # trained paths; validation chooses between the two below.
+    paths: dict[str, torch.Tensor | None] = {"own": None}
+    if content is not None and codebooks is not None and items.uses_sid:
+        record["nearest_trained_paths"] = attach_nearest_trained_paths(
+            model, codebooks, ckpt["sids"], trained, content
+        )
+        paths["nearest"] = items.untrained_sid_rows
     if content is not None and gets_content_part(cfg.variant, cfg.fusion):
         record["content_part"] = fit_content_part(model, trained, content)
         log(f"content part: ridge penalty {record['content_part']['penalty']:g}, held-out "
             f"R^2 {max(record['content_part']['heldout_r2_by_penalty'].values()):.3f}")  # fmt: skip
-    if len(record) > 1:
-        ckpt["state_dict"] = {k: v.cpu() for k, v in model.state_dict().items()}
-        tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
-        torch.save(ckpt, tmp)
-        tmp.replace(run_dir / CHECKPOINT_FILE)
-    with torch.no_grad():
-        table = model.items.table(trained)  # [n + 1, d]
     batch_size = cfg.eval_batch_size or 32
 
     def ranks(stage: str, scales: torch.Tensor | None, offsets: torch.Tensor | None = None):
+        with torch.no_grad():
+            table = items.table(trained)  # [n + 1, d]
         scorer = table_scorer(model.encoder, table, scales, offsets)
         return rank_targets(scorer, split, stage, batch_size, cfg.max_len)
 
     hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
     never = torch.where(trained, 0.0, float("inf"))  # new items never recommended
     hot_reference = metrics_from_ranks(ranks("valid", None, never)[hot])["ndcg@10"]
-    by_scale = {
-        str(s): warm_figures(ranks("valid", scales_for(trained, s)), hot) for s in NEW_ITEM_SCALES
-    }
-    chosen = choose_scale(by_scale, hot_reference, tolerance)
-    scales = scales_for(trained, chosen)
-    valid = summarize(ranks("valid", scales), split, "valid")
-    test = summarize(ranks("test", scales), split, "test")
+    by_paths: dict[str, dict[str, Any]] = {}
+    for name, rows in paths.items():
+        items.untrained_sid_rows = rows
+        by_scale = {
+            str(s): warm_figures(ranks("valid", scales_for(trained, s)), hot)
+            for s in NEW_ITEM_SCALES
+        }
+        chosen = choose_scale(by_scale, hot_reference, tolerance)
+        valid = summarize(ranks("valid", scales_for(trained, chosen)), split, "valid")
+        by_paths[name] = {"new_item_scale": chosen, "valid": valid,
+                          "valid_by_new_item_scale": by_scale}  # fmt: skip
+    # Both tables pass the warm rule at their scales: keep the one that finds more new items
+    # on validation (own paths on a tie).
+    pick = max(by_paths, key=lambda n: (by_paths[n]["valid"]["cold_start"]["hr@10"], n == "own"))
+    items.untrained_sid_rows = paths[pick]
+    chosen, valid = by_paths[pick]["new_item_scale"], by_paths[pick]["valid"]
+    test = summarize(ranks("test", scales_for(trained, chosen)), split, "test")
+    if len(record) > 1:  # a content part or nearest paths: the checkpoint keeps the choice
+        ckpt["state_dict"] = {k: v.cpu() for k, v in model.state_dict().items()}
+        tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
+        torch.save(ckpt, tmp)
+        tmp.replace(run_dir / CHECKPOINT_FILE)
+    if "nearest" in paths:
+        record["nearest_trained_paths"] |= {
+            "chosen": pick == "nearest",
+            **{f"valid_cold_start_hr@10_{n}": v["valid"]["cold_start"]["hr@10"]
+               for n, v in by_paths.items()},
+            **{f"new_item_scale_{n}": v["new_item_scale"] for n, v in by_paths.items()},
+        }  # fmt: skip
+        paths_record = record["nearest_trained_paths"]
+        log(f"untrained items: {paths_record['on_another_path']} of "
+            f"{paths_record['untrained_items']} have a nearest trained path not their own; "
+            f"validation cold-start HR@10 own paths "
+            f"{paths_record['valid_cold_start_hr@10_own']:.4f}, nearest trained paths "
+            f"{paths_record['valid_cold_start_hr@10_nearest']:.4f}: {pick} kept")  # fmt: skip
     record |= {"new_item_scale": chosen, "valid_hot_ndcg@10_never_recommended": hot_reference,
-               "valid_by_new_item_scale": by_scale,
+               "valid_by_new_item_scale": by_paths[pick]["valid_by_new_item_scale"],
                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     (run_dir / NEW_ITEMS_FILE).write_text(json.dumps(record, indent=2) + "\n")
     # the model as trained (kept from a first calibration when run again)

@@ -309,10 +309,17 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(tmp_pa
     main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"),
           "--scales", f"1.0,{chosen}", "--cold-fraction", "0.2"])  # fmt: skip
     cells = json.loads((tmp_path / "run" / "hybrid-sum" / "content_part_ablation.json").read_text())
-    # the served table (content part, nearest paths, chosen scale) is what metrics.json
-    # reports; the model as trained (no part, own paths, scale 1) is its "unscaled"
-    assert metrics["new_items"]["nearest_trained_paths"]["on_another_path"] > 0
-    assert cells[f"content part scale {chosen:g} test"] == metrics["test"]
+    # the served table (content part, the paths validation kept, chosen scale) is what
+    # metrics.json reports; the model as trained (no part, own paths, scale 1) is "unscaled"
+    paths = metrics["new_items"]["nearest_trained_paths"]
+    assert paths["on_another_path"] > 0
+    kept = "nearest" if paths["chosen"] else "own"
+    assert paths[f"new_item_scale_{kept}"] == chosen
+    assert paths[f"valid_cold_start_hr@10_{kept}"] == max(
+        paths["valid_cold_start_hr@10_own"], paths["valid_cold_start_hr@10_nearest"]
+    )
+    served = "content part" if paths["chosen"] else "own paths"
+    assert cells[f"{served} scale {chosen:g} test"] == metrics["test"]
     assert cells["as trained scale 1 test"]["overall"] == metrics["unscaled"]["test"]["overall"]
     assert cells["as trained scale 1 valid"]["overall"] == metrics["unscaled"]["valid"]["overall"]
     assert cells["sid only scale 1 test"] != cells["as trained scale 1 test"]

@@ -18,15 +18,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
-from sidrec.offline.new_items import scales_for
+from sidrec.offline.new_items import nearest_trained_paths, scales_for
 from sidrec.offline.split import Split
 from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
-# (name, content part, nearest trained paths): the first is the table the service holds, the
-# last the model as trained
+# (name, content part, nearest trained paths); the last is the model as trained
 TABLES = (
     ("content part", True, True),
     ("sid only", False, True),
@@ -35,20 +35,25 @@ TABLES = (
 )
 
 
-def ablate(run_dir: Path, split: Split, scales: list[float]) -> dict[str, dict[str, Any]]:
+def ablate(
+    run_dir: Path, split: Split, scales: list[float], nearest: np.ndarray
+) -> dict[str, dict[str, Any]]:
     """{"<table> scale <s> <stage>": summarize's report} for run_dir's checkpoint, whose item
-    embedding has a content part (calibrate_scale fitted it); the nearest-path tables equal the
-    own-path ones for a model calibrated without them."""
+    embedding has a content part (calibrate_scale fitted it). nearest: int64 [n + 1, L], the
+    untrained items' nearest trained paths (new_items.nearest_trained_paths), used whichever
+    paths the run's calibration kept."""
     model, cfg, ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
     items = model.items
     if not items.has_content_part:
         raise ValueError(f"{run_dir}: no content part (a hybrid-sum run after calibrate_scale)")
     trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
-    part, paths = items.content_part, items.untrained_sid_rows
+    part = items.content_part
+    items.attach_untrained_codes(torch.as_tensor(nearest))
+    nearest_rows = items.untrained_sid_rows
     out: dict[str, dict[str, Any]] = {}
     for name, with_part, with_paths in TABLES:
         items.content_part = part if with_part else None
-        items.untrained_sid_rows = paths if with_paths else None
+        items.untrained_sid_rows = nearest_rows if with_paths else None
         with torch.no_grad():
             table = items.table(trained)
         for scale in scales:
@@ -56,7 +61,6 @@ def ablate(run_dir: Path, split: Split, scales: list[float]) -> dict[str, dict[s
             for stage in ("valid", "test"):
                 ranks = rank_targets(scorer, split, stage, cfg.eval_batch_size or 32, cfg.max_len)
                 out[f"{name} scale {scale:g} {stage}"] = summarize(ranks, split, stage)
-    items.content_part, items.untrained_sid_rows = part, paths
     return out
 
 
@@ -75,7 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         args.data, args.run, seed=args.seed, cold_fraction=args.cold_fraction, progress=False
     )
     folder = args.run / args.variant
-    cells = ablate(folder, steps.split, [float(s) for s in args.scales.split(",")])
+    codebooks, sids = steps.sids()
+    split = steps.split
+    nearest = nearest_trained_paths(codebooks, sids, split.trained, steps.content_vectors)
+    cells = ablate(folder, split, [float(s) for s in args.scales.split(",")], nearest)
     for key, report in cells.items():
         bins = report["by_popularity"]
         print(f"{key:28s} hr@10 {report['overall']['hr@10']:.4f} "
