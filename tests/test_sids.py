@@ -26,15 +26,23 @@ def clustered_vectors(n: int = 600, dim: int = 32, topics: int = 12, seed: int =
     return x.astype(np.float32), topic
 
 
-def reference_assign(vectors: np.ndarray, centroids: np.ndarray, normalize: bool) -> np.ndarray:
-    """The RQ rule written out item by item, independent of sid_codebook's vectorised code."""
+def reference_assign(
+    vectors: np.ndarray, centroids: np.ndarray, normalize: bool, paths: np.ndarray | None = None
+) -> np.ndarray:
+    """The RQ rule written out item by item, independent of sid_codebook's vectorised code;
+    with `paths`, each layer takes the nearest centroid among the codes that some path
+    continues the prefix with, found by looking the paths up one by one."""
     out = np.zeros((len(vectors), len(centroids)), dtype=np.int64)
     for i, v in enumerate(vectors.astype(np.float64)):
         r = v
         for layer, c in enumerate(centroids.astype(np.float64)):
             if normalize:
                 r = r / max(np.linalg.norm(r), 1e-12)
-            out[i, layer] = int(np.argmin(((c - r) ** 2).sum(axis=1)))
+            allowed = np.arange(len(c))
+            if paths is not None:
+                prefix = out[i, :layer]
+                allowed = np.unique([p[layer] for p in paths if (p[:layer] == prefix).all()])
+            out[i, layer] = allowed[int(np.argmin(((c[allowed] - r) ** 2).sum(axis=1)))]
             r = r - c[out[i, layer]]
     return out
 
@@ -193,24 +201,6 @@ def test_codes_follow_topics() -> None:
     assert first["lift"] > 3.0
 
 
-def reference_assign_within(
-    vectors: np.ndarray, centroids: np.ndarray, paths: np.ndarray, normalize: bool
-) -> np.ndarray:
-    """The constrained rule written out: at each layer the nearest centroid among the codes
-    that some path continues the prefix with, by looking the paths up one by one."""
-    out = np.zeros((len(vectors), len(centroids)), dtype=np.int64)
-    for i, v in enumerate(vectors.astype(np.float64)):
-        r = v
-        for layer, c in enumerate(centroids.astype(np.float64)):
-            if normalize:
-                r = r / max(np.linalg.norm(r), 1e-12)
-            allowed = sorted({int(p[layer]) for p in paths if (p[:layer] == out[i, :layer]).all()})
-            dist = ((c[allowed] - r) ** 2).sum(axis=1)
-            out[i, layer] = allowed[int(np.argmin(dist))]
-            r = r - c[out[i, layer]]
-    return out
-
-
 @pytest.mark.parametrize("normalize", [False, True])
 def test_assign_within_paths_takes_the_nearest_allowed_code_per_layer(normalize: bool) -> None:
     x, _ = clustered_vectors(n=300)
@@ -220,7 +210,7 @@ def test_assign_within_paths_takes_the_nearest_allowed_code_per_layer(normalize:
     new = clustered_vectors(n=80, seed=1)[0]
     within = codebooks.assign(new, within=paths)
     np.testing.assert_array_equal(
-        within, reference_assign_within(new, codebooks.centroids, codes[:60], normalize)
+        within, reference_assign(new, codebooks.centroids, normalize, paths=codes[:60])
     )
     known = {tuple(p) for p in codes[:60].tolist()}
     assert all(tuple(c) in known for c in within.tolist())  # always one of the paths
