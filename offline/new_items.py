@@ -250,32 +250,43 @@ def calibrate_scale(
             f"R^2 {max(record['content_part']['heldout_r2_by_penalty'].values()):.3f}")  # fmt: skip
     batch_size = cfg.eval_batch_size or 32
 
-    def ranks(stage: str, scales: torch.Tensor | None, offsets: torch.Tensor | None = None):
+    def item_table() -> torch.Tensor:
         with torch.no_grad():
-            table = items.table(trained)  # [n + 1, d]
+            return items.table(trained)  # [n + 1, d], with the paths set on items
+
+    def ranks(
+        table: torch.Tensor,
+        stage: str,
+        scales: torch.Tensor | None,
+        offsets: torch.Tensor | None = None,
+    ) -> np.ndarray:
         scorer = table_scorer(model.encoder, table, scales, offsets)
         return rank_targets(scorer, split, stage, batch_size, cfg.max_len)
 
     hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
-    never = torch.where(trained, 0.0, float("inf"))  # new items never recommended
-    hot_reference = metrics_from_ranks(ranks("valid", None, never)[hot])["ndcg@10"]
+    # new items never recommended (so the paths they would read do not matter)
+    never = torch.where(trained, 0.0, float("inf"))
+    hot_reference = metrics_from_ranks(ranks(item_table(), "valid", None, never)[hot])["ndcg@10"]
     by_paths: dict[str, dict[str, Any]] = {}
     for name, rows in paths.items():
         items.untrained_sid_rows = rows
-        by_scale = {
-            str(s): warm_figures(ranks("valid", scales_for(trained, s)), hot)
-            for s in NEW_ITEM_SCALES
+        table = item_table()
+        valid_ranks = {
+            str(s): ranks(table, "valid", scales_for(trained, s)) for s in NEW_ITEM_SCALES
         }
+        by_scale = {s: warm_figures(r, hot) for s, r in valid_ranks.items()}
         chosen = choose_scale(by_scale, hot_reference, tolerance)
-        valid = summarize(ranks("valid", scales_for(trained, chosen)), split, "valid")
-        by_paths[name] = {"new_item_scale": chosen, "valid": valid,
+        valid = summarize(valid_ranks[str(chosen)], split, "valid")
+        by_paths[name] = {"new_item_scale": chosen, "valid": valid, "table": table,
                           "valid_by_new_item_scale": by_scale}  # fmt: skip
     # Both tables pass the warm rule at their scales: keep the one that finds more new items
     # on validation (own paths on a tie).
     pick = max(by_paths, key=lambda n: (by_paths[n]["valid"]["cold_start"]["hr@10"], n == "own"))
     items.untrained_sid_rows = paths[pick]
     chosen, valid = by_paths[pick]["new_item_scale"], by_paths[pick]["valid"]
-    test = summarize(ranks("test", scales_for(trained, chosen)), split, "test")
+    test = summarize(
+        ranks(by_paths[pick]["table"], "test", scales_for(trained, chosen)), split, "test"
+    )
     if len(record) > 1:  # a content part or nearest paths: the checkpoint keeps the choice
         ckpt["state_dict"] = {k: v.cpu() for k, v in model.state_dict().items()}
         tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
