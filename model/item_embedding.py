@@ -22,6 +22,12 @@ its content vector fitted to the warm items' id rows (offline/new_items.py). Wit
 with one semantic code tuple share one vector; with it, distinct texts get distinct vectors
 and the id part is the best linear guess the content allows.
 
+Frequency gate (sid_gate, hybrid sum only): the SID part is scaled by 1 + g[b], one learned
+scalar per bucket b = min(floor(log2(1 + training events)), GATE_BUCKETS - 1), so training can
+turn the shared SID rows down for popular items, whose own id rows know them best, and up for
+rare ones. An item without an id part (untrained, or id-dropped in training) reads bucket 0.
+g starts at 0: the plain sum.
+
 Cold start: an item that was never trained (withheld, or new in the service) or whose id is
 dropped in training has no id part, so its vector comes from its SID alone. The defaults are
 the ones that make that vector useful (ML-100K, docs/internals.md):
@@ -52,6 +58,13 @@ VARIANTS = ("id", "sid-prefixn", "sid-rqsum", "hybrid")
 FUSIONS = ("sum", "alpha", "switch")
 UNKNOWN_IDS = ("learned", "zero")
 PREFIX_TABLES = ("hashed", "exact")
+GATE_BUCKETS = 16  # floor(log2(1 + events)): 0, 1-2, 3-6, 7-14, ..., >= 2^15 - 1
+
+
+def gate_buckets(train_counts: torch.Tensor) -> torch.Tensor:
+    """int64 [n + 1] training events per row -> its frequency-gate bucket [n + 1]."""
+    buckets = torch.floor(torch.log2(train_counts.double().clamp(min=0) + 1)).long()
+    return buckets.clamp(max=GATE_BUCKETS - 1)
 
 
 def _init_table(weight: torch.Tensor) -> None:
@@ -153,6 +166,7 @@ class ItemEmbedding(nn.Module):
         prefix_table: str = "exact",
         hybrid_sid: str = "prefixn",
         trained_rows_only: bool = True,
+        sid_gate: bool = False,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -234,6 +248,14 @@ class ItemEmbedding(nn.Module):
         if variant == "hybrid" and fusion == "alpha":
             self.alpha = nn.Parameter(torch.tensor(0.5))
 
+        self.sid_gate: nn.Parameter | None = None
+        if sid_gate:
+            if variant != "hybrid" or fusion != "sum":
+                raise ValueError("sid_gate scales the SID part of a hybrid-sum item only")
+            self.sid_gate = nn.Parameter(torch.zeros(GATE_BUCKETS))  # the SID part x (1 + g)
+            # each row's bucket (set_gate_buckets); 0, the untrained bucket, until set
+            self.register_buffer("gate_bucket", torch.zeros(num_items + 1, dtype=torch.int64))
+
     @property
     def uses_sid(self) -> bool:
         return self.sid_emb is not None
@@ -281,6 +303,23 @@ class ItemEmbedding(nn.Module):
         if codes.shape[0] != self.num_items + 1:
             raise ValueError(f"codes must be [num_items + 1, L], got {tuple(codes.shape)}")
         self.untrained_sid_rows = self._sid_rows(codes.long().to(self.sid_rows.device))
+
+    @torch.no_grad()
+    def set_gate_buckets(self, train_counts: torch.Tensor) -> None:
+        """train_counts int64 [n + 1]: training events per row, which pick each row's gate."""
+        if self.sid_gate is None:
+            raise ValueError("this item embedding has no frequency gate (sid_gate=False)")
+        buckets = gate_buckets(torch.as_tensor(train_counts))
+        self.gate_bucket.copy_(buckets.to(self.gate_bucket.device))
+
+    def _gated(
+        self, sid_part: torch.Tensor, rows: torch.Tensor, known: torch.Tensor
+    ) -> torch.Tensor:
+        # sid_part [..., d] of rows [...]; an item without an id part reads bucket 0
+        if self.sid_gate is None:
+            return sid_part
+        bucket = torch.where(known, self.gate_bucket[rows], torch.zeros_like(rows))
+        return sid_part * (1 + self.sid_gate[bucket])[..., None]
 
     @property
     def has_content_part(self) -> bool:
@@ -344,7 +383,7 @@ class ItemEmbedding(nn.Module):
         if self.sid_emb is not None:
             # Every row counts: a trained item reads only trained rows anyway, and the
             # trained-rows mask is for items that training never saw.
-            sid_part = self.sid_emb(self.sid_rows[rows]).sum(-2)
+            sid_part = self._gated(self.sid_emb(self.sid_rows[rows]).sum(-2), rows, known)
         out = self._fuse(sid_part, id_part, known)
         return out * (rows != 0)[..., None].to(out.dtype)
 
@@ -375,7 +414,7 @@ class ItemEmbedding(nn.Module):
             sid_rows = self.sid_rows
             if self.untrained_sid_rows is not None:
                 sid_rows = torch.where(trained[:, None], sid_rows, self.untrained_sid_rows)
-            sid_part = self._sid_vectors(sid_rows)
+            sid_part = self._gated(self._sid_vectors(sid_rows), rows, trained)
         out = self._fuse(sid_part, id_part, trained)
         out[0] = 0.0
         return out
@@ -395,9 +434,11 @@ class ItemEmbedding(nn.Module):
                 unknown = torch.zeros_like(self.id_emb.weight[0])
             id_part = unknown.expand(codes.shape[0], self.d)
         sid_part = None
+        unknown_rows = torch.zeros(codes.shape[0], dtype=torch.bool, device=codes.device)
         if self.sid_emb is not None:
             sid_part = self._sid_vectors(self._sid_rows(codes))
-        unknown_rows = torch.zeros(codes.shape[0], dtype=torch.bool, device=codes.device)
+            if self.sid_gate is not None:
+                sid_part = sid_part * (1 + self.sid_gate[0])
         return self._fuse(sid_part, id_part, unknown_rows)
 
 

@@ -148,6 +148,8 @@ def export_bundle(
             "dropout": cfg.dropout,
             "lr": cfg.lr,
             "weight_decay": cfg.weight_decay,
+            "sid_weight_decay": cfg.sid_weight_decay,  # null: weight_decay's
+            "sid_gate": cfg.sid_gate,  # the SID part scaled per training-count bucket
             "best_epoch": ckpt["epoch"],
             # how new items get vectors: a content tower (SID + content), the SID plus a content
             # part in place of the id row (model/item_embedding.py), or the SID alone

@@ -353,6 +353,8 @@ class Steps:
             progress=self.progress,
         )
         cfg = replace(cfg, **self.settings)
+        if cfg.sid_gate and (variant, fusion) != ("hybrid", "sum"):
+            cfg = replace(cfg, sid_gate=False)  # the gate scales a hybrid-sum's SID part only
         console.rule(f"train {name}" + (f" ({procs} processes)" if procs > 1 else ""))
         started = time.perf_counter()
         out = self.run / name

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +88,11 @@ class TrainConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
+    # AdamW decay of the SID table alone (None = weight_decay). Decoupled decay shrinks every
+    # row each step, and a shared SID row is refreshed by many items' gradients where an id
+    # row only by its own item's: stronger decay on the SID rows leaves item-specific signal
+    # to the id rows.
+    sid_weight_decay: float | None = None
     batch_size: int = 128  # global: split across DDP ranks
     epochs: int = 100
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
@@ -117,6 +123,9 @@ class TrainConfig:
     prefix_table: str = "exact"  # hashed | exact
     hybrid_sid: str = "prefixn"  # prefixn | rqsum
     trained_rows_only: bool = True
+    # hybrid-sum: scale the SID part by a learned factor per log2 training-count bucket
+    # (model/item_embedding.py), so popular items can lean on their id rows
+    sid_gate: bool = False
     use_time: bool = True
     sid_layers: int | None = None  # None = every semantic layer of `sids`
     seed: int = 0
@@ -244,6 +253,7 @@ def build_model(
         prefix_table=cfg.prefix_table,
         hybrid_sid=cfg.hybrid_sid,
         trained_rows_only=cfg.trained_rows_only,
+        sid_gate=cfg.sid_gate,
     )
     encoder = HSTU(
         cfg.d,
@@ -261,6 +271,20 @@ def build_model(
         attention=cfg.attention,
     )
     return SequentialRecommender(items, encoder)
+
+
+def parameter_groups(model: SequentialRecommender, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: the SID table with cfg.sid_weight_decay where set, the rest at
+    cfg.weight_decay."""
+    sid_table = model.items.sid_emb
+    if cfg.sid_weight_decay is None or sid_table is None:
+        return [{"params": list(model.parameters())}]
+    sid_params = {id(p) for p in sid_table.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in sid_params]
+    return [
+        {"params": rest},
+        {"params": list(sid_table.parameters()), "weight_decay": cfg.sid_weight_decay},
+    ]
 
 
 def load_checkpoint(path: str | Path) -> tuple[SequentialRecommender, TrainConfig, dict]:
@@ -434,6 +458,8 @@ def _train(
     # per-rank seed so dropout and negatives differ between ranks.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.num_items, sids, codes_per_layer).to(device)
+    if cfg.sid_gate:
+        model.items.set_gate_buckets(torch.as_tensor(split.train_counts))
     torch.manual_seed(cfg.seed + 1000 * rank)
     negatives_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank + 1)
     ddp_model: nn.Module = model
@@ -444,7 +470,7 @@ def _train(
             model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
         )
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        parameter_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
 
     seqs = training_sequences(split, cfg.max_len, cfg.windows)

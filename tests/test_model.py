@@ -12,6 +12,7 @@ from sidrec.model.item_embedding import (
     ItemEmbedding,
     SidContentToVector,
     SidToVector,
+    gate_buckets,
     prefix_rows,
     prefix_trie,
     trie_rows,
@@ -655,6 +656,58 @@ def test_content_part_is_for_hybrid_sum_only(variant: str, fusion: str) -> None:
     emb = make_embedding(variant, fusion=fusion)
     with pytest.raises(ValueError, match="hybrid-sum"):
         emb.attach_content_map(torch.zeros(4, D), torch.zeros(D), torch.zeros(N_ITEMS, 4))
+
+
+def test_frequency_gate_scales_the_sid_part_by_training_count() -> None:
+    assert gate_buckets(torch.tensor([0, 1, 2, 3, 6, 7, 100, 10**9])).tolist() == [
+        0, 1, 1, 2, 2, 3, 6, 15,
+    ]  # fmt: skip
+    emb = make_embedding("hybrid", sid_gate=True, id_dropout=1.0)
+    counts = torch.arange(N_ITEMS + 1) ** 2  # rows 1..40 spread over buckets 1-10
+    counts[[4, 9]] = 0  # untrained
+    emb.set_gate_buckets(counts)
+    with torch.no_grad():
+        emb.sid_gate.copy_(torch.linspace(-0.5, 1.0, len(emb.sid_gate)))
+    trained = counts > 0
+    sids = make_sids()
+    rows = torch.arange(N_ITEMS + 1)
+    sid_part = emb.sid_emb(emb.sid_rows).sum(-2)  # every row here is trained but 4 and 9's own
+    gate = 1 + emb.sid_gate[gate_buckets(counts)]
+    table = emb.table(trained)
+    warm = trained.nonzero().flatten()
+    torch.testing.assert_close(table[warm], emb.id_emb(warm) + gate[warm, None] * sid_part[warm])
+    torch.testing.assert_close(emb.eval()(warm), table[warm])
+    # untrained items read bucket 0, in the table and as a new item (the ONNX graph's path)
+    cold = torch.tensor([4, 9])
+    torch.testing.assert_close(table[cold], emb.from_sid(sids[cold]))
+    torch.testing.assert_close(SidToVector(emb)(sids[cold]), emb.from_sid(sids[cold]))
+    torch.testing.assert_close(
+        emb.from_sid(sids[[7]]), (1 + emb.sid_gate[0]) * emb._sid_vectors(emb.sid_rows[[7]])
+    )
+    # an id-dropped item in training looks new: bucket 0, and the gate learns from it
+    emb.train()
+    out = emb(rows[1:])
+    torch.testing.assert_close(out, (1 + emb.sid_gate[0]) * sid_part[1:])
+    out.sum().backward()
+    assert emb.sid_gate.grad[0] != 0 and (emb.sid_gate.grad[1:] == 0).all()
+    # kept ids train each item's own bucket
+    emb.zero_grad()
+    emb.id_dropout = 0.0
+    emb(rows[1:]).sum().backward()
+    read = gate_buckets(counts[1:]).unique()
+    assert (emb.sid_gate.grad[read] != 0).all()
+    # gate and buckets are saved with the weights
+    fresh = make_embedding("hybrid", sid_gate=True)
+    fresh.load_state_dict(emb.state_dict())
+    torch.testing.assert_close(fresh.table(trained), emb.table(trained))
+    # a plain sum at the start: the gate changes nothing until trained
+    plain, gated = make_embedding("hybrid"), make_embedding("hybrid", sid_gate=True)
+    gated.set_gate_buckets(counts)
+    torch.testing.assert_close(gated.table(trained), plain.table(trained))
+    with pytest.raises(ValueError, match="hybrid-sum"):
+        make_embedding("hybrid", fusion="switch", sid_gate=True)
+    with pytest.raises(ValueError, match="no frequency gate"):
+        plain.set_gate_buckets(counts)
 
 
 def test_hybrid_with_rqsum_sid_part() -> None:

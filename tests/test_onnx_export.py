@@ -214,14 +214,21 @@ def test_sid_to_vector_parity_for_new_tuples(tmp_path: Path, options: dict) -> N
         assert (rows[:32, 0] > 0).all() and (rows[:32, 2] == 0).any() and (rows[32:] == 0).any()
 
 
-def test_sid_to_vector_with_a_content_part_reads_content(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sid_gate", [False, True])
+def test_sid_to_vector_with_a_content_part_reads_content(tmp_path: Path, sid_gate: bool) -> None:
     num_items, k, layers, c = 200, 16, 3, 24
     gen = torch.Generator().manual_seed(0)
     sids = torch.randint(0, k, (num_items + 1, layers + 1), generator=gen)
     sids[:, layers] = 0
     sids[0] = 0
     torch.manual_seed(0)
-    embedding = ItemEmbedding("hybrid", num_items, D, sids=sids, codes_per_layer=k)
+    embedding = ItemEmbedding(
+        "hybrid", num_items, D, sids=sids, codes_per_layer=k, sid_gate=sid_gate
+    )
+    if sid_gate:  # a trained frequency gate: new items read bucket 0's
+        embedding.set_gate_buckets(torch.randint(0, 5000, (num_items + 1,), generator=gen))
+        with torch.no_grad():
+            embedding.sid_gate.copy_(torch.rand(len(embedding.sid_gate), generator=gen) - 0.5)
     content = torch.randn(num_items, c, generator=gen)
     embedding.attach_content_map(torch.randn(c, D, generator=gen), torch.randn(D), content)
     trained = torch.rand(num_items + 1, generator=gen) < 0.7

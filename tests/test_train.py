@@ -354,6 +354,50 @@ def test_training_on_overlapping_windows_learns_the_planted_pattern(tmp_path, lo
     assert metrics["config"]["windows"] == "overlap"
 
 
+def test_frequency_gate_trains_from_the_splits_counts_and_reloads(tmp_path) -> None:
+    from sidrec.model.item_embedding import gate_buckets
+
+    data = planted_interactions()
+    split = make_split(data, 0.05, seed=0)
+    out = tmp_path / "gate"
+    cfg = tiny_config(epochs=2, sid_gate=True)
+    train(data, split, random_sids(), 8, cfg, out, log=lambda _: None)
+    model, cfg, ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert cfg.sid_gate
+    buckets = gate_buckets(torch.as_tensor(split.train_counts))
+    assert torch.equal(model.items.gate_bucket, buckets)
+    # every bucket some item (or an id-dropped one, bucket 0) reads has moved off the plain sum
+    assert (model.items.sid_gate[buckets.unique()] != 0).all()
+    reloaded = evaluate(hstu_scorer(model.encoder, model.items, ckpt["trained"]), split, "test")
+    assert reloaded == json.loads((out / "metrics.json").read_text())["test"]
+
+
+def test_sid_table_gets_its_own_weight_decay() -> None:
+    from sidrec.offline.train import build_model, parameter_groups
+
+    cfg = tiny_config(weight_decay=0.3, sid_weight_decay=1.0)
+    model = build_model(cfg, NUM_ITEMS, random_sids(), 8)
+    rest, sid = parameter_groups(model, cfg)
+    assert sid["weight_decay"] == 1.0 and "weight_decay" not in rest  # rest: the optimizer's
+    assert [id(p) for p in sid["params"]] == [id(model.items.sid_emb.weight)]
+    assert len(rest["params"]) + 1 == len(list(model.parameters()))
+    # AdamW applies each: a step on zero gradients only decays, by lr x the group's decay
+    optimizer = torch.optim.AdamW([rest, sid], lr=0.1, weight_decay=cfg.weight_decay)
+    before = model.items.sid_emb.weight.detach().clone()
+    id_before = model.items.id_emb.weight.detach().clone()
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    torch.testing.assert_close(model.items.sid_emb.weight.detach(), before * (1 - 0.1 * 1.0))
+    torch.testing.assert_close(model.items.id_emb.weight.detach(), id_before * (1 - 0.1 * 0.3))
+    # unset, or a model without SID rows: one group at the optimizer's decay
+    for cfg, sids in ((tiny_config(weight_decay=0.3), random_sids()),
+                      (tiny_config(variant="id", sid_weight_decay=1.0), None)):  # fmt: skip
+        model = build_model(cfg, NUM_ITEMS, sids, 8)
+        (group,) = parameter_groups(model, cfg)
+        assert len(group["params"]) == len(list(model.parameters()))
+
+
 def test_training_without_timestamps_or_sids(tmp_path) -> None:
     data = planted_interactions()
     data = Interactions(data.name, data.catalog, data.users, data.sequences, None)

@@ -90,7 +90,8 @@ def test_bad_settings_are_refused_before_training(steps: pipeline.Steps, tmp_pat
 
 def test_trained_variant_uses_the_settings(steps: pipeline.Steps, tmp_path: Path) -> None:
     path = tmp_path / "s.json"
-    path.write_text(json.dumps({"loss": "sampled-logq", "num_negatives": 8, "dropout": 0.3}))
+    settings = {"loss": "sampled-logq", "num_negatives": 8, "dropout": 0.3, "sid_gate": True}
+    path.write_text(json.dumps(settings))
     steps.use_settings(path)
     # Random content vectors: SIDs without MiniLM (not what is tested here).
     rng = np.random.default_rng(0)
@@ -103,6 +104,7 @@ def test_trained_variant_uses_the_settings(steps: pipeline.Steps, tmp_path: Path
         8,
         0.3,
     )
+    assert config["sid_gate"] is False  # the frequency gate is a hybrid-sum's: not id-only's
 
 
 def test_a_run_folder_keeps_its_content_precision(tmp_path: Path) -> None:
