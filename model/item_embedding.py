@@ -23,10 +23,11 @@ with one semantic code tuple share one vector; with it, distinct texts get disti
 and the id part is the best linear guess the content allows.
 
 Frequency gate (sid_gate, hybrid sum only): the SID part is scaled by 1 + g[b], one learned
-scalar per bucket b = min(floor(log2(1 + training events)), GATE_BUCKETS - 1), so training can
-turn the shared SID rows down for popular items, whose own id rows know them best, and up for
-rare ones. An item without an id part (untrained, or id-dropped in training) reads bucket 0.
-g starts at 0: the plain sum.
+scalar per bucket b = min(floor(log2(1 + training events)), GATE_BUCKETS - 1), meant to let
+training turn the shared SID rows down for popular items. An item without an id part
+(untrained, or id-dropped in training) reads bucket 0. g starts at 0: the plain sum. On Amazon
+Toys training scaled every bucket up instead and peaked earlier (docs/results/content-tower.md,
+fifteenth session): an ablation, not a default.
 
 Cold start: an item that was never trained (withheld, or new in the service) or whose id is
 dropped in training has no id part, so its vector comes from its SID alone. The defaults are
