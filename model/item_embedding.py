@@ -437,9 +437,8 @@ class ItemEmbedding(nn.Module):
         sid_part = None
         unknown_rows = torch.zeros(codes.shape[0], dtype=torch.bool, device=codes.device)
         if self.sid_emb is not None:
-            sid_part = self._sid_vectors(self._sid_rows(codes))
-            if self.sid_gate is not None:
-                sid_part = sid_part * (1 + self.sid_gate[0])
+            no_row = torch.zeros_like(codes[:, 0])  # a new item has no catalog row
+            sid_part = self._gated(self._sid_vectors(self._sid_rows(codes)), no_row, unknown_rows)
         return self._fuse(sid_part, id_part, unknown_rows)
 
 
