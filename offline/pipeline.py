@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
@@ -31,6 +31,9 @@ from rich.table import Table
 from sidrec.offline.data.dataset import DataError, Interactions
 from sidrec.offline.split import Split
 from sidrec.sid_codebook import Codebooks
+
+if TYPE_CHECKING:
+    from sidrec.offline.train import TrainConfig
 
 
 def make_console() -> Console:
@@ -100,10 +103,13 @@ LONG_HISTORY_SETTINGS: dict[str, Any] = {
 # tune's winner); with SASRec's width and history (d=64, 50 items) 0.0642; scored by dot
 # product as SASRec scores 0.0673 (3 seeds); twice as wide, d=128, 0.0677 (3 seeds); AdamW
 # weight decay 0.1, 0.0684 (3 seeds); weight decay 0.3, 0.0709 (3 seeds; Sports 0.0397 against
-# 0.0373 at 0.1).
+# 0.0373 at 0.1). hybrid-sum's SID table decayed at 1.0: Sports validation 0.0356 against
+# 0.0321 at 0.3 (seed 0), hot bin within 2.2% of id-only against 9.3% below (2 seeds); Toys
+# level over 3 seeds (docs/results/content-tower.md, sixteenth session). Measured on
+# hybrid-sum only, so only hybrid-sum takes it by default (Steps.train_config).
 SHORT_HISTORY_SETTINGS: dict[str, Any] = {
     "attn_norm": "length", "dropout": 0.5, "d": 128, "dqk": 128, "dv": 128, "max_len": 50,
-    "scoring": "dot", "weight_decay": 0.3,
+    "scoring": "dot", "weight_decay": 0.3, "sid_weight_decay": 1.0,
 }  # fmt: skip
 
 
@@ -164,6 +170,9 @@ class Steps:
     # use_settings() fills both from a tune report or the data's shape
     settings: dict[str, Any] = field(default_factory=dict)
     settings_source: str = "TrainConfig defaults"
+    # True where the settings are recommended_settings()'s, whose SID-table decay was chosen
+    # for hybrid-sum alone; settings a user gives apply to every variant as given
+    settings_recommended: bool = False
     # Progress bars (training epochs, content encoding); False for plain logs: one line per
     # epoch (the CLI's --log-format)
     progress: bool = True
@@ -291,6 +300,7 @@ class Steps:
 
         if path is None:
             self.settings, self.settings_source = recommended_settings(self.data)
+            self.settings_recommended = True
         else:
             try:
                 loaded = json.loads(Path(path).read_text())
@@ -309,6 +319,7 @@ class Steps:
                 self.settings, self.settings_source = loaded, str(path)
             else:
                 raise DataError(path, "settings must be a JSON object")
+            self.settings_recommended = False
         known = set(TrainConfig.__dataclass_fields__)
         unknown = sorted(set(self.settings) - known)
         if unknown:
@@ -319,6 +330,34 @@ class Steps:
         record = {"settings": self.settings, "source": self.settings_source}
         (self.run / "settings.json").write_text(json.dumps(record, indent=2) + "\n")
         return self.settings
+
+    def train_config(
+        self, name: str, epochs: int = 60, patience: int = 8, id_dropout: float = 0.2
+    ) -> TrainConfig:
+        """The TrainConfig `train` uses for variant `name`: its variant fields, then the
+        chosen settings, less those that are another variant's."""
+        from sidrec.offline.train import TrainConfig
+
+        variant, fusion = _check_variant(name)
+        cfg = TrainConfig(
+            variant=variant,
+            fusion=fusion,
+            epochs=epochs,
+            patience=patience,
+            id_dropout=id_dropout if variant == "hybrid" else 0.0,
+            use_time=self.data.timestamps is not None,
+            seed=self.seed,
+            threads=1,
+            # Batches of users with similar history lengths (shuffled): far less padding.
+            group_by_length=True,
+            progress=self.progress,
+        )
+        cfg = replace(cfg, **self.settings)
+        if (variant, fusion) != ("hybrid", "sum"):
+            cfg = replace(cfg, sid_gate=False)  # the gate scales a hybrid-sum's SID part only
+            if self.settings_recommended:
+                cfg = replace(cfg, sid_weight_decay=None)  # measured on hybrid-sum only
+        return cfg
 
     def train(
         self,
@@ -334,27 +373,11 @@ class Steps:
         one thread each: on a small CPU box that beats one process with several threads
         (PyTorch's intra-op threads idle on these small matmuls).
         """
-        from sidrec.offline.train import METRICS_FILE, TrainConfig, train
+        from sidrec.offline.train import METRICS_FILE, train
         from sidrec.offline.train_ddp import launch, save_job
 
-        variant, fusion = _check_variant(name)
+        cfg = self.train_config(name, epochs, patience, id_dropout)
         codebooks, sids = self.sids()
-        cfg = TrainConfig(
-            variant=variant,
-            fusion=fusion,
-            epochs=epochs,
-            patience=patience,
-            id_dropout=id_dropout if variant == "hybrid" else 0.0,
-            use_time=self.data.timestamps is not None,
-            seed=self.seed,
-            threads=1,
-            # Batches of users with similar history lengths (shuffled): far less padding.
-            group_by_length=True,
-            progress=self.progress,
-        )
-        cfg = replace(cfg, **self.settings)
-        if cfg.sid_gate and (variant, fusion) != ("hybrid", "sum"):
-            cfg = replace(cfg, sid_gate=False)  # the gate scales a hybrid-sum's SID part only
         console.rule(f"train {name}" + (f" ({procs} processes)" if procs > 1 else ""))
         started = time.perf_counter()
         out = self.run / name
@@ -368,7 +391,7 @@ class Steps:
             from sidrec.offline.tower import attach_tower
 
             attach_tower(out, self.split, self.content_vectors, codebooks.codes, log=console.print)
-        elif variant != "id":
+        elif cfg.variant != "id":
             from sidrec.offline.new_items import calibrate_scale
 
             calibrate_scale(

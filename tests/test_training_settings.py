@@ -107,6 +107,24 @@ def test_trained_variant_uses_the_settings(steps: pipeline.Steps, tmp_path: Path
     assert config["sid_gate"] is False  # the frequency gate is a hybrid-sum's: not id-only's
 
 
+def test_recommended_sid_table_decay_is_hybrid_sums_and_given_settings_apply_as_given(
+    steps: pipeline.Steps, tmp_path: Path
+) -> None:
+    steps.use_settings(None)
+    assert pipeline.SHORT_HISTORY_SETTINGS["sid_weight_decay"] == 1.0
+    hybrid_sum = steps.train_config("hybrid-sum")
+    assert (hybrid_sum.weight_decay, hybrid_sum.sid_weight_decay) == (0.3, 1.0)
+    for other in ("sid-rqsum", "hybrid-alpha", "id"):
+        cfg = steps.train_config(other)
+        assert (cfg.weight_decay, cfg.sid_weight_decay) == (0.3, None), other
+    # A settings file is the user's choice for every variant it trains.
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"weight_decay": 0.3, "sid_weight_decay": 2.0}))
+    steps.use_settings(path)
+    assert steps.train_config("sid-rqsum").sid_weight_decay == 2.0
+    assert steps.train_config("hybrid-sum").sid_weight_decay == 2.0
+
+
 def test_a_run_folder_keeps_its_content_precision(tmp_path: Path) -> None:
     write_synthetic_dataset(tmp_path / "data", users=40, per_theme=6)
     data, run = tmp_path / "data", tmp_path / "run"
