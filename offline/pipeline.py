@@ -105,8 +105,9 @@ LONG_HISTORY_SETTINGS: dict[str, Any] = {
 # weight decay 0.1, 0.0684 (3 seeds); weight decay 0.3, 0.0709 (3 seeds; Sports 0.0397 against
 # 0.0373 at 0.1). hybrid-sum's SID table decayed at 1.0: Sports validation 0.0356 against
 # 0.0321 at 0.3 (seed 0), hot bin within 2.2% of id-only against 9.3% below (2 seeds); Toys
-# level over 3 seeds (docs/results/content-tower.md, sixteenth session). Measured on
-# hybrid-sum only, so only hybrid-sum takes it by default (Steps.train_config).
+# test level over 3 seeds, validation +2.1% (2 seeds; docs/results/content-tower.md,
+# sixteenth session). Measured on hybrid-sum only, so only hybrid-sum takes it by default
+# (Steps.train_config).
 SHORT_HISTORY_SETTINGS: dict[str, Any] = {
     "attn_norm": "length", "dropout": 0.5, "d": 128, "dqk": 128, "dv": 128, "max_len": 50,
     "scoring": "dot", "weight_decay": 0.3, "sid_weight_decay": 1.0,
