@@ -323,3 +323,16 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(tmp_pa
     assert cells["as trained scale 1 test"]["overall"] == metrics["unscaled"]["test"]["overall"]
     assert cells["as trained scale 1 valid"]["overall"] == metrics["unscaled"]["valid"]["overall"]
     assert cells["sid only scale 1 test"] != cells["as trained scale 1 test"]
+    # a dense content term on new items: weight 0 is the served table. The synthetic items'
+    # content vectors follow their theme, as a user's history does, so a heavy weight lifts the
+    # new items of the history's theme over warm ones: new targets found, warm ones pushed down
+    main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--scales",
+          f"{chosen}", "--content-weights", "0,50", "--cold-fraction", "0.2"])  # fmt: skip
+    terms = json.loads((tmp_path / "run" / "hybrid-sum" / "content_term_ablation.json").read_text())
+    assert terms["cells"][f"scale {chosen:g} weight 0"]["test"] == metrics["test"]
+    heavy = terms["cells"][f"scale {chosen:g} weight 50"]["test"]
+    assert heavy["cold_start"]["hr@10"] >= metrics["test"]["cold_start"]["hr@10"]
+    assert heavy["warm"]["hr@10"] <= metrics["test"]["warm"]["hr@10"]
+    assert heavy != metrics["test"]
+    assert set(terms["picked"]) == {"0", "50"}
+    assert terms["chosen"] in (None, *terms["cells"])

@@ -5,6 +5,12 @@ items on their nearest trained paths or on their own (model/item_embedding.py,
 offline/new_items.py), at each listed new-item scale, ranked like `sidrec eval` (valid and
 test). Prints one line per cell and writes RUN/<variant>/content_part_ablation.json.
 
+`--content-weights W,...` ranks the served table (as calibrated) with a dense content term
+added to new items' scores at each scale: W * cos(mean content of the history, the item's
+content), the content-only baseline's score, in logits (the tower ablation's term, on
+hybrid-sum). For each weight the warm rule picks a scale on validation, and across weights
+the pair that passes it and finds most new items on validation (offline/new_items.py).
+
     python -m sidrec.offline.bench.content_part_ablation --data ../shared/data/amazon-toys \\
         --run runs/toys-hs --scales 0.9,1.0  # RUN/hybrid-sum/ from `sidrec train`
 
@@ -21,9 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from sidrec.offline.bench.tower_ablation import with_content_term
 from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
-from sidrec.offline.new_items import nearest_trained_paths, scales_for
-from sidrec.offline.split import Split
+from sidrec.offline.new_items import (
+    choose_scale,
+    load_new_item_scale,
+    nearest_trained_paths,
+    scales_for,
+    warm_figures,
+)
+from sidrec.offline.split import BIN_NAMES, Split
 from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
 # (name, content part, nearest trained paths); the last is the model as trained
@@ -64,6 +77,66 @@ def ablate(
     return out
 
 
+def content_term_cells(
+    run_dir: Path, split: Split, scales: list[float], weights: list[float], content: np.ndarray
+) -> dict[str, Any]:
+    """The served table of run_dir's calibrated checkpoint plus weight * the content-only
+    score on its untrained rows, at each (scale, weight): {"cells": {"scale S weight W":
+    {"valid", "test", "warm": warm_figures}}, "picked": per weight the warm rule's scale,
+    "chosen": the cell passing the rule with the most validation cold-start HR@10}."""
+    model, cfg, ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    model.eval()
+    trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
+    with torch.no_grad():
+        table = model.items.table(trained)  # [n + 1, d], as the service holds it
+    new = (~trained).float()  # [n + 1]: the term reaches untrained rows only
+    batch_size = cfg.eval_batch_size or 32
+    hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
+    never = table_scorer(model.encoder, table, None, torch.where(trained, 0.0, float("inf")))
+    never_ranks = rank_targets(never, split, "valid", batch_size, cfg.max_len)
+    hot_reference = warm_figures(never_ranks, hot)["hot_ndcg@10"]
+    cells: dict[str, dict[str, Any]] = {}
+    for weight in weights:
+        for scale in scales:
+            base = table_scorer(model.encoder, table, scales_for(trained, scale))
+            scorer = with_content_term(base, torch.as_tensor(content), new * weight)
+            ranks = {stage: rank_targets(scorer, split, stage, batch_size, cfg.max_len)
+                     for stage in ("valid", "test")}  # fmt: skip
+            cells[f"scale {scale:g} weight {weight:g}"] = {
+                "scale": scale,
+                "weight": weight,
+                "warm": warm_figures(ranks["valid"], hot),
+                **{stage: summarize(r, split, stage) for stage, r in ranks.items()},
+            }
+    picked: dict[str, float] = {}
+    passing = []
+    for weight in weights:
+        by_scale = {str(c["scale"]): c["warm"] for c in cells.values() if c["weight"] == weight}
+        scale = choose_scale(by_scale, hot_reference)
+        picked[f"{weight:g}"] = scale
+        cell = cells[f"scale {scale:g} weight {weight:g}"]
+        if cell["warm"]["hot_ndcg@10"] >= 0.98 * hot_reference:
+            passing.append(cell)
+    # the rule across weights: of each weight's pick that keeps the hot bin, the one finding
+    # most new items on validation (the smaller weight on a tie)
+    best = max(passing, key=lambda c: (c["valid"]["cold_start"]["hr@10"], -c["weight"]),
+               default=None)  # fmt: skip
+    chosen = None if best is None else f"scale {best['scale']:g} weight {best['weight']:g}"
+    return {"valid_hot_ndcg@10_never_recommended": hot_reference, "cells": cells,
+            "picked": picked, "chosen": chosen}  # fmt: skip
+
+
+def _line(key: str, report: dict[str, Any]) -> str:
+    bins = report["by_popularity"]
+    cold = report["cold_start"]
+    times = cold["hr@10"] / cold["random_hr@10"] if cold.get("random_hr@10") else 0.0
+    return (f"{key:34s} hr@10 {report['overall']['hr@10']:.4f} "
+            f"ndcg@10 {report['overall']['ndcg@10']:.4f} "
+            f"hot ndcg@10 {bins['hot']['ndcg@10']:.4f} "
+            f"cold-bin hr@10 {bins['cold']['hr@10']:.4f} "
+            f"cold-start hr@10 {cold['hr@10']:.4f} ({times:.0f}x random)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     from sidrec.offline.pipeline import Steps
 
@@ -72,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--variant", default="hybrid-sum")
     parser.add_argument("--scales", default="1.0", help="comma-separated new-item scales")
+    parser.add_argument(
+        "--content-weights", default="", help="comma-separated content-term weights (logits)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cold-fraction", type=float, default=0.05)
     args = parser.parse_args(argv)
@@ -79,17 +155,25 @@ def main(argv: list[str] | None = None) -> None:
         args.data, args.run, seed=args.seed, cold_fraction=args.cold_fraction, progress=False
     )
     folder = args.run / args.variant
-    codebooks, sids = steps.sids()
     split = steps.split
+    scales = [float(s) for s in args.scales.split(",")]
+    if args.content_weights:
+        weights = [float(w) for w in args.content_weights.split(",")]
+        out = content_term_cells(folder, split, scales, weights, steps.content_vectors)
+        for key, cell in out["cells"].items():
+            print(f"{key} valid ndcg@10 {cell['valid']['overall']['ndcg@10']:.4f} hot "
+                  f"{cell['warm']['hot_ndcg@10']:.4f} cold-start "
+                  f"{cell['valid']['cold_start']['hr@10']:.4f} | test "
+                  + _line("", cell["test"]).strip(), flush=True)  # fmt: skip
+        print(f"served scale {load_new_item_scale(folder):g}; warm rule per weight "
+              f"{out['picked']}; chosen {out['chosen']}")  # fmt: skip
+        (folder / "content_term_ablation.json").write_text(json.dumps(out, indent=2) + "\n")
+        return
+    codebooks, sids = steps.sids()
     nearest = nearest_trained_paths(codebooks, sids, split.trained, steps.content_vectors)
-    cells = ablate(folder, split, [float(s) for s in args.scales.split(",")], nearest)
+    cells = ablate(folder, split, scales, nearest)
     for key, report in cells.items():
-        bins = report["by_popularity"]
-        print(f"{key:28s} hr@10 {report['overall']['hr@10']:.4f} "
-              f"ndcg@10 {report['overall']['ndcg@10']:.4f} "
-              f"hot ndcg@10 {bins['hot']['ndcg@10']:.4f} "
-              f"cold-bin hr@10 {bins['cold']['hr@10']:.4f} "
-              f"cold-start hr@10 {report['cold_start']['hr@10']:.4f}")  # fmt: skip
+        print(_line(key, report))
     (folder / "content_part_ablation.json").write_text(json.dumps(cells, indent=2) + "\n")
 
 
