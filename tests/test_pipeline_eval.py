@@ -336,3 +336,29 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(tmp_pa
     assert heavy != metrics["test"]
     assert set(terms["picked"]) == {"0", "50"}
     assert terms["chosen"] in (None, *terms["cells"])
+
+
+def test_content_term_rule_takes_the_pick_that_keeps_the_hot_bin_and_finds_most_new_items() -> None:
+    from sidrec.offline.bench.content_part_ablation import choose_scale_and_weight
+
+    def cell(scale: float, weight: float, ndcg: float, hot: float, new: float) -> dict:
+        return {"scale": scale, "weight": weight,
+                "warm": {"ndcg@10": ndcg, "se": 0.001, "hot_ndcg@10": hot},
+                "valid": {"cold_start": {"hr@10": new}}}  # fmt: skip
+
+    grid = [
+        cell(1.0, 0, 0.050, 0.100, 0.01),
+        cell(1.2, 0, 0.050, 0.099, 0.03),  # weight 0's pick: the largest scale passing
+        cell(1.0, 1, 0.050, 0.099, 0.05),  # weight 1's pick, and the most new items: chosen
+        cell(1.2, 1, 0.045, 0.090, 0.09),  # NDCG@10 more than one SE below the best
+        cell(1.0, 4, 0.040, 0.080, 0.20),  # hot bin 20% down at every scale: never chosen
+        cell(1.2, 4, 0.030, 0.070, 0.30),
+    ]
+    cells = {f"scale {c['scale']:g} weight {c['weight']:g}": c for c in grid}
+    picked, chosen = choose_scale_and_weight(cells, [0, 1, 4], hot_reference=0.100)
+    assert picked == {"0": 1.2, "1": 1.0, "4": 1.0}  # weight 4: none passes, the safest scale
+    assert chosen == "scale 1 weight 1"
+    # a tie on new items goes to the smaller weight; nothing passing chooses nothing
+    cells["scale 1 weight 1"]["valid"]["cold_start"]["hr@10"] = 0.03
+    assert choose_scale_and_weight(cells, [0, 1, 4], 0.100)[1] == "scale 1.2 weight 0"
+    assert choose_scale_and_weight(cells, [4], 0.100)[1] is None

@@ -30,6 +30,7 @@ import torch
 from sidrec.offline.bench.tower_ablation import with_content_term
 from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
 from sidrec.offline.new_items import (
+    HOT_TOLERANCE,
     choose_scale,
     load_new_item_scale,
     nearest_trained_paths,
@@ -108,6 +109,19 @@ def content_term_cells(
                 "warm": warm_figures(ranks["valid"], hot),
                 **{stage: summarize(r, split, stage) for stage, r in ranks.items()},
             }
+    picked, chosen = choose_scale_and_weight(cells, weights, hot_reference)
+    return {"valid_hot_ndcg@10_never_recommended": hot_reference, "cells": cells,
+            "picked": picked, "chosen": chosen}  # fmt: skip
+
+
+def choose_scale_and_weight(
+    cells: dict[str, dict[str, Any]], weights: list[float], hot_reference: float
+) -> tuple[dict[str, float], str | None]:
+    """The warm rule over (scale, weight) cells ("scale S weight W": {"scale", "weight",
+    "warm": warm_figures, "valid": summarize's report}): per weight, the scale choose_scale
+    picks; across weights, of the picks whose validation hot bin is within HOT_TOLERANCE of
+    hot_reference, the one that finds most new items on validation (the smaller weight on a
+    tie). Returns ({weight: scale}, the chosen cell's key, or None where no pick passes)."""
     picked: dict[str, float] = {}
     passing = []
     for weight in weights:
@@ -115,15 +129,11 @@ def content_term_cells(
         scale = choose_scale(by_scale, hot_reference)
         picked[f"{weight:g}"] = scale
         cell = cells[f"scale {scale:g} weight {weight:g}"]
-        if cell["warm"]["hot_ndcg@10"] >= 0.98 * hot_reference:
+        if cell["warm"]["hot_ndcg@10"] >= (1.0 - HOT_TOLERANCE) * hot_reference:
             passing.append(cell)
-    # the rule across weights: of each weight's pick that keeps the hot bin, the one finding
-    # most new items on validation (the smaller weight on a tie)
     best = max(passing, key=lambda c: (c["valid"]["cold_start"]["hr@10"], -c["weight"]),
                default=None)  # fmt: skip
-    chosen = None if best is None else f"scale {best['scale']:g} weight {best['weight']:g}"
-    return {"valid_hot_ndcg@10_never_recommended": hot_reference, "cells": cells,
-            "picked": picked, "chosen": chosen}  # fmt: skip
+    return picked, None if best is None else f"scale {best['scale']:g} weight {best['weight']:g}"
 
 
 def _line(key: str, report: dict[str, Any]) -> str:
