@@ -122,6 +122,17 @@ def warm_figures(ranks: np.ndarray, hot: np.ndarray) -> dict[str, float]:
     }
 
 
+def passing_warm_rule(
+    by_value: dict[str, dict[str, float]], hot_reference: float, tolerance: float = HOT_TOLERANCE
+) -> list[float]:
+    """The values (keys) whose "ndcg@10" is within one standard error ("se") of the best
+    value's and whose "hot_ndcg@10" is within `tolerance` of hot_reference."""
+    best = max(by_value.values(), key=lambda v: v["ndcg@10"])
+    return [float(k) for k, v in by_value.items()
+            if v["ndcg@10"] >= best["ndcg@10"] - best["se"]
+            and v["hot_ndcg@10"] >= (1.0 - tolerance) * hot_reference]  # fmt: skip
+
+
 def choose_by_warm_rule(
     by_value: dict[str, dict[str, float]],
     hot_reference: float,
@@ -129,13 +140,9 @@ def choose_by_warm_rule(
     safest: Callable[[Iterable[float]], float],
     tolerance: float = HOT_TOLERANCE,
 ) -> float:
-    """The `boldest` value (keys) whose "ndcg@10" is within one standard error ("se") of the
-    best value's and whose "hot_ndcg@10" is within `tolerance` of hot_reference; the `safest`
-    value where none is. boldest/safest: min or max, as the knob shows new items more."""
-    best = max(by_value.values(), key=lambda v: v["ndcg@10"])
-    fine = [float(k) for k, v in by_value.items()
-            if v["ndcg@10"] >= best["ndcg@10"] - best["se"]
-            and v["hot_ndcg@10"] >= (1.0 - tolerance) * hot_reference]  # fmt: skip
+    """The `boldest` value that passes the warm rule (passing_warm_rule); the `safest` value
+    where none does. boldest/safest: min or max, as the knob shows new items more."""
+    fine = passing_warm_rule(by_value, hot_reference, tolerance)
     return boldest(fine) if fine else safest(float(k) for k in by_value)
 
 

@@ -30,10 +30,10 @@ import torch
 from sidrec.offline.bench.tower_ablation import with_content_term
 from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
 from sidrec.offline.new_items import (
-    HOT_TOLERANCE,
     choose_scale,
     load_new_item_scale,
     nearest_trained_paths,
+    passing_warm_rule,
     scales_for,
     warm_figures,
 )
@@ -91,6 +91,7 @@ def content_term_cells(
     with torch.no_grad():
         table = model.items.table(trained)  # [n + 1, d], as the service holds it
     new = (~trained).float()  # [n + 1]: the term reaches untrained rows only
+    content_rows = torch.as_tensor(content)  # [n, C]
     batch_size = cfg.eval_batch_size or 32
     hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
     never = table_scorer(model.encoder, table, None, torch.where(trained, 0.0, float("inf")))
@@ -100,7 +101,7 @@ def content_term_cells(
     for weight in weights:
         for scale in scales:
             base = table_scorer(model.encoder, table, scales_for(trained, scale))
-            scorer = with_content_term(base, torch.as_tensor(content), new * weight)
+            scorer = with_content_term(base, content_rows, new * weight)
             ranks = {stage: rank_targets(scorer, split, stage, batch_size, cfg.max_len)
                      for stage in ("valid", "test")}  # fmt: skip
             cells[f"scale {scale:g} weight {weight:g}"] = {
@@ -119,8 +120,8 @@ def choose_scale_and_weight(
 ) -> tuple[dict[str, float], str | None]:
     """The warm rule over (scale, weight) cells ("scale S weight W": {"scale", "weight",
     "warm": warm_figures, "valid": summarize's report}): per weight, the scale choose_scale
-    picks; across weights, of the picks whose validation hot bin is within HOT_TOLERANCE of
-    hot_reference, the one that finds most new items on validation (the smaller weight on a
+    picks; across weights, of the picks that pass the rule (not choose_scale's fallback where
+    no scale does), the one that finds most new items on validation (the smaller weight on a
     tie). Returns ({weight: scale}, the chosen cell's key, or None where no pick passes)."""
     picked: dict[str, float] = {}
     passing = []
@@ -128,9 +129,8 @@ def choose_scale_and_weight(
         by_scale = {str(c["scale"]): c["warm"] for c in cells.values() if c["weight"] == weight}
         scale = choose_scale(by_scale, hot_reference)
         picked[f"{weight:g}"] = scale
-        cell = cells[f"scale {scale:g} weight {weight:g}"]
-        if cell["warm"]["hot_ndcg@10"] >= (1.0 - HOT_TOLERANCE) * hot_reference:
-            passing.append(cell)
+        if scale in passing_warm_rule(by_scale, hot_reference):
+            passing.append(cells[f"scale {scale:g} weight {weight:g}"])
     best = max(passing, key=lambda c: (c["valid"]["cold_start"]["hr@10"], -c["weight"]),
                default=None)  # fmt: skip
     return picked, None if best is None else f"scale {best['scale']:g} weight {best['weight']:g}"
