@@ -23,6 +23,10 @@ SCORINGS = ("cosine", "dot")
 # attn_norm's divisor, weights need not sum to one) or "softmax" (SASRec: scaled by
 # 1/sqrt(dqk), normalised over the keys the query may see; attn_norm does not apply).
 ATTENTIONS = ("silu", "softmax")
+# Where each block's LayerNorm sits: "pre" (HSTU: on the block's input, the residual stream
+# left unnormalised) or "post" (SASRec's transformer: a LayerNorm on the embeddings and one
+# after each residual sum, so every block reads and writes unit-scale rows).
+NORMS = ("pre", "post")
 
 
 def time_buckets(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -117,9 +121,10 @@ class ScalarLookup(torch.autograd.Function):
 
 
 class HSTUBlock(nn.Module):
-    """Pre-norm pointwise-attention block: no softmax (unless attention="softmax"), one
-    residual; with ffn_mult > 0 a pre-norm GELU feed-forward (d -> ffn_mult * d -> d) and a
-    second residual follow, as in SASRec's transformer layer (the reference has none)."""
+    """Pointwise-attention block: no softmax (unless attention="softmax"), one residual,
+    pre-norm (or post-norm, see NORMS); with ffn_mult > 0 a GELU feed-forward (d -> ffn_mult
+    * d -> d) and a second residual follow, as in SASRec's transformer layer (the reference
+    has none)."""
 
     def __init__(
         self,
@@ -134,11 +139,15 @@ class HSTUBlock(nn.Module):
         ffn_mult: int = 0,
         attn_dropout: float = 0.0,
         attention: str = "silu",
+        norm: str = "pre",
     ) -> None:
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
         self.attention = attention
+        self.norm = norm
         self.d = d
         self.ffn_mult = ffn_mult
         self.attn_dropout = attn_dropout
@@ -159,6 +168,10 @@ class HSTUBlock(nn.Module):
                 nn.GELU(),
                 nn.Linear(ffn_mult * d, d),
             )
+        if norm == "post":
+            self.attn_out_norm = nn.LayerNorm(d, eps=LN_EPS)
+            if ffn_mult:
+                self.ffn_out_norm = nn.LayerNorm(d, eps=LN_EPS)
 
     def forward(
         self,
@@ -209,8 +222,12 @@ class HSTUBlock(nn.Module):
         attn = torch.einsum("bhnm,bmhd->bnhd", scores, v).reshape(b, m, hv)
         y = u * F.layer_norm(attn, (hv,), eps=LN_EPS)  # [B, M, h * dv]
         out = rows + self.out(F.dropout(y, p=self.dropout, training=self.training))
+        if self.norm == "post":
+            out = self.attn_out_norm(out)
         if self.ffn_mult:
             out = out + F.dropout(self.ffn(out), p=self.dropout, training=self.training)
+            if self.norm == "post":
+                out = self.ffn_out_norm(out)
         return out  # [B, M, d]
 
 
@@ -244,6 +261,7 @@ class HSTU(nn.Module):
         scoring: str = "cosine",
         attn_dropout: float = 0.0,
         attention: str = "silu",
+        norm: str = "pre",
     ) -> None:
         super().__init__()
         if attn_norm not in ATTN_NORMS:
@@ -258,6 +276,9 @@ class HSTU(nn.Module):
         self.dropout = dropout
         self.use_time = use_time
         self.attn_norm = attn_norm
+        self.norm = norm
+        if norm == "post":
+            self.emb_norm = nn.LayerNorm(d, eps=LN_EPS)
         self.pos_emb = nn.Embedding(padded_len, d)
         nn.init.xavier_normal_(self.pos_emb.weight)
         self.blocks = nn.ModuleList(
@@ -273,6 +294,7 @@ class HSTU(nn.Module):
                 ffn_mult,
                 attn_dropout,
                 attention,
+                norm,
             )
             for _ in range(num_blocks)
         )
@@ -290,6 +312,8 @@ class HSTU(nn.Module):
         n = x.shape[1]
         positions = torch.arange(n, device=x.device)
         x = x * math.sqrt(self.d) + self.pos_emb(positions)[None]  # [B, N, d]
+        if self.norm == "post":
+            x = self.emb_norm(x)
         x = F.dropout(x, p=self.dropout, training=self.training)
         # where() rather than a multiply so that even NaN/inf garbage in padding is dropped.
         x = torch.where(mask[..., None], x, torch.zeros_like(x))

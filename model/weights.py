@@ -58,6 +58,7 @@ def hstu_args(hstu: HSTU) -> dict[str, Any]:
         "ffn_mult": first.ffn_mult,
         "attn_dropout": first.attn_dropout,
         "attention": first.attention,
+        "norm": hstu.norm,
         "scoring": hstu.scoring,
     }
 

@@ -138,6 +138,7 @@ def export_bundle(
             "attn_norm": cfg.attn_norm,
             "ffn_mult": cfg.ffn_mult,
             "attention": cfg.attention,
+            "norm": cfg.norm,
             # how the service ranks: cosine (unit item rows) or dot (raw rows), as trained
             "scoring": cfg.scoring,
             "id_dropout": cfg.id_dropout,

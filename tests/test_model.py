@@ -123,7 +123,26 @@ def test_feed_forward_and_dot_output() -> None:
     assert not torch.allclose(a, model(x, ts, next_ts, torch.ones(3, 11, dtype=torch.bool)))
 
 
-@pytest.mark.parametrize("options", [{}, SASREC_PIECES])
+def test_post_norm_normalises_the_embeddings_and_every_residual_sum() -> None:
+    # SASRec's layout: a LayerNorm on the embeddings and after each residual sum (2d each)
+    pre, post = small_hstu(ffn_mult=4), small_hstu(ffn_mult=4, norm="post")
+    extra = sum(p.numel() for p in post.parameters()) - sum(p.numel() for p in pre.parameters())
+    assert extra == (1 + 2 * len(post.blocks)) * 2 * D
+    x, ts, next_ts = random_batch(3, 11)
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    rows: list[torch.Tensor] = []
+    post.blocks[0].register_forward_hook(lambda _m, _i, out: rows.append(out))
+    post(x, ts, next_ts, mask)
+    # what the first block hands on is unit-scale per row (affine weights start at 1 and 0)
+    torch.testing.assert_close(rows[0].mean(-1), torch.zeros(3, 11), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        rows[0].var(-1, unbiased=False), torch.ones(3, 11), atol=1e-3, rtol=0
+    )
+    with pytest.raises(ValueError, match="norm"):
+        HSTU(norm="sandwich")
+
+
+@pytest.mark.parametrize("options", [{}, SASREC_PIECES, {**SASREC_PIECES, "norm": "post"}])
 def test_causality(options: dict[str, Any]) -> None:
     model = small_hstu(**options)
     x, ts, next_ts = random_batch(2, 12)
@@ -152,7 +171,7 @@ def test_next_ts_feeds_time_bias_only_when_use_time() -> None:
     torch.testing.assert_close(no_time(x, ts, next_ts, mask), no_time(x, ts, later, mask))
 
 
-@pytest.mark.parametrize("options", [{}, {"attention": "softmax"}])
+@pytest.mark.parametrize("options", [{}, {"attention": "softmax"}, {"norm": "post"}])
 def test_padding_to_longer_n_changes_nothing(options: dict[str, Any]) -> None:
     model = small_hstu(**options)
     x, ts, next_ts = random_batch(2, 7)
@@ -168,7 +187,7 @@ def test_padding_to_longer_n_changes_nothing(options: dict[str, Any]) -> None:
     assert torch.isfinite(long).all()
 
 
-@pytest.mark.parametrize("options", [{}, {"attention": "softmax"}])
+@pytest.mark.parametrize("options", [{}, {"attention": "softmax"}, {"norm": "post"}])
 def test_key_padding_masks_garbage_in_the_middle(options: dict[str, Any]) -> None:
     model = small_hstu(**options)
     x, ts, next_ts = random_batch(1, 10)

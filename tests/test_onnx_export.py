@@ -21,6 +21,7 @@ def reference_hstu(
     ffn_mult: int = 0,
     scoring: str = "cosine",
     attention: str = "silu",
+    norm: str = "pre",
 ) -> HSTU:
     torch.manual_seed(0)
     model = HSTU(
@@ -34,6 +35,7 @@ def reference_hstu(
         ffn_mult=ffn_mult,
         scoring=scoring,
         attention=attention,
+        norm=norm,
     )
     # Trained-looking bias tables (the std 0.02 init would hide indexing mistakes).
     with torch.no_grad():
@@ -62,19 +64,26 @@ def ragged_batch(b: int, n: int, seed: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize(
-    ("use_time", "attn_norm", "ffn_mult", "scoring", "attention"),
+    ("use_time", "attn_norm", "ffn_mult", "scoring", "attention", "norm"),
     [
-        (True, "padded", 0, "cosine", "silu"),
-        (False, "padded", 0, "cosine", "silu"),
-        (True, "length", 0, "cosine", "silu"),
-        (True, "length", 4, "dot", "silu"),
-        (True, "length", 0, "dot", "softmax"),
+        (True, "padded", 0, "cosine", "silu", "pre"),
+        (False, "padded", 0, "cosine", "silu", "pre"),
+        (True, "length", 0, "cosine", "silu", "pre"),
+        (True, "length", 4, "dot", "silu", "pre"),
+        (True, "length", 0, "dot", "softmax", "pre"),
+        (True, "length", 4, "dot", "silu", "post"),
     ],
 )
 def test_user_encoder_parity(
-    tmp_path: Path, use_time: bool, attn_norm: str, ffn_mult: int, scoring: str, attention: str
+    tmp_path: Path,
+    use_time: bool,
+    attn_norm: str,
+    ffn_mult: int,
+    scoring: str,
+    attention: str,
+    norm: str,
 ) -> None:
-    hstu = reference_hstu(use_time, attn_norm, ffn_mult, scoring, attention)
+    hstu = reference_hstu(use_time, attn_norm, ffn_mult, scoring, attention, norm)
     path = tmp_path / "user_encoder.onnx"
     export_user_encoder(hstu, D, path, MAX_LEN)
     assert hstu.training  # the caller's model is left as it was

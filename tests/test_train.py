@@ -308,7 +308,7 @@ def _row_pairs(seqs: TrainingSequences) -> list[tuple[int, int, int, int]]:
     return sorted(out)
 
 
-@pytest.mark.parametrize("windows", ["all", "overlap"])
+@pytest.mark.parametrize("windows", ["all", "overlap", "prefix"])
 def test_windows_make_every_training_event_a_target_once(windows: str) -> None:
     split = make_split(planted_interactions(), 0.05, seed=0)
     max_len = 6
@@ -330,6 +330,13 @@ def test_windows_make_every_training_event_a_target_once(windows: str) -> None:
     context = (rows.inputs > 0).sum(1) - (rows.targets > 0).sum(1)  # [rows]
     if windows == "all":
         assert int(context.max()) == 0
+    elif windows == "prefix":
+        # one row per target, in the loss at its last position, behind min(max_len, i) items
+        assert len(rows.lengths) == len(every)
+        scored = rows.targets > 0
+        assert bool((scored.sum(1) == 1).all())
+        assert bool(scored[torch.arange(len(rows.lengths)), rows.lengths - 1].all())
+        assert int((rows.lengths == max_len).sum()) > len(last.lengths)
     else:
         assert set(context.tolist()) <= set(range(max_len // 2 + 1))
         assert int((context == max_len // 2).sum()) > 0
