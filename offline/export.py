@@ -16,7 +16,7 @@ from sidrec.item_text import item_text
 from sidrec.model.weights import save_weights
 from sidrec.offline.content import content_encoder_files
 from sidrec.offline.data.dataset import Interactions
-from sidrec.offline.new_items import load_new_item_scale
+from sidrec.offline.new_items import load_new_item_content_weight, load_new_item_scale
 from sidrec.offline.onnx_export import (
     export_item_vector,
     export_sid_to_vector,
@@ -46,7 +46,8 @@ def export_bundle(
 
     A content tower saved beside the checkpoint (offline/tower.py) goes into the bundle: its
     table is item_vectors.npy and item_vector.onnx makes new items' vectors; it needs the
-    catalog's `content` vectors float32 [n, C]. `content_precision` picks the content
+    catalog's `content` vectors float32 [n, C], as does a content term (offline/new_items.py),
+    whose unit content vectors go in as item_content.npy. `content_precision` picks the content
     encoder graph, the one the catalog's content vectors (and so the SIDs) were made with.
 
     The folder is written next to `out_dir` first and renamed into place, so a half-written
@@ -71,12 +72,22 @@ def export_bundle(
     tower = load_tower(Path(checkpoint).parent)
     if tower is not None and content is None:
         raise ValueError(f"{checkpoint} has a content tower: export_bundle needs the content")
+    content_weight = (
+        0.0 if tower is not None else load_new_item_content_weight(Path(checkpoint).parent)
+    )
+    if content_weight and content is None:
+        raise ValueError(f"{checkpoint} has a content term: export_bundle needs the content")
     with torch.no_grad():
         table = model.items.table(trained)  # [n + 1, d]
         if tower is not None:
             # untrained items' score scale and offset are the manifest's new_item_score_*
             table = item_table(table, tower, sids, content, trained).table
     np.save(tmp / "item_vectors.npy", table.numpy().astype(np.float32))
+    if content_weight:
+        assert content is not None
+        unit = np.asarray(content, np.float32)
+        unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+        np.save(tmp / "item_content.npy", np.concatenate([np.zeros_like(unit[:1]), unit]))
     # After table(): it records which SID rows trained items read, and model.pt keeps that.
     save_weights(model.items, model.encoder, torch.as_tensor(sids), tmp / TORCH_WEIGHTS, tower)
     export_user_encoder(model.encoder, cfg.d, tmp / "user_encoder.onnx", cfg.max_len)
@@ -168,6 +179,9 @@ def export_bundle(
             "new_item_score_offset": (
                 0.0 if tower is None else round(float(tower.new_item_offset), 6)
             ),
+            # plus this weight * cos(the history's mean content, the item's content), from
+            # item_content.npy and the ingested items' content vectors (0: no term)
+            "new_item_content_weight": content_weight,
             # which codes a new item's SID graph reads: its own, or the nearest path that the
             # trained items have (offline/new_items.py), the SID it is given staying its own
             "new_item_codes": "nearest-trained-path"

@@ -22,6 +22,12 @@ nearest paths that trained items have (nearest_trained_paths): an item's own pat
 leaves the trained catalog below its first code or two, and an untrained row adds nothing.
 Validation keeps whichever finds more new items at its warm-rule scale (docs/results/
 content-tower.md: the nearest paths helped the demo's MovieLens-100K model, not Toys or Sports).
+
+Last, hybrid-sum's new items may get a dense content term: weight * cos(the history's mean
+content vector, the item's content vector) added to their score, the content-only baseline's
+score beside the model's. The warm rule picks a scale per weight (0 and CONTENT_WEIGHTS), and
+of the picks that pass it the one that finds most new items on validation
+(choose_scale_and_weight). The service adds the same term (service/retrieval.py).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,12 +44,21 @@ import torch
 from sidrec.offline.split import Split
 from sidrec.sid_codebook import Codebooks, CodePaths
 
+if TYPE_CHECKING:
+    from sidrec.offline.evaluate import EvalBatch, Scorer
+
 HOT_TOLERANCE = 0.02  # issue 11: the hot bin's NDCG@10 within 2% of the table without new items
 # Candidate scales for a SID variant's new items, 0.5 to 2 in steps of 0.05: below 1 where SID
 # vectors out-score the warm rows they resemble, above where they are too short to compete.
 # Fine steps: on ML-100K under dot scoring 1.15 keeps the hot bin within 2% and 1.2 does not.
 NEW_ITEM_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(31))
 NEW_ITEMS_FILE = "new_items.json"  # beside a SID variant's checkpoint: the chosen scale
+# Content-term weights tried (in logits, on dot-scored models): the rule picked 1 on Toys seed
+# 0 and Sports seed 2 and 2 on Toys seed 1 (docs/results/content-tower.md, seventeenth
+# session), each within 0.2 below the scale chosen without the term; a term lifts new items,
+# so their scales are tried at and below that scale (CONTENT_SCALE_STEPS x 0.05).
+CONTENT_WEIGHTS = (1.0, 2.0)
+CONTENT_SCALE_STEPS = (-4, -2, 0, 2)
 # Ridge penalties tried, as multiples of the mean eigenvalue of the centred content Gram matrix
 RIDGE_PENALTIES = tuple(10.0 ** (e / 2) for e in range(-8, 5))
 RIDGE_FOLDS = 5
@@ -154,6 +169,96 @@ def choose_scale(
     return choose_by_warm_rule(by_scale, hot_reference, max, min, tolerance)
 
 
+def choose_scale_and_weight(
+    cells: dict[str, dict[str, Any]],
+    weights: list[float],
+    hot_reference: float,
+    tolerance: float = HOT_TOLERANCE,
+) -> tuple[dict[str, float], str | None]:
+    """The warm rule over (scale, weight) cells ("scale S weight W": {"scale", "weight",
+    "warm": warm_figures, "valid": summarize's report}): per weight, the scale choose_scale
+    picks; across weights, of the picks that pass the rule (not choose_scale's fallback where
+    no scale does), the one that finds most new items on validation (the smaller weight on a
+    tie). Returns ({weight: scale}, the chosen cell's key, or None where no pick passes).
+    Only the picked cells' "valid" is read."""
+    picked: dict[str, float] = {}
+    passing = []
+    for weight in weights:
+        by_scale = {str(c["scale"]): c["warm"] for c in cells.values() if c["weight"] == weight}
+        scale = choose_scale(by_scale, hot_reference, tolerance)
+        picked[f"{weight:g}"] = scale
+        if scale in passing_warm_rule(by_scale, hot_reference, tolerance):
+            passing.append(cells[f"scale {scale:g} weight {weight:g}"])
+    best = max(passing, key=lambda c: (c["valid"]["cold_start"]["hr@10"], -c["weight"]),
+               default=None)  # fmt: skip
+    return picked, None if best is None else f"scale {best['scale']:g} weight {best['weight']:g}"
+
+
+def with_content_term(base: Scorer, content: torch.Tensor, weights: torch.Tensor) -> Scorer:
+    """Scorer `base` plus weights[row] * the content-only baseline's score of the row (the
+    cosine of the history's mean content vector and the row's): content [n, C] float (rows
+    1..n), weights [n + 1] (0 for rows without the term). What the service's term index adds."""
+    from sidrec.offline.baselines import content_scorer
+
+    content_scores = content_scorer(content)
+
+    def score(batch: EvalBatch) -> torch.Tensor:
+        return base(batch) + content_scores(batch) * weights[None, :].to(torch.float32)
+
+    return score
+
+
+def choose_content_term(
+    by_scale: dict[str, dict[str, float]],
+    scale: float,
+    valid: dict[str, Any],
+    valid_ranks: Callable[[float, float], np.ndarray],
+    hot: np.ndarray,
+    hot_reference: float,
+    split: Split,
+    tolerance: float = HOT_TOLERANCE,
+) -> dict[str, Any]:
+    """The content term's weight and scale for a table whose scale without the term is
+    `scale` (warm figures by_scale, its validation report `valid`): each CONTENT_WEIGHTS
+    weight at CONTENT_SCALE_STEPS around that scale, ranked by valid_ranks(scale, weight),
+    then choose_scale_and_weight over those and weight 0. Returns {"picked", "chosen",
+    "valid_by_cell": warm figures and cold-start HR@10 per cell, "chosen_cell"}."""
+    from sidrec.offline.evaluate import summarize
+
+    cells: dict[str, dict[str, Any]] = {
+        f"scale {float(s):g} weight 0": {"scale": float(s), "weight": 0.0, "warm": w,
+                                         "valid": valid if float(s) == scale else {}}
+        for s, w in by_scale.items()
+    }  # fmt: skip
+    scales = sorted({round(scale + 0.05 * step, 2) for step in CONTENT_SCALE_STEPS} - {0.0})
+    for weight in CONTENT_WEIGHTS:
+        for s in (s for s in scales if s > 0):
+            r = valid_ranks(s, weight)
+            cells[f"scale {s:g} weight {weight:g}"] = {
+                "scale": s, "weight": weight, "warm": warm_figures(r, hot),
+                "valid": summarize(r, split, "valid"),
+            }  # fmt: skip
+    picked, key = choose_scale_and_weight(cells, [0.0, *CONTENT_WEIGHTS], hot_reference, tolerance)
+    return {
+        "picked": picked,
+        "chosen": key,
+        "valid_by_cell": {
+            k: {**c["warm"], "cold_start_hr@10": c["valid"]["cold_start"]["hr@10"]}
+            for k, c in cells.items()
+            if c["weight"]
+        },
+        "chosen_cell": None if key is None else cells[key],
+    }
+
+
+def load_new_item_content_weight(run_dir: Path) -> float:
+    """The content-term weight calibrate_scale saved in run_dir; 0 where none was chosen."""
+    path = Path(run_dir) / NEW_ITEMS_FILE
+    if not path.is_file():
+        return 0.0
+    return float(json.loads(path.read_text()).get("content_weight", 0.0))
+
+
 def load_new_item_scale(run_dir: Path) -> float:
     """The new-item scale calibrate_scale saved in run_dir; 1.0 where none was chosen."""
     path = Path(run_dir) / NEW_ITEMS_FILE
@@ -225,8 +330,9 @@ def calibrate_scale(
     fit its content part (when `content` is given); both are saved into its checkpoint. Then
     choose the new-item score scale on validation, save it as run_dir/NEW_ITEMS_FILE and
     rewrite metrics.json with the figures of the table the service will hold (the trained
-    model's own, no content part, own paths and scale 1, move to "unscaled"). A model with no
-    untrained item keeps scale 1 and neither. Returns metrics.json."""
+    model's own, no content part, own paths and scale 1, move to "unscaled"). For hybrid-sum
+    the content term's weight is chosen with the scale (0: none; choose_scale_and_weight). A
+    model with no untrained item keeps scale 1 and none of these. Returns metrics.json."""
     from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
     from sidrec.offline.metrics import metrics_from_ranks
     from sidrec.offline.split import BIN_NAMES
@@ -261,13 +367,19 @@ def calibrate_scale(
         with torch.no_grad():
             return items.table(trained)  # [n + 1, d], with the paths set on items
 
+    new = (~trained).float()  # [n + 1]: the content term reaches untrained rows only
+
     def ranks(
         table: torch.Tensor,
         stage: str,
         scales: torch.Tensor | None,
         offsets: torch.Tensor | None = None,
+        weight: float = 0.0,
     ) -> np.ndarray:
         scorer = table_scorer(model.encoder, table, scales, offsets)
+        if weight:
+            assert content is not None
+            scorer = with_content_term(scorer, torch.as_tensor(content), new * weight)
         return rank_targets(scorer, split, stage, batch_size, cfg.max_len)
 
     hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
@@ -291,8 +403,22 @@ def calibrate_scale(
     pick = max(by_paths, key=lambda n: (by_paths[n]["valid"]["cold_start"]["hr@10"], n == "own"))
     items.untrained_sid_rows = paths[pick]
     chosen, valid = by_paths[pick]["new_item_scale"], by_paths[pick]["valid"]
+    table, weight = by_paths[pick]["table"], 0.0
+    if content is not None and gets_content_part(cfg.variant, cfg.fusion):
+        by_weight = choose_content_term(
+            by_paths[pick]["valid_by_new_item_scale"], chosen, valid,
+            lambda s, w: ranks(table, "valid", scales_for(trained, s), weight=w),
+            hot, hot_reference, split, tolerance,
+        )  # fmt: skip
+        record["content_term"] = {k: v for k, v in by_weight.items() if k != "chosen_cell"}
+        cell = by_weight["chosen_cell"]
+        if cell is not None:
+            chosen, weight, valid = cell["scale"], cell["weight"], cell["valid"]
+        log(f"content term: weight {weight:g} at scale {chosen:g} (validation cold-start "
+            f"HR@10 {valid['cold_start']['hr@10']:.4f}; per weight the warm rule's scale "
+            f"{by_weight['picked']})")  # fmt: skip
     test = summarize(
-        ranks(by_paths[pick]["table"], "test", scales_for(trained, chosen)), split, "test"
+        ranks(table, "test", scales_for(trained, chosen), weight=weight), split, "test"
     )
     if len(record) > 1:  # a content part or nearest paths: the checkpoint keeps the choice
         ckpt["state_dict"] = {k: v.cpu() for k, v in model.state_dict().items()}
@@ -312,7 +438,8 @@ def calibrate_scale(
             f"validation cold-start HR@10 own paths "
             f"{paths_record['valid_cold_start_hr@10_own']:.4f}, nearest trained paths "
             f"{paths_record['valid_cold_start_hr@10_nearest']:.4f}: {pick} kept")  # fmt: skip
-    record |= {"new_item_scale": chosen, "valid_hot_ndcg@10_never_recommended": hot_reference,
+    record |= {"new_item_scale": chosen, "content_weight": weight,
+               "valid_hot_ndcg@10_never_recommended": hot_reference,
                "valid_by_new_item_scale": by_paths[pick]["valid_by_new_item_scale"],
                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     (run_dir / NEW_ITEMS_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -423,7 +423,7 @@ class Steps:
         """Validation and test reports of variant `name`'s best checkpoint, ranked again under
         the candidate rule `keep_history` (train.py ranks with the history excluded)."""
         from sidrec.offline.evaluate import rank_targets, summarize
-        from sidrec.offline.new_items import load_new_item_scale
+        from sidrec.offline.new_items import load_new_item_content_weight, load_new_item_scale
         from sidrec.offline.tower import load_tower, model_scorer
         from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
@@ -434,9 +434,11 @@ class Steps:
         if ckpt["num_items"] != self.data.num_items:
             raise DataError(checkpoint, f"trained on another catalog ({ckpt['num_items']} items)")
         tower = load_tower(self.run / name)
-        content = self.content_vectors if tower is not None else None  # encoded only if read
+        weight = load_new_item_content_weight(self.run / name)
+        # encoded only if read
+        content = self.content_vectors if tower is not None or weight else None
         scale = load_new_item_scale(self.run / name)
-        scorer = model_scorer(model, ckpt["trained"], ckpt["sids"], tower, content, scale)
+        scorer = model_scorer(model, ckpt["trained"], ckpt["sids"], tower, content, scale, weight)
         batch_size = cfg.eval_batch_size or 32
         reports = {}
         for stage in ("valid", "test"):
@@ -483,6 +485,7 @@ class Steps:
 
     def export(self, name: str, out: Path | None = None) -> Path:
         from sidrec.offline.export import export_bundle
+        from sidrec.offline.new_items import load_new_item_content_weight
         from sidrec.offline.train import CHECKPOINT_FILE, METRICS_FILE
 
         if name == BEST:
@@ -509,7 +512,9 @@ class Steps:
             cache_dir(),
             metrics={"valid": metrics["valid"]["overall"], "test": metrics["test"]["overall"]},
             variant_name=name,
-            content=self.content_vectors if name in TOWER_VARIANTS else None,
+            content=self.content_vectors
+            if name in TOWER_VARIANTS or load_new_item_content_weight(checkpoint.parent)
+            else None,
             content_precision=self.content_precision,
         )
         self.timings["export"] = time.perf_counter() - started

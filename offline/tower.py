@@ -32,9 +32,11 @@ from sidrec.model.weights import content_tower_args
 from sidrec.offline.new_items import (
     HOT_TOLERANCE,
     choose_by_warm_rule,
+    load_new_item_content_weight,
     load_new_item_scale,
     scales_for,
     warm_figures,
+    with_content_term,
 )
 from sidrec.offline.split import Split
 
@@ -399,12 +401,14 @@ def model_scorer(
     tower: ContentTower | None = None,
     content: np.ndarray | None = None,
     new_item_scale: float = 1.0,
+    content_weight: float = 0.0,
 ) -> Callable:
     """offline/evaluate.py's scorer for the table the service holds for a trained `model` (a
     SequentialRecommender; bool `trained` [n + 1]): with a content tower, the tower's vectors
     and score scale and offset for untrained rows (which need the SIDs and content vectors
-    [n, C]); without, the model's own rows and `new_item_scale` for untrained ones
-    (offline/new_items.py)."""
+    [n, C]); without, the model's own rows and `new_item_scale` for untrained ones, plus
+    their content term at `content_weight` (which needs the content vectors;
+    offline/new_items.py)."""
     from sidrec.offline.evaluate import table_scorer
 
     if tower is None:
@@ -412,7 +416,13 @@ def model_scorer(
         known = torch.as_tensor(np.asarray(trained), dtype=torch.bool, device=device)
         with torch.no_grad():
             table = model.items.table(known)  # [n + 1, d]
-        return table_scorer(model.encoder, table, scales_for(known, new_item_scale))
+        scorer = table_scorer(model.encoder, table, scales_for(known, new_item_scale))
+        if not content_weight:
+            return scorer
+        if content is None:
+            raise ValueError("a content term is scored with the content vectors")
+        weights = (~known).float().cpu() * content_weight
+        return with_content_term(scorer, torch.as_tensor(content), weights)
     if sids is None or content is None:
         raise ValueError("a model with a content tower is scored with its SIDs and content")
     trained = torch.as_tensor(np.asarray(trained), dtype=torch.bool)
@@ -423,11 +433,13 @@ def model_scorer(
 
 def served_scorer(checkpoint: Path, content: np.ndarray | None = None) -> Callable:
     """model_scorer for `checkpoint` (offline/train.py) and the content tower or new-item
-    scale beside it, if any (a tower needs the catalog's content vectors [n, C])."""
+    scale and content term beside it, if any (a tower or a term needs the catalog's content
+    vectors [n, C])."""
     from sidrec.offline.train import load_checkpoint
 
     model, _, ckpt = load_checkpoint(checkpoint)
     model.eval()
     folder = Path(checkpoint).parent
     return model_scorer(model, ckpt["trained"], ckpt["sids"], load_tower(folder), content,
-                        load_new_item_scale(folder))  # fmt: skip
+                        load_new_item_scale(folder),
+                        load_new_item_content_weight(folder))  # fmt: skip

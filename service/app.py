@@ -38,6 +38,7 @@ from .catalog import (
     CatalogStore,
     MemoryCatalogStore,
     RedisCatalogStore,
+    bundle_content_weights,
     bundle_score_offsets,
     bundle_score_scales,
 )
@@ -136,6 +137,8 @@ def build_model(settings: Settings, stores: Stores, bundle: Bundle) -> Services:
         scales=bundle_score_scales(bundle, records),
         offsets=bundle_score_offsets(bundle, records),
         scoring=bundle.model.get("scoring", "cosine"),
+        content=bundle.item_content(),
+        content_weights=bundle_content_weights(bundle, records),
     )
     catalog = Catalog(bundle, runtime, codebooks, table, vectors, stores.catalog)
     popular = [str(i) for i in bundle.manifest.get("popular", [])]

@@ -175,11 +175,15 @@ class RankBatcher:
                     if key is not None:
                         self.cache.put(key, users[i])
         encoded = time.perf_counter()
+        content = None  # the content term's queries (ItemTable), where the table has one
+        if found and found[0].content is not None:
+            content = np.stack([got.content for got in found])  # [B, C]
         hits = self.table.rank_batch(
             users,
             [j.k for j in jobs],
             [j.exclude_ids for j in jobs],
             [j.accept for j in jobs],
+            content,
         )
         retrieved = time.perf_counter()
         for _ in jobs:  # each request of the batch spent these times in these stages

@@ -311,6 +311,14 @@ def bundle_score_offsets(bundle: Bundle, records: list[ItemRecord]) -> np.ndarra
     return offsets
 
 
+def bundle_content_weights(bundle: Bundle, records: list[ItemRecord]) -> np.ndarray:
+    """float32 [n + 1]: the content-term weight per bundle row: the bundle's for the rows that
+    get the new-item scale (bundle_score_scales), 0 for trained items."""
+    weights = np.zeros(len(records) + 1, np.float32)
+    weights[_untrained_rows(records)] = bundle.content_weight
+    return weights
+
+
 def _untrained_rows(records: list[ItemRecord]) -> np.ndarray:
     # int64 [m]: the bundle rows training never saw (popularity 0)
     return np.array([r.row for r in records if r.popularity == 0], np.int64)
@@ -755,6 +763,7 @@ class Catalog:
         self.bundle_sids = table.sids[: len(records) + 1].copy()
         self.bundle_scales = table.scales[: len(records) + 1].copy()
         self.bundle_offsets = table.offsets[: len(records) + 1].copy()
+        self.bundle_content_weights = table.content_weights[: len(records) + 1].copy()
         # What recommend's filter reads: per live item, field name (casefolded) -> the
         # values it lists; and per field name, how many live items have it (unknown = 0).
         self.fields: dict[str, dict[str, frozenset[str]]] = {}
@@ -770,6 +779,9 @@ class Catalog:
         # scale and offset in `table`.
         self.new_item_scale = new_item_score_scale(bundle)
         self.new_item_offset = new_item_score_offset(bundle)
+        # and gains this weight * cos(history's mean content, its content) where the table
+        # has a content term (service/retrieval.py)
+        self.new_item_content_weight = bundle.content_weight if table.content_dim else 0.0
         # The codes a new item's vector reads (docs/bundle.md, model.new_item_codes): the
         # nearest path of the bundle's trained items, whose SID rows were trained.
         self.vector_paths: CodePaths | None = None
@@ -843,13 +855,18 @@ class Catalog:
     def _apply(self, stored: StoredItem, derived: Derived) -> bool:
         """Put one item into this worker's table; True if it was new here."""
         row = self.bundle_row.get(stored.item_id)
-        # A bundle item whose vector is still the bundle's keeps its bundle row's scale and
-        # offset (rows 1..n are never rewritten: a changed item gets a new row); any other is
-        # new: the new-item scale and offset.
+        # A bundle item whose vector is still the bundle's keeps its bundle row's scale,
+        # offset and content weight (rows 1..n are never rewritten: a changed item gets a
+        # new row); any other is new: the new-item scale, offset and content weight.
         scale, offset = self.new_item_scale, self.new_item_offset
+        weight = self.new_item_content_weight
         if row is not None and np.array_equal(derived.vector, self.bundle_vectors[row]):
             scale, offset = float(self.bundle_scales[row]), float(self.bundle_offsets[row])
-        created = self.table.upsert(stored.item_id, derived.sid, derived.vector, scale, offset)
+            weight = float(self.bundle_content_weights[row])
+        created = self.table.upsert(
+            stored.item_id, derived.sid, derived.vector, scale, offset,
+            stored.content_vector, weight,
+        )  # fmt: skip
         self.retired.pop(stored.item_id, None)  # ingested again after a retirement: live
         self.held[stored.item_id] = (stored, derived)
         popularity = self.meta.get(stored.item_id, {}).get("popularity", 0)

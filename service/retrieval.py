@@ -29,6 +29,14 @@ with `add`, so items ingested at run time are searchable at once.
 `loadtests/serving_bench.py` measures HNSW's recall@10 against flat and both search times;
 `loadtests/gpu_bench.py` times flat and torch on the CPU and the GPU.
 
+A bundle with a content term (`model.new_item_content_weight`, docs/bundle.md) adds
+W * cos(the history's mean content vector, the item's) to the score of each item without a
+trained id, as the offline evaluator does. Those rows (few: the catalog's untrained and
+ingested items) are also held in a second, exact index whose rows carry W * their unit content
+vector after the score columns; a query gets the history's mean content after its 1, and its
+hits from the main index skip those rows, whose full score comes from the second index. The
+main index keeps d + 1 columns, so warm search costs what it did.
+
 FAISS and PyTorch are imported when an index of theirs is built, so this module loads with
 either one alone (gpu_bench on a GPU machine without FAISS).
 """
@@ -92,6 +100,9 @@ class Resolved(NamedTuple):
     known: np.ndarray  # bool [N]: which of the N ids are in the table
     rows: np.ndarray  # int64 [n]: their rows
     layout: int  # ItemTable.layout when read: with rows, names the vectors exactly
+    # float32 [C]: the content term's query, the known items' mean unit content vector
+    # (ItemTable.content_query); None where the table has no content term
+    content: np.ndarray | None = None
 
 
 # Compaction starts when dead rows reach this share of the table (and at least COMPACT_MIN_DEAD):
@@ -168,6 +179,8 @@ class ItemTable:
         scales: np.ndarray | None = None,  # float32 [n + 1] score scale per row, default 1
         offsets: np.ndarray | None = None,  # float32 [n + 1] subtracted from scores, default 0
         scoring: str = "cosine",  # the bundle's: "cosine" indexes unit rows, "dot" raw ones
+        content: np.ndarray | None = None,  # float32 [n + 1, C] content vectors, row 0 zero
+        content_weights: np.ndarray | None = None,  # float32 [n + 1] content-term weight
     ) -> None:
         if scoring not in ("cosine", "dot"):
             raise ValueError(f"scoring must be cosine or dot, not {scoring!r}")
@@ -188,6 +201,19 @@ class ItemTable:
         self.scales[:n_rows] = scales
         self.offsets = np.zeros(self._capacity, np.float32)  # [capacity]
         self.offsets[:n_rows] = offsets
+        # The content term (module docstring): unit content vectors of every row (what a
+        # history's mean is taken over) and each row's term weight (0: no term).
+        self.content: np.ndarray | None = None
+        self.content_weights = np.zeros(self._capacity, np.float32)  # [capacity]
+        if content is not None:
+            content = np.asarray(content, np.float32)
+            if content.shape[0] != n_rows:
+                raise ValueError(f"content must have {n_rows} rows, got {content.shape}")
+            self.content = np.zeros((self._capacity, content.shape[1]), np.float32)
+            self.content[:n_rows] = normalized(content)
+            self.content_weights[:n_rows] = _per_row(content_weights, n_rows, 0.0, "weights")
+        elif content_weights is not None and np.any(np.asarray(content_weights) != 0):
+            raise ValueError("content weights need the rows' content vectors")
         self.alive = np.zeros(self._capacity, bool)
         self.alive[1:n_rows] = True
         self.size = n_rows
@@ -209,6 +235,11 @@ class ItemTable:
         self.index: VectorIndex = self._new_index()
         # row 0's zero vector keeps positions == rows
         self.index.add(self._index_rows(vectors, scales, offsets))
+        # The rows with a content term, by position in term_index (None: no term anywhere).
+        self.term_index: VectorIndex | None = None
+        self.term_rows: list[int] = []
+        if self.content is not None:
+            self.term_index, self.term_rows = self._term_index(np.arange(n_rows))
         # FAISS indexes are not safe to search while another thread adds to them; reentrant
         # because similar() searches from inside its own critical section.
         self.lock = threading.RLock()
@@ -240,6 +271,38 @@ class ItemTable:
             self.on_gpu = True
             self._library = "faiss-gpu"
         return index
+
+    @property
+    def content_dim(self) -> int:
+        """C, the content vectors' width; 0 without a content term."""
+        return 0 if self.content is None else self.content.shape[1]
+
+    def _term_index(self, rows: np.ndarray) -> tuple[VectorIndex, list[int]]:
+        """An exact index over those of `rows` with a content-term weight: [index row, W *
+        unit content] per row (see _index_rows), and their rows by position."""
+        rows = np.asarray(rows, np.int64)
+        rows = rows[self.content_weights[rows] != 0]
+        kind: IndexKind = "torch" if self.index_spec.kind == "torch" else "flat"
+        index = IndexSpec(kind, device=self.index_spec.device).build(self.d + 1 + self.content_dim)
+        if len(rows):
+            index.add(self._term_rows(rows))
+        return index, rows.tolist()
+
+    def _term_rows(self, rows: np.ndarray) -> np.ndarray:
+        # rows int64 [m] -> float32 [m, d + 1 + C]: the index row, then W * unit content
+        assert self.content is not None
+        base = self._index_rows(self.vectors[rows], self.scales[rows], self.offsets[rows])
+        term = self.content[rows] * self.content_weights[rows, None]
+        return np.ascontiguousarray(np.concatenate([base, term], axis=1), np.float32)
+
+    def content_query(self, rows: np.ndarray) -> np.ndarray:
+        """rows int64 [n] of a history -> float32 [C]: its mean unit content vector, unit
+        length (zeros for no rows): what the content term's cosine is taken with. Under the
+        lock (rows are renumbered by compaction)."""
+        assert self.content is not None
+        if len(rows) == 0:
+            return np.zeros(self.content_dim, np.float32)
+        return normalized(self.content[rows].mean(axis=0))
 
     def _indexed(self, vectors: np.ndarray) -> np.ndarray:
         # [m, d] raw -> the rows the index ranks by inner product with the user vector
@@ -291,12 +354,23 @@ class ItemTable:
         vector: np.ndarray,
         scale: float = 1.0,
         offset: float = 0.0,
+        content: np.ndarray | None = None,
+        content_weight: float = 0.0,
     ) -> bool:
         """Add an item or replace its SID, vector, score scale and score offset (its score is
-        the cosine, or the dot product, times `scale`, minus `offset`). Returns True if the
-        item is new here."""
+        the cosine, or the dot product, times `scale`, minus `offset`), content vector [C]
+        and content-term weight (plus weight * the cosine of the history's mean content and
+        its own; tables without a content term take neither). Returns True if the item is
+        new here."""
         sid = np.asarray(sid, np.int64)
         vector = np.asarray(vector, np.float32)
+        unit = None
+        if self.content is not None:
+            unit = np.zeros(self.content_dim, np.float32)
+            if content is not None:
+                unit = normalized(np.asarray(content, np.float32).reshape(-1))
+        elif content_weight:
+            raise ValueError("this table has no content term")
         with self.lock:
             old = self.row_of.get(item_id)
             unchanged = (
@@ -305,6 +379,8 @@ class ItemTable:
                 and np.array_equal(self.vectors[old], vector)
                 and self.scales[old] == np.float32(scale)
                 and self.offsets[old] == np.float32(offset)
+                and self.content_weights[old] == np.float32(content_weight)
+                and (self.content is None or np.array_equal(self.content[old], unit))
             )
             if unchanged:
                 return False  # e.g. our own ingest coming back through the stream
@@ -319,9 +395,15 @@ class ItemTable:
             self.sids[row] = sid
             self.scales[row] = scale
             self.offsets[row] = offset
+            self.content_weights[row] = content_weight
+            if self.content is not None:
+                self.content[row] = unit
             self.alive[row] = True
             one = slice(row, row + 1)
             self.index.add(self._index_rows(vector[None, :], self.scales[one], self.offsets[one]))
+            if content_weight and self.term_index is not None:
+                self.term_index.add(self._term_rows(np.array([row])))
+                self.term_rows.append(row)
             self.item_ids.append(item_id)
             self.row_of[item_id] = row
             self.size += 1
@@ -372,6 +454,8 @@ class ItemTable:
                 sids = self.sids[keep]
                 scales = self.scales[keep]
                 offsets = self.offsets[keep]
+                weights = self.content_weights[keep]
+                content = None if self.content is None else self.content[keep]
                 item_ids = [self.item_ids[r] for r in keep]
                 self._touched = set()
             index = self._new_index()
@@ -401,6 +485,8 @@ class ItemTable:
                 new_sids = fresh(sids, self.sids)
                 new_scales = fresh(scales, self.scales)
                 new_offsets = fresh(offsets, self.offsets)
+                new_weights = fresh(weights, self.content_weights)
+                new_content = None if content is None else fresh(content, self.content)
                 new_alive = fresh(alive, self.alive)
                 if appended:
                     tail = slice(len(keep), size)
@@ -417,6 +503,10 @@ class ItemTable:
                     new_offsets,
                     new_alive,
                 )
+                self.content_weights, self.content = new_weights, new_content
+                if self.content is not None:  # few rows: rebuilt here, under the lock
+                    live = np.flatnonzero(new_alive[:size])
+                    self.term_index, self.term_rows = self._term_index(live)
                 self.item_ids, self.row_of, self.index = item_ids, row_of, index
                 self.layout += 1
                 self.size, self._capacity = size, capacity
@@ -456,6 +546,9 @@ class ItemTable:
             grown(self.offsets),
             grown(self.alive),
         )
+        self.content_weights = grown(self.content_weights)
+        if self.content is not None:
+            self.content = grown(self.content)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """rows int64 [N] -> raw vectors float32 [N, d] (a copy).
@@ -472,38 +565,23 @@ class ItemTable:
         query: np.ndarray,  # float32 [d], L2-normalised
         k: int,
         exclude_rows: set[int],
+        content_query: np.ndarray | None = None,  # float32 [C], see content_query
     ) -> list[tuple[int, float]]:
-        """Top-k live rows by inner product, best first, skipping exclude_rows."""
-        return self.search_batch(query[None, :], [k], [exclude_rows])[0]
+        """Top-k live rows by score, best first, skipping exclude_rows."""
+        content = None if content_query is None else content_query[None, :]
+        return self.search_batch(query[None, :], [k], [exclude_rows], content)[0]
 
     def search_batch(
         self,
         queries: np.ndarray,  # float32 [B, d], L2-normalised
         ks: list[int],  # [B]
         exclude_rows: list[set[int]],  # [B]
+        content_queries: np.ndarray | None = None,  # float32 [B, C] (None: zeros)
     ) -> list[list[tuple[int, float]]]:
         """search() for B queries in one FAISS call: per query, top-k live rows, best first,
-        with their scores (offsets included)."""
-        queries = augmented(queries)
+        with their scores (offsets and content term included)."""
         with self.lock:
-            # Enough candidates that k survive after dropping excluded and dead rows.
-            most = max(k + len(excluded) for k, excluded in zip(ks, exclude_rows, strict=True))
-            fetch = min(self.size, most + self.dead + 1)
-            rows, scores = self._search(queries, fetch)
-            alive = self.alive
-            out = []
-            for k, excluded, found, found_scores in zip(
-                ks, exclude_rows, rows, scores, strict=True
-            ):
-                hits = []
-                for row, score in zip(found, found_scores, strict=True):
-                    if row <= 0 or not alive[row] or row in excluded:
-                        continue
-                    hits.append((row, score))
-                    if len(hits) == k:
-                        break
-                out.append(hits)
-            return out
+            return self._rank_rows(queries, content_queries, ks, exclude_rows, None)
 
     # --- id-level calls: what the service uses (rows stay inside the lock) ----------------
 
@@ -518,7 +596,8 @@ class ItemTable:
             rows = [self.row_of.get(i) for i in item_ids]
             known = np.array([r is not None for r in rows], bool)
             found = np.array([r for r in rows if r is not None], np.int64)
-            return Resolved(self.vectors[found], known, found, self.layout)
+            content = None if self.content is None else self.content_query(found)
+            return Resolved(self.vectors[found], known, found, self.layout, content)
 
     def _search(self, queries: np.ndarray, fetch: int) -> tuple[list[list[int]], list[list[float]]]:
         # queries: float32 [B, d + 1], already augmented (a trailing 1 per row)
@@ -532,44 +611,99 @@ class ItemTable:
         )
         return rows.tolist(), scores.tolist()
 
+    def _rank_rows(
+        self,
+        queries: np.ndarray,  # float32 [B, d]
+        content_queries: np.ndarray | None,  # float32 [B, C] or None (zeros)
+        ks: list[int],  # [B]
+        excluded: list[set[int]],  # [B] rows
+        accepts: list[Callable[[str], bool] | None] | None,  # [B], None = any item
+    ) -> list[list[tuple[int, float]]]:
+        """Per query, the top-k (row, score) of the live rows not excluded that `accept`
+        takes, best first; under the lock. A query short of k is searched again with
+        OVERFETCH_GROWTH times more candidates until k qualify or every row was read. With a
+        content term, the rows that have one come from the term index with their full score
+        and are skipped among the main index's hits; the two lists are merged."""
+        accepts = accepts or [None] * len(ks)
+        main = augmented(queries)  # once; each re-search takes its rows
+        n_term = len(self.term_rows) if self.term_index is not None else 0
+        term = None
+        if n_term:
+            content = np.zeros((len(ks), self.content_dim), np.float32)
+            if content_queries is not None:
+                content[:] = content_queries
+            term = np.ascontiguousarray(np.concatenate([main, content], axis=1))
+        most = max(k + len(ex) for k, ex in zip(ks, excluded, strict=True))
+        # the main index's hits skip the term rows: fetch past some of them at once
+        fetch = min(self.size, most + self.dead + 1 + min(n_term, most))
+        term_fetch = min(n_term, most + self.dead + 1)
+        out: list[list[tuple[int, float]]] = [[] for _ in ks]
+        pending = list(range(len(ks)))
+        while pending:
+            rows, scores = self._search(main[pending], fetch)
+            if term is not None:
+                assert self.term_index is not None
+                term_scores, positions = self.term_index.search(term[pending], term_fetch)
+            short = []
+            for j, q in enumerate(pending):
+                hits = self._hits(rows[j], scores[j], ks[q], excluded[q], accepts[q], n_term > 0)
+                missing = len(hits) < ks[q] and fetch < self.size
+                if term is not None:
+                    found = [self.term_rows[p] if p >= 0 else -1 for p in positions[j].tolist()]
+                    more = self._hits(
+                        found, term_scores[j].tolist(), ks[q], excluded[q], accepts[q], False
+                    )
+                    missing |= len(more) < ks[q] and term_fetch < n_term
+                    hits = sorted(hits + more, key=lambda hit: -hit[1])[: ks[q]]
+                out[q] = hits
+                if missing:
+                    short.append(q)
+            pending = short
+            fetch = min(self.size, fetch * OVERFETCH_GROWTH)
+            term_fetch = min(n_term, term_fetch * OVERFETCH_GROWTH)
+        return out
+
+    def _hits(
+        self,
+        rows: list[int],
+        scores: list[float],
+        k: int,
+        excluded: set[int],
+        accept: Callable[[str], bool] | None,
+        skip_terms: bool,
+    ) -> list[tuple[int, float]]:
+        # the first k of rows (best first) that are live, not excluded, taken by accept and,
+        # with skip_terms, without a content term
+        hits: list[tuple[int, float]] = []
+        alive, weights = self.alive, self.content_weights
+        for row, score in zip(rows, scores, strict=True):
+            if row <= 0 or not alive[row] or row in excluded:
+                continue
+            if skip_terms and weights[row] != 0:
+                continue
+            if accept is not None and not accept(self.item_ids[row]):
+                continue
+            hits.append((row, score))
+            if len(hits) == k:
+                break
+        return hits
+
     def rank_batch(
         self,
         queries: np.ndarray,  # float32 [B, d], L2-normalised
         ks: list[int],  # [B]
         exclude_ids: list[set[str]],  # [B]
         accepts: list[Callable[[str], bool] | None] | None = None,  # [B], None = any item
+        content_queries: np.ndarray | None = None,  # float32 [B, C], see content_query
     ) -> list[list[Hit]]:
         """Per query, the top-k live items that are not excluded and that `accept` takes.
 
         A filter can reject most candidates, so a query short of k is searched again with
-        OVERFETCH_GROWTH times more candidates until k qualify or the whole index was read:
-        fewer than k hits means fewer than k items qualify. Scores include the rows' offsets."""
-        accepts = accepts or [None] * len(ks)
-        queries = augmented(queries)  # once; each re-search takes its rows
+        more candidates until k qualify or the whole index was read: fewer than k hits means
+        fewer than k items qualify. Scores include the rows' offsets and content term."""
         with self.lock:
             excluded = [{self.row_of[i] for i in ex if i in self.row_of} for ex in exclude_ids]
-            most = max(k + len(ex) for k, ex in zip(ks, excluded, strict=True))
-            fetch = min(self.size, most + self.dead + 1)
-            out: list[list[tuple[int, float]]] = [[] for _ in ks]
-            pending = list(range(len(ks)))
-            while pending:
-                rows, scores = self._search(queries[pending], fetch)
-                short = []
-                for q, found, found_scores in zip(pending, rows, scores, strict=True):
-                    hits, accept = [], accepts[q]
-                    for row, score in zip(found, found_scores, strict=True):
-                        if row <= 0 or not self.alive[row] or row in excluded[q]:
-                            continue
-                        if accept is not None and not accept(self.item_ids[row]):
-                            continue
-                        hits.append((row, score))
-                        if len(hits) == ks[q]:
-                            break
-                    out[q] = hits
-                    if len(hits) < ks[q] and fetch < self.size:
-                        short.append(q)
-                pending = short
-                fetch = min(self.size, fetch * OVERFETCH_GROWTH)
+            out = self._rank_rows(queries, content_queries, ks, excluded, accepts)
             return [
                 [(self.item_ids[row], score, self.sids[row].tolist()) for row, score in hits]
                 for hits in out
@@ -583,10 +717,12 @@ class ItemTable:
 
         The query goes through rank_batch, which gives it the trailing 1 like a user's: so the
         candidates' score offsets apply here too (a new item drops by its offset in similar
-        items as in recommendations, and the scores returned are the same kind of score)."""
+        items as in recommendations, and the scores returned are the same kind of score), and
+        its own content vector stands in for a history's mean in the content term."""
         with self.lock:
             row = self.row_of.get(item_id)
             if row is None:
                 return None
             query = normalized(self.vectors[row][None, :])
-            return self.rank_batch(query, [k], [{item_id}], [accept])[0]
+            content = None if self.content is None else self.content[row][None, :]
+            return self.rank_batch(query, [k], [{item_id}], [accept], content)[0]

@@ -106,6 +106,20 @@ class Bundle:
         """float32 [n + 1, d], raw vectors, row 0 padding."""
         return np.load(self.file("item_vectors.npy"))
 
+    @property
+    def content_weight(self) -> float:
+        """The new items' content-term weight (docs/bundle.md; 0 for bundles without one)."""
+        return float(self.model.get("new_item_content_weight", 0.0))
+
+    def item_content(self) -> np.ndarray | None:
+        """float32 [n + 1, C] unit content vectors, row 0 zeros, for a bundle with a content
+        term; None for one without."""
+        if not self.content_weight:
+            return None
+        if not self.lists("item_content.npy"):
+            raise BundleError(f"{self.path}: a content term without item_content.npy")
+        return np.load(self.file("item_content.npy"))
+
     def items(self) -> list[ItemRecord]:
         """Rows 1..n in order."""
         records = []

@@ -214,8 +214,8 @@ def test_hybrid_tower_trains_fits_evaluates_exports_and_ablates(tmp_path: Path) 
 
 
 def test_content_term_moves_only_the_rows_it_weights() -> None:
-    from sidrec.offline.bench.tower_ablation import with_content_term
     from sidrec.offline.evaluate import EvalBatch
+    from sidrec.offline.new_items import with_content_term
 
     content = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])  # rows 1..3
     base_scores = torch.arange(8, dtype=torch.float32).view(2, 4)
@@ -339,7 +339,7 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(tmp_pa
 
 
 def test_content_term_rule_takes_the_pick_that_keeps_the_hot_bin_and_finds_most_new_items() -> None:
-    from sidrec.offline.bench.content_part_ablation import choose_scale_and_weight
+    from sidrec.offline.new_items import choose_scale_and_weight
 
     def cell(scale: float, weight: float, ndcg: float, hot: float, new: float) -> dict:
         return {"scale": scale, "weight": weight,

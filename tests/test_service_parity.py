@@ -1,19 +1,21 @@
 """Offline and online compute the same thing: one history through the offline evaluator's
 scorer (PyTorch, the trained checkpoint) and through the HTTP service (ONNX + FAISS) gives the
 same top-k with the same scores, for a cosine bundle with a content tower (the session's), a
-dot-scored id one (the short-history defaults) and a dot-scored hybrid-sum one with a content
-part and a new-item scale (the demo's)."""
+dot-scored id one (the short-history defaults), a dot-scored hybrid-sum one with a content
+part and a new-item scale (the demo's) and that one again with a content term for new items."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import Service
+from conftest import _RUN, Service
 
 from sidrec.bundle import load_bundle
 from sidrec.offline.evaluate import EvalBatch, Scorer
@@ -37,14 +39,51 @@ def dot_run(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> tuple
     return bundle, root / "run" / "id" / "checkpoint.pt"
 
 
-@pytest.fixture(scope="module", params=["session", "dot", "hybrid-sum"])
+TERM_WEIGHT = 3.0  # large, so that new items reach the top K of most histories
+
+
+@pytest.fixture(scope="module")
+def term_run(
+    tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
+) -> tuple[Path, Path]:
+    """(bundle, checkpoint) of the hybrid-sum run with its new items' content-term weight set
+    to TERM_WEIGHT (whatever its calibration chose) and exported again."""
+    from sidrec.offline import pipeline
+
+    source = sum_run[1].parent.parent.parent  # root/run/hybrid-sum/checkpoint.pt -> root
+    root = tmp_path_factory.mktemp("term")
+    shutil.copytree(source / "run", root / "run")
+    record_path = root / "run" / "hybrid-sum" / "new_items.json"
+    record = json.loads(record_path.read_text())
+    assert "content_weight" in record and "content_term" in record  # calibration chose one
+    record_path.write_text(json.dumps({**record, "content_weight": TERM_WEIGHT}))
+    old_cache = os.environ.get("SIDREC_CACHE")
+    os.environ["SIDREC_CACHE"] = str(_RUN.get("cache", source / "cache"))  # MiniLM's export
+    try:
+        steps = pipeline.Steps.open(source / "data", root / "run")
+        bundle = steps.export("hybrid-sum", root / "bundle")
+    finally:
+        if old_cache is None:
+            os.environ.pop("SIDREC_CACHE", None)
+        else:
+            os.environ["SIDREC_CACHE"] = old_cache
+    loaded = load_bundle(bundle)
+    assert loaded.content_weight == TERM_WEIGHT and loaded.lists("item_content.npy")
+    content = loaded.item_content()
+    assert content is not None and content.shape[0] == len(loaded.items()) + 1
+    return bundle, root / "run" / "hybrid-sum" / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module", params=["session", "dot", "hybrid-sum", "content-term"])
 def served(request: pytest.FixtureRequest, bundle_dir: Path) -> tuple[Path, Path]:
-    """(bundle, its checkpoint): the session's (cosine, a content tower), a dot id model's and
-    a dot hybrid-sum model's."""
+    """(bundle, its checkpoint): the session's (cosine, a content tower), a dot id model's, a
+    dot hybrid-sum model's and that one with a content term."""
     if request.param == "dot":
         return request.getfixturevalue("dot_run")
     if request.param == "hybrid-sum":
         return request.getfixturevalue("sum_run")
+    if request.param == "content-term":
+        return request.getfixturevalue("term_run")
     return bundle_dir, request.getfixturevalue("checkpoint_path")
 
 
@@ -61,7 +100,8 @@ def service(
 @pytest.fixture(scope="module")
 def scorer(served: tuple[Path, Path]) -> Scorer:
     checkpoint_path = served[1]
-    # the run's content vectors (pipeline.Steps writes them), for a content tower's rows
+    # the run's content vectors (pipeline.Steps writes them), for a content tower's rows or
+    # a content term
     content_path = checkpoint_path.parent.parent / "content_vectors.npy"
     content = np.load(content_path) if content_path.is_file() else None
     return served_scorer(checkpoint_path, content)
@@ -120,8 +160,58 @@ def test_offline_scorer_and_http_agree(
     online = [(i["item_id"], i["score"]) for i in r.json()["items"]]
 
     assert len(online) == K
+    if load_bundle(bundle).content_weight and make_history in (theme, mixed):
+        # the term is exercised: new items (no trained id) are among the K
+        popularity = {i["item_id"]: i["popularity"] for i in items}
+        assert any(popularity[i] == 0 for i, _ in online)
     assert np.allclose([s for _, s in online], sorted(offline.values(), reverse=True), atol=1e-4)
     # The same items in the same order; only items whose scores tie within 1e-4 may swap.
     for (online_id, online_score), offline_id in zip(online, offline, strict=True):
         if online_id != offline_id:
             assert abs(offline.get(online_id, -9.0) - online_score) < 1e-4, (offline, online)
+
+
+def test_ingested_items_get_the_content_term_and_keep_it_across_a_restart(
+    term_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """An item ingested with the content vector of an untrained bundle item Y gets Y's vector
+    and so, with the content term, Y's score: W * cos(history's mean content, its content)
+    above what the index alone gives it. A restart rebuilds it from Redis with its term."""
+    from conftest import RedisServer
+
+    bundle_path = term_run[0]
+    bundle = load_bundle(bundle_path)
+    content = bundle.item_content()
+    assert content is not None
+    items = [json.loads(line) for line in (bundle_path / "items.jsonl").read_text().splitlines()]
+    history_rows = theme(items, np.random.default_rng(0))
+    mean = content[history_rows].mean(0)
+    mean /= np.linalg.norm(mean)
+    untrained = [i["row"] for i in items if i["popularity"] == 0 and i["row"] not in history_rows]
+    twin_of = max(untrained, key=lambda r: float(content[r] @ mean))
+    lift = bundle.content_weight * float(content[twin_of] @ mean)
+    assert lift > 0.05  # the term is worth testing for
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    service = Service(bundle_path, tmp_path / "service.log", redis_url=redis.url)
+    try:
+        service.start()
+        r = service.post(
+            "/v1/items", {"item_id": "twin", "content_vector": content[twin_of].tolist()}
+        )
+        assert r.status_code == 200, r.text
+        history = [items[r - 1]["item_id"] for r in history_rows]
+
+        def scores() -> dict[str, float]:
+            r = service.post("/v1/recommend", {"history": history, "k": 1000})
+            assert r.status_code == 200, r.text
+            return {i["item_id"]: i["score"] for i in r.json()["items"]}
+
+        before = scores()
+        assert before["twin"] == pytest.approx(before[items[twin_of - 1]["item_id"]], abs=1e-4)
+        service.stop()
+        service.start()
+        assert scores()["twin"] == pytest.approx(before["twin"], abs=1e-5)
+    finally:
+        service.stop()
+        redis.stop()

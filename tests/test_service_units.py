@@ -474,6 +474,100 @@ def test_item_table_with_zero_offsets_ranks_as_a_scale_only_index(kind: str, sco
         assert [table.row(i) for i, _, _ in ranked] == [r for r, _ in got[0]]
 
 
+def content_term_scores(
+    table: ItemTable, query: np.ndarray, content_query: np.ndarray, k: int | None = None
+) -> list[tuple[str, float]]:
+    """Every live item's score with numpy alone, the content term included: brute_scores +
+    weight * cos(content query, the row's content); best first."""
+    assert table.content is not None
+    base = brute_scores(table, query)
+    unit = content_query / np.linalg.norm(content_query)
+    out = {i: s + float(table.content_weights[table.row_of[i]])
+           * float(table.content[table.row_of[i]] @ unit) for i, s in base.items()}  # fmt: skip
+    return sorted(out.items(), key=lambda kv: -kv[1])[:k]
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "torch"])
+def test_item_table_content_term_lifts_only_its_rows_by_their_content(kind: str) -> None:
+    """Rows with a content-term weight score base + W * cos(the history's mean content, their
+    content); every other row keeps its score and the main index its d + 1 columns. The term
+    follows ingests (with their content), retirements, replacements and compaction, and
+    `similar` takes the item's own content as the query's."""
+    from sidrec.service.retrieval import IndexSpec
+
+    if kind == "torch":
+        pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    n, d, c = 60, 8, 6
+    vectors = np.zeros((n + 1, d), np.float32)
+    vectors[1:] = rng.normal(size=(n, d))
+    content = np.zeros((n + 1, c), np.float32)
+    content[1:] = rng.normal(size=(n, c))
+    ids = [f"i{r}" for r in range(1, n + 1)]
+    new_rows = [3, 8, 21, 34, 50]
+    scales, offsets, weights = (np.ones(n + 1, np.float32), np.zeros(n + 1, np.float32),
+                                np.zeros(n + 1, np.float32))  # fmt: skip
+    scales[new_rows], offsets[new_rows], weights[new_rows] = 0.9, 0.1, 2.0
+    spec = IndexSpec(kind, device="cpu", hnsw_ef_search=200)
+    table = ItemTable(vectors, ids, np.zeros((n + 1, 3), np.int64), 4, use_gpu=False,
+                      index=spec, scales=scales, offsets=offsets, scoring="dot",
+                      content=content, content_weights=weights)  # fmt: skip
+    plain = ItemTable(vectors, ids, np.zeros((n + 1, 3), np.int64), 4, use_gpu=False,
+                      index=spec, scales=scales, offsets=offsets, scoring="dot")  # fmt: skip
+    assert table.index.ntotal == n + 1 and table.term_rows == new_rows
+    history = np.array([3, 4, 5, 30], np.int64)  # rows of a history
+    with table.lock:
+        cq = table.content_query(history)
+    mean = content[history] / np.linalg.norm(content[history], axis=1, keepdims=True)
+    np.testing.assert_allclose(cq, mean.mean(0) / np.linalg.norm(mean.mean(0)), atol=1e-6)
+    query = rng.normal(size=d).astype(np.float32)
+
+    def check(k: int | None = None) -> None:
+        want = content_term_scores(table, query, cq, k)
+        (got,) = table.rank_batch(query[None], [len(want)], [set()], None, cq[None])
+        assert [i for i, _, _ in got] == [i for i, _ in want]
+        np.testing.assert_allclose([s for _, s, _ in got], [s for _, s in want], atol=1e-5)
+
+    check()
+    check(5)
+    # only the weighted rows moved, by exactly W * their cosine
+    with_term = dict(table.search(query, n, set(), cq))
+    without = dict(plain.search(query, n, set()))
+    for row in range(1, n + 1):
+        unit = content[row] / np.linalg.norm(content[row])
+        lift = weights[row] * float(unit @ cq)
+        assert with_term[row] == pytest.approx(without[row] + lift, abs=1e-5)
+    # a resolved history carries its content query
+    resolved = table.resolve(["i3", "i4", "gone", "i5", "i30"])
+    assert resolved.content is not None
+    np.testing.assert_allclose(resolved.content, cq, atol=1e-6)
+    # ingest a new item whose content matches the history, one without a term, retire one
+    table.upsert("fresh", np.zeros(3, np.int64), vectors[7] * 0.1, 0.9, 0.1, cq * 5, 20.0)
+    table.upsert("plain", np.zeros(3, np.int64), vectors[9] * 1.5, content=content[9])
+    table.retire("i21")
+    check()
+    assert content_term_scores(table, query, cq, 1)[0][0] == "fresh"
+    # replace new items (a new row each) until compaction renumbers the rows
+    for r in [8, 34, 50] * 8:
+        table.upsert(f"i{r}", np.zeros(3, np.int64), vectors[r] + rng.normal(size=d) * 0.01,
+                     0.9, 0.1, content[r], 2.0)  # fmt: skip
+    table.compact()
+    assert table.dead == 0 and len(table.term_rows) == 5  # i3, i8, i34, i50, fresh
+    check()
+    # similar items: the item's own content is the content query
+    similar = table.similar("fresh", 5)
+    assert similar is not None
+    own = table.content[table.row("fresh")]
+    unit_query = table.vectors[table.row("fresh")] / np.linalg.norm(
+        table.vectors[table.row("fresh")]
+    )
+    want = [(i, s) for i, s in content_term_scores(table, unit_query, own) if i != "fresh"][:5]
+    assert [i for i, _, _ in similar] == [i for i, _ in want]
+    # a table without content takes no weight
+    with pytest.raises(ValueError, match="content"):
+        plain.upsert("x", np.zeros(3, np.int64), vectors[1], content_weight=1.0)
+
+
 def wait_compacted(table: ItemTable, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while table.compacting:

@@ -27,15 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from sidrec.offline.bench.tower_ablation import with_content_term
 from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
 from sidrec.offline.new_items import (
-    choose_scale,
+    choose_scale_and_weight,
     load_new_item_scale,
     nearest_trained_paths,
-    passing_warm_rule,
     scales_for,
     warm_figures,
+    with_content_term,
 )
 from sidrec.offline.split import BIN_NAMES, Split
 from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
@@ -113,27 +112,6 @@ def content_term_cells(
     picked, chosen = choose_scale_and_weight(cells, weights, hot_reference)
     return {"valid_hot_ndcg@10_never_recommended": hot_reference, "cells": cells,
             "picked": picked, "chosen": chosen}  # fmt: skip
-
-
-def choose_scale_and_weight(
-    cells: dict[str, dict[str, Any]], weights: list[float], hot_reference: float
-) -> tuple[dict[str, float], str | None]:
-    """The warm rule over (scale, weight) cells ("scale S weight W": {"scale", "weight",
-    "warm": warm_figures, "valid": summarize's report}): per weight, the scale choose_scale
-    picks; across weights, of the picks that pass the rule (not choose_scale's fallback where
-    no scale does), the one that finds most new items on validation (the smaller weight on a
-    tie). Returns ({weight: scale}, the chosen cell's key, or None where no pick passes)."""
-    picked: dict[str, float] = {}
-    passing = []
-    for weight in weights:
-        by_scale = {str(c["scale"]): c["warm"] for c in cells.values() if c["weight"] == weight}
-        scale = choose_scale(by_scale, hot_reference)
-        picked[f"{weight:g}"] = scale
-        if scale in passing_warm_rule(by_scale, hot_reference):
-            passing.append(cells[f"scale {scale:g} weight {weight:g}"])
-    best = max(passing, key=lambda c: (c["valid"]["cold_start"]["hr@10"], -c["weight"]),
-               default=None)  # fmt: skip
-    return picked, None if best is None else f"scale {best['scale']:g} weight {best['weight']:g}"
 
 
 def _line(key: str, report: dict[str, Any]) -> str:

@@ -150,7 +150,14 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
     info = {
         # the generative-retrieval papers' rule (history items stay candidates), for
         # comparing with their published figures; the benchmark's own rule excludes them
-        "test_history_kept": history_kept_test(model, split, cfg.max_len, tower, folder),
+        "test_history_kept": history_kept_test(
+            model,
+            split,
+            cfg.max_len,
+            tower,
+            folder,
+            prepared_content(out, run) if cfg.variant != "id" else None,
+        ),
         "run": run.as_dict(),
         "resolved_variant": variant,
         "picked_settings_of": picked,
@@ -231,7 +238,14 @@ def finish_stopped(data_dir: Path, out: Path, run: Run) -> dict | None:
         )  # fmt: skip
         model = load_checkpoint(folder / CHECKPOINT_FILE)[0]  # with its content part, if any
     info = {
-        "test_history_kept": history_kept_test(model, split, cfg.max_len, None, folder),
+        "test_history_kept": history_kept_test(
+            model,
+            split,
+            cfg.max_len,
+            None,
+            folder,
+            prepared_content(out, run) if cfg.variant != "id" else None,
+        ),
         "run": run.as_dict(),
         "resolved_variant": run.variant,
         "best_epoch": ckpt["epoch"],
@@ -250,17 +264,22 @@ def history_kept_test(
     max_len: int,
     tower: tuple[Path, np.ndarray, np.ndarray] | None = None,
     folder: Path | None = None,
+    content: np.ndarray | None = None,
 ) -> dict:
     """Test report of a trained model with the user's history items left as candidates;
     `tower` = (run folder, SIDs, content vectors) for a model with a content tower; `folder`,
-    the run folder of one without, holds its new-item scale (offline/new_items.py)."""
+    the run folder of one without, holds its new-item scale and content-term weight
+    (offline/new_items.py; a term needs the catalog's `content` vectors)."""
     from sidrec.offline.evaluate import evaluate
-    from sidrec.offline.new_items import load_new_item_scale
+    from sidrec.offline.new_items import load_new_item_content_weight, load_new_item_scale
     from sidrec.offline.tower import load_tower, model_scorer
 
     if tower is None:
         scale = 1.0 if folder is None else load_new_item_scale(folder)
-        scorer = model_scorer(model, split.trained, new_item_scale=scale)
+        weight = 0.0 if folder is None else load_new_item_content_weight(folder)
+        scorer = model_scorer(
+            model, split.trained, content=content, new_item_scale=scale, content_weight=weight
+        )
     else:
         folder, sids, content = tower
         scorer = model_scorer(model, split.trained, sids, load_tower(folder), content)

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from sidrec.offline.baselines import content_scorer
-from sidrec.offline.evaluate import EvalBatch, Scorer, rank_targets, summarize, table_scorer
+from sidrec.offline.evaluate import Scorer, rank_targets, summarize, table_scorer
+from sidrec.offline.new_items import with_content_term
 from sidrec.offline.pipeline import Steps
 from sidrec.offline.tower import TowerConfig, fit_tower, item_table, user_states
 from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
@@ -39,18 +40,6 @@ def _reports(scorer: Scorer, steps: Steps, max_len: int) -> dict[str, Any]:
         stage: summarize(rank_targets(scorer, steps.split, stage, 64, max_len), steps.split, stage)
         for stage in ("valid", "test")
     }
-
-
-def with_content_term(base: Scorer, content: torch.Tensor, weights: torch.Tensor) -> Scorer:
-    """`base` plus weights[row] * the content-only baseline's score of the row (the cosine of
-    the history's mean content vector and the row's): content [n, C] float (rows 1..n),
-    weights [n + 1] (0 for rows without the term)."""
-    content_scores = content_scorer(content)
-
-    def score(batch: EvalBatch) -> torch.Tensor:
-        return base(batch) + content_scores(batch) * weights[None, :]
-
-    return score
 
 
 def _line(name: str, r: dict[str, Any]) -> str:
