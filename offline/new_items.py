@@ -57,8 +57,8 @@ NEW_ITEMS_FILE = "new_items.json"  # beside a SID variant's checkpoint: the chos
 # 0 and Sports seed 2 and 2 on Toys seed 1 (docs/results/content-tower.md, seventeenth
 # session), each within 0.2 below the scale chosen without the term; a term lifts new items,
 # so their scales are tried at and below that scale (CONTENT_SCALE_STEPS x 0.05).
-CONTENT_WEIGHTS = (1.0, 2.0)
-CONTENT_SCALE_STEPS = (-4, -2, 0, 2)
+CONTENT_WEIGHTS = (0.5, 1.0, 2.0)
+CONTENT_SCALE_STEPS = (-8, -4, -2, 0)
 # Ridge penalties tried, as multiples of the mean eigenvalue of the centred content Gram matrix
 RIDGE_PENALTIES = tuple(10.0 ** (e / 2) for e in range(-8, 5))
 RIDGE_FOLDS = 5

@@ -694,3 +694,21 @@ def test_similar_items_exclude_the_item_and_retired_ones() -> None:
     table.retire("twin")
     assert "twin" not in [i for i, _, _ in table.similar("i3", 50) or []]
     assert table.similar("twin", 5) is None
+
+
+def test_bundle_content_term_needs_its_content_file(tmp_path: Path) -> None:
+    from sidrec.bundle import Bundle, BundleError
+
+    without = Bundle(tmp_path, {"model": {}, "files": {}})
+    assert without.content_weight == 0.0 and without.item_content() is None
+    content = np.zeros((3, 4), np.float32)
+    content[1:, 0] = 1.0
+    np.save(tmp_path / "item_content.npy", content)
+    unlisted = Bundle(tmp_path, {"model": {"new_item_content_weight": 2.0}, "files": {}})
+    with pytest.raises(BundleError, match=r"item_content\.npy"):
+        unlisted.item_content()
+    listed = Bundle(tmp_path, {"model": {"new_item_content_weight": 2.0},
+                               "files": {"item_content.npy": "sha"}})  # fmt: skip
+    got = listed.item_content()
+    assert listed.content_weight == 2.0 and got is not None
+    np.testing.assert_array_equal(got, content)
