@@ -113,8 +113,17 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     by_scale = hybrid["new_items"]["valid_by_new_item_scale"]
     assert set(by_scale) == {str(s) for s in NEW_ITEM_SCALES}
     chosen = choose_scale(by_scale, hybrid["new_items"]["valid_hot_ndcg@10_never_recommended"])
-    assert hybrid["new_items"]["new_item_scale"] == chosen
-    assert hybrid["valid"]["overall"]["ndcg@10"] == pytest.approx(by_scale[str(chosen)]["ndcg@10"])
+    weight = hybrid["new_items"]["content_weight"]
+    valid_ndcg = hybrid["valid"]["overall"]["ndcg@10"]
+    if weight == 0:  # no content term: the scale alone, by the warm rule
+        assert hybrid["new_items"]["new_item_scale"] == chosen
+        assert valid_ndcg == pytest.approx(by_scale[str(chosen)]["ndcg@10"])
+    else:  # the (scale, weight) cell the rule took over the term's cells and weight 0's
+        scale = hybrid["new_items"]["new_item_scale"]
+        cell = f"scale {scale:g} weight {weight:g}"
+        assert hybrid["new_items"]["content_term"]["chosen"] == cell
+        by_cell = hybrid["new_items"]["content_term"]["valid_by_cell"]
+        assert valid_ndcg == pytest.approx(by_cell[cell]["ndcg@10"])
     # the served table's new items carry a content part fitted on the trained items' id rows
     # (the model as trained, SID-only new items at scale 1, is kept as "unscaled")
     fit = hybrid["new_items"]["content_part"]
@@ -127,7 +136,9 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     assert exported.returncode == 0, exported.stderr
     bundle = load_bundle(run / "bundle")
     assert bundle.model["variant"] == "hybrid"
-    assert bundle.model["new_item_score_scale"] == chosen
+    assert bundle.model["new_item_score_scale"] == hybrid["new_items"]["new_item_scale"]
+    assert bundle.model["new_item_content_weight"] == weight
+    assert bundle.lists("item_content.npy") == (weight > 0)
     assert bundle.model["new_items"] == "sid+content"
     assert bundle.manifest["sid"] == {**bundle.manifest["sid"], "layers": 2, "codes": 8}
     assert bundle.manifest["metrics"]["test"] == results["hybrid-sum"]["test"]["overall"]

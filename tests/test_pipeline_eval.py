@@ -294,15 +294,17 @@ def test_ridge_fit_recovers_a_linear_map_and_shrinks_noise_away() -> None:
     assert np.abs(x @ got_w + got_b - noise.mean(0)).max() < 0.5
 
 
-def test_content_part_ablation_ranks_the_served_table_and_the_one_without(tmp_path: Path) -> None:
+def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sidrec.offline.bench.content_part_ablation import main
 
     write_synthetic_dataset(tmp_path / "data", users=60, per_theme=5)
     steps = pipeline.Steps.open(tmp_path / "data", tmp_path / "run", cold_fraction=0.2)
     rng = np.random.default_rng(0)  # random content vectors: no MiniLM needed here
-    steps.__dict__["content_vectors"] = rng.normal(size=(steps.data.num_items, 384)).astype(
-        np.float32
-    )
+    content = rng.normal(size=(steps.data.num_items, 384)).astype(np.float32)
+    # the same vectors for training and for the ablation's own Steps
+    monkeypatch.setattr(pipeline.Steps, "content_vectors", property(lambda _: content))
     steps.train("hybrid-sum", epochs=1, patience=1, procs=1)
     metrics = json.loads((tmp_path / "run" / "hybrid-sum" / "metrics.json").read_text())
     chosen = metrics["new_items"]["new_item_scale"]
@@ -319,23 +321,34 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(tmp_pa
         paths["valid_cold_start_hr@10_own"], paths["valid_cold_start_hr@10_nearest"]
     )
     served = "content part" if paths["chosen"] else "own paths"
-    assert cells[f"{served} scale {chosen:g} test"] == metrics["test"]
+    weight = metrics["new_items"]["content_weight"]  # the content term calibration chose
+    if weight == 0:
+        assert cells[f"{served} scale {chosen:g} test"] == metrics["test"]
     assert cells["as trained scale 1 test"]["overall"] == metrics["unscaled"]["test"]["overall"]
     assert cells["as trained scale 1 valid"]["overall"] == metrics["unscaled"]["valid"]["overall"]
     assert cells["sid only scale 1 test"] != cells["as trained scale 1 test"]
-    # a dense content term on new items: weight 0 is the served table. The synthetic items'
-    # content vectors follow their theme, as a user's history does, so a heavy weight lifts the
-    # new items of the history's theme over warm ones: new targets found, warm ones pushed down
+    # a dense content term on new items: weight 0 is the table without it, calibration's
+    # weight the served one. The synthetic items' content vectors follow their theme, as a
+    # user's history does, so a heavy weight lifts the new items of the history's theme over
+    # warm ones: new targets found, warm ones pushed down
+    weights = sorted({0.0, weight, 50.0})
     main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--scales",
-          f"{chosen}", "--content-weights", "0,50", "--cold-fraction", "0.2"])  # fmt: skip
+          f"{chosen}", "--content-weights", ",".join(f"{w:g}" for w in weights),
+          "--cold-fraction", "0.2"])  # fmt: skip
     terms = json.loads((tmp_path / "run" / "hybrid-sum" / "content_term_ablation.json").read_text())
-    assert terms["cells"][f"scale {chosen:g} weight 0"]["test"] == metrics["test"]
+    assert terms["cells"][f"scale {chosen:g} weight {weight:g}"]["test"] == metrics["test"]
+    none = terms["cells"][f"scale {chosen:g} weight 0"]["test"]
+    assert cells[f"{served} scale {chosen:g} test"] == none
     heavy = terms["cells"][f"scale {chosen:g} weight 50"]["test"]
-    assert heavy["cold_start"]["hr@10"] >= metrics["test"]["cold_start"]["hr@10"]
-    assert heavy["warm"]["hr@10"] <= metrics["test"]["warm"]["hr@10"]
-    assert heavy != metrics["test"]
-    assert set(terms["picked"]) == {"0", "50"}
+    assert heavy["cold_start"]["hr@10"] >= none["cold_start"]["hr@10"]
+    assert heavy["warm"]["hr@10"] <= none["warm"]["hr@10"]
+    assert heavy != none
+    assert set(terms["picked"]) == {f"{w:g}" for w in weights}
     assert terms["chosen"] in (None, *terms["cells"])
+    # calibration's record of the term: the cells it tried and its pick
+    record = metrics["new_items"]["content_term"]
+    assert set(record["picked"]) == {"0", "0.5", "1", "2"}
+    assert record["chosen"] is None or record["chosen"].endswith(f"weight {weight:g}")
 
 
 def test_content_term_rule_takes_the_pick_that_keeps_the_hot_bin_and_finds_most_new_items() -> None:
