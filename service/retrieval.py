@@ -302,7 +302,9 @@ class ItemTable:
         assert self.content is not None
         if len(rows) == 0:
             return np.zeros(self.content_dim, np.float32)
-        return normalized(self.content[rows].mean(axis=0))
+        # a sum by matrix product (BLAS) is several times faster than .mean(axis=0) here,
+        # and the scale is normalised away
+        return normalized(np.ones(len(rows), np.float32) @ self.content[rows])
 
     def _indexed(self, vectors: np.ndarray) -> np.ndarray:
         # [m, d] raw -> the rows the index ranks by inner product with the user vector
@@ -634,8 +636,10 @@ class ItemTable:
                 content[:] = content_queries
             term = np.ascontiguousarray(np.concatenate([main, content], axis=1))
         most = max(k + len(ex) for k, ex in zip(ks, excluded, strict=True))
-        # the main index's hits skip the term rows: fetch past some of them at once
-        fetch = min(self.size, most + self.dead + 1 + min(n_term, most))
+        fetch = most + self.dead + 1
+        # the main index's hits skip the term rows: fetch past twice their share at once (a
+        # query short of k after that is searched again)
+        fetch = min(self.size, fetch + min(n_term, 2 * fetch * n_term // self.size + max(ks)))
         term_fetch = min(n_term, most + self.dead + 1)
         out: list[list[tuple[int, float]]] = [[] for _ in ks]
         pending = list(range(len(ks)))

@@ -214,3 +214,15 @@ def test_encoder_graph_bench_compares_todays_graph_with_the_forms_it_replaced() 
     lines = done.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 8", "batch 32"], done.stdout
     assert all("today" in line and "all rows" in line and "gathered bias" in line for line in lines)
+
+
+def test_content_term_bench_times_the_same_table_with_and_without_the_term() -> None:
+    # run as documented; both tables rank a request (figures are printed, not asserted on)
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.content_term_bench", "--items", "500",
+         "--requests", "40", "--history", "20"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert [line.split(" p50")[0].strip() for line in lines[:2]] == ["without term", "with term"]
+    assert "(25 rows with the term)" in lines[2]
