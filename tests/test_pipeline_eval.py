@@ -345,6 +345,23 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
     assert heavy != none
     assert set(terms["picked"]) == {f"{w:g}" for w in weights}
     assert terms["chosen"] in (None, *terms["cells"])
+    # a term on rarely trained items too: count 0 is the served table; a heavy weight on the
+    # cold popularity bin's items finds more of its targets, at the hot bin's expense
+    split = steps.split
+    cold_bin = (split.popularity_bin == 2) & split.trained
+    rarest = int(split.train_counts[cold_bin].max())  # the whole cold bin, no hot item
+    assert rarest < int(split.train_counts[split.popularity_bin == 0].min())
+    main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--rare-counts",
+          str(rarest), "--rare-weights", "50", "--cold-fraction", "0.2"])  # fmt: skip
+    rare = json.loads((tmp_path / "run" / "hybrid-sum" / "rare_term_ablation.json").read_text())
+    assert rare["cells"]["count 0 weight 0"]["test"] == metrics["test"]
+    assert rare["cells"]["count 0 weight 0"]["passes"]
+    lifted = rare["cells"][f"count {rarest} weight 50"]
+    assert lifted["rare_items"] > 0
+    bins = lifted["test"]["by_popularity"]
+    served_bins = metrics["test"]["by_popularity"]
+    assert bins["cold"]["hr@10"] > served_bins["cold"]["hr@10"]
+    assert bins["hot"]["ndcg@10"] <= served_bins["hot"]["ndcg@10"]
     # calibration's record of the term: the cells it tried and its pick
     record = metrics["new_items"]["content_term"]
     assert set(record["picked"]) == {"0", "0.5", "1", "2"}

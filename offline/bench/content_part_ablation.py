@@ -14,6 +14,11 @@ the pair that passes it and finds most new items on validation (offline/new_item
     python -m sidrec.offline.bench.content_part_ablation --data ../shared/data/amazon-toys \\
         --run runs/toys-hs --scales 0.9,1.0  # RUN/hybrid-sum/ from `sidrec train`
 
+`--rare-counts K,... --rare-weights W,...` ranks the served table as calibrated (its scale and
+content term on new items) plus a content term of weight W on the trained items with at most
+K training events (the cold popularity bin's rarest), each pair beside the served table (K 0),
+with the warm rule's figures on validation: RUN/<variant>/rare_term_ablation.json.
+
 --seed and --cold-fraction must be the run's, so the split is the one it was trained on.
 """
 
@@ -30,8 +35,10 @@ import torch
 from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
 from sidrec.offline.new_items import (
     choose_scale_and_weight,
+    load_new_item_content_weight,
     load_new_item_scale,
     nearest_trained_paths,
+    passing_warm_rule,
     scales_for,
     warm_figures,
     with_content_term,
@@ -114,6 +121,48 @@ def content_term_cells(
             "picked": picked, "chosen": chosen}  # fmt: skip
 
 
+def rare_term_cells(
+    run_dir: Path, split: Split, counts: list[int], weights: list[float], content: np.ndarray
+) -> dict[str, Any]:
+    """The served table of run_dir's calibrated checkpoint (scale and content term on its
+    untrained rows) plus weight * the content-only score on the trained rows with at most
+    `count` training events, per (count, weight) and for count 0 (the served table):
+    {"cells": {"count K weight W": {"valid", "test", "warm", "passes"}}, "hot_reference"}.
+    "passes": the warm rule over the cells (passing_warm_rule)."""
+    model, cfg, ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    model.eval()
+    trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
+    with torch.no_grad():
+        table = model.items.table(trained)  # [n + 1, d], as the service holds it
+    scale, new_weight = load_new_item_scale(run_dir), load_new_item_content_weight(run_dir)
+    train_counts = torch.as_tensor(split.train_counts)
+    batch_size = cfg.eval_batch_size or 32
+    hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
+    never = table_scorer(model.encoder, table, None, torch.where(trained, 0.0, float("inf")))
+    hot_reference = warm_figures(rank_targets(never, split, "valid", batch_size, cfg.max_len),
+                                 hot)["hot_ndcg@10"]  # fmt: skip
+    base = table_scorer(model.encoder, table, scales_for(trained, scale))
+    cells: dict[str, dict[str, Any]] = {}
+    for count, weight in [(0, 0.0), *((c, w) for c in counts for w in weights)]:
+        rare = trained & (train_counts <= count)
+        row_weights = torch.where(~trained, new_weight, torch.where(rare, weight, 0.0)).float()
+        scorer = with_content_term(base, torch.as_tensor(content), row_weights)
+        ranks = {stage: rank_targets(scorer, split, stage, batch_size, cfg.max_len)
+                 for stage in ("valid", "test")}  # fmt: skip
+        cells[f"count {count} weight {weight:g}"] = {
+            "count": count, "weight": weight, "rare_items": int(rare.sum()),
+            "warm": warm_figures(ranks["valid"], hot),
+            **{stage: summarize(r, split, stage) for stage, r in ranks.items()},
+        }  # fmt: skip
+    # the rule's values are numbers: the cells by position
+    passing = passing_warm_rule({str(i): c["warm"] for i, c in enumerate(cells.values())},
+                                hot_reference)  # fmt: skip
+    for i, cell in enumerate(cells.values()):
+        cell["passes"] = float(i) in passing
+    return {"hot_reference": hot_reference, "new_item_scale": scale,
+            "new_item_content_weight": new_weight, "cells": cells}  # fmt: skip
+
+
 def _line(key: str, report: dict[str, Any]) -> str:
     bins = report["by_popularity"]
     cold = report["cold_start"]
@@ -136,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--content-weights", default="", help="comma-separated content-term weights (logits)"
     )
+    parser.add_argument("--rare-counts", default="", help="comma-separated training counts")
+    parser.add_argument("--rare-weights", default="1", help="comma-separated weights (logits)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cold-fraction", type=float, default=0.05)
     args = parser.parse_args(argv)
@@ -145,6 +196,19 @@ def main(argv: list[str] | None = None) -> None:
     folder = args.run / args.variant
     split = steps.split
     scales = [float(s) for s in args.scales.split(",")]
+    if args.rare_counts:
+        counts = [int(c) for c in args.rare_counts.split(",")]
+        rare_weights = [float(w) for w in args.rare_weights.split(",")]
+        out = rare_term_cells(folder, split, counts, rare_weights, steps.content_vectors)
+        for key, cell in out["cells"].items():
+            valid = cell["valid"]
+            print(f"{key} ({cell['rare_items']} items) valid ndcg@10 "
+                  f"{cell['warm']['ndcg@10']:.4f} hot {cell['warm']['hot_ndcg@10']:.4f} "
+                  f"cold-bin {valid['by_popularity']['cold']['hr@10']:.4f} passes "
+                  f"{cell['passes']} | test " + _line("", cell["test"]).strip(),
+                  flush=True)  # fmt: skip
+        (folder / "rare_term_ablation.json").write_text(json.dumps(out, indent=2) + "\n")
+        return
     if args.content_weights:
         weights = [float(w) for w in args.content_weights.split(",")]
         out = content_term_cells(folder, split, scales, weights, steps.content_vectors)
