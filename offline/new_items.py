@@ -55,8 +55,8 @@ NEW_ITEM_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(31))
 NEW_ITEMS_FILE = "new_items.json"  # beside a SID variant's checkpoint: the chosen scale
 # Content-term weights tried (in logits, on dot-scored models): the rule picked 1 on Toys seed
 # 0 and Sports seed 2 and 2 on Toys seed 1 (docs/results/content-tower.md, seventeenth
-# session), each within 0.2 below the scale chosen without the term; a term lifts new items,
-# so their scales are tried at and below that scale (CONTENT_SCALE_STEPS x 0.05).
+# session), each 0-0.2 below the scale chosen without the term; a term lifts new items, so
+# their scales are tried at and below that scale (CONTENT_SCALE_STEPS x 0.05: down to 0.4).
 CONTENT_WEIGHTS = (0.5, 1.0, 2.0)
 CONTENT_SCALE_STEPS = (-8, -4, -2, 0)
 # Ridge penalties tried, as multiples of the mean eigenvalue of the centred content Gram matrix
@@ -220,7 +220,7 @@ def choose_content_term(
 ) -> dict[str, Any]:
     """The content term's weight and scale for a table whose scale without the term is
     `scale` (warm figures by_scale, its validation report `valid`): each CONTENT_WEIGHTS
-    weight at CONTENT_SCALE_STEPS around that scale, ranked by valid_ranks(scale, weight),
+    weight at that scale and below it (CONTENT_SCALE_STEPS), ranked by valid_ranks(scale, weight),
     then choose_scale_and_weight over those and weight 0. Returns {"picked", "chosen",
     "valid_by_cell": warm figures and cold-start HR@10 per cell, "chosen_cell"}."""
     from sidrec.offline.evaluate import summarize
