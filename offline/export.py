@@ -24,7 +24,7 @@ from sidrec.offline.onnx_export import (
 )
 from sidrec.offline.tower import item_table, load_tower
 from sidrec.offline.train import load_checkpoint
-from sidrec.sid_codebook import Codebooks
+from sidrec.sid_codebook import Codebooks, normalize_rows
 
 POPULAR_LIST = 1000
 # items.jsonl keeps an item's fields up to this many characters (see below).
@@ -85,9 +85,9 @@ def export_bundle(
     np.save(tmp / "item_vectors.npy", table.numpy().astype(np.float32))
     if content_weight:
         assert content is not None
-        unit = np.asarray(content, np.float32)
-        unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
-        np.save(tmp / "item_content.npy", np.concatenate([np.zeros_like(unit[:1]), unit]))
+        unit = normalize_rows(np.asarray(content, np.float32))  # [n, C]
+        rows = np.concatenate([np.zeros_like(unit[:1]), unit])  # row 0: padding
+        np.save(tmp / "item_content.npy", rows.astype(np.float32))
     # After table(): it records which SID rows trained items read, and model.pt keeps that.
     save_weights(model.items, model.encoder, torch.as_tensor(sids), tmp / TORCH_WEIGHTS, tower)
     export_user_encoder(model.encoder, cfg.d, tmp / "user_encoder.onnx", cfg.max_len)

@@ -84,6 +84,23 @@ def ablate(
     return out
 
 
+def _served_table(
+    run_dir: Path, split: Split
+) -> tuple[Any, Any, torch.Tensor, torch.Tensor, np.ndarray, float]:
+    """(model, config, trained [n + 1], the item table [n + 1, d] as the service holds it,
+    which validation targets are in the hot bin, the warm rule's hot-bin reference: its
+    validation NDCG@10 with new items never recommended) for run_dir's calibrated checkpoint."""
+    model, cfg, ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    model.eval()
+    trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
+    with torch.no_grad():
+        table = model.items.table(trained)  # [n + 1, d]
+    hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
+    never = table_scorer(model.encoder, table, None, torch.where(trained, 0.0, float("inf")))
+    never_ranks = rank_targets(never, split, "valid", cfg.eval_batch_size or 32, cfg.max_len)
+    return model, cfg, trained, table, hot, warm_figures(never_ranks, hot)["hot_ndcg@10"]
+
+
 def content_term_cells(
     run_dir: Path, split: Split, scales: list[float], weights: list[float], content: np.ndarray
 ) -> dict[str, Any]:
@@ -91,18 +108,10 @@ def content_term_cells(
     score on its untrained rows, at each (scale, weight): {"cells": {"scale S weight W":
     {"valid", "test", "warm": warm_figures}}, "picked": per weight the warm rule's scale,
     "chosen": the cell passing the rule with the most validation cold-start HR@10}."""
-    model, cfg, ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    model.eval()
-    trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
-    with torch.no_grad():
-        table = model.items.table(trained)  # [n + 1, d], as the service holds it
+    model, cfg, trained, table, hot, hot_reference = _served_table(run_dir, split)
     new = (~trained).float()  # [n + 1]: the term reaches untrained rows only
     content_rows = torch.as_tensor(content)  # [n, C]
     batch_size = cfg.eval_batch_size or 32
-    hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
-    never = table_scorer(model.encoder, table, None, torch.where(trained, 0.0, float("inf")))
-    never_ranks = rank_targets(never, split, "valid", batch_size, cfg.max_len)
-    hot_reference = warm_figures(never_ranks, hot)["hot_ndcg@10"]
     cells: dict[str, dict[str, Any]] = {}
     for weight in weights:
         for scale in scales:
@@ -129,18 +138,10 @@ def rare_term_cells(
     `count` training events, per (count, weight) and for count 0 (the served table):
     {"cells": {"count K weight W": {"valid", "test", "warm", "passes"}}, "hot_reference"}.
     "passes": the warm rule over the cells (passing_warm_rule)."""
-    model, cfg, ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    model.eval()
-    trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
-    with torch.no_grad():
-        table = model.items.table(trained)  # [n + 1, d], as the service holds it
+    model, cfg, trained, table, hot, hot_reference = _served_table(run_dir, split)
     scale, new_weight = load_new_item_scale(run_dir), load_new_item_content_weight(run_dir)
     train_counts = torch.as_tensor(split.train_counts)
     batch_size = cfg.eval_batch_size or 32
-    hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
-    never = table_scorer(model.encoder, table, None, torch.where(trained, 0.0, float("inf")))
-    hot_reference = warm_figures(rank_targets(never, split, "valid", batch_size, cfg.max_len),
-                                 hot)["hot_ndcg@10"]  # fmt: skip
     base = table_scorer(model.encoder, table, scales_for(trained, scale))
     cells: dict[str, dict[str, Any]] = {}
     for count, weight in [(0, 0.0), *((c, w) for c in counts for w in weights)]:

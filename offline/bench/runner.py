@@ -132,32 +132,27 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
     result = train(data, split, sids, codes, cfg, folder)
     tower = None
     model = result.model
+    # what a tower, calibration and a content term read; loaded once
+    reads_content = cfg.variant != "id" or variant in TOWER_VARIANTS
+    content = prepared_content(out, run) if reads_content else None
     if variant in TOWER_VARIANTS:
         from sidrec.offline.tower import attach_tower
 
-        content = prepared_content(out, run)
+        assert content is not None
         attach_tower(folder, split, content, codes, log=lambda _: None)
         tower = (folder, sids, content)
-    elif cfg.variant != "id":
+    elif content is not None:
         from sidrec.offline.new_items import calibrate_scale
         from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
         calibrate_scale(
-            folder, split, prepared_content(out, run), log=lambda _: None,
-            codebooks=prepared_codebooks(out, run),
-        )  # fmt: skip
+            folder, split, content, log=lambda _: None, codebooks=prepared_codebooks(out, run)
+        )
         model = load_checkpoint(folder / CHECKPOINT_FILE)[0]  # with its content part, if any
     info = {
         # the generative-retrieval papers' rule (history items stay candidates), for
         # comparing with their published figures; the benchmark's own rule excludes them
-        "test_history_kept": history_kept_test(
-            model,
-            split,
-            cfg.max_len,
-            tower,
-            folder,
-            prepared_content(out, run) if cfg.variant != "id" else None,
-        ),
+        "test_history_kept": history_kept_test(model, split, cfg.max_len, tower, folder, content),
         "run": run.as_dict(),
         "resolved_variant": variant,
         "picked_settings_of": picked,
@@ -229,23 +224,16 @@ def finish_stopped(data_dir: Path, out: Path, run: Run) -> dict | None:
         "stopped": note,
     }
     (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    if cfg.variant != "id":
+    content = prepared_content(out, run) if cfg.variant != "id" else None
+    if content is not None:
         from sidrec.offline.new_items import calibrate_scale
 
         calibrate_scale(
-            folder, split, prepared_content(out, run), log=lambda _: None,
-            codebooks=prepared_codebooks(out, run),
-        )  # fmt: skip
+            folder, split, content, log=lambda _: None, codebooks=prepared_codebooks(out, run)
+        )
         model = load_checkpoint(folder / CHECKPOINT_FILE)[0]  # with its content part, if any
     info = {
-        "test_history_kept": history_kept_test(
-            model,
-            split,
-            cfg.max_len,
-            None,
-            folder,
-            prepared_content(out, run) if cfg.variant != "id" else None,
-        ),
+        "test_history_kept": history_kept_test(model, split, cfg.max_len, None, folder, content),
         "run": run.as_dict(),
         "resolved_variant": run.variant,
         "best_epoch": ckpt["epoch"],
