@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from sidrec.bundle import TORCH_WEIGHTS, load_bundle, write_manifest
+from sidrec.content_term import ContentTerm
 from sidrec.item_text import item_text
 from sidrec.model.weights import save_weights
 from sidrec.offline.content import content_encoder_files
 from sidrec.offline.data.dataset import Interactions
-from sidrec.offline.new_items import load_new_item_content_weight, load_new_item_scale
+from sidrec.offline.new_items import load_content_term, load_new_item_scale
 from sidrec.offline.onnx_export import (
     export_item_vector,
     export_sid_to_vector,
@@ -72,10 +73,8 @@ def export_bundle(
     tower = load_tower(Path(checkpoint).parent)
     if tower is not None and content is None:
         raise ValueError(f"{checkpoint} has a content tower: export_bundle needs the content")
-    content_weight = (
-        0.0 if tower is not None else load_new_item_content_weight(Path(checkpoint).parent)
-    )
-    if content_weight and content is None:
+    term = ContentTerm() if tower is not None else load_content_term(Path(checkpoint).parent)
+    if term.active and content is None:
         raise ValueError(f"{checkpoint} has a content term: export_bundle needs the content")
     with torch.no_grad():
         table = model.items.table(trained)  # [n + 1, d]
@@ -83,7 +82,7 @@ def export_bundle(
             # untrained items' score scale and offset are the manifest's new_item_score_*
             table = item_table(table, tower, sids, content, trained).table
     np.save(tmp / "item_vectors.npy", table.numpy().astype(np.float32))
-    if content_weight:
+    if term.active:
         assert content is not None
         unit = normalize_rows(np.asarray(content, np.float32))  # [n, C]
         rows = np.concatenate([np.zeros_like(unit[:1]), unit])  # row 0: padding
@@ -180,8 +179,9 @@ def export_bundle(
                 0.0 if tower is None else round(float(tower.new_item_offset), 6)
             ),
             # plus this weight * cos(the history's mean content, the item's content), from
-            # item_content.npy and the ingested items' content vectors (0: no term)
-            "new_item_content_weight": content_weight,
+            # item_content.npy and the ingested items' content vectors (0: no term); the
+            # items with 1..rare_item_max_count training events get rare_item_content_weight
+            **term.record(),
             # which codes a new item's SID graph reads: its own, or the nearest path that the
             # trained items have (offline/new_items.py), the SID it is given staying its own
             "new_item_codes": "nearest-trained-path"

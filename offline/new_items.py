@@ -23,11 +23,14 @@ leaves the trained catalog below its first code or two, and an untrained row add
 Validation keeps whichever finds more new items at its warm-rule scale (docs/results/
 content-tower.md: the nearest paths helped the demo's MovieLens-100K model, not Toys or Sports).
 
-Last, hybrid-sum's new items may get a dense content term: weight * cos(the history's mean
-content vector, the item's content vector) added to their score, the content-only baseline's
-score beside the model's. The warm rule picks a scale per weight (0 and CONTENT_WEIGHTS), and
-of the picks that pass it the one that finds most new items on validation
-(choose_scale_and_weight). The service adds the same term (service/retrieval.py).
+Last, hybrid-sum's new items may get a dense content term (sidrec/content_term.py): weight *
+cos(the history's mean content vector, the item's content vector) added to their score, the
+content-only baseline's score beside the model's. The warm rule picks a scale per weight (0
+and CONTENT_WEIGHTS), and of the picks that pass it the one that finds most new items on
+validation (choose_scale_and_weight). Then the rarely trained items (at most K training
+events) may get a term too, for the long tail: of the (K, weight) cells that pass the warm
+rule, the one whose cold popularity bin does best on validation (choose_rare_term). The
+service adds the same terms (service/retrieval.py).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from sidrec.content_term import ContentTerm
 from sidrec.offline.split import Split
 from sidrec.sid_codebook import Codebooks, CodePaths
 
@@ -59,6 +63,11 @@ NEW_ITEMS_FILE = "new_items.json"  # beside a SID variant's checkpoint: the chos
 # their scales are tried at and below that scale (CONTENT_SCALE_STEPS x 0.05: down to 0.4).
 CONTENT_WEIGHTS = (0.5, 1.0, 2.0)
 CONTENT_SCALE_STEPS = (-8, -4, -2, 0)
+# The rarely trained items' term, (most training events, weight) cells: on Toys at most 2
+# events and weight 2 kept the hot bin on three seeds and at most 5 and weight 1 did not
+# (docs/results/content-tower.md, eighteenth session); the grid spans both.
+RARE_MAX_COUNTS = (1, 2, 3, 5)
+RARE_WEIGHTS = (0.5, 1.0, 2.0)
 # Ridge penalties tried, as multiples of the mean eigenvalue of the centred content Gram matrix
 RIDGE_PENALTIES = tuple(10.0 ** (e / 2) for e in range(-8, 5))
 RIDGE_FOLDS = 5
@@ -251,12 +260,48 @@ def choose_content_term(
     }
 
 
-def load_new_item_content_weight(run_dir: Path) -> float:
-    """The content-term weight calibrate_scale saved in run_dir; 0 where none was chosen."""
+def choose_rare_term(
+    served: dict[str, Any],
+    valid_cell: Callable[[int, float], dict[str, Any]],
+    hot_reference: float,
+    tolerance: float = HOT_TOLERANCE,
+) -> dict[str, Any]:
+    """The rarely trained items' term for the served table (its validation cell `served`:
+    {"warm": warm_figures, "valid": summarize's report}): each (RARE_MAX_COUNTS, RARE_WEIGHTS)
+    cell from valid_cell(count, weight); of the cells that pass the warm rule, the served one
+    (count 0) included, the one with the best cold-popularity-bin HR@10 on validation (fewer
+    rare items, then the smaller weight, on a tie). Returns {"chosen": (count, weight),
+    "valid_by_cell": warm figures, cold-bin and cold-start HR@10 and "passes" per cell,
+    "chosen_cell"}."""
+    cells: dict[str, dict[str, Any]] = {"count 0 weight 0": {"count": 0, "weight": 0.0, **served}}
+    for count in RARE_MAX_COUNTS:
+        for weight in RARE_WEIGHTS:
+            cell = valid_cell(count, weight)
+            cells[f"count {count} weight {weight:g}"] = {"count": count, "weight": weight, **cell}
+    keys = list(cells)
+    # the rule's values are numbers: the cells by position
+    passing = passing_warm_rule({str(i): cells[k]["warm"] for i, k in enumerate(keys)},
+                                hot_reference, tolerance)  # fmt: skip
+    fine = [keys[int(i)] for i in passing] or ["count 0 weight 0"]
+    key = max(fine, key=lambda k: (cells[k]["valid"]["by_popularity"]["cold"]["hr@10"],
+                                   -cells[k]["count"], -cells[k]["weight"]))  # fmt: skip
+    by_cell = {
+        k: {**c["warm"], "passes": k in fine,
+            "cold_bin_hr@10": c["valid"]["by_popularity"]["cold"]["hr@10"],
+            "cold_start_hr@10": c["valid"]["cold_start"]["hr@10"]}
+        for k, c in cells.items()
+    }  # fmt: skip
+    chosen = (cells[key]["count"], cells[key]["weight"])
+    return {"chosen": chosen, "valid_by_cell": by_cell, "chosen_cell": cells[key]}
+
+
+def load_content_term(run_dir: Path) -> ContentTerm:
+    """The content term calibrate_scale saved in run_dir; none where it chose none (or the
+    run has no new_items.json)."""
     path = Path(run_dir) / NEW_ITEMS_FILE
     if not path.is_file():
-        return 0.0
-    return float(json.loads(path.read_text()).get("content_weight", 0.0))
+        return ContentTerm()
+    return ContentTerm.from_record(json.loads(path.read_text()))
 
 
 def load_new_item_scale(run_dir: Path) -> float:
@@ -331,8 +376,9 @@ def calibrate_scale(
     choose the new-item score scale on validation, save it as run_dir/NEW_ITEMS_FILE and
     rewrite metrics.json with the figures of the table the service will hold (the trained
     model's own, no content part, own paths and scale 1, move to "unscaled"). For hybrid-sum
-    the content term's weight is chosen with the scale (0: none; choose_scale_and_weight). A
-    model with no untrained item keeps scale 1 and none of these. Returns metrics.json."""
+    the new items' content-term weight is chosen with the scale (0: none;
+    choose_scale_and_weight), then the rarely trained items' (choose_rare_term). A model with
+    no untrained item keeps scale 1 and none of these. Returns metrics.json."""
     from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
     from sidrec.offline.metrics import metrics_from_ranks
     from sidrec.offline.split import BIN_NAMES
@@ -367,19 +413,20 @@ def calibrate_scale(
         with torch.no_grad():
             return items.table(trained)  # [n + 1, d], with the paths set on items
 
-    new = (~trained).float()  # [n + 1]: the content term reaches untrained rows only
+    counts = np.asarray(ckpt["train_counts"])  # [n + 1]: which rows a content term reaches
 
     def ranks(
         table: torch.Tensor,
         stage: str,
         scales: torch.Tensor | None,
         offsets: torch.Tensor | None = None,
-        weight: float = 0.0,
+        term: ContentTerm | None = None,
     ) -> np.ndarray:
         scorer = table_scorer(model.encoder, table, scales, offsets)
-        if weight:
+        if term is not None and term.active:
             assert content is not None
-            scorer = with_content_term(scorer, torch.as_tensor(content), new * weight)
+            weights = torch.from_numpy(term.row_weights(counts))
+            scorer = with_content_term(scorer, torch.as_tensor(content), weights)
         return rank_targets(scorer, split, stage, batch_size, cfg.max_len)
 
     hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
@@ -403,23 +450,40 @@ def calibrate_scale(
     pick = max(by_paths, key=lambda n: (by_paths[n]["valid"]["cold_start"]["hr@10"], n == "own"))
     items.untrained_sid_rows = paths[pick]
     chosen, valid = by_paths[pick]["new_item_scale"], by_paths[pick]["valid"]
-    table, weight = by_paths[pick]["table"], 0.0
+    table, term = by_paths[pick]["table"], ContentTerm()
     if content is not None and gets_content_part(cfg.variant, cfg.fusion):
         by_weight = choose_content_term(
             by_paths[pick]["valid_by_new_item_scale"], chosen, valid,
-            lambda s, w: ranks(table, "valid", scales_for(trained, s), weight=w),
+            lambda s, w: ranks(table, "valid", scales_for(trained, s), term=ContentTerm(w)),
             hot, hot_reference, split, tolerance,
         )  # fmt: skip
         record["content_term"] = {k: v for k, v in by_weight.items() if k != "chosen_cell"}
         cell = by_weight["chosen_cell"]
+        served = {"warm": by_paths[pick]["valid_by_new_item_scale"][str(chosen)], "valid": valid}
         if cell is not None:
-            chosen, weight, valid = cell["scale"], cell["weight"], cell["valid"]
-        log(f"content term: weight {weight:g} at scale {chosen:g} (validation cold-start "
-            f"HR@10 {valid['cold_start']['hr@10']:.4f}; per weight the warm rule's scale "
-            f"{by_weight['picked']})")  # fmt: skip
-    test = summarize(
-        ranks(table, "test", scales_for(trained, chosen), weight=weight), split, "test"
-    )
+            chosen, term, valid = cell["scale"], ContentTerm(cell["weight"]), cell["valid"]
+            served = cell
+        log(f"content term: weight {term.new_weight:g} at scale {chosen:g} (validation "
+            f"cold-start HR@10 {valid['cold_start']['hr@10']:.4f}; per weight the warm rule's "
+            f"scale {by_weight['picked']})")  # fmt: skip
+        scales = scales_for(trained, chosen)
+
+        def rare_cell(count: int, weight: float) -> dict[str, Any]:
+            rare_term = ContentTerm(term.new_weight, weight, count)
+            r = ranks(table, "valid", scales, term=rare_term)
+            return {"warm": warm_figures(r, hot), "valid": summarize(r, split, "valid")}
+
+        rare = choose_rare_term(
+            {"warm": served["warm"], "valid": valid}, rare_cell, hot_reference, tolerance
+        )
+        record["rare_term"] = {k: v for k, v in rare.items() if k != "chosen_cell"}
+        count, weight = rare["chosen"]
+        term = ContentTerm(term.new_weight, weight, count)
+        valid = rare["chosen_cell"]["valid"]
+        log(f"rarely trained items' term: weight {weight:g} on items with at most {count} "
+            f"training events (validation cold-bin HR@10 "
+            f"{valid['by_popularity']['cold']['hr@10']:.4f})")  # fmt: skip
+    test = summarize(ranks(table, "test", scales_for(trained, chosen), term=term), split, "test")
     if len(record) > 1:  # a content part or nearest paths: the checkpoint keeps the choice
         ckpt["state_dict"] = {k: v.cpu() for k, v in model.state_dict().items()}
         tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
@@ -438,7 +502,7 @@ def calibrate_scale(
             f"validation cold-start HR@10 own paths "
             f"{paths_record['valid_cold_start_hr@10_own']:.4f}, nearest trained paths "
             f"{paths_record['valid_cold_start_hr@10_nearest']:.4f}: {pick} kept")  # fmt: skip
-    record |= {"new_item_scale": chosen, "content_weight": weight,
+    record |= {"new_item_scale": chosen, **term.record(),
                "valid_hot_ndcg@10_never_recommended": hot_reference,
                "valid_by_new_item_scale": by_paths[pick]["valid_by_new_item_scale"],
                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip

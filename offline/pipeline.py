@@ -423,7 +423,7 @@ class Steps:
         """Validation and test reports of variant `name`'s best checkpoint, ranked again under
         the candidate rule `keep_history` (train.py ranks with the history excluded)."""
         from sidrec.offline.evaluate import rank_targets, summarize
-        from sidrec.offline.new_items import load_new_item_content_weight, load_new_item_scale
+        from sidrec.offline.new_items import load_content_term, load_new_item_scale
         from sidrec.offline.tower import load_tower, model_scorer
         from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
@@ -434,11 +434,13 @@ class Steps:
         if ckpt["num_items"] != self.data.num_items:
             raise DataError(checkpoint, f"trained on another catalog ({ckpt['num_items']} items)")
         tower = load_tower(self.run / name)
-        weight = load_new_item_content_weight(self.run / name)
+        term = load_content_term(self.run / name)
         # encoded only if read
-        content = self.content_vectors if tower is not None or weight else None
+        content = self.content_vectors if tower is not None or term.active else None
         scale = load_new_item_scale(self.run / name)
-        scorer = model_scorer(model, ckpt["trained"], ckpt["sids"], tower, content, scale, weight)
+        scorer = model_scorer(
+            model, ckpt["train_counts"], ckpt["sids"], tower, content, scale, term
+        )
         batch_size = cfg.eval_batch_size or 32
         reports = {}
         for stage in ("valid", "test"):
@@ -485,7 +487,7 @@ class Steps:
 
     def export(self, name: str, out: Path | None = None) -> Path:
         from sidrec.offline.export import export_bundle
-        from sidrec.offline.new_items import load_new_item_content_weight
+        from sidrec.offline.new_items import load_content_term
         from sidrec.offline.train import CHECKPOINT_FILE, METRICS_FILE
 
         if name == BEST:
@@ -513,7 +515,7 @@ class Steps:
             metrics={"valid": metrics["valid"]["overall"], "test": metrics["test"]["overall"]},
             variant_name=name,
             content=self.content_vectors
-            if name in TOWER_VARIANTS or load_new_item_content_weight(checkpoint.parent)
+            if name in TOWER_VARIANTS or load_content_term(checkpoint.parent).active
             else None,
             content_precision=self.content_precision,
         )

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sidrec.content_term import ContentTerm
 from sidrec.model.content_tower import ContentTower
 from sidrec.model.weights import content_tower_args
 from sidrec.offline.new_items import (
     HOT_TOLERANCE,
     choose_by_warm_rule,
-    load_new_item_content_weight,
+    load_content_term,
     load_new_item_scale,
     scales_for,
     warm_figures,
@@ -396,36 +397,37 @@ def attach_tower(
 
 def model_scorer(
     model: torch.nn.Module,
-    trained: np.ndarray | torch.Tensor,
+    train_counts: np.ndarray | torch.Tensor,
     sids: np.ndarray | None = None,
     tower: ContentTower | None = None,
     content: np.ndarray | None = None,
     new_item_scale: float = 1.0,
-    content_weight: float = 0.0,
+    content_term: ContentTerm | None = None,
 ) -> Callable:
     """offline/evaluate.py's scorer for the table the service holds for a trained `model` (a
-    SequentialRecommender; bool `trained` [n + 1]): with a content tower, the tower's vectors
-    and score scale and offset for untrained rows (which need the SIDs and content vectors
-    [n, C]); without, the model's own rows and `new_item_scale` for untrained ones, plus
-    their content term at `content_weight` (which needs the content vectors;
-    offline/new_items.py)."""
+    SequentialRecommender; training events per row `train_counts` [n + 1], 0 for untrained
+    rows): with a content tower, the tower's vectors and score scale and offset for untrained
+    rows (which need the SIDs and content vectors [n, C]); without, the model's own rows and
+    `new_item_scale` for untrained ones, plus the rows' `content_term` (which needs the
+    content vectors; offline/new_items.py)."""
     from sidrec.offline.evaluate import table_scorer
 
+    counts = np.asarray(train_counts)
+    trained = torch.as_tensor(counts > 0)
     if tower is None:
         device = next(model.items.parameters()).device
-        known = torch.as_tensor(np.asarray(trained), dtype=torch.bool, device=device)
+        known = trained.to(device)
         with torch.no_grad():
             table = model.items.table(known)  # [n + 1, d]
         scorer = table_scorer(model.encoder, table, scales_for(known, new_item_scale))
-        if not content_weight:
+        if content_term is None or not content_term.active:
             return scorer
         if content is None:
             raise ValueError("a content term is scored with the content vectors")
-        weights = (~known).float().cpu() * content_weight
+        weights = torch.from_numpy(content_term.row_weights(counts))
         return with_content_term(scorer, torch.as_tensor(content), weights)
     if sids is None or content is None:
         raise ValueError("a model with a content tower is scored with its SIDs and content")
-    trained = torch.as_tensor(np.asarray(trained), dtype=torch.bool)
     with torch.no_grad():
         served = item_table(model.items.table(trained), tower, sids, content, trained)
     return table_scorer(model.encoder, *served)
@@ -440,6 +442,5 @@ def served_scorer(checkpoint: Path, content: np.ndarray | None = None) -> Callab
     model, _, ckpt = load_checkpoint(checkpoint)
     model.eval()
     folder = Path(checkpoint).parent
-    return model_scorer(model, ckpt["trained"], ckpt["sids"], load_tower(folder), content,
-                        load_new_item_scale(folder),
-                        load_new_item_content_weight(folder))  # fmt: skip
+    return model_scorer(model, ckpt["train_counts"], ckpt["sids"], load_tower(folder), content,
+                        load_new_item_scale(folder), load_content_term(folder))  # fmt: skip

@@ -312,11 +312,12 @@ def bundle_score_offsets(bundle: Bundle, records: list[ItemRecord]) -> np.ndarra
 
 
 def bundle_content_weights(bundle: Bundle, records: list[ItemRecord]) -> np.ndarray:
-    """float32 [n + 1]: the content-term weight per bundle row: the bundle's for the rows that
-    get the new-item scale (bundle_score_scales), 0 for trained items."""
-    weights = np.zeros(len(records) + 1, np.float32)
-    weights[_untrained_rows(records)] = bundle.content_weight
-    return weights
+    """float32 [n + 1]: the content-term weight per bundle row, from its training events
+    (ContentTerm.row_weights): the new items' weight for the rows that get the new-item scale
+    (bundle_score_scales), the rare items' for the rarely trained, 0 for the others."""
+    counts = np.zeros(len(records) + 1, np.int64)
+    counts[[r.row for r in records]] = [r.popularity for r in records]
+    return bundle.content_term.row_weights(counts)
 
 
 def _untrained_rows(records: list[ItemRecord]) -> np.ndarray:
@@ -781,7 +782,7 @@ class Catalog:
         self.new_item_offset = new_item_score_offset(bundle)
         # and gains this weight * cos(history's mean content, its content) where the table
         # has a content term (service/retrieval.py)
-        self.new_item_content_weight = bundle.content_weight if table.content_dim else 0.0
+        self.new_item_content_weight = bundle.content_term.new_weight if table.content_dim else 0.0
         # The codes a new item's vector reads (docs/bundle.md, model.new_item_codes): the
         # nearest path of the bundle's trained items, whose SID rows were trained.
         self.vector_paths: CodePaths | None = None

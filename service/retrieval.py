@@ -31,8 +31,9 @@ with `add`, so items ingested at run time are searchable at once.
 
 A bundle with a content term (`model.new_item_content_weight`, docs/bundle.md) adds
 W * cos(the history's mean content vector, the item's) to the score of each item without a
-trained id, as the offline evaluator does. Those rows (few: the catalog's untrained and
-ingested items) are also held in a second, exact index whose rows carry W * their unit content
+trained id (and W_r to the rarely trained ones', `model.rare_item_content_weight`), as the
+offline evaluator does. Those rows (few: the catalog's untrained, rarest and ingested items)
+are also held in a second, exact index whose rows carry W * their unit content
 vector after the score columns; a query gets the history's mean content after its 1, and its
 hits from the main index skip those rows, whose full score comes from the second index. The
 main index keeps d + 1 columns, so warm search costs what it did.

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from sidrec.content_term import ContentTerm
+
 FORMAT = 1
 MANIFEST = "manifest.json"
 # Every bundle has these; the manifest may list more (e.g. tokenizer side files).
@@ -107,14 +109,14 @@ class Bundle:
         return np.load(self.file("item_vectors.npy"))
 
     @property
-    def content_weight(self) -> float:
-        """The new items' content-term weight (docs/bundle.md; 0 for bundles without one)."""
-        return float(self.model.get("new_item_content_weight", 0.0))
+    def content_term(self) -> ContentTerm:
+        """The content term's weights (docs/bundle.md; none for bundles without one)."""
+        return ContentTerm.from_record(self.model)
 
     def item_content(self) -> np.ndarray | None:
         """float32 [n + 1, C] unit content vectors, row 0 zeros, for a bundle with a content
         term; None for one without."""
-        if not self.content_weight:
+        if not self.content_term.active:
             return None
         if not self.lists("item_content.npy"):
             raise BundleError(f"{self.path}: a content term without item_content.npy")

@@ -17,6 +17,7 @@ import pytest
 from conftest import RedisServer, write_synthetic_dataset
 
 from sidrec.bundle import load_bundle
+from sidrec.content_term import ContentTerm
 from sidrec.offline.demo import run_demo
 from sidrec.offline.new_items import NEW_ITEM_SCALES, RIDGE_PENALTIES, choose_scale
 
@@ -113,9 +114,15 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     by_scale = hybrid["new_items"]["valid_by_new_item_scale"]
     assert set(by_scale) == {str(s) for s in NEW_ITEM_SCALES}
     chosen = choose_scale(by_scale, hybrid["new_items"]["valid_hot_ndcg@10_never_recommended"])
-    weight = hybrid["new_items"]["content_weight"]
+    weight = hybrid["new_items"]["new_item_content_weight"]
+    rare_count = hybrid["new_items"]["rare_item_max_count"]
+    rare_weight = hybrid["new_items"]["rare_item_content_weight"]
     valid_ndcg = hybrid["valid"]["overall"]["ndcg@10"]
-    if weight == 0:  # no content term: the scale alone, by the warm rule
+    if rare_count:  # a term on rarely trained items: the cell its rule took
+        by_cell = hybrid["new_items"]["rare_term"]["valid_by_cell"]
+        cell = f"count {rare_count} weight {rare_weight:g}"
+        assert valid_ndcg == pytest.approx(by_cell[cell]["ndcg@10"])
+    elif weight == 0:  # no content term: the scale alone, by the warm rule
         assert hybrid["new_items"]["new_item_scale"] == chosen
         assert valid_ndcg == pytest.approx(by_scale[str(chosen)]["ndcg@10"])
     else:  # the (scale, weight) cell the rule took over the term's cells and weight 0's
@@ -137,8 +144,8 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     bundle = load_bundle(run / "bundle")
     assert bundle.model["variant"] == "hybrid"
     assert bundle.model["new_item_score_scale"] == hybrid["new_items"]["new_item_scale"]
-    assert bundle.model["new_item_content_weight"] == weight
-    assert bundle.lists("item_content.npy") == (weight > 0)
+    assert bundle.content_term == ContentTerm(weight, rare_weight, rare_count)
+    assert bundle.lists("item_content.npy") == bundle.content_term.active
     assert bundle.model["new_items"] == "sid+content"
     assert bundle.manifest["sid"] == {**bundle.manifest["sid"], "layers": 2, "codes": 8}
     assert bundle.manifest["metrics"]["test"] == results["hybrid-sum"]["test"]["overall"]

@@ -237,6 +237,37 @@ def test_content_term_moves_only_the_rows_it_weights() -> None:
     assert scores[1, 3].item() == pytest.approx(7.0 + 10.0)
 
 
+def test_rare_term_rule_takes_the_passing_cell_with_the_best_cold_bin() -> None:
+    from sidrec.offline.new_items import RARE_MAX_COUNTS, RARE_WEIGHTS, choose_rare_term
+
+    def cell(ndcg: float, hot: float, cold: float) -> dict:
+        return {"warm": {"ndcg@10": ndcg, "se": 0.001, "hot_ndcg@10": hot},
+                "valid": {"by_popularity": {"cold": {"hr@10": cold}},
+                          "cold_start": {"hr@10": 0.01}}}  # fmt: skip
+
+    # validation per (count, weight): a little more of the cold bin the more rows and weight
+    cells = {(k, w): cell(0.050, 0.099, 0.02 + 0.001 * k * w)
+             for k in RARE_MAX_COUNTS for w in RARE_WEIGHTS}  # fmt: skip
+    cells[(5, 2.0)] = cell(0.050, 0.090, 0.09)  # the best cold bin, the hot bin 10% down
+    cells[(5, 1.0)] = cell(0.044, 0.099, 0.08)  # NDCG@10 more than one SE below the best
+    cells[(3, 2.0)] = cell(0.050, 0.099, 0.07)  # the best that passes: chosen
+    served = cell(0.050, 0.099, 0.02)
+    got = choose_rare_term(served, lambda k, w: cells[(k, w)], hot_reference=0.100)
+    assert got["chosen"] == (3, 2.0)
+    assert got["chosen_cell"]["valid"]["by_popularity"]["cold"]["hr@10"] == 0.07
+    by_cell = got["valid_by_cell"]
+    assert len(by_cell) == 1 + len(cells)
+    assert by_cell["count 0 weight 0"]["passes"] and by_cell["count 3 weight 2"]["passes"]
+    assert not by_cell["count 5 weight 2"]["passes"]
+    assert not by_cell["count 5 weight 1"]["passes"]
+    # a tie on the cold bin goes to fewer rare items, then to the smaller weight
+    cells[(1, 2.0)] = cells[(2, 1.0)] = cells[(2, 0.5)] = cell(0.050, 0.099, 0.07)
+    assert choose_rare_term(served, lambda k, w: cells[(k, w)], 0.100)["chosen"] == (1, 2.0)
+    # where every rare cell costs the hot bin, the table keeps no term on trained items
+    costly = cell(0.050, 0.090, 0.30)
+    assert choose_rare_term(served, lambda k, w: costly, 0.100)["chosen"] == (0, 0.0)
+
+
 def test_new_item_offset_rule_keeps_overall_and_hot_bin() -> None:
     from sidrec.offline.tower import choose_offset
 
@@ -298,6 +329,7 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from sidrec.offline.bench.content_part_ablation import main
+    from sidrec.offline.new_items import RARE_MAX_COUNTS, RARE_WEIGHTS
 
     write_synthetic_dataset(tmp_path / "data", users=60, per_theme=5)
     steps = pipeline.Steps.open(tmp_path / "data", tmp_path / "run", cold_fraction=0.2)
@@ -321,8 +353,10 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
         paths["valid_cold_start_hr@10_own"], paths["valid_cold_start_hr@10_nearest"]
     )
     served = "content part" if paths["chosen"] else "own paths"
-    weight = metrics["new_items"]["content_weight"]  # the content term calibration chose
-    if weight == 0:
+    weight = metrics["new_items"]["new_item_content_weight"]  # the term calibration chose
+    rare_count = metrics["new_items"]["rare_item_max_count"]  # and on rare items, if any
+    rare_weight = metrics["new_items"]["rare_item_content_weight"]
+    if weight == 0 and rare_count == 0:
         assert cells[f"{served} scale {chosen:g} test"] == metrics["test"]
     assert cells["as trained scale 1 test"]["overall"] == metrics["unscaled"]["test"]["overall"]
     assert cells["as trained scale 1 valid"]["overall"] == metrics["unscaled"]["valid"]["overall"]
@@ -338,7 +372,8 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
     terms = json.loads((tmp_path / "run" / "hybrid-sum" / "content_term_ablation.json").read_text())
     assert terms["cells"][f"scale {chosen:g} weight {weight:g}"]["test"] == metrics["test"]
     none = terms["cells"][f"scale {chosen:g} weight 0"]["test"]
-    assert cells[f"{served} scale {chosen:g} test"] == none
+    if rare_count == 0:  # else the cells keep the rare items' term
+        assert cells[f"{served} scale {chosen:g} test"] == none
     heavy = terms["cells"][f"scale {chosen:g} weight 50"]["test"]
     assert heavy["cold_start"]["hr@10"] >= none["cold_start"]["hr@10"]
     assert heavy["warm"]["hr@10"] <= none["warm"]["hr@10"]
@@ -352,20 +387,35 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
     rarest = int(split.train_counts[cold_bin].max())  # the whole cold bin, no hot item
     assert rarest < int(split.train_counts[split.popularity_bin == 0].min())
     main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--rare-counts",
-          str(rarest), "--rare-weights", "50", "--cold-fraction", "0.2"])  # fmt: skip
+          f"{rarest},{max(rare_count, 1)}", "--rare-weights", f"50,{rare_weight:g}",
+          "--cold-fraction", "0.2"])  # fmt: skip
     rare = json.loads((tmp_path / "run" / "hybrid-sum" / "rare_term_ablation.json").read_text())
-    assert rare["cells"]["count 0 weight 0"]["test"] == metrics["test"]
-    assert rare["cells"]["count 0 weight 0"]["passes"]
+    assert rare["served"] == [rare_count, rare_weight]
+    # the served cell (count 0 where calibration gave trained items no term)
+    served_cell = f"count {rare_count} weight {rare_weight:g}" if rare_count else "count 0 weight 0"
+    assert rare["cells"][served_cell]["test"] == metrics["test"]
+    assert rare["cells"][served_cell]["passes"]
     lifted = rare["cells"][f"count {rarest} weight 50"]
     assert lifted["rare_items"] > 0
     bins = lifted["test"]["by_popularity"]
-    served_bins = metrics["test"]["by_popularity"]
-    assert bins["cold"]["hr@10"] > served_bins["cold"]["hr@10"]
-    assert bins["hot"]["ndcg@10"] <= served_bins["hot"]["ndcg@10"]
+    without = rare["cells"]["count 0 weight 0"]["test"]["by_popularity"]
+    assert bins["cold"]["hr@10"] > without["cold"]["hr@10"]
+    assert bins["hot"]["ndcg@10"] <= without["hot"]["ndcg@10"]
     # calibration's record of the term: the cells it tried and its pick
     record = metrics["new_items"]["content_term"]
     assert set(record["picked"]) == {"0", "0.5", "1", "2"}
     assert record["chosen"] is None or record["chosen"].endswith(f"weight {weight:g}")
+    # and of the rarely trained items' term: every cell, and the passing one with the best
+    # cold bin on validation, whose figures metrics.json reports as the served table's
+    rare_record = metrics["new_items"]["rare_term"]
+    assert len(rare_record["valid_by_cell"]) == 1 + len(RARE_MAX_COUNTS) * len(RARE_WEIGHTS)
+    assert rare_record["chosen"] == [rare_count, rare_weight]
+    chosen_cell = rare_record["valid_by_cell"][served_cell]
+    assert chosen_cell["passes"]
+    assert chosen_cell["cold_bin_hr@10"] == max(
+        c["cold_bin_hr@10"] for c in rare_record["valid_by_cell"].values() if c["passes"]
+    )
+    assert chosen_cell["cold_bin_hr@10"] == metrics["valid"]["by_popularity"]["cold"]["hr@10"]
 
 
 def test_content_term_rule_takes_the_pick_that_keeps_the_hot_bin_and_finds_most_new_items() -> None:

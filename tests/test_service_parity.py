@@ -18,6 +18,7 @@ import torch
 from conftest import _RUN, Service
 
 from sidrec.bundle import load_bundle
+from sidrec.content_term import ContentTerm
 from sidrec.offline.evaluate import EvalBatch, Scorer
 from sidrec.offline.tower import served_scorer
 
@@ -40,6 +41,7 @@ def dot_run(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> tuple
 
 
 TERM_WEIGHT = 3.0  # large, so that new items reach the top K of most histories
+RARE_WEIGHT = 1.0  # the rarely trained items' term: the rarest quarter of trained items
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +49,21 @@ def term_run(
     tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
 ) -> tuple[Path, Path]:
     """(bundle, checkpoint) of the hybrid-sum run with its new items' content-term weight set
-    to TERM_WEIGHT (whatever its calibration chose) and exported again."""
+    to TERM_WEIGHT and its rarest trained quarter's to RARE_WEIGHT (whatever its calibration
+    chose) and exported again."""
     from sidrec.offline import pipeline
+    from sidrec.offline.train import load_checkpoint
 
     source = sum_run[1].parent.parent.parent  # root/run/hybrid-sum/checkpoint.pt -> root
     root = tmp_path_factory.mktemp("term")
     shutil.copytree(source / "run", root / "run")
     record_path = root / "run" / "hybrid-sum" / "new_items.json"
     record = json.loads(record_path.read_text())
-    assert "content_weight" in record and "content_term" in record  # calibration chose one
-    record_path.write_text(json.dumps({**record, "content_weight": TERM_WEIGHT}))
+    assert "content_term" in record and "rare_term" in record  # calibration chose them
+    counts = np.asarray(load_checkpoint(sum_run[1])[2]["train_counts"])
+    rare_count = int(np.quantile(counts[counts > 0], 0.25))
+    term = ContentTerm(TERM_WEIGHT, RARE_WEIGHT, rare_count)
+    record_path.write_text(json.dumps({**record, **term.record()}))
     old_cache = os.environ.get("SIDREC_CACHE")
     os.environ["SIDREC_CACHE"] = str(_RUN.get("cache", source / "cache"))  # MiniLM's export
     try:
@@ -68,7 +75,8 @@ def term_run(
         else:
             os.environ["SIDREC_CACHE"] = old_cache
     loaded = load_bundle(bundle)
-    assert loaded.content_weight == TERM_WEIGHT and loaded.lists("item_content.npy")
+    assert loaded.content_term == term and loaded.lists("item_content.npy")
+    assert sum(0 < r.popularity <= rare_count for r in loaded.items()) > 0
     content = loaded.item_content()
     assert content is not None and content.shape[0] == len(loaded.items()) + 1
     return bundle, root / "run" / "hybrid-sum" / "checkpoint.pt"
@@ -160,10 +168,13 @@ def test_offline_scorer_and_http_agree(
     online = [(i["item_id"], i["score"]) for i in r.json()["items"]]
 
     assert len(online) == K
-    if load_bundle(bundle).content_weight and make_history in (theme, mixed):
+    term = load_bundle(bundle).content_term
+    if term.active and make_history in (theme, mixed):
         # the term is exercised: new items (no trained id) are among the K
         popularity = {i["item_id"]: i["popularity"] for i in items}
         assert any(popularity[i] == 0 for i, _ in online)
+        if term.rare_weight == RARE_WEIGHT:  # term_run's: and rarely trained ones
+            assert any(0 < popularity[i] <= term.rare_max_count for i, _ in online)
     assert np.allclose([s for _, s in online], sorted(offline.values(), reverse=True), atol=1e-4)
     # The same items in the same order; only items whose scores tie within 1e-4 may swap.
     for (online_id, online_score), offline_id in zip(online, offline, strict=True):
@@ -189,7 +200,7 @@ def test_ingested_items_get_the_content_term_and_keep_it_across_a_restart(
     mean /= np.linalg.norm(mean)
     untrained = [i["row"] for i in items if i["popularity"] == 0 and i["row"] not in history_rows]
     twin_of = max(untrained, key=lambda r: float(content[r] @ mean))
-    lift = bundle.content_weight * float(content[twin_of] @ mean)
+    lift = bundle.content_term.new_weight * float(content[twin_of] @ mean)
     assert lift > 0.05  # the term is worth testing for
     redis = RedisServer(tmp_path / "redis")
     redis.start()

@@ -700,7 +700,7 @@ def test_bundle_content_term_needs_its_content_file(tmp_path: Path) -> None:
     from sidrec.bundle import Bundle, BundleError
 
     without = Bundle(tmp_path, {"model": {}, "files": {}})
-    assert without.content_weight == 0.0 and without.item_content() is None
+    assert not without.content_term.active and without.item_content() is None
     content = np.zeros((3, 4), np.float32)
     content[1:, 0] = 1.0
     np.save(tmp_path / "item_content.npy", content)
@@ -710,5 +710,34 @@ def test_bundle_content_term_needs_its_content_file(tmp_path: Path) -> None:
     listed = Bundle(tmp_path, {"model": {"new_item_content_weight": 2.0},
                                "files": {"item_content.npy": "sha"}})  # fmt: skip
     got = listed.item_content()
-    assert listed.content_weight == 2.0 and got is not None
+    assert listed.content_term.new_weight == 2.0 and got is not None
     np.testing.assert_array_equal(got, content)
+    # a term on rarely trained items alone needs the vectors too
+    rare_only = {"rare_item_content_weight": 1.0, "rare_item_max_count": 2}
+    with pytest.raises(BundleError, match=r"item_content\.npy"):
+        Bundle(tmp_path, {"model": rare_only, "files": {}}).item_content()
+    # a weight without a count (or a count without a weight) reaches no row
+    for model in ({"rare_item_content_weight": 1.0}, {"rare_item_max_count": 2}):
+        assert Bundle(tmp_path, {"model": model, "files": {}}).item_content() is None
+
+
+def test_bundle_content_weights_follow_each_rows_training_events(tmp_path: Path) -> None:
+    from sidrec.bundle import Bundle, ItemRecord
+    from sidrec.content_term import ContentTerm
+    from sidrec.service.catalog import bundle_content_weights
+
+    popularity = [0, 1, 2, 3, 7, 0]  # rows 1..6
+    records = [ItemRecord(item_id=f"i{row}", row=row, sid=(0, 0, 0), title="", text="",
+                          popularity=count, fields={})
+               for row, count in enumerate(popularity, start=1)]  # fmt: skip
+    term = ContentTerm(new_weight=2.0, rare_weight=0.5, rare_max_count=2)
+    bundle = Bundle(tmp_path, {"model": term.record(), "files": {}})
+    assert bundle.content_term == term
+    weights = bundle_content_weights(bundle, records)
+    # row 0 (padding) none; new items W; 1..K events W_r; more none
+    np.testing.assert_array_equal(weights, np.float32([0, 2, 0.5, 0.5, 0, 0, 2]))
+    # the offline scorers read the same weights from the same counts
+    counts = np.array([0, *popularity])
+    np.testing.assert_array_equal(term.row_weights(counts), weights)
+    assert not ContentTerm().active and not ContentTerm(0.0, 1.0, 0).active
+    assert ContentTerm(0.0, 1.0, 1).active and ContentTerm(1.0).active

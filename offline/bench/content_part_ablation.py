@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from sidrec.content_term import ContentTerm
 from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
 from sidrec.offline.new_items import (
     choose_scale_and_weight,
-    load_new_item_content_weight,
+    load_content_term,
     load_new_item_scale,
     nearest_trained_paths,
     passing_warm_rule,
@@ -104,19 +105,22 @@ def _served_table(
 def content_term_cells(
     run_dir: Path, split: Split, scales: list[float], weights: list[float], content: np.ndarray
 ) -> dict[str, Any]:
-    """The served table of run_dir's calibrated checkpoint plus weight * the content-only
-    score on its untrained rows, at each (scale, weight): {"cells": {"scale S weight W":
-    {"valid", "test", "warm": warm_figures}}, "picked": per weight the warm rule's scale,
-    "chosen": the cell passing the rule with the most validation cold-start HR@10}."""
+    """The served table of run_dir's calibrated checkpoint (its rarely trained items' term
+    included) plus weight * the content-only score on its untrained rows, at each (scale,
+    weight): {"cells": {"scale S weight W": {"valid", "test", "warm": warm_figures}},
+    "picked": per weight the warm rule's scale, "chosen": the cell passing the rule with the
+    most validation cold-start HR@10}."""
     model, cfg, trained, table, hot, hot_reference = _served_table(run_dir, split)
-    new = (~trained).float()  # [n + 1]: the term reaches untrained rows only
+    served = load_content_term(run_dir)
     content_rows = torch.as_tensor(content)  # [n, C]
     batch_size = cfg.eval_batch_size or 32
     cells: dict[str, dict[str, Any]] = {}
     for weight in weights:
+        term = ContentTerm(weight, served.rare_weight, served.rare_max_count)
+        row_weights = torch.from_numpy(term.row_weights(split.train_counts))
         for scale in scales:
             base = table_scorer(model.encoder, table, scales_for(trained, scale))
-            scorer = with_content_term(base, content_rows, new * weight)
+            scorer = with_content_term(base, content_rows, row_weights)
             ranks = {stage: rank_targets(scorer, split, stage, batch_size, cfg.max_len)
                      for stage in ("valid", "test")}  # fmt: skip
             cells[f"scale {scale:g} weight {weight:g}"] = {
@@ -135,18 +139,19 @@ def rare_term_cells(
 ) -> dict[str, Any]:
     """The served table of run_dir's calibrated checkpoint (scale and content term on its
     untrained rows) plus weight * the content-only score on the trained rows with at most
-    `count` training events, per (count, weight) and for count 0 (the served table):
-    {"cells": {"count K weight W": {"valid", "test", "warm", "passes"}}, "hot_reference"}.
-    "passes": the warm rule over the cells (passing_warm_rule)."""
+    `count` training events, per (count, weight) and for count 0 (no term on trained rows):
+    {"cells": {"count K weight W": {"valid", "test", "warm", "passes"}}, "hot_reference",
+    "served": the (count, weight) calibration chose}. "passes": the warm rule over the cells
+    (passing_warm_rule)."""
     model, cfg, trained, table, hot, hot_reference = _served_table(run_dir, split)
-    scale, new_weight = load_new_item_scale(run_dir), load_new_item_content_weight(run_dir)
-    train_counts = torch.as_tensor(split.train_counts)
+    scale, served = load_new_item_scale(run_dir), load_content_term(run_dir)
     batch_size = cfg.eval_batch_size or 32
     base = table_scorer(model.encoder, table, scales_for(trained, scale))
     cells: dict[str, dict[str, Any]] = {}
     for count, weight in [(0, 0.0), *((c, w) for c in counts for w in weights)]:
-        rare = trained & (train_counts <= count)
-        row_weights = torch.where(~trained, new_weight, torch.where(rare, weight, 0.0)).float()
+        term = ContentTerm(served.new_weight, weight, count)
+        rare = (split.train_counts > 0) & (split.train_counts <= count)
+        row_weights = torch.from_numpy(term.row_weights(split.train_counts))
         scorer = with_content_term(base, torch.as_tensor(content), row_weights)
         ranks = {stage: rank_targets(scorer, split, stage, batch_size, cfg.max_len)
                  for stage in ("valid", "test")}  # fmt: skip
@@ -161,7 +166,8 @@ def rare_term_cells(
     for i, cell in enumerate(cells.values()):
         cell["passes"] = float(i) in passing
     return {"hot_reference": hot_reference, "new_item_scale": scale,
-            "new_item_content_weight": new_weight, "cells": cells}  # fmt: skip
+            "new_item_content_weight": served.new_weight,
+            "served": [served.rare_max_count, served.rare_weight], "cells": cells}  # fmt: skip
 
 
 def _line(key: str, report: dict[str, Any]) -> str:

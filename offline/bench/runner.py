@@ -258,19 +258,20 @@ def history_kept_test(
     `tower` = (run folder, SIDs, content vectors) for a model with a content tower; `folder`,
     the run folder of one without, holds its new-item scale and content-term weight
     (offline/new_items.py; a term needs the catalog's `content` vectors)."""
+    from sidrec.content_term import ContentTerm
     from sidrec.offline.evaluate import evaluate
-    from sidrec.offline.new_items import load_new_item_content_weight, load_new_item_scale
+    from sidrec.offline.new_items import load_content_term, load_new_item_scale
     from sidrec.offline.tower import load_tower, model_scorer
 
     if tower is None:
         scale = 1.0 if folder is None else load_new_item_scale(folder)
-        weight = 0.0 if folder is None else load_new_item_content_weight(folder)
+        term = ContentTerm() if folder is None else load_content_term(folder)
         scorer = model_scorer(
-            model, split.trained, content=content, new_item_scale=scale, content_weight=weight
+            model, split.train_counts, content=content, new_item_scale=scale, content_term=term
         )
     else:
         folder, sids, content = tower
-        scorer = model_scorer(model, split.trained, sids, load_tower(folder), content)
+        scorer = model_scorer(model, split.train_counts, sids, load_tower(folder), content)
     return evaluate(scorer, split, "test", max_history=max_len, keep_history=True)
 
 

@@ -1,0 +1,56 @@
+"""The dense content term: weight * cos(the history's mean content vector, the item's).
+
+Items whose id row training never saw (withheld, ingested) or saw only a few times have the
+weakest vectors in the table; the term scores them by their content as well, as the
+content-only baseline would. Calibration (offline/new_items.py) chooses the weights on
+validation, the bundle records them (docs/bundle.md) and the service adds the same term
+(service/retrieval.py). Torch-free: offline and the service both read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ContentTerm:
+    new_weight: float = 0.0  # items with no training event
+    rare_weight: float = 0.0  # items with 1..rare_max_count training events
+    rare_max_count: int = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether any row gets the term (so the content vectors are needed)."""
+        return bool(self.new_weight or (self.rare_weight and self.rare_max_count > 0))
+
+    def row_weights(self, train_counts: np.ndarray) -> np.ndarray:
+        """float32 [n + 1]: each row's weight from its training events (int [n + 1], row 0
+        the padding row, which never gets the term)."""
+        counts = np.asarray(train_counts)
+        weights = np.where(counts == 0, self.new_weight, 0.0)
+        if self.rare_max_count > 0:
+            rare = (counts > 0) & (counts <= self.rare_max_count)
+            weights = np.where(rare, self.rare_weight, weights)
+        weights[:1] = 0.0
+        return weights.astype(np.float32)
+
+    def record(self) -> dict[str, Any]:
+        """The fields new_items.json and the bundle's manifest keep (docs/bundle.md)."""
+        return {
+            "new_item_content_weight": self.new_weight,
+            "rare_item_content_weight": self.rare_weight,
+            "rare_item_max_count": self.rare_max_count,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ContentTerm:
+        """The term `record` (a manifest's "model" or new_items.json) keeps; none where it
+        keeps no field (bundles and runs from before the term)."""
+        return cls(
+            float(record.get("new_item_content_weight", 0.0)),
+            float(record.get("rare_item_content_weight", 0.0)),
+            int(record.get("rare_item_max_count", 0)),
+        )
