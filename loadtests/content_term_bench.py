@@ -2,11 +2,12 @@
 history's rows and, with the term, its mean content vector; then the top-k search) on one
 table without the term and one with it, side by side in one process, interleaved.
 
-The tables are synthetic and shaped like a bundle (`--items`, `--dim`, `--content-dim`, the
-share of items without a trained id that carry the term); latency depends on those shapes,
-not on what was learnt. Prints the median and p90 per request of each and their ratio.
+The tables are synthetic and shaped like a bundle (`--items`, `--dim`, `--content-dim`,
+`--term-share`: the share of items that carry the term, the untrained ones and, with a rarely
+trained items' term, the rarest); latency depends on those shapes, not on what was learnt.
+Prints the median and p90 per request of each and their ratio.
 
-    python -m loadtests.content_term_bench --items 3883 --new-share 0.05 --history 200
+    python -m loadtests.content_term_bench --items 3883 --term-share 0.05 --history 200
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from service.retrieval import ItemTable
 
 
 def tables(
-    items: int, dim: int, content_dim: int, new_share: float, seed: int
+    items: int, dim: int, content_dim: int, term_share: float, seed: int
 ) -> tuple[ItemTable, ItemTable]:
     """(without the term, with it): the same rows, ids and scores apart from the term."""
     rng = np.random.default_rng(seed)
@@ -31,8 +32,8 @@ def tables(
     ids = [f"i{r}" for r in range(1, items + 1)]
     sids = np.zeros((items + 1, 4), np.int64)
     weights = np.zeros(items + 1, np.float32)
-    new = rng.choice(np.arange(1, items + 1), max(1, int(new_share * items)), replace=False)
-    weights[new] = 1.0
+    rows = rng.choice(np.arange(1, items + 1), max(1, int(term_share * items)), replace=False)
+    weights[rows] = 1.0
     plain = ItemTable(vectors, ids, sids, 8, use_gpu=False, scoring="dot")
     term = ItemTable(vectors, ids, sids, 8, use_gpu=False, scoring="dot", content=content,
                      content_weights=weights)  # fmt: skip
@@ -54,13 +55,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--items", type=int, default=3883)
     p.add_argument("--dim", type=int, default=50)
     p.add_argument("--content-dim", type=int, default=384)
-    p.add_argument("--new-share", type=float, default=0.05)
+    p.add_argument("--term-share", type=float, default=0.05)
     p.add_argument("--history", type=int, default=200)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--requests", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    plain, term = tables(args.items, args.dim, args.content_dim, args.new_share, args.seed)
+    plain, term = tables(args.items, args.dim, args.content_dim, args.term_share, args.seed)
     rng = np.random.default_rng(args.seed + 1)
     seconds: dict[str, list[float]] = {"without term": [], "with term": []}
     for n in range(args.requests + args.requests // 10):  # the first tenth warms up

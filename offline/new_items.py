@@ -301,7 +301,10 @@ def load_content_term(run_dir: Path) -> ContentTerm:
     path = Path(run_dir) / NEW_ITEMS_FILE
     if not path.is_file():
         return ContentTerm()
-    return ContentTerm.from_record(json.loads(path.read_text()))
+    record = json.loads(path.read_text())
+    # runs calibrated before the rarely trained items' term named the new items' weight so
+    record.setdefault("new_item_content_weight", record.get("content_weight", 0.0))
+    return ContentTerm.from_record(record)
 
 
 def load_new_item_scale(run_dir: Path) -> float:
@@ -480,9 +483,11 @@ def calibrate_scale(
         count, weight = rare["chosen"]
         term = ContentTerm(term.new_weight, weight, count)
         valid = rare["chosen_cell"]["valid"]
+        cold_bin = valid["by_popularity"]["cold"]["hr@10"]
         log(f"rarely trained items' term: weight {weight:g} on items with at most {count} "
-            f"training events (validation cold-bin HR@10 "
-            f"{valid['by_popularity']['cold']['hr@10']:.4f})")  # fmt: skip
+            f"training events (validation cold-bin HR@10 {cold_bin:.4f})"
+            if count else f"rarely trained items' term: none (no cell passing the warm rule "
+            f"does better on the validation cold bin, {cold_bin:.4f})")  # fmt: skip
     test = summarize(ranks(table, "test", scales_for(trained, chosen), term=term), split, "test")
     if len(record) > 1:  # a content part or nearest paths: the checkpoint keeps the choice
         ckpt["state_dict"] = {k: v.cpu() for k, v in model.state_dict().items()}

@@ -213,6 +213,20 @@ def test_hybrid_tower_trains_fits_evaluates_exports_and_ablates(tmp_path: Path) 
     assert json.loads((tmp_path / "run" / "tower_ablation.json").read_text()).keys() == out.keys()
 
 
+def test_a_runs_content_term_is_read_from_its_record(tmp_path: Path) -> None:
+    from sidrec.content_term import ContentTerm
+    from sidrec.offline.new_items import NEW_ITEMS_FILE, load_content_term
+
+    assert load_content_term(tmp_path) == ContentTerm()  # not calibrated: no term
+    record = tmp_path / NEW_ITEMS_FILE
+    term = ContentTerm(new_weight=1.0, rare_weight=2.0, rare_max_count=3)
+    record.write_text(json.dumps({"new_item_scale": 0.9, **term.record()}))
+    assert load_content_term(tmp_path) == term
+    # a run calibrated before the rarely trained items' term keeps its new items' weight
+    record.write_text(json.dumps({"new_item_scale": 0.9, "content_weight": 0.5}))
+    assert load_content_term(tmp_path) == ContentTerm(new_weight=0.5)
+
+
 def test_content_term_moves_only_the_rows_it_weights() -> None:
     from sidrec.offline.evaluate import EvalBatch
     from sidrec.offline.new_items import with_content_term
