@@ -49,9 +49,11 @@ def test_gpu_bench_prints_its_table_for_every_path_and_batch(
                 stages = [num(r, c) for c in ("gather p50 ms", "encode p50 ms", "top-k p50 ms")]
                 assert all(s > 0 for s in stages), r
                 assert 0 < num(r, "p50 ms") <= num(r, "p99 ms") < 10_000, r
-                # users/s = batch x batches / their time: between the slowest and the fastest
+                # users/s = batch x batches / their time, the p50s medians of batch times: on
+                # a loaded machine the times are bimodal and a mean may sit far below a median
+                # (CI saw 2.2x), so the bound only catches a wrong unit or a wrong count
                 fastest = int(batch) * 1000 / min(stages[1], num(r, "p50 ms"))
-                assert 0 < num(r, "users/s") <= 2 * fastest, r
+                assert 0 < num(r, "users/s") <= 10 * fastest, r
                 if path == "cpu path":
                     assert r["users/s vs cpu"] == "" and r["max abs diff"] == "", r
                     continue
