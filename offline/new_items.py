@@ -462,10 +462,10 @@ def calibrate_scale(
         )  # fmt: skip
         record["content_term"] = {k: v for k, v in by_weight.items() if k != "chosen_cell"}
         cell = by_weight["chosen_cell"]
-        served = {"warm": by_paths[pick]["valid_by_new_item_scale"][str(chosen)], "valid": valid}
+        served_warm = by_paths[pick]["valid_by_new_item_scale"][str(chosen)]
         if cell is not None:
             chosen, term, valid = cell["scale"], ContentTerm(cell["weight"]), cell["valid"]
-            served = cell
+            served_warm = cell["warm"]
         log(f"content term: weight {term.new_weight:g} at scale {chosen:g} (validation "
             f"cold-start HR@10 {valid['cold_start']['hr@10']:.4f}; per weight the warm rule's "
             f"scale {by_weight['picked']})")  # fmt: skip
@@ -477,7 +477,7 @@ def calibrate_scale(
             return {"warm": warm_figures(r, hot), "valid": summarize(r, split, "valid")}
 
         rare = choose_rare_term(
-            {"warm": served["warm"], "valid": valid}, rare_cell, hot_reference, tolerance
+            {"warm": served_warm, "valid": valid}, rare_cell, hot_reference, tolerance
         )
         record["rare_term"] = {k: v for k, v in rare.items() if k != "chosen_cell"}
         count, weight = rare["chosen"]
