@@ -154,7 +154,13 @@ def build_model(settings: Settings, stores: Stores, bundle: Bundle) -> Services:
     cache = None
     if settings.user_cache_size:
         cache = UserVectorCache(settings.user_cache_size, bool(bundle.model.get("use_time", True)))
-    ranker = RankBatcher(runtime, table, threads=settings.rank_thread_count(), cache=cache)
+    ranker = RankBatcher(
+        runtime,
+        table,
+        threads=settings.rank_thread_count(),
+        cache=cache,
+        search_threads=settings.faiss_threads,
+    )
     services = Services(
         settings, bundle, runtime, catalog, stores.history, stores.redis, popular, ranker
     )

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import metrics
-from .retrieval import Hit, ItemTable, Resolved
+from .retrieval import Hit, ItemTable, Resolved, set_search_threads
 from .runtime import Engine
 from .user_cache import UserVectorCache
 
@@ -64,6 +64,7 @@ class RankBatcher:
         max_batch: int = MAX_BATCH,
         threads: int = 1,
         cache: UserVectorCache | None = None,
+        search_threads: int = 0,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
@@ -71,6 +72,10 @@ class RankBatcher:
         self.table = table
         self.max_batch = max_batch
         self.cache = cache  # None: every request runs the encoder
+        # FAISS's OpenMP threads per rank thread (0: FAISS's default, every core). The rank
+        # threads already fill the cores, so one each keeps a batched search from waking more
+        # threads than there are cores (docs/serving-benchmark.md, "FAISS threads").
+        self.search_threads = search_threads
         # A C-level queue: put() hands the job to a waiting thread directly. With
         # threading.Condition (inside queue.Queue too) the woken thread then waited for the
         # lock its notifier still held (docs/serving-benchmark.md has the measurement).
@@ -128,6 +133,7 @@ class RankBatcher:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _serve(self) -> None:
+        set_search_threads(self.search_threads)  # OpenMP's setting is per thread
         stop = False
         while not stop:
             first = self._queue.get()

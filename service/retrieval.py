@@ -88,6 +88,23 @@ def gpu_count() -> int:
     return int(get()) if get is not None else 0
 
 
+def set_search_threads(threads: int) -> None:
+    """OpenMP threads FAISS may use for the searches of the calling thread; 0 = leave its
+    default (every core). OpenMP keeps this per thread: a thread started later, or one that
+    never called this, still gets the default."""
+    if threads:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+
+
+def search_threads() -> int:
+    """The OpenMP threads FAISS would use for a search from the calling thread."""
+    import faiss
+
+    return int(faiss.omp_get_max_threads())
+
+
 IndexKind = Literal["flat", "hnsw", "torch"]
 
 # (item id, score, SID): what the id-level searches return.

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # release the GIL, so each thread can hold a core). 0 = the cores this process may use,
     # divided by workers, at least 1. Pair with ort_threads=1 so threads do not oversubscribe.
     rank_threads: int = Field(0, ge=0, le=256)
+    # OpenMP threads FAISS may use for one rank thread's batched search; 0 = FAISS's default
+    # (every core). The rank threads already hold a core each, so more would oversubscribe.
+    faiss_threads: int = Field(1, ge=0, le=256)
     # User vectors kept for requests whose encoder inputs repeat (same history, query time in
     # the same time buckets: service/user_cache.py), a few hundred bytes each; 0 = off.
     user_cache_size: int = Field(100_000, ge=0)

@@ -17,6 +17,7 @@ from sidrec.service import metrics
 from sidrec.service.app import build_services
 from sidrec.service.batching import Hits, RankBatcher, _Job
 from sidrec.service.deps import Services
+from sidrec.service.retrieval import search_threads
 from sidrec.service.settings import Settings
 from sidrec.service.user_cache import UserVectorCache
 
@@ -235,3 +236,34 @@ def test_cached_answers_equal_computed_ones(services: Services) -> None:
             same_hits(b, want)
     finally:
         ranker.stop()
+
+
+def test_rank_threads_search_with_the_faiss_threads_set(services: Services) -> None:
+    """OpenMP keeps FAISS's thread count per thread, so SIDREC_FAISS_THREADS must be applied
+    in each rank thread, where the batched searches run. Observed from inside the search:
+    `accept` runs there."""
+    assert services.ranker.search_threads == Settings.model_fields["faiss_threads"].default == 1
+    fresh: list[int] = []
+    probe = threading.Thread(target=lambda: fresh.append(search_threads()))
+    probe.start()
+    probe.join()
+    default, here = fresh[0], search_threads()
+    ids, stamps = histories(services, 1)[0]
+    for wanted, expected in ((3, 3), (0, default)):
+        seen: set[int] = set()
+
+        def accept(item_id: str, seen: set[int] = seen) -> bool:
+            seen.add(search_threads())
+            return True
+
+        ranker = RankBatcher(
+            services.runtime, services.catalog.table, threads=2, search_threads=wanted
+        )
+        try:
+            asyncio.run(
+                asyncio.wait_for(ranker.rank(ids, stamps, QUERY_TIME, 10, set(ids), accept), 20)
+            )
+        finally:
+            ranker.stop()
+        assert seen == {expected}, (wanted, seen)
+    assert search_threads() == here  # the caller's own setting is untouched

@@ -226,3 +226,18 @@ def test_content_term_bench_times_the_same_table_with_and_without_the_term() -> 
     lines = done.stdout.splitlines()
     assert [line.split(" p50")[0].strip() for line in lines[:2]] == ["without term", "with term"]
     assert "(50 rows with the term)" in lines[2]
+
+
+def test_faiss_threads_bench_searches_at_each_setting_from_every_thread() -> None:
+    # run as documented; a setting the searching threads did not get stops the script
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.faiss_threads_bench", "--items", "500",
+         "--history", "20", "--batch", "1,4", "--faiss", "0,3", "--seconds", "0.2",
+         "--rounds", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    names = [line.split(" p50")[0].strip() for line in done.stdout.splitlines()]
+    assert names == [
+        "faiss default, batch 1", "faiss 3, batch 1", "faiss default, batch 4", "faiss 3, batch 4"
+    ]  # fmt: skip
+    assert all("batches/s" in line for line in done.stdout.splitlines())
