@@ -96,6 +96,10 @@ class TrainConfig:
     batch_size: int = 128  # global: split across DDP ranks
     epochs: int = 100
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    # > 0: halve the learning rate after this many epochs without a better validation
+    # NDCG@10 (ReduceLROnPlateau), so a model that stalls takes smaller steps before early
+    # stopping ends it; 0 = constant lr (the reference's).
+    lr_plateau: int = 0
     # full: exact softmax over every trained item; sampled-logq: the batch's targets plus
     # num_negatives uniform draws, logQ-corrected (for catalogs too big to score whole);
     # sampled-uniform: GR's reference, 1 positive vs num_negatives uniform negatives;
@@ -155,6 +159,8 @@ class TrainConfig:
             raise ValueError(f"loss must be auto or one of {LOSSES}, not {self.loss!r}")
         if self.attn_norm not in ATTN_NORMS:
             raise ValueError(f"attn_norm must be one of {ATTN_NORMS}, not {self.attn_norm!r}")
+        if self.lr_plateau < 0:
+            raise ValueError(f"lr_plateau must be 0 (off) or more, not {self.lr_plateau}")
 
     def resolved(self, num_items: int, device: torch.device) -> TrainConfig:
         """A copy with loss and num_negatives made concrete for this catalog and device."""
@@ -483,6 +489,13 @@ def _train(
         parameter_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
 
+    plateau = None
+    if cfg.lr_plateau:
+        # threshold 0: any gain counts as better, as it does for best_epoch below
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=0.5, patience=cfg.lr_plateau - 1, threshold=0.0, eps=0.0
+        )
+
     seqs = training_sequences(split, cfg.max_len, cfg.windows)
     if len(seqs.lengths) == 0:
         raise ValueError("no user has two training events: nothing to train on")
@@ -558,6 +571,9 @@ def _train(
         # evaluation at the end is sharded too); rank 0 alone writes.
         valid = evaluate_model(model, split, "valid", cfg, device, rank, world)
         ndcg = valid["overall"]["ndcg@10"]
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
+        if plateau is not None:
+            plateau.step(ndcg)
         if ndcg > best_ndcg:
             best_ndcg, best_epoch, best_valid = ndcg, epoch, valid
             best_state = _cpu_state(model)
@@ -570,6 +586,7 @@ def _train(
                 "valid": valid["overall"],
                 "train_seconds": round(train_seconds, 3),
                 "seconds": round(time.perf_counter() - started, 3),
+                "lr": lr,
             }
             epochs.append(line)
             with (out_dir / LOG_FILE).open("a") as f:
@@ -577,6 +594,7 @@ def _train(
             log(
                 f"epoch {epoch}: loss {line['train_loss']:.4f}  valid ndcg@10 {ndcg:.4f} "
                 f"hr@10 {valid['overall']['hr@10']:.4f}  ({line['seconds']:.1f}s)"
+                + (f"  lr {lr:.2g}" if plateau is not None else "")
                 + ("  *" if best_epoch == epoch else "")
             )
             stop[0] = int(epoch - best_epoch >= cfg.patience)

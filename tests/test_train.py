@@ -437,3 +437,23 @@ def test_config_reaches_the_model() -> None:
     assert model.items.unknown_id == "zero" and model.items.prefix_table == "exact"
     assert model.items.trained_rows_only and model.items.d == 8 and model.encoder.d == 8
     assert model.encoder.padded_len == cfg.padded_len and model.encoder.use_time
+
+
+@pytest.mark.parametrize(
+    ("plateau", "rates"), [(0, [1, 1, 1, 1]), (1, [1, 1, 0.5, 0.25]), (2, [1, 1, 1, 0.5])]
+)
+def test_lr_plateau_halves_the_rate_after_epochs_without_a_better_validation(
+    tmp_path, plateau: int, rates: list[float]
+) -> None:
+    # A rate too small to move any weight: validation never improves after epoch 1, so with
+    # lr_plateau=P the rate halves once every P epochs after it (each line logs the rate that
+    # epoch trained at).
+    data = planted_interactions()
+    split = make_split(data, 0.05, seed=0)
+    lr = 1e-12
+    cfg = tiny_config(epochs=4, patience=10, lr=lr, lr_plateau=plateau)
+    result = train(data, split, random_sids(), 8, cfg, tmp_path, log=lambda _: None)
+    assert len({json.dumps(e["valid"]) for e in result.epochs}) == 1
+    assert [e["lr"] / lr for e in result.epochs] == pytest.approx(rates)
+    with pytest.raises(ValueError, match="lr_plateau"):
+        tiny_config(lr_plateau=-1)
