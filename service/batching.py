@@ -74,7 +74,7 @@ class RankBatcher:
         self.cache = cache  # None: every request runs the encoder
         # FAISS's OpenMP threads per rank thread (0: FAISS's default, every core). The rank
         # threads already fill the cores, so one each keeps a batched search from waking more
-        # threads than there are cores (docs/serving-benchmark.md, "FAISS threads").
+        # threads than there are cores (docs/serving-benchmark.md, "FAISS threads per rank thread").
         self.search_threads = search_threads
         # A C-level queue: put() hands the job to a waiting thread directly. With
         # threading.Condition (inside queue.Queue too) the woken thread then waited for the

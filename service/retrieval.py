@@ -91,11 +91,15 @@ def gpu_count() -> int:
 def set_search_threads(threads: int) -> None:
     """OpenMP threads FAISS may use for the searches of the calling thread; 0 = leave its
     default (every core). OpenMP keeps this per thread: a thread started later, or one that
-    never called this, still gets the default."""
-    if threads:
+    never called this, still gets the default. Without FAISS (the torch index alone) there
+    is nothing to set."""
+    if not threads:
+        return
+    try:
         import faiss
-
-        faiss.omp_set_num_threads(threads)
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(threads)
 
 
 def search_threads() -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from sidrec.service import metrics
 from sidrec.service.app import build_services
 from sidrec.service.batching import Hits, RankBatcher, _Job
 from sidrec.service.deps import Services
-from sidrec.service.retrieval import search_threads
+from sidrec.service.retrieval import search_threads, set_search_threads
 from sidrec.service.settings import Settings
 from sidrec.service.user_cache import UserVectorCache
 
@@ -267,3 +268,10 @@ def test_rank_threads_search_with_the_faiss_threads_set(services: Services) -> N
             ranker.stop()
         assert seen == {expected}, (wanted, seen)
     assert search_threads() == here  # the caller's own setting is untouched
+
+
+def test_faiss_threads_need_no_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank thread serving the torch index on a machine without FAISS (gpu_bench's GPU
+    image) must not die setting FAISS's threads."""
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    set_search_threads(1)
