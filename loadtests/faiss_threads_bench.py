@@ -32,16 +32,16 @@ def table(items: int, dim: int, seed: int) -> ItemTable:
 
 def one_round(
     items: ItemTable, faiss: int, batch: int, threads: int, history: int, seconds: float, seed: int
-) -> tuple[list[float], int]:
-    """Every thread searching batches for `seconds`: (seconds per batch, batches done)."""
+) -> list[float]:
+    """Every thread searching batches for `seconds`: the seconds each batch took."""
     spent: list[float] = []
     stop = threading.Event()
     lock = threading.Lock()
-    lines: list[int] = []
+    seen_threads: list[int] = []  # OpenMP threads each searching thread got
 
     def search(worker: int) -> None:
         set_search_threads(faiss)
-        lines.append(search_threads())
+        seen_threads.append(search_threads())
         rng = np.random.default_rng(seed + worker)
         mine: list[float] = []
         while not stop.is_set():
@@ -60,9 +60,9 @@ def one_round(
     stop.set()
     for w in workers:
         w.join()
-    if faiss and set(lines) != {faiss}:
-        raise RuntimeError(f"searching threads saw {set(lines)} OpenMP threads, not {faiss}")
-    return spent, len(spent)
+    if faiss and set(seen_threads) != {faiss}:
+        raise RuntimeError(f"searching threads saw {set(seen_threads)} OpenMP threads, not {faiss}")
+    return spent
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -81,23 +81,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     batches = [int(b) for b in args.batch.split(",")]
     settings = [int(f) for f in args.faiss.split(",")]
     spent: dict[tuple[int, int], list[float]] = {}
-    done: dict[tuple[int, int], int] = {}
     for r in range(args.rounds):
         for batch in batches:
             order = settings if r % 2 == 0 else settings[::-1]
             for faiss in order:
-                s, n = one_round(
-                    items, faiss, batch, args.threads, args.history, args.seconds, args.seed + r
+                spent.setdefault((faiss, batch), []).extend(
+                    one_round(
+                        items, faiss, batch, args.threads, args.history, args.seconds, args.seed + r
+                    )
                 )
-                spent.setdefault((faiss, batch), []).extend(s)
-                done[faiss, batch] = done.get((faiss, batch), 0) + n
     out = {}
     for (faiss, batch), s in sorted(spent.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         name = f"faiss {faiss or 'default'}, batch {batch}"
         out[name] = {
             "p50_ms": float(np.median(s) * 1e3),
             "p99_ms": float(np.percentile(s, 99) * 1e3),
-            "batches_per_s": done[faiss, batch] / (args.rounds * args.seconds),
+            "batches_per_s": len(s) / (args.rounds * args.seconds),
         }
         row = out[name]
         print(
