@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import tomllib
 from pathlib import Path
 from types import ModuleType
@@ -131,6 +132,46 @@ def test_recbole_ids_map_back_to_rows() -> None:
     assert mod.ndcg_at_10(np.array([1, 3, 11])) == pytest.approx((1 + 1 / np.log2(4)) / 3)
 
 
+def test_numpy2_aliases_give_recbole_the_names_numpy_2_removed() -> None:
+    """RecBole 1.2.1's Config runs `np.float = np.float_` (and complex_, unicode_) at start;
+    under numpy 2 (a GPU machine's image) that raised AttributeError before any training."""
+    mod = script_module()
+    removed = {"float_": np.float64, "complex_": np.complex128, "unicode_": np.str_}
+    missing = [name for name in removed if name not in np.__dict__]
+    added = mod.numpy2_aliases()
+    try:
+        assert added == missing  # none under numpy 1, all three under numpy 2
+        for name, new in removed.items():
+            assert getattr(np, name) is new
+        assert mod.numpy2_aliases() == []  # idempotent
+    finally:
+        for name in added:
+            delattr(np, name)
+
+
+def test_export_stage_prints_a_command_that_names_the_export(
+    tiny: tuple[Path, Interactions, Split],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder, _, _ = tiny
+    monkeypatch.chdir(ROOT)
+    peer.main([str(folder), str(tmp_path / "out"), "--stage", "export", "--max-len", "20",
+               "--max-seconds", "300", "--device", "auto"])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    command = next(line for line in lines if line.startswith("python3 ")).split()
+    args = dict(zip(command[2::2], command[3::2], strict=True))
+    assert Path(command[1]) == Path("offline/bench/recbole_sasrec.py")
+    assert (ROOT / command[1]).is_file() and (ROOT / args["--metrics-py"]).is_file()
+    assert (Path(args["--data"]) / "peer" / "peer.inter").is_file()
+    assert (Path(args["--data"]) / "eval.npz").is_file()
+    assert args["--max-len"] == "20" and args["--max-seconds"] == "300.0"
+    assert args["--device"] == "auto" and args["--hidden-size"] == "64"
+    # every option the command passes is one the script accepts
+    assert script_module().parse_args(command[2:]).max_seconds == 300.0
+
+
 def test_requirements_are_pinned_and_stay_out_of_sidrec() -> None:
     lines = [
         line.strip()
@@ -229,3 +270,31 @@ def test_time_batches_projects_an_epoch_without_training_one(
     assert timing["projected_valid_seconds"] == pytest.approx(
         timing["eval_batch_seconds"] * valid_batches, rel=1e-3, abs=0.1
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_run_made_elsewhere_is_collected_and_a_time_limit_cuts_it(
+    tiny: tuple[Path, Interactions, Split], tmp_path: Path
+) -> None:
+    """The lent-GPU path: export here, run the printed command with another python (the venv
+    stands in for the GPU machine's), collect here. --max-seconds stops it after one epoch."""
+    folder, data, split = tiny
+    require_peer_venv()
+    out = tmp_path / "elsewhere"
+    _, _, export = peer.export_peer_split(folder, out, cold_fraction=0.1)
+    command = peer.peer_command(
+        peer.peer_venv(), export, out, epochs=5, patience=5, max_len=20, threads=1,
+        max_seconds=1e-9,
+    )  # fmt: skip
+    work = tmp_path / "work"
+    work.mkdir()
+    subprocess.run(command, cwd=work, check=True, capture_output=True)
+    metrics = peer.collect_peer_run(data, split, out)
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["stopped_by_time_limit"] is True
+    assert metrics["epochs_run"] == 1 and metrics["best_epoch"] == 1
+    assert metrics["config"]["max_seconds"] == 1e-9 and metrics["config"]["epochs"] == 5
+    assert metrics["config"]["max_len"] == 20 and metrics["config"]["cold_fraction"] == 0.1
+    test = np.load(out / "test_ranks.npy")
+    assert metrics["test"] == json.loads(json.dumps(summarize(test, split, "test")))

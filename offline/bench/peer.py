@@ -10,6 +10,10 @@ metrics.json shaped like offline/train.py's, so the same report code reads both.
 Runs in sidrec's venv and never imports recbole.
 
     python -m sidrec.offline.bench.peer DATA OUT --epochs 100 --patience 10 --max-len 50
+
+On a machine where sidrec is not installed but RecBole is (a lent GPU), `--stage export`
+writes the split and prints the recbole_sasrec.py command to run there; `--stage collect`
+scores its output back here.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +231,49 @@ def peer_venv(
 # ----------------------------------------------------------------------------- run
 
 
+def export_peer_split(
+    data_dir: Path, out_dir: Path, cold_fraction: float = 0.0, log: Callable[[str], None] = print
+) -> tuple[Interactions, Split, Path]:
+    """The benchmark's split of `data_dir` exported for the peer into out_dir/export."""
+    from sidrec.offline.bench.runner import SPLIT_SEED
+    from sidrec.offline.data.load import load_dataset
+    from sidrec.offline.split import make_split
+
+    data = load_dataset(Path(data_dir))
+    split = make_split(data, cold_fraction=cold_fraction, seed=SPLIT_SEED)
+    export = Path(out_dir) / "export"
+    counts = export_split(data, split, export)
+    log(f"exported {counts} to {export}")
+    return data, split, export
+
+
+def peer_command(
+    python: str | Path,
+    export: Path,
+    out_dir: Path,
+    seed: int = 0,
+    epochs: int = 100,
+    patience: int = 10,
+    max_len: int = 50,
+    config: PeerConfig | None = None,
+    device: str = "cpu",
+    threads: int = 0,
+    time_batches: int = 0,
+    max_seconds: float = 0.0,
+    script: Path = SCRIPT,
+    metrics_py: Path = METRICS_PY,
+) -> list[str]:
+    """The recbole_sasrec.py command line that trains the peer on `export` into `out_dir`."""
+    config = config or PeerConfig()
+    return [
+        str(python), str(script), "--data", str(export), "--out", str(out_dir),
+        "--metrics-py", str(metrics_py), "--seed", str(seed), "--epochs", str(epochs),
+        "--patience", str(patience), "--max-len", str(max_len), "--device", device,
+        "--threads", str(threads), "--time-batches", str(time_batches),
+        "--max-seconds", str(max_seconds), *config.script_args(),
+    ]  # fmt: skip
+
+
 def run_recbole_sasrec(
     data_dir: Path,
     out_dir: Path,
@@ -241,6 +288,7 @@ def run_recbole_sasrec(
     cache_dir: Path | None = None,
     timeout: float | None = None,
     time_batches: int = 0,
+    max_seconds: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train and score RecBole's SASRec on the benchmark's split of `data_dir`; writes
@@ -251,34 +299,22 @@ def run_recbole_sasrec(
 
     `time_batches` > 0 trains only that many batches and returns (and writes to
     out_dir/peer_timing.json) the projected seconds of an epoch and of a validation, so a
-    run can be sized before it is started; no metrics.json then."""
-    from sidrec.offline.bench.runner import SPLIT_SEED
-    from sidrec.offline.data.load import load_dataset
-    from sidrec.offline.evaluate import summarize
-    from sidrec.offline.split import make_split, split_summary
-
-    config = config or PeerConfig()
+    run can be sized before it is started; no metrics.json then. `max_seconds` > 0 starts no
+    epoch after that many seconds of training."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     venv_started = time.perf_counter()
     python = peer_venv(cache_dir, log=log)
     venv_seconds = time.perf_counter() - venv_started
 
-    started = time.perf_counter()
-    data = load_dataset(Path(data_dir))
-    split = make_split(data, cold_fraction=cold_fraction, seed=SPLIT_SEED)
-    export = out_dir / "export"
-    counts = export_split(data, split, export)
-    log(f"exported {counts} to {export}")
-
+    data, split, export = export_peer_split(data_dir, out_dir, cold_fraction, log)
     work = out_dir / "recbole"  # RecBole writes log/, log_tensorboard/ and saved/ into its cwd
     work.mkdir(exist_ok=True)
-    command = [
-        str(python), str(SCRIPT), "--data", str(export.resolve()), "--out", str(out_dir.resolve()),
-        "--metrics-py", str(METRICS_PY), "--seed", str(seed), "--epochs", str(epochs),
-        "--patience", str(patience), "--max-len", str(max_len), "--device", device,
-        "--threads", str(threads), "--time-batches", str(time_batches), *config.script_args(),
-    ]  # fmt: skip
+    command = peer_command(
+        python, export.resolve(), out_dir.resolve(), seed=seed, epochs=epochs,
+        patience=patience, max_len=max_len, config=config, device=device, threads=threads,
+        time_batches=time_batches, max_seconds=max_seconds,
+    )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONUNBUFFERED"] = "1"
     if threads > 0:
@@ -304,6 +340,24 @@ def run_recbole_sasrec(
             f"({timing['threads']} threads, {timing['device']})"
         )
         return timing
+    return collect_peer_run(data, split, out_dir, venv_seconds=venv_seconds, log=log)
+
+
+def collect_peer_run(
+    data: Interactions,
+    split: Split,
+    out_dir: Path,
+    venv_seconds: float = 0.0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """metrics.json (written and returned) from what recbole_sasrec.py left in out_dir: its
+    peer_result.json (the settings it ran with, epochs, times) and the ranks, scored as
+    offline/train.py scores ours. Also reads a run made on another machine (a lent GPU)."""
+    from sidrec.offline.bench.runner import SPLIT_SEED
+    from sidrec.offline.evaluate import summarize
+    from sidrec.offline.split import split_summary
+
+    out_dir = Path(out_dir)
     peer = json.loads((out_dir / PEER_RESULT).read_text())
     ranks = {
         f"{stage}{suffix}": np.load(out_dir / f"{stage}_ranks{suffix}.npy")
@@ -314,6 +368,7 @@ def run_recbole_sasrec(
         expected = len(split.stage(name.removesuffix("_kept")))
         if len(r) != expected or (len(r) and (r.min() < 1 or r.max() > split.num_items)):
             raise RuntimeError(f"{name} ranks: {len(r)} values, expected {expected} in 1..n")
+    args = peer["args"]
     epochs_log = peer["epochs"]
     metrics = {
         "dataset": data.name,
@@ -322,25 +377,29 @@ def run_recbole_sasrec(
             "model": "RecBole SASRec",
             "loss_type": "CE",
             "train_neg_sample_args": None,
-            "seed": seed,
-            "epochs": epochs,
-            "patience": patience,
-            "max_len": max_len,
-            "cold_fraction": cold_fraction,
+            "seed": args["seed"],
+            "epochs": args["epochs"],
+            "patience": args["patience"],
+            "max_len": args["max_len"],
+            "cold_fraction": split.cold_fraction,
             "split_seed": SPLIT_SEED,
-            "device": device,
-            "threads": threads,
-            **asdict(config),
+            "device": args["device"],
+            "threads": args["threads"],
+            "max_seconds": args["max_seconds"],
+            **{f.name: args[f.name] for f in fields(PeerConfig)},
         },
         "recbole": peer["recbole"],
         "torch": peer["torch"],
+        "numpy": peer["numpy"],
+        "python": peer["python"],
         "device": peer["device"],
         "best_epoch": peer["best_epoch"],
         "epochs_run": peer["epochs_run"],
+        "stopped_by_time_limit": peer["stopped_by_time_limit"],
         "mean_epoch_train_seconds": float(np.mean([e["train_seconds"] for e in epochs_log]))
         if epochs_log
         else 0.0,
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds": round(peer["seconds"], 1),
         "venv_seconds": round(venv_seconds, 1),
         "train_rows": peer["train_rows"],
         "split": split_summary(split),
@@ -352,8 +411,9 @@ def run_recbole_sasrec(
     }
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     test = metrics["test"]["overall"]
+    cut = ", cut by --max-seconds" if metrics["stopped_by_time_limit"] else ""
     log(
-        f"RecBole SASRec: best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
+        f"RecBole SASRec: best epoch {metrics['best_epoch']} of {metrics['epochs_run']}{cut}, "
         f"test NDCG@10 {test['ndcg@10']:.4f} HR@10 {test['hr@10']:.4f} "
         f"({metrics['mean_epoch_train_seconds']:.1f}s per training epoch)"
     )
@@ -365,6 +425,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train and score RecBole's SASRec on our split.")
     p.add_argument("data", type=Path)
     p.add_argument("out", type=Path)
+    p.add_argument(
+        "--stage", choices=("all", "export", "collect"), default="all",
+        help="all: export, train in the RecBole venv, score. export: write the split and print "
+        "the training command, for a machine with RecBole and no sidrec (a lent GPU). collect: "
+        "score what that command left in OUT",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--patience", type=int, default=10)
@@ -375,17 +441,41 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache", type=Path, default=None, help="default: sidrec's cache folder")
     p.add_argument("--time-batches", type=int, default=0,
                    help="time this many training batches, project an epoch and stop")  # fmt: skip
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="start no epoch but the first after this many seconds")  # fmt: skip
     for f in fields(PeerConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
                        default=getattr(defaults, f.name))  # fmt: skip
     args = p.parse_args(argv)
     config = PeerConfig(**{f.name: getattr(args, f.name) for f in fields(PeerConfig)})
-    run_recbole_sasrec(
-        args.data, args.out, seed=args.seed, epochs=args.epochs, patience=args.patience,
-        max_len=args.max_len, cold_fraction=args.cold_fraction, config=config,
-        device=args.device, threads=args.threads, cache_dir=args.cache,
-        time_batches=args.time_batches,
-    )  # fmt: skip
+    if args.stage == "all":
+        run_recbole_sasrec(
+            args.data, args.out, seed=args.seed, epochs=args.epochs, patience=args.patience,
+            max_len=args.max_len, cold_fraction=args.cold_fraction, config=config,
+            device=args.device, threads=args.threads, cache_dir=args.cache,
+            time_batches=args.time_batches, max_seconds=args.max_seconds,
+        )  # fmt: skip
+        return
+    if args.stage == "export":
+        _, _, export = export_peer_split(args.data, args.out, args.cold_fraction)
+        command = peer_command(
+            "python3", export, args.out, seed=args.seed, epochs=args.epochs,
+            patience=args.patience, max_len=args.max_len, config=config, device=args.device,
+            threads=args.threads, time_batches=args.time_batches, max_seconds=args.max_seconds,
+            script=Path(os.path.relpath(SCRIPT)),
+            metrics_py=Path(os.path.relpath(METRICS_PY)),
+        )  # fmt: skip
+        print("train it with (RecBole 1.2.1 installed; from this folder):")
+        print(" ".join(command))
+        print(f"then: python -m sidrec.offline.bench.peer {args.data} {args.out} --stage collect "
+              f"--cold-fraction {args.cold_fraction:g}")  # fmt: skip
+        return
+    from sidrec.offline.bench.runner import SPLIT_SEED
+    from sidrec.offline.data.load import load_dataset
+    from sidrec.offline.split import make_split
+
+    data = load_dataset(args.data)
+    collect_peer_run(data, make_split(data, args.cold_fraction, seed=SPLIT_SEED), args.out)
 
 
 if __name__ == "__main__":

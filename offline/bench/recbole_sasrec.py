@@ -31,6 +31,12 @@ working directory.
 With --time-batches N it trains N batches, ranks one evaluation batch, writes
 peer_timing.json (seconds per batch, batches per epoch, projected seconds per epoch) and
 stops: on ML-1M an epoch is hours on a CPU, so a run is planned before it is started.
+With --max-seconds S no epoch after the first starts once S seconds of training have passed
+(a lent GPU's time limit); the best validation epoch so far is scored and the result says
+it was cut.
+
+It also runs outside that venv, with the numpy 2 and the packages of a GPU machine's image
+(carry recbole, colorlog and texttable as wheels): see `numpy2_aliases`.
 """
 
 from __future__ import annotations
@@ -133,6 +139,22 @@ class _PlainFormatter(logging.Formatter):
         return self._ansi.sub("", super().format(record))
 
 
+def numpy2_aliases() -> list[str]:
+    """Restores the numpy 1 names RecBole 1.2.1's Config aliases at start-up
+    (`compatibility_settings`: np.float = np.float_, ...), which numpy 2 removed; the names it
+    assigns to are not used on our path. Returns the names added (none under numpy 1)."""
+    added = []
+    for old, new in (("float_", "float64"), ("complex_", "complex128"), ("unicode_", "str_")):
+        if old not in np.__dict__:
+            setattr(np, old, getattr(np, new))
+            added.append(old)
+    return added
+
+
+class TimeUp(Exception):
+    """Raised by the trainer at the start of an epoch once --max-seconds have passed."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, required=True, help="folder written by export_split")
@@ -160,6 +182,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument(
         "--time-batches", type=int, default=0, help="time this many batches and stop (0: train)"
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0.0,
+        help="start no epoch but the first after this many seconds of training (0: no limit)",
     )
     return p.parse_args(argv)
 
@@ -275,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     log = logging.getLogger("peer")
 
+    aliased = numpy2_aliases()
     import recbole
     import torch
     from recbole.config import Config
@@ -361,9 +390,13 @@ def main(argv: list[str] | None = None) -> None:
 
         best_state: dict[str, torch.Tensor] | None = None
         best_epoch = 0
+        fit_started = 0.0
 
         def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):  # type: ignore[no-untyped-def]
             began = time.perf_counter()
+            # the first epoch always runs: a model with none would score as an untrained one
+            if epochs and 0 < args.max_seconds < began - self.fit_started:
+                raise TimeUp
             loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
             total = sum(loss) if isinstance(loss, tuple) else loss
             epochs.append(
@@ -400,7 +433,13 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / TIMING_FILE).write_text(json.dumps(timing, indent=2) + "\n")
         log.info(json.dumps(timing))
         return
-    trainer.fit(train_data, valid_data=stages["valid"], saved=True, show_progress=False)
+    trainer.fit_started = time.perf_counter()
+    time_up = False
+    try:
+        trainer.fit(train_data, valid_data=stages["valid"], saved=True, show_progress=False)
+    except TimeUp:
+        time_up = True
+        log.info(f"--max-seconds {args.max_seconds:g} reached after {len(epochs)} epochs")
     if trainer.best_state is not None:
         model.load_state_dict(trainer.best_state)
     log.info(f"best epoch {trainer.best_epoch} of {len(epochs)}")
@@ -416,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "best_epoch": trainer.best_epoch,
         "epochs_run": len(epochs),
+        "stopped_by_time_limit": time_up,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "epochs": epochs,
         "train_rows": len(train_set),
         "dataset_seconds": round(dataset_seconds, 3),
@@ -423,6 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         "recbole": recbole.__version__,
         "torch": torch.__version__,
         "numpy": np.__version__,
+        "numpy2_aliases_added": aliased,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "anomaly_detection_turned_off": anomaly_was_on,
