@@ -274,27 +274,45 @@ def test_time_batches_projects_an_epoch_without_training_one(
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_a_run_made_elsewhere_is_collected_and_a_time_limit_cuts_it(
+def test_a_run_made_elsewhere_is_cut_by_a_time_limit_resumed_and_collected(
     tiny: tuple[Path, Interactions, Split], tmp_path: Path
 ) -> None:
     """The lent-GPU path: export here, run the printed command with another python (the venv
-    stands in for the GPU machine's), collect here. --max-seconds stops it after one epoch."""
+    stands in for the GPU machine's), collect here. --max-seconds stops the first call after
+    one epoch; --resume trains the rest in a second call, as a second lease would."""
     folder, data, split = tiny
     require_peer_venv()
     out = tmp_path / "elsewhere"
     _, _, export = peer.export_peer_split(folder, out, cold_fraction=0.1)
-    command = peer.peer_command(
-        peer.peer_venv(), export, out, epochs=5, patience=5, max_len=20, threads=1,
-        max_seconds=1e-9,
-    )  # fmt: skip
     work = tmp_path / "work"
     work.mkdir()
-    subprocess.run(command, cwd=work, check=True, capture_output=True)
+
+    def call(**kw: object) -> subprocess.CompletedProcess[str]:
+        options = {"epochs": 3, "patience": 5, "max_len": 20, "threads": 1, "resume": True, **kw}
+        command = peer.peer_command(peer.peer_venv(), export, out, **options)  # type: ignore[arg-type]
+        return subprocess.run(command, cwd=work, capture_output=True, text=True)
+
+    assert call(max_seconds=1e-9).returncode == 0
     metrics = peer.collect_peer_run(data, split, out)
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert metrics["stopped_by_time_limit"] is True
+    assert metrics["stopped_by_time_limit"] is True and metrics["resumed_after_epoch"] == 0
     assert metrics["epochs_run"] == 1 and metrics["best_epoch"] == 1
-    assert metrics["config"]["max_seconds"] == 1e-9 and metrics["config"]["epochs"] == 5
+    assert metrics["config"]["max_seconds"] == 1e-9 and metrics["config"]["epochs"] == 3
     assert metrics["config"]["max_len"] == 20 and metrics["config"]["cold_fraction"] == 0.1
     test = np.load(out / "test_ranks.npy")
     assert metrics["test"] == json.loads(json.dumps(summarize(test, split, "test")))
+
+    # other settings than the state's: refused, the state left as it was
+    refused = call(config=peer.PeerConfig(learning_rate=0.01))
+    assert refused.returncode != 0 and "learning_rate" in refused.stdout + refused.stderr
+    assert call().returncode == 0
+    resumed = peer.collect_peer_run(data, split, out)
+    assert resumed["resumed_after_epoch"] == 1 and resumed["stopped_by_time_limit"] is False
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3]
+    assert resumed["epochs"][0] == metrics["epochs"][0]  # the first call's epoch, carried over
+    assert all("valid" in e for e in resumed["epochs"])
+    assert resumed["best_epoch"] in (1, 2, 3) and resumed["epochs_run"] == 3
+    # a finished run resumes to nothing more than scoring it again
+    assert call(epochs=5).returncode == 0
+    again = peer.collect_peer_run(data, split, out)
+    assert again["epochs_run"] == 3 and again["test"] == resumed["test"]

@@ -260,6 +260,7 @@ def peer_command(
     threads: int = 0,
     time_batches: int = 0,
     max_seconds: float = 0.0,
+    resume: bool = False,
     script: Path = SCRIPT,
     metrics_py: Path = METRICS_PY,
 ) -> list[str]:
@@ -270,7 +271,8 @@ def peer_command(
         "--metrics-py", str(metrics_py), "--seed", str(seed), "--epochs", str(epochs),
         "--patience", str(patience), "--max-len", str(max_len), "--device", device,
         "--threads", str(threads), "--time-batches", str(time_batches),
-        "--max-seconds", str(max_seconds), *config.script_args(),
+        "--max-seconds", str(max_seconds), *(["--resume"] if resume else []),
+        *config.script_args(),
     ]  # fmt: skip
 
 
@@ -289,6 +291,7 @@ def run_recbole_sasrec(
     timeout: float | None = None,
     time_batches: int = 0,
     max_seconds: float = 0.0,
+    resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train and score RecBole's SASRec on the benchmark's split of `data_dir`; writes
@@ -300,7 +303,8 @@ def run_recbole_sasrec(
     `time_batches` > 0 trains only that many batches and returns (and writes to
     out_dir/peer_timing.json) the projected seconds of an epoch and of a validation, so a
     run can be sized before it is started; no metrics.json then. `max_seconds` > 0 starts no
-    epoch after that many seconds of training."""
+    epoch but the first after that many seconds of training; `resume` continues the run whose
+    state an earlier call left in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     venv_started = time.perf_counter()
@@ -313,7 +317,7 @@ def run_recbole_sasrec(
     command = peer_command(
         python, export.resolve(), out_dir.resolve(), seed=seed, epochs=epochs,
         patience=patience, max_len=max_len, config=config, device=device, threads=threads,
-        time_batches=time_batches, max_seconds=max_seconds,
+        time_batches=time_batches, max_seconds=max_seconds, resume=resume,
     )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -396,6 +400,7 @@ def collect_peer_run(
         "best_epoch": peer["best_epoch"],
         "epochs_run": peer["epochs_run"],
         "stopped_by_time_limit": peer["stopped_by_time_limit"],
+        "resumed_after_epoch": peer["resumed_after_epoch"],
         "mean_epoch_train_seconds": float(np.mean([e["train_seconds"] for e in epochs_log]))
         if epochs_log
         else 0.0,
@@ -443,6 +448,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="time this many training batches, project an epoch and stop")  # fmt: skip
     p.add_argument("--max-seconds", type=float, default=0.0,
                    help="start no epoch but the first after this many seconds")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the state an earlier call left in OUT")  # fmt: skip
     for f in fields(PeerConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
                        default=getattr(defaults, f.name))  # fmt: skip
@@ -453,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
             args.data, args.out, seed=args.seed, epochs=args.epochs, patience=args.patience,
             max_len=args.max_len, cold_fraction=args.cold_fraction, config=config,
             device=args.device, threads=args.threads, cache_dir=args.cache,
-            time_batches=args.time_batches, max_seconds=args.max_seconds,
+            time_batches=args.time_batches, max_seconds=args.max_seconds, resume=args.resume,
         )  # fmt: skip
         return
     if args.stage == "export":
@@ -462,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
             "python3", export, args.out, seed=args.seed, epochs=args.epochs,
             patience=args.patience, max_len=args.max_len, config=config, device=args.device,
             threads=args.threads, time_batches=args.time_batches, max_seconds=args.max_seconds,
-            script=Path(os.path.relpath(SCRIPT)),
+            resume=args.resume, script=Path(os.path.relpath(SCRIPT)),
             metrics_py=Path(os.path.relpath(METRICS_PY)),
         )  # fmt: skip
         print("train it with (RecBole 1.2.1 installed; from this folder):")

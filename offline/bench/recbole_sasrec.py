@@ -33,7 +33,9 @@ peer_timing.json (seconds per batch, batches per epoch, projected seconds per ep
 stops: on ML-1M an epoch is hours on a CPU, so a run is planned before it is started.
 With --max-seconds S no epoch after the first starts once S seconds of training have passed
 (a lent GPU's time limit); the best validation epoch so far is scored and the result says
-it was cut.
+it was cut. Each epoch's state is saved in OUT/peer_state.pt, and --resume continues from it
+(the same settings; the data order after a resume is not the uninterrupted run's), so a run
+longer than one lease is trained over several.
 
 It also runs outside that venv, with the numpy 2 and the packages of a GPU machine's image
 (carry recbole, colorlog and texttable as wheels): see `numpy2_aliases`.
@@ -62,6 +64,13 @@ EVAL_FILE = "eval.npz"
 STAGES = ("valid", "test")
 RESULT_FILE = "peer_result.json"
 TIMING_FILE = "peer_timing.json"
+STATE_FILE = "peer_state.pt"
+# What a resumed run must share with the run it continues (the rest may change between calls).
+RESUME_KEYS = (
+    "train_rows", "num_items", "seed", "max_len", "hidden_size", "n_layers", "n_heads",
+    "inner_size", "hidden_dropout_prob", "attn_dropout_prob", "hidden_act", "layer_norm_eps",
+    "initializer_range", "learning_rate", "weight_decay", "train_batch_size", "eval_step",
+)  # fmt: skip
 
 
 @dataclass
@@ -182,6 +191,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument(
         "--time-batches", type=int, default=0, help="time this many batches and stop (0: train)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/peer_state.pt where it exists (else start)",
     )
     p.add_argument(
         "--max-seconds",
@@ -384,6 +398,9 @@ def main(argv: list[str] | None = None) -> None:
         return excluded, kept
 
     epochs: list[dict[str, Any]] = []
+    resume_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    resume_args.update(train_rows=len(train_set), num_items=num_items)
+    seconds_before = 0.0  # training seconds of the calls a resumed run continues
 
     class PeerTrainer(Trainer):
         """RecBole's Trainer with sidrec's validation and the best weights kept in memory."""
@@ -392,8 +409,30 @@ def main(argv: list[str] | None = None) -> None:
         best_epoch = 0
         fit_started = 0.0
 
+        def save_state(self, next_epoch: int, finished: bool) -> None:
+            """Everything --resume needs to go on after epoch `next_epoch` (0-based)."""
+            state = {
+                "args": resume_args,
+                "next_epoch": next_epoch,
+                "finished": finished,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "cur_step": self.cur_step,
+                "best_valid_score": self.best_valid_score,
+                "best_state": self.best_state,
+                "best_epoch": self.best_epoch,
+                "epochs": epochs,
+                "seconds": seconds_before + time.perf_counter() - started,
+                "rng": torch.get_rng_state(),
+            }
+            args.out.mkdir(parents=True, exist_ok=True)
+            torch.save(state, args.out / f"{STATE_FILE}.tmp")
+            (args.out / f"{STATE_FILE}.tmp").replace(args.out / STATE_FILE)
+
         def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):  # type: ignore[no-untyped-def]
             began = time.perf_counter()
+            if epochs:  # the epoch before this one has been validated: a state to resume from
+                self.save_state(epoch_idx, finished=False)
             # the first epoch always runs: a model with none would score as an untrained one
             if epochs and 0 < args.max_seconds < began - self.fit_started:
                 raise TimeUp
@@ -433,10 +472,27 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / TIMING_FILE).write_text(json.dumps(timing, indent=2) + "\n")
         log.info(json.dumps(timing))
         return
+    finished, resumed_at = False, 0
+    if args.resume and (args.out / STATE_FILE).is_file():
+        state = torch.load(args.out / STATE_FILE, map_location=device, weights_only=True)
+        changed = [k for k in RESUME_KEYS if state["args"].get(k) != resume_args[k]]
+        if changed:
+            raise SystemExit(f"--resume: {STATE_FILE} was made with other {', '.join(changed)}")
+        model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.start_epoch = resumed_at = state["next_epoch"]
+        trainer.cur_step, trainer.best_valid_score = state["cur_step"], state["best_valid_score"]
+        trainer.best_state, trainer.best_epoch = state["best_state"], state["best_epoch"]
+        epochs.extend(state["epochs"])
+        seconds_before, finished = state["seconds"], state["finished"]
+        torch.set_rng_state(state["rng"].cpu())
+        log.info(f"resumed after epoch {resumed_at} (best {trainer.best_epoch})")
     trainer.fit_started = time.perf_counter()
     time_up = False
     try:
-        trainer.fit(train_data, valid_data=stages["valid"], saved=True, show_progress=False)
+        if not finished:
+            trainer.fit(train_data, valid_data=stages["valid"], saved=True, show_progress=False)
+            trainer.save_state(len(epochs), finished=True)
     except TimeUp:
         time_up = True
         log.info(f"--max-seconds {args.max_seconds:g} reached after {len(epochs)} epochs")
@@ -456,11 +512,12 @@ def main(argv: list[str] | None = None) -> None:
         "best_epoch": trainer.best_epoch,
         "epochs_run": len(epochs),
         "stopped_by_time_limit": time_up,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "resumed_after_epoch": resumed_at,
+        "args": resume_args,
         "epochs": epochs,
         "train_rows": len(train_set),
         "dataset_seconds": round(dataset_seconds, 3),
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": round(seconds_before + time.perf_counter() - started, 3),
         "recbole": recbole.__version__,
         "torch": torch.__version__,
         "numpy": np.__version__,
