@@ -195,7 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUT/peer_state.pt where it exists (else start)",
+        help="continue from OUT/peer_state.pt where it exists (else start; a run that "
+        "ended by early stopping or --epochs is only scored again)",
     )
     p.add_argument(
         "--max-seconds",
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     epochs: list[dict[str, Any]] = []
     resume_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     resume_args.update(train_rows=len(train_set), num_items=num_items)
-    seconds_before = 0.0  # training seconds of the calls a resumed run continues
+    seconds_before = 0.0  # the seconds of the calls a resumed run continues
 
     class PeerTrainer(Trainer):
         """RecBole's Trainer with sidrec's validation and the best weights kept in memory."""
