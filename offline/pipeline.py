@@ -107,10 +107,13 @@ LONG_HISTORY_SETTINGS: dict[str, Any] = {
 # 0.0321 at 0.3 (seed 0), hot bin within 2.2% of id-only against 9.3% below (2 seeds); Toys
 # test level over 3 seeds, validation +2.1% (2 seeds; docs/results/content-tower.md,
 # sixteenth session). Measured on hybrid-sum only, so only hybrid-sum takes it by default
-# (Steps.train_config).
+# (Steps.train_config). The rate halved after 2 epochs without a better validation: Toys
+# validation +1.8% to +3.0% id-only (3 seeds), +4.2% and +5.5% hybrid-sum (2 seeds); on ML-1M
+# it halved during the long climb and fell behind, so long histories keep a constant rate
+# (docs/results/losses-and-tuning.md, twenty-first session).
 SHORT_HISTORY_SETTINGS: dict[str, Any] = {
     "attn_norm": "length", "dropout": 0.5, "d": 128, "dqk": 128, "dv": 128, "max_len": 50,
-    "scoring": "dot", "weight_decay": 0.3, "sid_weight_decay": 1.0,
+    "scoring": "dot", "weight_decay": 0.3, "sid_weight_decay": 1.0, "lr_plateau": 2,
 }  # fmt: skip
 
 
