@@ -172,6 +172,17 @@ def test_export_stage_prints_a_command_that_names_the_export(
     assert script_module().parse_args(command[2:]).max_seconds == 300.0
 
 
+def test_collect_refuses_a_split_other_than_the_exported_one(
+    tiny: tuple[Path, Interactions, Split], tmp_path: Path
+) -> None:
+    folder, data, split = tiny  # cold fraction 0.1
+    peer.export_peer_split(folder, tmp_path, cold_fraction=0.1)
+    with pytest.raises(ValueError, match=r"cold fraction 0\.1, not 0:"):
+        peer.collect_peer_run(data, make_split(data, cold_fraction=0.0, seed=0), tmp_path)
+    with pytest.raises(FileNotFoundError):  # the right split gets as far as the missing run
+        peer.collect_peer_run(data, split, tmp_path)
+
+
 def test_requirements_are_pinned_and_stay_out_of_sidrec() -> None:
     lines = [
         line.strip()

@@ -140,7 +140,10 @@ def export_split(data: Interactions, split: Split, folder: Path) -> dict[str, in
         ["item_id:token"],
         [np.arange(1, split.num_items + 1, dtype=np.int64)],
     )
-    arrays: dict[str, np.ndarray] = {"num_items": np.int64(split.num_items)}
+    arrays: dict[str, np.ndarray] = {
+        "num_items": np.int64(split.num_items),
+        "cold_fraction": np.float64(split.cold_fraction),  # what collect_peer_run checks
+    }
     for name in ("valid", "test"):
         stage = split.stage(name)
         offsets = np.zeros(len(stage) + 1, dtype=np.int64)
@@ -362,6 +365,15 @@ def collect_peer_run(
     from sidrec.offline.split import split_summary
 
     out_dir = Path(out_dir)
+    exported = out_dir / "export" / EVAL_FILE
+    if exported.is_file():  # a split with other withheld items would bin the ranks wrongly
+        with np.load(exported) as f:
+            made_with = float(f["cold_fraction"]) if "cold_fraction" in f else split.cold_fraction
+        if made_with != split.cold_fraction:
+            raise ValueError(
+                f"{out_dir} was exported with cold fraction {made_with:g}, not "
+                f"{split.cold_fraction:g}: collect with the export's --cold-fraction"
+            )
     peer = json.loads((out_dir / PEER_RESULT).read_text())
     ranks = {
         f"{stage}{suffix}": np.load(out_dir / f"{stage}_ranks{suffix}.npy")
