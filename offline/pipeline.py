@@ -108,7 +108,7 @@ LONG_HISTORY_SETTINGS: dict[str, Any] = {
 # test level over 3 seeds, validation +2.1% (2 seeds; docs/results/content-tower.md,
 # sixteenth session). Measured on hybrid-sum only, so only hybrid-sum takes it by default
 # (Steps.train_config). The rate halved after 2 epochs without a better validation: Toys
-# validation +1.8% to +3.0% id-only (3 seeds), +4.2% and +5.5% hybrid-sum (2 seeds); on ML-1M
+# validation +1.8% to +3.0% id-only, +3.4% to +5.5% hybrid-sum (3 seeds each); on ML-1M
 # it halved during the long climb and fell behind, so long histories keep a constant rate
 # (docs/results/losses-and-tuning.md, twenty-first session).
 SHORT_HISTORY_SETTINGS: dict[str, Any] = {
