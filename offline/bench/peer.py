@@ -45,6 +45,7 @@ VENV_FOLDER = "recbole-venv"
 MARKER = "sidrec-requirements.sha256"  # written last: a venv without it is half-built
 DATASET = "peer"  # RecBole's data set name: export/peer/peer.inter, .item (recbole_sasrec.py)
 EVAL_FILE = "eval.npz"
+EXPORT_FOLDER = "export"  # under a run's out_dir: what export_peer_split writes, collect checks
 PEER_RESULT = "peer_result.json"
 METRICS_FILE = "metrics.json"
 TIMING_FILE = "peer_timing.json"  # what --time-batches writes instead of a run
@@ -244,7 +245,7 @@ def export_peer_split(
 
     data = load_dataset(Path(data_dir))
     split = make_split(data, cold_fraction=cold_fraction, seed=SPLIT_SEED)
-    export = Path(out_dir) / "export"
+    export = Path(out_dir) / EXPORT_FOLDER
     counts = export_split(data, split, export)
     log(f"exported {counts} to {export}")
     return data, split, export
@@ -365,7 +366,7 @@ def collect_peer_run(
     from sidrec.offline.split import split_summary
 
     out_dir = Path(out_dir)
-    exported = out_dir / "export" / EVAL_FILE
+    exported = out_dir / EXPORT_FOLDER / EVAL_FILE
     if exported.is_file():  # a split with other withheld items would bin the ranks wrongly
         with np.load(exported) as f:
             made_with = float(f["cold_fraction"]) if "cold_fraction" in f else split.cold_fraction
