@@ -225,9 +225,8 @@ def test_recbole_sasrec_end_to_end(tiny: tuple[Path, Interactions, Split], tmp_p
     folder, data, _ = tiny
     require_peer_venv()
     out = tmp_path / "run"
-    metrics = peer.run_recbole_sasrec(
-        folder, out, seed=0, epochs=2, patience=2, max_len=20, cold_fraction=0.1, threads=1
-    )
+    run = peer.PeerRun(seed=0, epochs=2, patience=2, max_len=20, threads=1)
+    metrics = peer.run_recbole_sasrec(folder, out, run, cold_fraction=0.1)
     split = make_split(data, cold_fraction=0.1, seed=0)  # what the benchmark's runs use
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["dataset"] == data.name
@@ -264,10 +263,13 @@ def test_time_batches_projects_an_epoch_without_training_one(
     folder, _, split = tiny
     require_peer_venv()
     out = tmp_path / "timing"
-    timing = peer.run_recbole_sasrec(
-        folder, out, max_len=20, cold_fraction=0.1, threads=1, time_batches=2,
+    run = peer.PeerRun(
+        max_len=20,
+        threads=1,
+        time_batches=2,
         config=peer.PeerConfig(train_batch_size=32, eval_batch_size=50),
-    )  # fmt: skip
+    )
+    timing = peer.run_recbole_sasrec(folder, out, run, cold_fraction=0.1)
     assert json.loads((out / peer.TIMING_FILE).read_text()) == timing
     assert not (out / peer.METRICS_FILE).exists() and not (out / "test_ranks.npy").exists()
     # RecBole trains one row per prefix: every training event but each user's first.
@@ -300,7 +302,8 @@ def test_a_run_made_elsewhere_is_cut_by_a_time_limit_resumed_and_collected(
 
     def call(**kw: object) -> subprocess.CompletedProcess[str]:
         options = {"epochs": 3, "patience": 5, "max_len": 20, "threads": 1, "resume": True, **kw}
-        command = peer.peer_command(peer.peer_venv(), export, out, **options)  # type: ignore[arg-type]
+        run = peer.PeerRun(**options)  # type: ignore[arg-type]
+        command = peer.peer_command(peer.peer_venv(), export, out, run)
         return subprocess.run(command, cwd=work, capture_output=True, text=True)
 
     assert call(max_seconds=1e-9).returncode == 0

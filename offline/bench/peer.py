@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -251,64 +251,68 @@ def export_peer_split(
     return data, split, export
 
 
+@dataclass(frozen=True)
+class PeerRun:
+    """How one run of recbole_sasrec.py trains: each field is one of its --options.
+
+    `threads` = torch threads in the peer (0: torch's default, all cores). `time_batches` > 0
+    trains only that many batches and projects an epoch and a validation from them, so a run
+    can be sized before it is started. `max_seconds` > 0 starts no epoch but the first after
+    that many seconds of training; `resume` continues the run whose state an earlier call
+    left in the output folder."""
+
+    seed: int = 0
+    epochs: int = 100
+    patience: int = 10
+    max_len: int = 50  # RecBole's usual: 50 on Amazon sets, 200 on MovieLens
+    device: str = "cpu"  # cpu | auto
+    threads: int = 0
+    time_batches: int = 0
+    max_seconds: float = 0.0
+    resume: bool = False
+    config: PeerConfig = field(default_factory=PeerConfig)
+
+    def script_args(self) -> list[str]:
+        return [
+            "--seed", str(self.seed), "--epochs", str(self.epochs),
+            "--patience", str(self.patience), "--max-len", str(self.max_len),
+            "--device", self.device, "--threads", str(self.threads),
+            "--time-batches", str(self.time_batches), "--max-seconds", str(self.max_seconds),
+            *(["--resume"] if self.resume else []), *self.config.script_args(),
+        ]  # fmt: skip
+
+
 def peer_command(
     python: str | Path,
     export: Path,
     out_dir: Path,
-    seed: int = 0,
-    epochs: int = 100,
-    patience: int = 10,
-    max_len: int = 50,
-    config: PeerConfig | None = None,
-    device: str = "cpu",
-    threads: int = 0,
-    time_batches: int = 0,
-    max_seconds: float = 0.0,
-    resume: bool = False,
+    run: PeerRun,
     script: Path = SCRIPT,
     metrics_py: Path = METRICS_PY,
 ) -> list[str]:
     """The recbole_sasrec.py command line that trains the peer on `export` into `out_dir`."""
-    config = config or PeerConfig()
     return [
         str(python), str(script), "--data", str(export), "--out", str(out_dir),
-        "--metrics-py", str(metrics_py), "--seed", str(seed), "--epochs", str(epochs),
-        "--patience", str(patience), "--max-len", str(max_len), "--device", device,
-        "--threads", str(threads), "--time-batches", str(time_batches),
-        "--max-seconds", str(max_seconds), *(["--resume"] if resume else []),
-        *config.script_args(),
+        "--metrics-py", str(metrics_py), *run.script_args(),
     ]  # fmt: skip
 
 
 def run_recbole_sasrec(
     data_dir: Path,
     out_dir: Path,
-    seed: int = 0,
-    epochs: int = 100,
-    patience: int = 10,
-    max_len: int = 50,
+    run: PeerRun | None = None,
     cold_fraction: float = 0.0,
-    config: PeerConfig | None = None,
-    device: str = "cpu",
-    threads: int = 0,
     cache_dir: Path | None = None,
     timeout: float | None = None,
-    time_batches: int = 0,
-    max_seconds: float = 0.0,
-    resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train and score RecBole's SASRec on the benchmark's split of `data_dir`; writes
     out_dir/metrics.json (returned), log.txt, the ranks (*.npy) and peer_result.json.
 
-    `threads` = torch threads in the peer (0: torch's default, all cores). The venv build
-    (first call only) is not part of wall_seconds; its time is `venv_seconds`.
-
-    `time_batches` > 0 trains only that many batches and returns (and writes to
-    out_dir/peer_timing.json) the projected seconds of an epoch and of a validation, so a
-    run can be sized before it is started; no metrics.json then. `max_seconds` > 0 starts no
-    epoch but the first after that many seconds of training; `resume` continues the run whose
-    state an earlier call left in out_dir."""
+    With `run.time_batches` > 0 it returns (and writes to out_dir/peer_timing.json) the
+    projected seconds of an epoch and of a validation instead, and no metrics.json. The venv
+    build (first call only) is not part of wall_seconds; its time is `venv_seconds`."""
+    run = run or PeerRun()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     venv_started = time.perf_counter()
@@ -318,15 +322,11 @@ def run_recbole_sasrec(
     data, split, export = export_peer_split(data_dir, out_dir, cold_fraction, log)
     work = out_dir / "recbole"  # RecBole writes log/, log_tensorboard/ and saved/ into its cwd
     work.mkdir(exist_ok=True)
-    command = peer_command(
-        python, export.resolve(), out_dir.resolve(), seed=seed, epochs=epochs,
-        patience=patience, max_len=max_len, config=config, device=device, threads=threads,
-        time_batches=time_batches, max_seconds=max_seconds, resume=resume,
-    )  # fmt: skip
+    command = peer_command(python, export.resolve(), out_dir.resolve(), run)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONUNBUFFERED"] = "1"
-    if threads > 0:
-        env["OMP_NUM_THREADS"] = str(threads)
+    if run.threads > 0:
+        env["OMP_NUM_THREADS"] = str(run.threads)
     log(f"training RecBole SASRec: log in {out_dir / LOG_FILE}")
     with (out_dir / LOG_FILE).open("w") as stdout:
         stdout.write(" ".join(command) + "\n")
@@ -338,7 +338,7 @@ def run_recbole_sasrec(
         tail = (out_dir / LOG_FILE).read_text()[-3000:]
         raise RuntimeError(f"recbole_sasrec.py failed (exit {done.returncode}):\n{tail}")
 
-    if time_batches > 0:
+    if run.time_batches > 0:
         timing = json.loads((out_dir / TIMING_FILE).read_text())
         log(
             f"RecBole SASRec on {data.name}: {timing['median_batch_seconds']:.3f}s a batch of "
@@ -467,24 +467,25 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
                        default=getattr(defaults, f.name))  # fmt: skip
     args = p.parse_args(argv)
-    config = PeerConfig(**{f.name: getattr(args, f.name) for f in fields(PeerConfig)})
+    run = PeerRun(
+        seed=args.seed, epochs=args.epochs, patience=args.patience, max_len=args.max_len,
+        device=args.device, threads=args.threads, time_batches=args.time_batches,
+        max_seconds=args.max_seconds, resume=args.resume,
+        config=PeerConfig(**{f.name: getattr(args, f.name) for f in fields(PeerConfig)}),
+    )  # fmt: skip
     if args.stage == "all":
-        run_recbole_sasrec(
-            args.data, args.out, seed=args.seed, epochs=args.epochs, patience=args.patience,
-            max_len=args.max_len, cold_fraction=args.cold_fraction, config=config,
-            device=args.device, threads=args.threads, cache_dir=args.cache,
-            time_batches=args.time_batches, max_seconds=args.max_seconds, resume=args.resume,
-        )  # fmt: skip
+        run_recbole_sasrec(args.data, args.out, run, args.cold_fraction, cache_dir=args.cache)
         return
     if args.stage == "export":
         _, _, export = export_peer_split(args.data, args.out, args.cold_fraction)
         command = peer_command(
-            "python3", export, args.out, seed=args.seed, epochs=args.epochs,
-            patience=args.patience, max_len=args.max_len, config=config, device=args.device,
-            threads=args.threads, time_batches=args.time_batches, max_seconds=args.max_seconds,
-            resume=args.resume, script=Path(os.path.relpath(SCRIPT)),
+            "python3",
+            export,
+            args.out,
+            run,
+            script=Path(os.path.relpath(SCRIPT)),
             metrics_py=Path(os.path.relpath(METRICS_PY)),
-        )  # fmt: skip
+        )
         print("train it with (RecBole 1.2.1 installed; from this folder):")
         print(" ".join(command))
         print(f"then: python -m sidrec.offline.bench.peer {args.data} {args.out} --stage collect "

@@ -277,7 +277,7 @@ def history_kept_test(
 
 def _peer_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) -> dict:
     """RecBole's SASRec on the same split, in its own virtual environment (peer.py)."""
-    from sidrec.offline.bench.peer import run_recbole_sasrec
+    from sidrec.offline.bench.peer import PeerRun, run_recbole_sasrec
     from sidrec.offline.data.load import load_dataset
 
     started = time.perf_counter()
@@ -285,11 +285,12 @@ def _peer_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
     # RecBole's usual history lengths: 50 on short-sequence sets (Amazon), 200 on MovieLens.
     data = load_dataset(data_dir)
     mean_length = data.num_events / max(len(data.users), 1)
-    metrics = run_recbole_sasrec(
-        data_dir, folder, seed=run.seed, epochs=budget.epochs, patience=budget.patience,
-        max_len=200 if mean_length >= 50 else 50, cold_fraction=run.cold_fraction, threads=1,
+    peer_run = PeerRun(
+        seed=run.seed, epochs=budget.epochs, patience=budget.patience,
+        max_len=200 if mean_length >= 50 else 50, threads=1,
         device="cpu" if device == "cpu" else "auto",  # the peer script's choices
     )  # fmt: skip
+    metrics = run_recbole_sasrec(data_dir, folder, peer_run, cold_fraction=run.cold_fraction)
     info = {
         "run": run.as_dict(),
         "resolved_variant": PEER,
