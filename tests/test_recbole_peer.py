@@ -330,3 +330,28 @@ def test_a_run_made_elsewhere_is_cut_by_a_time_limit_resumed_and_collected(
     assert call(epochs=5).returncode == 0
     again = peer.collect_peer_run(data, split, out)
     assert again["epochs_run"] == 3 and again["test"] == resumed["test"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_benchmark_trains_the_peer_row_on_its_own_split(
+    tiny: tuple[Path, Interactions, Split], tmp_path: Path
+) -> None:
+    """`sidrec bench` reaches the peer through train_run: the run's seed and cold fraction,
+    the budget's epochs, one thread, and RecBole's short-history length (tiny sets: 50)."""
+    from sidrec.offline.bench.plan import PEER, Run
+    from sidrec.offline.bench.runner import Budget, run_dir, train_run
+
+    folder, _, split = tiny
+    require_peer_venv()
+    run = Run(name=f"{PEER}.s1", group=PEER, kind="peer", variant=PEER, seed=1, cold_fraction=0.1)
+    info = train_run(folder, tmp_path, run, Budget(epochs=1, patience=1), device="cpu")
+    assert info["resolved_variant"] == PEER and info["run"]["seed"] == 1
+    assert info["epochs_run"] == info["best_epoch"] == 1
+    metrics = json.loads((run_dir(tmp_path, run) / "metrics.json").read_text())
+    assert metrics["config"]["seed"] == 1 and metrics["config"]["epochs"] == 1
+    assert metrics["config"]["threads"] == 1 and metrics["config"]["max_len"] == 50
+    assert metrics["config"]["device"] == "cpu"
+    assert metrics["config"]["cold_fraction"] == pytest.approx(0.1)
+    assert metrics["split"]["withheld_items"] == int(split.withheld.sum())
+    assert metrics["test"]["overall"]["count"] == len(split.stage("test"))
