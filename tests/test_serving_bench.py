@@ -216,6 +216,18 @@ def test_encoder_graph_bench_compares_todays_graph_with_the_forms_it_replaced() 
     assert all("today" in line and "all rows" in line and "gathered bias" in line for line in lines)
 
 
+def test_encoder_depth_bench_times_each_depth_against_the_first() -> None:
+    # run as documented; every depth's graph must give one vector a user (asserted inside)
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.encoder_depth_bench", "--blocks", "1,3",
+         "--repeats", "4"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 8", "batch 32"], done.stdout
+    assert all("1 blocks" in line and "(1.00x)" in line and "3 blocks" in line for line in lines)
+
+
 def test_content_term_bench_times_the_same_table_with_and_without_the_term() -> None:
     # run as documented; both tables rank a request (figures are printed, not asserted on)
     done = subprocess.run(
