@@ -96,8 +96,9 @@ LONG_HISTORY_EVENTS = 50
 # ML-1M, validation NDCG@10: length norm 0.1607; scored by dot product 0.1636 (3 seeds); AdamW
 # weight decay 0.3, 0.1678 (2 seeds, 0.0001 apart). Under dot scoring a SID variant's new items
 # need their score scale (offline/new_items.py) to be recommended at all. A rate of 2e-3 and
-# dropout 0.1 were not better (one seed each); four blocks were (+4.9%, one seed) but double
-# the encoder every request runs, so the default keeps GR's two until more seeds say so.
+# dropout 0.1 were not better (one seed each). Four blocks with that rate halved on a plateau
+# were, +5.2% over 3 seeds (level at the constant rate, and on MovieLens-100K), but they double
+# the encoder every request runs and hybrid-sum has not been trained with them: GR's two stay.
 LONG_HISTORY_SETTINGS: dict[str, Any] = {
     "attn_norm": "length", "scoring": "dot", "weight_decay": 0.3,
 }  # fmt: skip
