@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from loadtests.encoder_graph_bench import history_feeds, interleaved_median_ms, repeats_at
 from sidrec.model.hstu import HSTU
 from sidrec.offline import onnx_export
 
-D, MAX_LEN = 50, 200
+D, MAX_LEN = 50, 200  # the shape history_feeds gives
 
 
 def export_depths(blocks: list[int], folder: Path) -> dict[int, Path]:
@@ -34,16 +34,6 @@ def export_depths(blocks: list[int], folder: Path) -> dict[int, Path]:
         paths[b] = folder / f"user_encoder_{b}_blocks.onnx"
         onnx_export.export_user_encoder(hstu, D, paths[b], MAX_LEN)
     return paths
-
-
-def feeds(batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    stamps = np.cumsum(rng.integers(1, 10**5, (batch, MAX_LEN)), 1) + 10**9
-    return {
-        "item_vectors": rng.normal(0, 0.1, (batch, MAX_LEN, D)).astype(np.float32),
-        "timestamps": stamps.astype(np.int64),
-        "mask": np.ones((batch, MAX_LEN), bool),
-        "query_time": (stamps[:, -1] + 60).astype(np.int64),
-    }
 
 
 def main() -> None:
@@ -61,17 +51,11 @@ def main() -> None:
             for b, path in export_depths(blocks, Path(tmp)).items()
         }
         for batch in (1, 8, 32):
-            repeats = max(5, args.repeats // batch * 2) if batch > 1 else args.repeats
-            inputs = feeds(batch, rng)
+            repeats = repeats_at(batch, args.repeats)
+            inputs = history_feeds(batch, rng)
             for session in sessions.values():  # warm-up; every depth gives one vector a user
                 assert session.run(None, inputs)[0].shape == (batch, D)
-            times: dict[int, list[float]] = {b: [] for b in sessions}
-            for _ in range(repeats):
-                for b, session in sessions.items():
-                    started = time.perf_counter()
-                    session.run(None, inputs)
-                    times[b].append(time.perf_counter() - started)
-            ms = {b: float(np.median(t)) * 1e3 for b, t in times.items()}
+            ms = interleaved_median_ms(sessions, inputs, repeats)
             first = blocks[0]
             cells = ", ".join(f"{b} blocks {ms[b]:.2f} ms ({ms[b] / ms[first]:.2f}x)" for b in ms)
             print(f"batch {batch}: {cells} (median of {repeats})")

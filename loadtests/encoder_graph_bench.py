@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -104,6 +105,36 @@ def export_forms(folder: Path) -> dict[str, Path]:
     return paths
 
 
+def repeats_at(batch: int, repeats: int) -> int:
+    """Runs at `batch` for `repeats` at batch 1: fewer for bigger batches, at least 5."""
+    return max(5, repeats // batch * 2) if batch > 1 else repeats
+
+
+def history_feeds(batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """user_encoder.onnx inputs for `batch` full 200-item histories of d=50 vectors."""
+    stamps = np.cumsum(rng.integers(1, 10**5, (batch, 200)), 1) + 10**9
+    return {
+        "item_vectors": rng.normal(0, 0.1, (batch, 200, 50)).astype(np.float32),
+        "timestamps": stamps.astype(np.int64),
+        "mask": np.ones((batch, 200), bool),
+        "query_time": (stamps[:, -1] + 60).astype(np.int64),
+    }
+
+
+def interleaved_median_ms(
+    sessions: dict[Any, ort.InferenceSession], feeds: dict[str, np.ndarray], repeats: int
+) -> dict[Any, float]:
+    """Median milliseconds of each session on `feeds`, the sessions run in turn `repeats`
+    times, so load on the machine hits all alike."""
+    times: dict[Any, list[float]] = {key: [] for key in sessions}
+    for _ in range(repeats):
+        for key, session in sessions.items():
+            started = time.perf_counter()
+            session.run(None, feeds)
+            times[key].append(time.perf_counter() - started)
+    return {key: float(np.median(t)) * 1e3 for key, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=60, help="runs per form at batch 1")
@@ -118,25 +149,13 @@ def main() -> None:
         }
         rng = np.random.default_rng(0)
         for batch in (1, 8, 32):
-            repeats = max(5, args.repeats // batch * 2) if batch > 1 else args.repeats
-            stamps = np.cumsum(rng.integers(1, 10**5, (batch, 200)), 1) + 10**9
-            feeds = {
-                "item_vectors": rng.normal(0, 0.1, (batch, 200, 50)).astype(np.float32),
-                "timestamps": stamps.astype(np.int64),
-                "mask": np.ones((batch, 200), bool),
-                "query_time": (stamps[:, -1] + 60).astype(np.int64),
-            }
+            repeats = repeats_at(batch, args.repeats)
+            feeds = history_feeds(batch, rng)
             outs = {name: s.run(None, feeds)[0] for name, s in sessions.items()}
             for name, out in outs.items():
                 gap = np.abs(out - outs["today"]).max()
                 assert gap < 1e-5, f"{name} disagrees with today's graph by {gap}"
-            times: dict[str, list[float]] = {name: [] for name in sessions}
-            for _ in range(repeats):  # interleaved, so load on the machine hits all alike
-                for name, session in sessions.items():
-                    started = time.perf_counter()
-                    session.run(None, feeds)
-                    times[name].append(time.perf_counter() - started)
-            ms = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+            ms = interleaved_median_ms(sessions, feeds, repeats)
             others = ", ".join(
                 f"{name} {ms[name]:.2f} ms ({ms[name] / ms['today']:.2f}x)"
                 for name in ms
