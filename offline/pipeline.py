@@ -96,12 +96,19 @@ LONG_HISTORY_EVENTS = 50
 # ML-1M, validation NDCG@10: length norm 0.1607; scored by dot product 0.1636 (3 seeds); AdamW
 # weight decay 0.3, 0.1678 (2 seeds, 0.0001 apart). Under dot scoring a SID variant's new items
 # need their score scale (offline/new_items.py) to be recommended at all. A rate of 2e-3 and
-# dropout 0.1 were not better (one seed each). Four blocks with that rate halved on a plateau
-# were, +5.2% over 3 seeds (level at the constant rate, and on MovieLens-100K), but they double
-# the encoder every request runs and hybrid-sum has not been trained with them: GR's two stay.
+# dropout 0.1 were not better (one seed each).
 LONG_HISTORY_SETTINGS: dict[str, Any] = {
     "attn_norm": "length", "scoring": "dot", "weight_decay": 0.3,
 }  # fmt: skip
+# Long histories with this many events or more train four blocks at a rate that starts at 2e-3
+# and halves after 3 epochs without a better validation. ML-1M (1.0M events): id-only
+# validation NDCG@10 +5.2% over 3 seeds; hybrid-sum trained so stays level with id-only
+# (seed 0); depth alone, or the rate alone, was level. MovieLens-100K (0.1M) is level at four
+# blocks and 6% worse at the faster rate. The line lies between the two sizes measured. Four
+# blocks double the encoder each request runs (docs/results/losses-and-tuning.md,
+# twenty-third and twenty-fourth sessions).
+DEEP_FROM_EVENTS = 300_000
+DEEP_SETTINGS: dict[str, Any] = {"num_blocks": 4, "lr": 2e-3, "lr_plateau": 3}
 # Toys, validation NDCG@10 (docs/results/losses-and-tuning.md): dropout 0.5 0.0610 (bench
 # tune's winner); with SASRec's width and history (d=64, 50 items) 0.0642; scored by dot
 # product as SASRec scores 0.0673 (3 seeds); twice as wide, d=128, 0.0677 (3 seeds); AdamW
@@ -112,8 +119,9 @@ LONG_HISTORY_SETTINGS: dict[str, Any] = {
 # sixteenth session). Measured on hybrid-sum only, so only hybrid-sum takes it by default
 # (Steps.train_config). The rate halved after 2 epochs without a better validation: Toys
 # validation +1.8% to +3.0% id-only, +3.4% to +5.5% hybrid-sum (3 seeds each), Sports id-only
-# +4.2% and +4.1% (2 seeds); on ML-1M it halved during the long climb and fell behind, so long
-# histories keep a constant rate (docs/results/losses-and-tuning.md, twenty-first session).
+# +4.2% and +4.1% (2 seeds); on ML-1M's two blocks it halved during the long climb and fell
+# behind, so long histories halve it only with four blocks at 2e-3 (DEEP_SETTINGS; docs/results/
+# losses-and-tuning.md, twenty-first and twenty-third sessions).
 SHORT_HISTORY_SETTINGS: dict[str, Any] = {
     "attn_norm": "length", "dropout": 0.5, "d": 128, "dqk": 128, "dv": 128, "max_len": 50,
     "scoring": "dot", "weight_decay": 0.3, "sid_weight_decay": 1.0, "lr_plateau": 2,
@@ -160,6 +168,12 @@ def recommended_settings(data: Interactions) -> tuple[dict[str, Any], str]:
             why += (
                 f"; {share:.0%} of the training targets lie before each user's last "
                 f"{LONG_HISTORY_MAX_LEN}: trained on too (windows=overlap)"
+            )
+        if data.num_events >= DEEP_FROM_EVENTS:
+            settings.update(DEEP_SETTINGS)
+            why += (
+                f"; {data.num_events:,} events >= {DEEP_FROM_EVENTS:,}: four blocks, the rate "
+                "from 2e-3 halved on a plateau"
             )
         return settings, why
     why = f"{mean:.1f} events per user < {LONG_HISTORY_EVENTS}: tuned on Amazon Toys"

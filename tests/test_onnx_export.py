@@ -22,11 +22,12 @@ def reference_hstu(
     scoring: str = "cosine",
     attention: str = "silu",
     norm: str = "pre",
+    num_blocks: int = 2,
 ) -> HSTU:
     torch.manual_seed(0)
     model = HSTU(
         d=D,
-        num_blocks=2,
+        num_blocks=num_blocks,
         num_heads=2,
         dqk=25,
         dv=25,
@@ -64,14 +65,15 @@ def ragged_batch(b: int, n: int, seed: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize(
-    ("use_time", "attn_norm", "ffn_mult", "scoring", "attention", "norm"),
+    ("use_time", "attn_norm", "ffn_mult", "scoring", "attention", "norm", "num_blocks"),
     [
-        (True, "padded", 0, "cosine", "silu", "pre"),
-        (False, "padded", 0, "cosine", "silu", "pre"),
-        (True, "length", 0, "cosine", "silu", "pre"),
-        (True, "length", 4, "dot", "silu", "pre"),
-        (True, "length", 0, "dot", "softmax", "pre"),
-        (True, "length", 4, "dot", "silu", "post"),
+        (True, "padded", 0, "cosine", "silu", "pre", 2),
+        (False, "padded", 0, "cosine", "silu", "pre", 2),
+        (True, "length", 0, "cosine", "silu", "pre", 2),
+        (True, "length", 4, "dot", "silu", "pre", 2),
+        (True, "length", 0, "dot", "softmax", "pre", 2),
+        (True, "length", 4, "dot", "silu", "post", 2),
+        (True, "length", 0, "dot", "silu", "pre", 4),  # the default on ML-1M-sized data
     ],
 )
 def test_user_encoder_parity(
@@ -82,8 +84,9 @@ def test_user_encoder_parity(
     scoring: str,
     attention: str,
     norm: str,
+    num_blocks: int,
 ) -> None:
-    hstu = reference_hstu(use_time, attn_norm, ffn_mult, scoring, attention, norm)
+    hstu = reference_hstu(use_time, attn_norm, ffn_mult, scoring, attention, norm, num_blocks)
     path = tmp_path / "user_encoder.onnx"
     export_user_encoder(hstu, D, path, MAX_LEN)
     assert hstu.training  # the caller's model is left as it was

@@ -24,7 +24,8 @@ def test_default_settings_follow_the_data_shape(steps: pipeline.Steps) -> None:
     # 15-30 events per user: the short-history (Amazon-tuned) settings
     chosen = steps.use_settings(None)
     assert chosen == pipeline.SHORT_HISTORY_SETTINGS
-    # the learning rate halves on a plateau on short histories only (ML-1M fell behind with it)
+    # the rate halves on a plateau on short histories, and on long ones only with four blocks
+    # (ML-1M's two blocks fell behind with it)
     assert chosen["lr_plateau"] == 2 and "lr_plateau" not in pipeline.LONG_HISTORY_SETTINGS
     assert steps.train_config("hybrid-sum").lr_plateau == steps.train_config("id").lr_plateau == 2
     record = json.loads((steps.run / "settings.json").read_text())
@@ -57,6 +58,25 @@ def test_long_histories_train_on_earlier_targets_where_many_lie_beyond_the_last_
     settings, why = pipeline.recommended_settings(data)
     assert settings == pipeline.LONG_HISTORY_SETTINGS and "overlap" not in why
     assert pipeline.unseen_target_share(_long_histories([2, 3]), 200) == 0.0  # no target
+
+
+def test_long_histories_of_ml_1m_size_train_four_blocks_at_a_decaying_rate() -> None:
+    from sidrec.offline.train import TrainConfig
+
+    assert (TrainConfig().num_blocks, TrainConfig().lr_plateau) == (2, 0)
+    big = pipeline.DEEP_FROM_EVENTS
+    settings, why = pipeline.recommended_settings(_long_histories([big // 2, big - big // 2]))
+    assert settings == {
+        **pipeline.LONG_HISTORY_SETTINGS,
+        "windows": "overlap",
+        **pipeline.DEEP_SETTINGS,
+    }
+    assert (settings["num_blocks"], settings["lr"], settings["lr_plateau"]) == (4, 2e-3, 3)
+    assert f"{big:,} events >= {big:,}: four blocks" in why
+    # one event fewer: MovieLens-100K's size side, GR's two blocks at a constant rate
+    settings, why = pipeline.recommended_settings(_long_histories([big // 2, big - big // 2 - 1]))
+    assert settings == {**pipeline.LONG_HISTORY_SETTINGS, "windows": "overlap"}
+    assert "four blocks" not in why
 
 
 def test_settings_from_a_tune_report_take_its_validation_winner(
