@@ -102,11 +102,11 @@ LONG_HISTORY_SETTINGS: dict[str, Any] = {
 }  # fmt: skip
 # Long histories with this many events or more train four blocks at a rate that starts at 2e-3
 # and halves after 3 epochs without a better validation. ML-1M (1.0M events): id-only
-# validation NDCG@10 +5.2% over 3 seeds; hybrid-sum trained so stays level with id-only
-# (seed 0); depth alone, or the rate alone, was level. MovieLens-100K (0.1M) is level at four
-# blocks and 6% worse at the faster rate. The line lies between the two sizes measured. Four
-# blocks double the encoder each request runs (docs/results/losses-and-tuning.md,
-# twenty-third and twenty-fourth sessions).
+# validation NDCG@10 +5.2% over 3 seeds; hybrid-sum at that depth is served level with
+# id-only (seed 0); depth alone, or the rate alone, was level. MovieLens-100K (0.1M) is level
+# at four blocks and 6% worse at the faster rate. The line lies between the two sizes
+# measured. Four blocks double the encoder each request runs (docs/results/
+# losses-and-tuning.md, twenty-third and twenty-fourth sessions).
 DEEP_FROM_EVENTS = 300_000
 DEEP_SETTINGS: dict[str, Any] = {"num_blocks": 4, "lr": 2e-3, "lr_plateau": 3}
 # Toys, validation NDCG@10 (docs/results/losses-and-tuning.md): dropout 0.5 0.0610 (bench
