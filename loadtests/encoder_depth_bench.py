@@ -19,11 +19,15 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from loadtests.encoder_graph_bench import history_feeds, interleaved_median_ms, repeats_at
+from loadtests.encoder_graph_bench import (
+    HISTORY_LEN,
+    D,
+    history_feeds,
+    interleaved_median_ms,
+    repeats_at,
+)
 from sidrec.model.hstu import HSTU
 from sidrec.offline import onnx_export
-
-D, MAX_LEN = 50, 200  # the shape history_feeds gives
 
 
 def export_depths(blocks: list[int], folder: Path) -> dict[int, Path]:
@@ -32,7 +36,7 @@ def export_depths(blocks: list[int], folder: Path) -> dict[int, Path]:
         torch.manual_seed(0)
         hstu = HSTU(D, num_blocks=b, attn_norm="length", scoring="dot")
         paths[b] = folder / f"user_encoder_{b}_blocks.onnx"
-        onnx_export.export_user_encoder(hstu, D, paths[b], MAX_LEN)
+        onnx_export.export_user_encoder(hstu, D, paths[b], HISTORY_LEN)
     return paths
 
 

@@ -30,6 +30,8 @@ from sidrec.model import hstu as hstu_module
 from sidrec.model.hstu import HSTU, RelativeBias, UserEncoder
 from sidrec.offline import onnx_export
 
+D, HISTORY_LEN = 50, 200  # GR's ML-1M model (HSTU's defaults) and its 200-item histories
+
 
 class AllRowsEncoder(UserEncoder):
     """Every row of the last block, then the last position read out."""
@@ -101,7 +103,7 @@ def export_forms(folder: Path) -> dict[str, Path]:
     for name, form in FORMS.items():
         paths[name] = folder / f"{name.replace(' ', '_')}.onnx"
         with form():
-            onnx_export.export_user_encoder(hstu, 50, paths[name], 200)
+            onnx_export.export_user_encoder(hstu, D, paths[name], HISTORY_LEN)
     return paths
 
 
@@ -111,12 +113,12 @@ def repeats_at(batch: int, repeats: int) -> int:
 
 
 def history_feeds(batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """user_encoder.onnx inputs for `batch` full 200-item histories of d=50 vectors."""
-    stamps = np.cumsum(rng.integers(1, 10**5, (batch, 200)), 1) + 10**9
+    """user_encoder.onnx inputs for `batch` full HISTORY_LEN-item histories of d=D vectors."""
+    stamps = np.cumsum(rng.integers(1, 10**5, (batch, HISTORY_LEN)), 1) + 10**9
     return {
-        "item_vectors": rng.normal(0, 0.1, (batch, 200, 50)).astype(np.float32),
+        "item_vectors": rng.normal(0, 0.1, (batch, HISTORY_LEN, D)).astype(np.float32),
         "timestamps": stamps.astype(np.int64),
-        "mask": np.ones((batch, 200), bool),
+        "mask": np.ones((batch, HISTORY_LEN), bool),
         "query_time": (stamps[:, -1] + 60).astype(np.int64),
     }
 
