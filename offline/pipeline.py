@@ -119,7 +119,7 @@ DEEP_SETTINGS: dict[str, Any] = {"num_blocks": 4, "lr": 2e-3, "lr_plateau": 3}
 # sixteenth session). Measured on hybrid-sum only, so only hybrid-sum takes it by default
 # (Steps.train_config). The rate halved after 2 epochs without a better validation: Toys
 # validation +1.8% to +3.0% id-only, +3.4% to +5.5% hybrid-sum (3 seeds each), Sports id-only
-# +4.2% and +4.1% (2 seeds); on ML-1M's two blocks it halved during the long climb and fell
+# +4.5% (3 seeds against 3); on ML-1M's two blocks it halved during the long climb and fell
 # behind, so long histories halve it only with four blocks at 2e-3 (DEEP_SETTINGS; docs/results/
 # losses-and-tuning.md, twenty-first and twenty-third sessions).
 SHORT_HISTORY_SETTINGS: dict[str, Any] = {
