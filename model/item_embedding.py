@@ -16,11 +16,14 @@ Variants (after the hstu-semantic-id fork of GR):
                10% but found new items far less often (cold-start HR@10 0.004 vs 0.024
                for sum)
 
-Content part (attach_content_map, hybrid sum only): a warm item's vector is its SID part plus
-its trained id row; an item without a trained id gets, in place of the id row, a linear map of
-its content vector fitted to the warm items' id rows (offline/new_items.py). Without it, items
-with one semantic code tuple share one vector; with it, distinct texts get distinct vectors
-and the id part is the best linear guess the content allows.
+Content part (hybrid sum only): a warm item's vector is its SID part plus its trained id row;
+an item without a trained id gets, in place of the id row, a guess from its content vector
+(offline/new_items.py): a linear map fitted to the warm items' id rows (attach_content_map),
+or the id rows of its content neighbours, the k trained items whose content vectors are
+nearest by cosine, weighted by softmax(cosine / temperature) (attach_content_neighbours). The
+map guesses the average; the neighbours carry a sequel's or a near-duplicate's audience, which
+no linear map of the text does. Without a content part, items with one semantic code tuple
+share one vector; with one, distinct texts get distinct vectors.
 
 Frequency gate (sid_gate, hybrid sum only): the SID part is scaled by 1 + g[b], one learned
 scalar per bucket b = min(floor(log2(1 + training events)), GATE_BUCKETS - 1), meant to let
@@ -244,6 +247,12 @@ class ItemEmbedding(nn.Module):
         self.register_buffer("content_map", None)
         self.register_buffer("content_bias", None)
         self.register_buffer("content_part", None)
+        # attach_content_neighbours instead: unit content vectors [m, C] of trained items,
+        # their id rows [m, d], and (k, temperature) [2]
+        self.register_buffer("content_keys", None)
+        self.register_buffer("content_values", None)
+        self.register_buffer("content_knn", None)
+        self.content_k = 0  # k as an int, so an exported graph has a constant TopK
 
         self.alpha: nn.Parameter | None = None
         if variant == "hybrid" and fusion == "alpha":
@@ -324,7 +333,22 @@ class ItemEmbedding(nn.Module):
 
     @property
     def has_content_part(self) -> bool:
-        return self.content_map is not None
+        return self.content_map is not None or self.content_keys is not None
+
+    @property
+    def content_dim(self) -> int:
+        # C of the content vectors a content part reads
+        keys = self.content_keys if self.content_keys is not None else self.content_map.T
+        return keys.shape[1]
+
+    def _content_id_part(self, content: torch.Tensor) -> torch.Tensor:
+        # content [B, C] -> the id part [B, d] of items without a trained id
+        if self.content_keys is None:
+            return content.to(self.content_map.dtype) @ self.content_map + self.content_bias
+        query = nn.functional.normalize(content.to(self.content_keys.dtype), dim=-1)
+        cosine, nearest = (query @ self.content_keys.T).topk(self.content_k, dim=-1)  # [B, k]
+        weights = torch.softmax(cosine / self.content_knn[1], dim=-1)
+        return (weights[..., None] * self.content_values[nearest]).sum(-2)
 
     @torch.no_grad()
     def attach_content_map(
@@ -335,9 +359,38 @@ class ItemEmbedding(nn.Module):
         if self.variant != "hybrid" or self.fusion != "sum":
             raise ValueError("a content part replaces the id part of a hybrid-sum item only")
         device = self.id_emb.weight.device
-        weight, bias = weight.float().to(device), bias.float().to(device)
-        part = catalog_content.float().to(device) @ weight + bias  # [n, d]
-        self.content_map, self.content_bias = weight, bias
+        self.content_keys = self.content_values = self.content_knn = None
+        self.content_k = 0
+        self.content_map, self.content_bias = weight.float().to(device), bias.float().to(device)
+        self._attach_content_part(catalog_content)
+
+    @torch.no_grad()
+    def attach_content_neighbours(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        k: int,
+        temperature: float,
+        catalog_content: torch.Tensor,
+    ) -> None:
+        """Items without a trained id get the softmax(cosine / temperature)-weighted id rows of
+        their k nearest keys as their id part. keys [m, C]: content vectors of trained items,
+        values [m, d]: their id rows, catalog_content [n, C] (rows 1..n)."""
+        if self.variant != "hybrid" or self.fusion != "sum":
+            raise ValueError("a content part replaces the id part of a hybrid-sum item only")
+        if not 0 < k <= len(keys) or temperature <= 0:
+            raise ValueError(f"need 0 < k <= {len(keys)} keys and temperature > 0")
+        device = self.id_emb.weight.device
+        self.content_map = self.content_bias = None
+        self.content_keys = nn.functional.normalize(keys.float().to(device), dim=-1)
+        self.content_values = values.float().to(device)
+        self.content_knn = torch.tensor([float(k), float(temperature)], device=device)
+        self.content_k = int(k)
+        self._attach_content_part(catalog_content)
+
+    def _attach_content_part(self, catalog_content: torch.Tensor) -> None:
+        device = self.id_emb.weight.device
+        part = self._content_id_part(catalog_content.float().to(device))  # [n, d]
         self.content_part = torch.cat([torch.zeros_like(part[:1]), part])
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
@@ -346,9 +399,12 @@ class ItemEmbedding(nn.Module):
         if self.sid_emb is not None and key not in state_dict:
             state_dict[key] = torch.ones_like(self.sid_row_trained)
         # a content part is attached after training: take its shapes from the saved one
-        for name in ("untrained_sid_rows", "content_map", "content_bias", "content_part"):
+        for name in ("untrained_sid_rows", "content_map", "content_bias", "content_part",
+                     "content_keys", "content_values", "content_knn"):  # fmt: skip
             if prefix + name in state_dict and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        if prefix + "content_knn" in state_dict:
+            self.content_k = int(state_dict[prefix + "content_knn"][0])
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _fuse(
@@ -424,10 +480,10 @@ class ItemEmbedding(nn.Module):
         """Vector of an item without a trained id: codes [B, L + 1] int64 (and content [B, C]
         float, which a model with a content part needs) -> [B, d]."""
         id_part = None
-        if self.content_map is not None:
+        if self.has_content_part:
             if content is None:
                 raise ValueError("this item embedding has a content part: from_sid needs content")
-            id_part = content.to(self.content_map.dtype) @ self.content_map + self.content_bias
+            id_part = self._content_id_part(content)
         elif self.id_emb is not None:
             if self.unknown_id == "learned":
                 unknown = self.id_emb.weight[self.unknown_row]  # [d]

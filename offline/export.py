@@ -17,7 +17,7 @@ from sidrec.item_text import item_text
 from sidrec.model.weights import save_weights
 from sidrec.offline.content import content_encoder_files
 from sidrec.offline.data.dataset import Interactions
-from sidrec.offline.new_items import load_content_term, load_new_item_scale
+from sidrec.offline.new_items import content_part_kind, load_content_term, load_new_item_scale
 from sidrec.offline.onnx_export import (
     export_item_vector,
     export_sid_to_vector,
@@ -167,6 +167,9 @@ def export_bundle(
             "new_items": "content-tower"
             if tower is not None
             else ("sid+content" if model.items.has_content_part else "sid"),
+            # which content part stands in for a new item's id row: a ridge map of its content
+            # vector, or its content neighbours' id rows (offline/new_items.py); null: none
+            "new_item_content_part": content_part_kind(model.items),
             # a new item's score is its cosine (dot product) times the scale minus the offset
             # (the service's index rows)
             "new_item_score_scale": round(

@@ -15,7 +15,10 @@ Before the scale, a hybrid-sum model gets its content part (model/item_embedding
 regression from the content vector to the id row, fitted on the trained items with the
 penalty chosen by cross-validation on them (held-out warm items stand in for new ones). A new
 item's id part is then the regression's guess instead of zero, so items with one code tuple
-and different texts get different vectors.
+and different texts get different vectors. The other candidate is the id rows of the item's
+content neighbours among the trained items (CONTENT_NEIGHBOURS, NEIGHBOUR_TEMPERATURE): the
+regression shrinks every guess towards the average id row, the neighbours keep a sequel's or
+a near-duplicate's. Validation keeps the part that finds more new items at its warm-rule scale.
 
 And a SID variant's untrained items read the SID rows of either their own code paths or the
 nearest paths that trained items have (nearest_trained_paths): an item's own path often
@@ -68,6 +71,11 @@ CONTENT_SCALE_STEPS = (-8, -4, -2, 0)
 # (docs/results/content-tower.md, eighteenth session); the grid spans both.
 RARE_MAX_COUNTS = (1, 2, 3, 5)
 RARE_WEIGHTS = (0.5, 1.0, 2.0)
+# The content neighbours' part: the k trained items nearest by content cosine, weighted by
+# softmax(cosine / temperature). Chosen on validation cold-start HR@10 over Toys and ML-1M runs
+# (docs/results/content-tower.md, twenty-sixth session).
+CONTENT_NEIGHBOURS = 5
+NEIGHBOUR_TEMPERATURE = 0.05
 # Ridge penalties tried, as multiples of the mean eigenvalue of the centred content Gram matrix
 RIDGE_PENALTIES = tuple(10.0 ** (e / 2) for e in range(-8, 5))
 RIDGE_FOLDS = 5
@@ -126,6 +134,33 @@ def fit_content_part(
     items.attach_content_map(torch.from_numpy(weight), torch.from_numpy(bias),
                              torch.as_tensor(content))  # fmt: skip
     return {"fitted_on_items": len(rows), **record}
+
+
+def attach_neighbour_part(
+    model: torch.nn.Module,
+    trained: torch.Tensor,
+    content: np.ndarray,
+    k: int = CONTENT_NEIGHBOURS,
+    temperature: float = NEIGHBOUR_TEMPERATURE,
+) -> dict[str, Any]:
+    """Attach the content neighbours' part to `model`'s item embedding (hybrid-sum) in place
+    of any other: content vectors [n, C] of rows 1..n, bool `trained` [n + 1]. Returns its
+    record."""
+    items = model.items
+    rows = torch.nonzero(trained).flatten()
+    rows = rows[rows > 0]
+    keys = torch.as_tensor(content[rows.numpy() - 1])
+    values = items.id_emb.weight.detach()[rows]
+    k = min(k, len(rows))
+    items.attach_content_neighbours(keys, values, k, temperature, torch.as_tensor(content))
+    return {"neighbours": k, "temperature": temperature, "fitted_on_items": len(rows)}
+
+
+def content_part_kind(items: torch.nn.Module) -> str | None:
+    """Which content part an item embedding carries: "ridge", "neighbours" or None."""
+    if not getattr(items, "has_content_part", False):
+        return None
+    return "neighbours" if items.content_keys is not None else "ridge"
 
 
 def gets_content_part(variant: str, fusion: str) -> bool:
@@ -436,9 +471,9 @@ def calibrate_scale(
     # new items never recommended (so the paths they would read do not matter)
     never = torch.where(trained, 0.0, float("inf"))
     hot_reference = metrics_from_ranks(ranks(item_table(), "valid", None, never)[hot])["ndcg@10"]
-    by_paths: dict[str, dict[str, Any]] = {}
-    for name, rows in paths.items():
-        items.untrained_sid_rows = rows
+
+    def by_new_item_scale() -> dict[str, Any]:
+        # the table as the item embedding now stands, with the warm rule's scale
         table = item_table()
         valid_ranks = {
             str(s): ranks(table, "valid", scales_for(trained, s)) for s in NEW_ITEM_SCALES
@@ -446,23 +481,54 @@ def calibrate_scale(
         by_scale = {s: warm_figures(r, hot) for s, r in valid_ranks.items()}
         chosen = choose_scale(by_scale, hot_reference, tolerance)
         valid = summarize(valid_ranks[str(chosen)], split, "valid")
-        by_paths[name] = {"new_item_scale": chosen, "valid": valid, "table": table,
-                          "valid_by_new_item_scale": by_scale}  # fmt: skip
+        return {"new_item_scale": chosen, "valid": valid, "table": table,
+                "valid_by_new_item_scale": by_scale}  # fmt: skip
+
+    def finds(entry: dict[str, Any]) -> float:
+        return entry["valid"]["cold_start"]["hr@10"]
+
+    by_paths: dict[str, dict[str, Any]] = {}
+    for name, rows in paths.items():
+        items.untrained_sid_rows = rows
+        by_paths[name] = by_new_item_scale()
     # Both tables pass the warm rule at their scales: keep the one that finds more new items
     # on validation (own paths on a tie).
-    pick = max(by_paths, key=lambda n: (by_paths[n]["valid"]["cold_start"]["hr@10"], n == "own"))
+    pick = max(by_paths, key=lambda n: (finds(by_paths[n]), n == "own"))
     items.untrained_sid_rows = paths[pick]
-    chosen, valid = by_paths[pick]["new_item_scale"], by_paths[pick]["valid"]
-    table, term = by_paths[pick]["table"], ContentTerm()
+    best = by_paths[pick]
+    if "content_part" in record:
+        # The content neighbours' part on the chosen paths, kept where it finds more new
+        # items on validation than the ridge part (the ridge part on a tie).
+        ridge = (items.content_map, items.content_bias)
+        neighbours = attach_neighbour_part(model, trained, content)
+        entry = by_new_item_scale()
+        kept = finds(entry) > finds(best)
+        record["content_part"] |= {
+            "kind": "neighbours" if kept else "ridge",
+            "valid_cold_start_hr@10_ridge": finds(best),
+            "valid_cold_start_hr@10_neighbours": finds(entry),
+            "new_item_scale_ridge": best["new_item_scale"],
+            "new_item_scale_neighbours": entry["new_item_scale"],
+            **neighbours,
+        }
+        if kept:
+            best = entry
+        else:
+            items.attach_content_map(*ridge, torch.as_tensor(content))
+        log(f"content part: validation cold-start HR@10 ridge {finds(by_paths[pick]):.4f}, "
+            f"{neighbours['neighbours']} content neighbours {finds(entry):.4f}: "
+            f"{record['content_part']['kind']} kept")  # fmt: skip
+    chosen, valid = best["new_item_scale"], best["valid"]
+    table, term = best["table"], ContentTerm()
     if content is not None and gets_content_part(cfg.variant, cfg.fusion):
         by_weight = choose_content_term(
-            by_paths[pick]["valid_by_new_item_scale"], chosen, valid,
+            best["valid_by_new_item_scale"], chosen, valid,
             lambda s, w: ranks(table, "valid", scales_for(trained, s), term=ContentTerm(w)),
             hot, hot_reference, split, tolerance,
         )  # fmt: skip
         record["content_term"] = {k: v for k, v in by_weight.items() if k != "chosen_cell"}
         cell = by_weight["chosen_cell"]
-        served_warm = by_paths[pick]["valid_by_new_item_scale"][str(chosen)]
+        served_warm = best["valid_by_new_item_scale"][str(chosen)]
         if cell is not None:
             chosen, term, valid = cell["scale"], ContentTerm(cell["weight"]), cell["valid"]
             served_warm = cell["warm"]
@@ -509,7 +575,7 @@ def calibrate_scale(
             f"{paths_record['valid_cold_start_hr@10_nearest']:.4f}: {pick} kept")  # fmt: skip
     record |= {"new_item_scale": chosen, **term.record(),
                "valid_hot_ndcg@10_never_recommended": hot_reference,
-               "valid_by_new_item_scale": by_paths[pick]["valid_by_new_item_scale"],
+               "valid_by_new_item_scale": best["valid_by_new_item_scale"],
                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     (run_dir / NEW_ITEMS_FILE).write_text(json.dumps(record, indent=2) + "\n")
     # the model as trained (kept from a first calibration when run again)

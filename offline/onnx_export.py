@@ -149,7 +149,7 @@ def export_sid_to_vector(item_embedding: ItemEmbedding, path: Path) -> None:
 
 def _export_sid_content_to_vector(item_embedding: ItemEmbedding, path: Path) -> None:
     model = SidContentToVector(copy.deepcopy(item_embedding)).cpu().eval()
-    content_dim = item_embedding.content_map.shape[0]
+    content_dim = item_embedding.content_dim
     _export_codes_and_content(model, item_embedding.codes_per_layer, item_embedding.sid_layers,
                               content_dim, path, "SID + content part")  # fmt: skip
 

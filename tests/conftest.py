@@ -166,6 +166,41 @@ def sum_run(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> tuple
 
 
 @pytest.fixture(scope="session")
+def neighbours_run(
+    tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
+) -> tuple[Path, Path]:
+    """(bundle, checkpoint) of sum_run's model with the content neighbours' part in place of
+    whichever content part its calibration kept, exported again."""
+    import torch
+
+    from sidrec.offline import pipeline
+    from sidrec.offline.new_items import attach_neighbour_part
+    from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
+
+    source = sum_run[1].parent.parent.parent  # root/run/hybrid-sum/checkpoint.pt -> root
+    root = tmp_path_factory.mktemp("neighbours")
+    shutil.copytree(source / "run", root / "run")
+    checkpoint = root / "run" / "hybrid-sum" / CHECKPOINT_FILE
+    model, _, ckpt = load_checkpoint(checkpoint)
+    trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
+    attach_neighbour_part(model, trained, np.load(root / "run" / "content_vectors.npy"))
+    ckpt["state_dict"] = {k: v.cpu() for k, v in model.state_dict().items()}
+    torch.save(ckpt, checkpoint)
+    old_cache = os.environ.get("SIDREC_CACHE")
+    os.environ["SIDREC_CACHE"] = str(_RUN.get("cache", source / "cache"))  # MiniLM's export
+    try:
+        bundle = pipeline.Steps.open(source / "data", root / "run").export(
+            "hybrid-sum", root / "bundle"
+        )
+    finally:
+        if old_cache is None:
+            os.environ.pop("SIDREC_CACHE", None)
+        else:
+            os.environ["SIDREC_CACHE"] = old_cache
+    return bundle, checkpoint
+
+
+@pytest.fixture(scope="session")
 def checkpoint_path(bundle_dir: Path) -> Path:
     """The trained checkpoint the session's bundle was exported from (skips if unknown)."""
     candidates = [

@@ -136,6 +136,11 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     fit = hybrid["new_items"]["content_part"]
     assert fit["penalty"] in RIDGE_PENALTIES
     assert fit["fitted_on_items"] == hybrid["split"]["trained_items"]
+    # the content neighbours' part replaced the ridge part only where it found more new items
+    # on validation at its own warm-rule scale
+    found = {kind: fit[f"valid_cold_start_hr@10_{kind}"] for kind in ("ridge", "neighbours")}
+    assert fit["kind"] == ("neighbours" if found["neighbours"] > found["ridge"] else "ridge")
+    assert fit[f"new_item_scale_{fit['kind']}"] == chosen  # the kept table's own rule
     assert set(hybrid["unscaled"]) == {"valid", "test"}
     assert "new_items" not in json.loads((run / "id" / "metrics.json").read_text())
 
@@ -147,6 +152,7 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     assert bundle.content_term == ContentTerm(weight, rare_weight, rare_count)
     assert bundle.lists("item_content.npy") == bundle.content_term.active
     assert bundle.model["new_items"] == "sid+content"
+    assert bundle.model["new_item_content_part"] == fit["kind"]
     assert bundle.manifest["sid"] == {**bundle.manifest["sid"], "layers": 2, "codes": 8}
     assert bundle.manifest["metrics"]["test"] == results["hybrid-sum"]["test"]["overall"]
 

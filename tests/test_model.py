@@ -646,6 +646,49 @@ def test_content_part_replaces_only_the_missing_id_part() -> None:
     torch.testing.assert_close(fresh.table(trained), table)
 
 
+def test_content_neighbours_part_is_the_weighted_id_rows_of_the_nearest_trained_items() -> None:
+    emb = make_embedding("hybrid").eval()
+    sids = make_sids()
+    C, k, temperature = 6, 3, 0.1
+    gen = torch.Generator().manual_seed(4)
+    content = torch.randn(N_ITEMS, C, generator=gen)
+    content[3] = content[5] * 2.5 + 0.01 * torch.randn(C, generator=gen)  # item 4 ~ item 6
+    trained = torch.ones(N_ITEMS + 1, dtype=torch.bool)
+    trained[[4, 5, 9]] = False
+    before = emb.table(trained)
+    warm = trained.nonzero().flatten()
+    warm = warm[warm > 0]
+    id_rows = emb.id_emb.weight.detach()[warm]
+    emb.attach_content_neighbours(content[warm - 1], id_rows, k, temperature, content)
+    table = emb.table(trained)
+    torch.testing.assert_close(table[warm], before[warm])  # warm items lose nothing
+    # brute force: every untrained item's k most cosine-similar trained items
+    unit = torch.nn.functional.normalize(content, dim=-1)
+    for row in (4, 5, 9):
+        cosine = unit[warm - 1] @ unit[row - 1]
+        top = cosine.argsort(descending=True)[:k]
+        weights = torch.softmax(cosine[top] / temperature, 0)
+        guess = (weights[:, None] * id_rows[top]).sum(0)
+        torch.testing.assert_close(table[row], before[row] + guess)
+    # the near-duplicate takes most of its id part from item 6, whatever its length
+    assert torch.cosine_similarity(table[4] - before[4], emb.id_emb.weight[6].detach(), 0) > 0.9
+    cold = torch.tensor([4, 5, 9])
+    torch.testing.assert_close(emb.from_sid(sids[cold], content[cold - 1]), table[cold])
+    torch.testing.assert_close(SidContentToVector(emb)(sids[cold], content[cold - 1]), table[cold])
+    assert not torch.allclose(table[4], table[5])  # one code tuple, two texts: two vectors
+    # saved with the weights, k and the temperature included; a ridge map replaces it
+    fresh = make_embedding("hybrid")
+    fresh.load_state_dict(emb.state_dict())
+    assert fresh.has_content_part and fresh.content_k == k and fresh.content_dim == C
+    torch.testing.assert_close(fresh.table(trained), table)
+    weight, bias = torch.randn(C, D, generator=gen), torch.randn(D, generator=gen)
+    fresh.attach_content_map(weight, bias, content)
+    assert fresh.content_keys is None and fresh.content_dim == C
+    torch.testing.assert_close(fresh.table(trained)[4], before[4] + content[3] @ weight + bias)
+    with pytest.raises(ValueError, match="0 < k"):
+        emb.attach_content_neighbours(content[warm - 1], id_rows, len(warm) + 1, 0.1, content)
+
+
 @pytest.mark.parametrize("variant", ["sid-prefixn", "hybrid"])
 def test_untrained_codes_change_only_untrained_rows_and_are_saved(variant: str) -> None:
     emb = make_embedding(variant).eval()

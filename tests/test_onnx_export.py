@@ -226,8 +226,11 @@ def test_sid_to_vector_parity_for_new_tuples(tmp_path: Path, options: dict) -> N
         assert (rows[:32, 0] > 0).all() and (rows[:32, 2] == 0).any() and (rows[32:] == 0).any()
 
 
-@pytest.mark.parametrize("sid_gate", [False, True])
-def test_sid_to_vector_with_a_content_part_reads_content(tmp_path: Path, sid_gate: bool) -> None:
+@pytest.mark.parametrize("sid_gate, part", [(False, "ridge"), (True, "ridge"),
+                                            (False, "neighbours")])  # fmt: skip
+def test_sid_to_vector_with_a_content_part_reads_content(
+    tmp_path: Path, sid_gate: bool, part: str
+) -> None:
     num_items, k, layers, c = 200, 16, 3, 24
     gen = torch.Generator().manual_seed(0)
     sids = torch.randint(0, k, (num_items + 1, layers + 1), generator=gen)
@@ -242,8 +245,13 @@ def test_sid_to_vector_with_a_content_part_reads_content(tmp_path: Path, sid_gat
         with torch.no_grad():
             embedding.sid_gate.copy_(torch.rand(len(embedding.sid_gate), generator=gen) - 0.5)
     content = torch.randn(num_items, c, generator=gen)
-    embedding.attach_content_map(torch.randn(c, D, generator=gen), torch.randn(D), content)
     trained = torch.rand(num_items + 1, generator=gen) < 0.7
+    if part == "ridge":
+        embedding.attach_content_map(torch.randn(c, D, generator=gen), torch.randn(D), content)
+    else:  # the trained items' content vectors and id rows, read inside the graph
+        warm = trained[1:].nonzero().flatten() + 1
+        keys, values = content[warm - 1], embedding.id_emb.weight.detach()[warm]
+        embedding.attach_content_neighbours(keys, values, 5, 0.05, content)
     table = embedding.table(trained).numpy()
     path = tmp_path / "sid_to_vector.onnx"
     export_sid_to_vector(embedding, path)

@@ -238,6 +238,42 @@ def test_new_items_read_the_paths_the_bundles_untrained_items_read(
         assert scores[f"copy-{r.item_id}"] == pytest.approx(scores[r.item_id], abs=1e-4)
 
 
+def test_an_ingested_item_reads_its_content_neighbours_in_the_bundles_graph(
+    tmp_path: Path, neighbours_run: tuple[Path, Path]
+) -> None:
+    """A bundle whose content part is the content neighbours' (docs/bundle.md,
+    model.new_item_content_part): the exported graph holds the trained items' content
+    vectors and id rows, so a copy of an untrained catalog item ingested under a new id scores
+    as the bundle's own row, which the offline table computed."""
+    bundle_dir, checkpoint = neighbours_run
+    bundle = load_bundle(bundle_dir)
+    assert bundle.model["new_items"] == "sid+content"
+    assert bundle.model["new_item_content_part"] == "neighbours"
+    records = bundle.items()
+    content = np.load(checkpoint.parent.parent / "content_vectors.npy")  # row r at r - 1
+    untrained = [r for r in records if r.popularity == 0][:6]
+    assert untrained
+    service = Service(bundle_dir, tmp_path / "service.log")
+    service.start()
+    try:
+        for r in untrained:
+            vector = content[r.row - 1].tolist()
+            answer = service.post(
+                "/v1/items", {"item_id": f"copy-{r.item_id}", "content_vector": vector}
+            )
+            assert answer.status_code == 200, answer.text
+        history = [r.item_id for r in records if r.popularity > 0][:5]
+        answer = service.post(
+            "/v1/recommend", {"user_id": "neighbour-watcher", "k": 1000, "history": history}
+        )
+        assert answer.status_code == 200, answer.text
+        scores = {i["item_id"]: i["score"] for i in answer.json()["items"]}
+        for r in untrained:
+            assert scores[f"copy-{r.item_id}"] == pytest.approx(scores[r.item_id], abs=1e-4)
+    finally:
+        service.stop()
+
+
 def test_restart_keeps_every_ingested_item(pair: tuple[Service, Service]) -> None:
     a, b = pair
     before = {
