@@ -74,7 +74,7 @@ RARE_WEIGHTS = (0.5, 1.0, 2.0)
 # The content neighbours' part: the k trained items nearest by content cosine, weighted by
 # softmax(cosine / temperature). Chosen on validation cold-start HR@10 over Toys and ML-1M runs
 # (docs/results/content-tower.md, twenty-sixth session).
-CONTENT_NEIGHBOURS = 5
+CONTENT_NEIGHBOURS = 20
 NEIGHBOUR_TEMPERATURE = 0.05
 # Ridge penalties tried, as multiples of the mean eigenvalue of the centred content Gram matrix
 RIDGE_PENALTIES = tuple(10.0 ** (e / 2) for e in range(-8, 5))

@@ -343,7 +343,12 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from sidrec.offline.bench.content_part_ablation import main
-    from sidrec.offline.new_items import RARE_MAX_COUNTS, RARE_WEIGHTS
+    from sidrec.offline.new_items import (
+        CONTENT_NEIGHBOURS,
+        NEIGHBOUR_TEMPERATURE,
+        RARE_MAX_COUNTS,
+        RARE_WEIGHTS,
+    )
 
     write_synthetic_dataset(tmp_path / "data", users=60, per_theme=5)
     steps = pipeline.Steps.open(tmp_path / "data", tmp_path / "run", cold_fraction=0.2)
@@ -430,6 +435,21 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
         c["cold_bin_hr@10"] for c in rare_record["valid_by_cell"].values() if c["passes"]
     )
     assert chosen_cell["cold_bin_hr@10"] == metrics["valid"]["by_popularity"]["cold"]["hr@10"]
+    # the two content parts calibration chose between, on the kept paths, each at its own
+    # warm-rule scale: the ablation's cells are calibration's figures
+    cells_arg = f"{CONTENT_NEIGHBOURS}:{NEIGHBOUR_TEMPERATURE},1:1"
+    main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--neighbours",
+          cells_arg, "--cold-fraction", "0.2"])  # fmt: skip
+    parts = json.loads(
+        (tmp_path / "run" / "hybrid-sum" / "content_neighbours_ablation.json").read_text()
+    )
+    fit = metrics["new_items"]["content_part"]
+    default = f"k {CONTENT_NEIGHBOURS} temperature {NEIGHBOUR_TEMPERATURE:g}"
+    for kind, key in (("ridge", "ridge"), ("neighbours", default)):
+        found = parts[key]["valid"]["cold_start"]["hr@10"]
+        assert found == pytest.approx(fit[f"valid_cold_start_hr@10_{kind}"])
+        assert parts[key]["scale"] == fit[f"new_item_scale_{kind}"]
+    assert parts["k 1 temperature 1"]["record"]["neighbours"] == 1
 
 
 def test_content_term_rule_takes_the_pick_that_keeps_the_hot_bin_and_finds_most_new_items() -> None:

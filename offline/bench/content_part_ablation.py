@@ -19,6 +19,11 @@ content term on new items) plus a content term of weight W on the trained items 
 K training events (the cold popularity bin's rarest), each pair beside the served table (K 0),
 with the warm rule's figures on validation: RUN/<variant>/rare_term_ablation.json.
 
+`--neighbours K:T,...` compares the content parts calibration chooses between: the ridge part
+and the content neighbours' part with k = K and temperature T per cell, each on the paths the
+run's calibration kept and at the scale the warm rule picks for it over NEW_ITEM_SCALES (no
+content term): RUN/<variant>/content_neighbours_ablation.json.
+
 --seed and --cold-fraction must be the run's, so the split is the one it was trained on.
 """
 
@@ -35,7 +40,11 @@ import torch
 from sidrec.content_term import ContentTerm
 from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
 from sidrec.offline.new_items import (
+    NEW_ITEM_SCALES,
+    attach_neighbour_part,
+    choose_scale,
     choose_scale_and_weight,
+    fit_content_part,
     load_content_term,
     load_new_item_scale,
     nearest_trained_paths,
@@ -170,6 +179,41 @@ def rare_term_cells(
             "served": [served.rare_max_count, served.rare_weight], "cells": cells}  # fmt: skip
 
 
+def neighbour_cells(
+    run_dir: Path, split: Split, cells: list[tuple[int, float]], content: np.ndarray
+) -> dict[str, Any]:
+    """The ridge part and the content neighbours' part per (k, temperature) in `cells` on
+    run_dir's calibrated checkpoint (its paths), each at its warm-rule scale: {"ridge" or "k K
+    temperature T": {"record", "scale", "warm", "valid", "test"}}."""
+    model, cfg, trained, _, hot, hot_reference = _served_table(run_dir, split)
+    batch_size = cfg.eval_batch_size or 32
+    out: dict[str, Any] = {}
+    for k, temperature in [(0, 0.0), *cells]:
+        if k == 0:
+            key, record = "ridge", fit_content_part(model, trained, content)
+        else:
+            key = f"k {k} temperature {temperature:g}"
+            record = attach_neighbour_part(model, trained, content, k, temperature)
+        with torch.no_grad():
+            table = model.items.table(trained)
+
+        def ranks(stage: str, scale: float, table: torch.Tensor = table) -> np.ndarray:
+            scorer = table_scorer(model.encoder, table, scales_for(trained, scale))
+            return rank_targets(scorer, split, stage, batch_size, cfg.max_len)
+
+        by_scale = {str(s): ranks("valid", s) for s in NEW_ITEM_SCALES}
+        warm = {s: warm_figures(r, hot) for s, r in by_scale.items()}
+        scale = choose_scale(warm, hot_reference)
+        out[key] = {
+            "record": {k: v for k, v in record.items() if k != "heldout_r2_by_penalty"},
+            "scale": scale,
+            "warm": warm[str(scale)],
+            "valid": summarize(by_scale[str(scale)], split, "valid"),
+            "test": summarize(ranks("test", scale), split, "test"),
+        }
+    return out
+
+
 def _line(key: str, report: dict[str, Any]) -> str:
     bins = report["by_popularity"]
     cold = report["cold_start"]
@@ -194,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rare-counts", default="", help="comma-separated training counts")
     parser.add_argument("--rare-weights", default="1", help="comma-separated weights (logits)")
+    parser.add_argument(
+        "--neighbours", default="", help="comma-separated K:T, content neighbours' parts"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cold-fraction", type=float, default=0.05)
     args = parser.parse_args(argv)
@@ -215,6 +262,18 @@ def main(argv: list[str] | None = None) -> None:
                   f"{cell['passes']} | test " + _line("", cell["test"]).strip(),
                   flush=True)  # fmt: skip
         (folder / "rare_term_ablation.json").write_text(json.dumps(out, indent=2) + "\n")
+        return
+    if args.neighbours:
+        pairs = [c.split(":") for c in args.neighbours.split(",")]
+        out = neighbour_cells(
+            folder, split, [(int(k), float(t)) for k, t in pairs], steps.content_vectors
+        )
+        for key, cell in out.items():
+            print(f"{key:28s} scale {cell['scale']:g} valid ndcg@10 "
+                  f"{cell['valid']['overall']['ndcg@10']:.4f} cold-start "
+                  f"{cell['valid']['cold_start']['hr@10']:.4f} | test "
+                  + _line("", cell["test"]).strip(), flush=True)  # fmt: skip
+        (folder / "content_neighbours_ablation.json").write_text(json.dumps(out, indent=2) + "\n")
         return
     if args.content_weights:
         weights = [float(w) for w in args.content_weights.split(",")]
