@@ -346,6 +346,7 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
     from sidrec.offline.new_items import (
         CONTENT_NEIGHBOURS,
         NEIGHBOUR_TEMPERATURE,
+        NEW_ITEM_SCALES,
         RARE_MAX_COUNTS,
         RARE_WEIGHTS,
     )
@@ -450,6 +451,17 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
         assert found == pytest.approx(fit[f"valid_cold_start_hr@10_{kind}"])
         assert parts[key]["scale"] == fit[f"new_item_scale_{kind}"]
     assert parts["k 1 temperature 1"]["record"]["neighbours"] == 1
+    # the hot-bin reference is calibration's (users' histories hold new items, so it depends
+    # on the table it was read from): one no scale can keep leaves every cell at the smallest
+    record_path = tmp_path / "run" / "hybrid-sum" / "new_items.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "valid_hot_ndcg@10_never_recommended": 10.0}))
+    main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--neighbours",
+          "1:1", "--cold-fraction", "0.2"])  # fmt: skip
+    parts = json.loads(
+        (tmp_path / "run" / "hybrid-sum" / "content_neighbours_ablation.json").read_text()
+    )
+    assert {cell["scale"] for cell in parts.values()} == {min(NEW_ITEM_SCALES)}
 
 
 def test_content_term_rule_takes_the_pick_that_keeps_the_hot_bin_and_finds_most_new_items() -> None:

@@ -41,6 +41,7 @@ from sidrec.content_term import ContentTerm
 from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
 from sidrec.offline.new_items import (
     NEW_ITEM_SCALES,
+    NEW_ITEMS_FILE,
     attach_neighbour_part,
     choose_scale,
     choose_scale_and_weight,
@@ -186,6 +187,10 @@ def neighbour_cells(
     run_dir's calibrated checkpoint (its paths), each at its warm-rule scale: {"ridge" or "k K
     temperature T": {"record", "scale", "warm", "valid", "test"}}."""
     model, cfg, trained, _, hot, hot_reference = _served_table(run_dir, split)
+    # Users' histories may hold new items, whose vectors the parts change, so the hot bin
+    # without new items depends on the table it is read from: take calibration's reference.
+    calibrated = json.loads((run_dir / NEW_ITEMS_FILE).read_text())
+    hot_reference = calibrated.get("valid_hot_ndcg@10_never_recommended", hot_reference)
     batch_size = cfg.eval_batch_size or 32
     out: dict[str, Any] = {}
     for k, temperature in [(0, 0.0), *cells]:
