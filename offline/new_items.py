@@ -72,8 +72,8 @@ CONTENT_SCALE_STEPS = (-8, -4, -2, 0)
 RARE_MAX_COUNTS = (1, 2, 3, 5)
 RARE_WEIGHTS = (0.5, 1.0, 2.0)
 # The content neighbours' part: the k trained items nearest by content cosine, weighted by
-# softmax(cosine / temperature). Chosen on validation cold-start HR@10 over Toys and ML-1M runs
-# (docs/results/content-tower.md, twenty-sixth session).
+# softmax(cosine / temperature). The best of 1-20 neighbours on Toys validation cold-start
+# HR@10 (docs/results/content-tower.md, twenty-sixth session).
 CONTENT_NEIGHBOURS = 20
 NEIGHBOUR_TEMPERATURE = 0.05
 # Ridge penalties tried, as multiples of the mean eigenvalue of the centred content Gram matrix

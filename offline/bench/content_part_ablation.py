@@ -99,17 +99,24 @@ def _served_table(
     run_dir: Path, split: Split
 ) -> tuple[Any, Any, torch.Tensor, torch.Tensor, np.ndarray, float]:
     """(model, config, trained [n + 1], the item table [n + 1, d] as the service holds it,
-    which validation targets are in the hot bin, the warm rule's hot-bin reference: its
-    validation NDCG@10 with new items never recommended) for run_dir's calibrated checkpoint."""
+    which validation targets are in the hot bin, the warm rule's hot-bin reference: the
+    validation NDCG@10 with new items never recommended that calibration recorded) for
+    run_dir's calibrated checkpoint."""
     model, cfg, ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
     model.eval()
     trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
     with torch.no_grad():
         table = model.items.table(trained)  # [n + 1, d]
     hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
-    never = table_scorer(model.encoder, table, None, torch.where(trained, 0.0, float("inf")))
-    never_ranks = rank_targets(never, split, "valid", cfg.eval_batch_size or 32, cfg.max_len)
-    return model, cfg, trained, table, hot, warm_figures(never_ranks, hot)["hot_ndcg@10"]
+    # Users' histories may hold new items, whose vectors calibration changed after reading its
+    # reference, so the served table's reference differs from it: take calibration's.
+    calibrated = json.loads((run_dir / NEW_ITEMS_FILE).read_text())
+    hot_reference = calibrated.get("valid_hot_ndcg@10_never_recommended")
+    if hot_reference is None:  # a model with no untrained item: read it from the table
+        never = table_scorer(model.encoder, table, None, torch.where(trained, 0.0, float("inf")))
+        ranks = rank_targets(never, split, "valid", cfg.eval_batch_size or 32, cfg.max_len)
+        hot_reference = warm_figures(ranks, hot)["hot_ndcg@10"]
+    return model, cfg, trained, table, hot, hot_reference
 
 
 def content_term_cells(
@@ -187,10 +194,6 @@ def neighbour_cells(
     run_dir's calibrated checkpoint (its paths), each at its warm-rule scale: {"ridge" or "k K
     temperature T": {"record", "scale", "warm", "valid", "test"}}."""
     model, cfg, trained, _, hot, hot_reference = _served_table(run_dir, split)
-    # Users' histories may hold new items, whose vectors the parts change, so the hot bin
-    # without new items depends on the table it is read from: take calibration's reference.
-    calibrated = json.loads((run_dir / NEW_ITEMS_FILE).read_text())
-    hot_reference = calibrated.get("valid_hot_ndcg@10_never_recommended", hot_reference)
     batch_size = cfg.eval_batch_size or 32
     out: dict[str, Any] = {}
     for k, temperature in [(0, 0.0), *cells]:
