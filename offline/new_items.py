@@ -158,7 +158,7 @@ def attach_neighbour_part(
 
 def content_part_kind(items: torch.nn.Module) -> str | None:
     """Which content part an item embedding carries: "ridge", "neighbours" or None."""
-    if not getattr(items, "has_content_part", False):
+    if not items.has_content_part:
         return None
     return "neighbours" if items.content_keys is not None else "ridge"
 
@@ -211,6 +211,20 @@ def choose_scale(
     """The largest scale that passes the warm rule (choose_by_warm_rule); the smallest where
     none does."""
     return choose_by_warm_rule(by_scale, hot_reference, max, min, tolerance)
+
+
+def scale_by_warm_rule(
+    valid_ranks: Callable[[float], np.ndarray],
+    hot: np.ndarray,
+    hot_reference: float,
+    tolerance: float = HOT_TOLERANCE,
+) -> tuple[float, dict[str, np.ndarray], dict[str, dict[str, float]]]:
+    """Rank validation at every NEW_ITEM_SCALES (valid_ranks(scale) -> 1-based ranks) and
+    choose the scale by the warm rule (choose_scale). Returns (the scale, {scale: ranks},
+    {scale: warm_figures}), keyed by str(scale)."""
+    ranks = {str(s): valid_ranks(s) for s in NEW_ITEM_SCALES}
+    by_scale = {s: warm_figures(r, hot) for s, r in ranks.items()}
+    return choose_scale(by_scale, hot_reference, tolerance), ranks, by_scale
 
 
 def choose_scale_and_weight(
@@ -475,11 +489,9 @@ def calibrate_scale(
     def by_new_item_scale() -> dict[str, Any]:
         # the table as the item embedding now stands, with the warm rule's scale
         table = item_table()
-        valid_ranks = {
-            str(s): ranks(table, "valid", scales_for(trained, s)) for s in NEW_ITEM_SCALES
-        }
-        by_scale = {s: warm_figures(r, hot) for s, r in valid_ranks.items()}
-        chosen = choose_scale(by_scale, hot_reference, tolerance)
+        chosen, valid_ranks, by_scale = scale_by_warm_rule(
+            lambda s: ranks(table, "valid", scales_for(trained, s)), hot, hot_reference, tolerance
+        )
         valid = summarize(valid_ranks[str(chosen)], split, "valid")
         return {"new_item_scale": chosen, "valid": valid, "table": table,
                 "valid_by_new_item_scale": by_scale}  # fmt: skip

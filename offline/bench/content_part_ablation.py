@@ -40,16 +40,15 @@ import torch
 from sidrec.content_term import ContentTerm
 from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
 from sidrec.offline.new_items import (
-    NEW_ITEM_SCALES,
     NEW_ITEMS_FILE,
     attach_neighbour_part,
-    choose_scale,
     choose_scale_and_weight,
     fit_content_part,
     load_content_term,
     load_new_item_scale,
     nearest_trained_paths,
     passing_warm_rule,
+    scale_by_warm_rule,
     scales_for,
     warm_figures,
     with_content_term,
@@ -209,9 +208,9 @@ def neighbour_cells(
             scorer = table_scorer(model.encoder, table, scales_for(trained, scale))
             return rank_targets(scorer, split, stage, batch_size, cfg.max_len)
 
-        by_scale = {str(s): ranks("valid", s) for s in NEW_ITEM_SCALES}
-        warm = {s: warm_figures(r, hot) for s, r in by_scale.items()}
-        scale = choose_scale(warm, hot_reference)
+        scale, by_scale, warm = scale_by_warm_rule(
+            lambda s, ranks=ranks: ranks("valid", s), hot, hot_reference
+        )
         out[key] = {
             "record": {k: v for k, v in record.items() if k != "heldout_r2_by_penalty"},
             "scale": scale,
