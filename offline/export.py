@@ -17,7 +17,12 @@ from sidrec.item_text import item_text
 from sidrec.model.weights import save_weights
 from sidrec.offline.content import content_encoder_files
 from sidrec.offline.data.dataset import Interactions
-from sidrec.offline.new_items import content_part_kind, load_content_term, load_new_item_scale
+from sidrec.offline.new_items import (
+    content_part_kind,
+    load_content_term,
+    load_item_features,
+    load_new_item_scale,
+)
 from sidrec.offline.onnx_export import (
     export_item_vector,
     export_sid_to_vector,
@@ -74,6 +79,12 @@ def export_bundle(
     if tower is not None and content is None:
         raise ValueError(f"{checkpoint} has a content tower: export_bundle needs the content")
     term = ContentTerm() if tower is not None else load_content_term(Path(checkpoint).parent)
+    features = None if tower is not None else load_item_features(Path(checkpoint).parent)
+    if features is not None and model.items.content_dim != codebooks.dim + features.dim:
+        raise ValueError(
+            f"{checkpoint}: its content part reads {model.items.content_dim} numbers, not the "
+            f"content vector's {codebooks.dim} and the item features' {features.dim}"
+        )
     if term.active and content is None:
         raise ValueError(f"{checkpoint} has a content term: export_bundle needs the content")
     with torch.no_grad():
@@ -170,6 +181,9 @@ def export_bundle(
             # which content part stands in for a new item's id row: a ridge map of its content
             # vector, or its content neighbours' id rows (offline/new_items.py); null: none
             "new_item_content_part": content_part_kind(model.items),
+            # the genres and years the content part reads beside the content vector
+            # (sidrec/item_features.py): the graph's content input is both; null: the vector
+            "new_item_content_features": features.record() if features is not None else None,
             # a new item's score is its cosine (dot product) times the scale minus the offset
             # (the service's index rows)
             "new_item_score_scale": round(

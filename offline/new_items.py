@@ -18,7 +18,10 @@ item's id part is then the regression's guess instead of zero, so items with one
 and different texts get different vectors. The other candidate is the id rows of the item's
 content neighbours among the trained items (CONTENT_NEIGHBOURS, NEIGHBOUR_TEMPERATURE): the
 regression shrinks every guess towards the average id row, the neighbours keep a sequel's or
-a near-duplicate's. Validation keeps the part that finds more new items at its warm-rule scale.
+a near-duplicate's. Where the catalog's fields name genres or years, both parts are also
+fitted on the content vector extended with them (sidrec/item_features.py): MiniLM's vector of
+a movie's whole text says little of its genres and year, which say more of its audience.
+Validation keeps the part that finds most new items at its warm-rule scale.
 
 And a SID variant's untrained items read the SID rows of either their own code paths or the
 nearest paths that trained items have (nearest_trained_paths): an item's own path often
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +51,7 @@ import numpy as np
 import torch
 
 from sidrec.content_term import ContentTerm
+from sidrec.item_features import ItemFeatures
 from sidrec.offline.split import Split
 from sidrec.sid_codebook import Codebooks, CodePaths
 
@@ -154,6 +158,26 @@ def attach_neighbour_part(
     k = min(k, len(rows))
     items.attach_content_neighbours(keys, values, k, temperature, torch.as_tensor(content))
     return {"neighbours": k, "temperature": temperature, "fitted_on_items": len(rows)}
+
+
+def attach_content_part(
+    model: torch.nn.Module, trained: torch.Tensor, content: np.ndarray, kind: str
+) -> dict[str, Any]:
+    """Attach the content part of `kind` ("ridge" or "neighbours", at the defaults) fitted
+    on content [n, C]; returns its record."""
+    if kind == "ridge":
+        return fit_content_part(model, trained, content)
+    return attach_neighbour_part(model, trained, content)
+
+
+def load_item_features(run_dir: Path) -> ItemFeatures | None:
+    """The genres and years run_dir's content part reads beside the content vector (its
+    calibration's record), None where it reads the content vector alone."""
+    path = run_dir / NEW_ITEMS_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text()).get("content_part", {}).get("item_features")
+    return ItemFeatures.from_record(record) if record else None
 
 
 def content_part_kind(items: torch.nn.Module) -> str | None:
@@ -421,6 +445,7 @@ def calibrate_scale(
     tolerance: float = HOT_TOLERANCE,
     log: Callable[[str], None] = print,
     codebooks: Codebooks | None = None,
+    item_fields: Sequence[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Give run_dir's trained SID model its untrained items' nearest trained paths (when
     `codebooks` and `content`, the catalog's vectors [n, C], are given) and, for hybrid-sum,
@@ -430,7 +455,9 @@ def calibrate_scale(
     model's own, no content part, own paths and scale 1, move to "unscaled"). For hybrid-sum
     the new items' content-term weight is chosen with the scale (0: none;
     choose_scale_and_weight), then the rarely trained items' (choose_rare_term). A model with
-    no untrained item keeps scale 1 and none of these. Returns metrics.json."""
+    no untrained item keeps scale 1 and none of these. `item_fields`, the catalog items'
+    fields, offer the content part the items' genres and years too (sidrec/item_features.py).
+    Returns metrics.json."""
     from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
     from sidrec.offline.metrics import metrics_from_ranks
     from sidrec.offline.split import BIN_NAMES
@@ -509,27 +536,40 @@ def calibrate_scale(
     items.untrained_sid_rows = paths[pick]
     best = by_paths[pick]
     if "content_part" in record:
-        # The content neighbours' part on the chosen paths, kept where it finds more new
-        # items on validation than the ridge part (the ridge part on a tie).
-        ridge = (items.content_map, items.content_bias)
-        neighbours = attach_neighbour_part(model, trained, content)
-        entry = by_new_item_scale()
-        kept = finds(entry) > finds(best)
-        record["content_part"] |= {
-            "kind": "neighbours" if kept else "ridge",
-            "valid_cold_start_hr@10_ridge": finds(best),
-            "valid_cold_start_hr@10_neighbours": finds(entry),
-            "new_item_scale_ridge": best["new_item_scale"],
-            "new_item_scale_neighbours": entry["new_item_scale"],
-            **neighbours,
+        assert content is not None
+        # The other content parts on the chosen paths: the content neighbours', and where the
+        # catalog's fields give genres or years (item_features) both parts on the content
+        # vector extended with them. One is kept where it finds more new items on
+        # validation than the ridge part and the parts before it (the earlier on a tie).
+        ridge_record = dict(record["content_part"])
+        features = ItemFeatures.fit(item_fields) if item_fields is not None else None
+        # name -> (kind, the vectors [n, C'] the part is fitted on)
+        parts = {"ridge": ("ridge", content), "neighbours": ("neighbours", content)}
+        if features is not None:
+            assert item_fields is not None
+            extended = features.extend(content, item_fields)
+            parts |= {"ridge_features": ("ridge", extended),
+                      "neighbours_features": ("neighbours", extended)}  # fmt: skip
+        found = {"ridge": best}  # the part fitted above
+        for name, (kind, x) in parts.items():
+            if name not in found:
+                attach_content_part(model, trained, x, kind)
+                found[name] = by_new_item_scale()
+        kept = max(found, key=lambda name: finds(found[name]))  # the first of the best
+        kind, x = parts[kept]
+        read = features if kept.endswith("_features") else None
+        record["content_part"] = {
+            **ridge_record,  # the ridge part's fit on the content vector
+            "kind": kind,
+            # the genres and years the kept part reads beside the content vector; null: none
+            "item_features": read.record() if read is not None else None,
+            "fit": attach_content_part(model, trained, x, kind),
+            **{f"valid_cold_start_hr@10_{n}": finds(e) for n, e in found.items()},
+            **{f"new_item_scale_{n}": e["new_item_scale"] for n, e in found.items()},
         }
-        if kept:
-            best = entry
-        else:
-            items.attach_content_map(*ridge, torch.as_tensor(content))
-        log(f"content part: validation cold-start HR@10 ridge {finds(by_paths[pick]):.4f}, "
-            f"{neighbours['neighbours']} content neighbours {finds(entry):.4f}: "
-            f"{record['content_part']['kind']} kept")  # fmt: skip
+        best = found[kept]
+        figures = ", ".join(f"{n} {finds(e):.4f}" for n, e in found.items())
+        log(f"content part: validation cold-start HR@10 {figures}: {kept} kept")
     chosen, valid = best["new_item_scale"], best["valid"]
     table, term = best["table"], ContentTerm()
     if content is not None and gets_content_part(cfg.variant, cfg.fusion):

@@ -416,7 +416,12 @@ class Steps:
             from sidrec.offline.new_items import calibrate_scale
 
             calibrate_scale(
-                out, self.split, self.content_vectors, log=console.print, codebooks=codebooks
+                out,
+                self.split,
+                self.content_vectors,
+                log=console.print,
+                codebooks=codebooks,
+                item_fields=self.data.catalog.fields,
             )
         self.timings[f"train {name}"] = time.perf_counter() - started
         return json.loads((self.run / name / METRICS_FILE).read_text())

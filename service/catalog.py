@@ -783,6 +783,9 @@ class Catalog:
         # and gains this weight * cos(history's mean content, its content) where the table
         # has a content term (service/retrieval.py)
         self.new_item_content_weight = bundle.content_term.new_weight if table.content_dim else 0.0
+        # What a new item's vector reads beside its content vector: its genres and years, for
+        # a bundle whose content part was fitted on them (docs/bundle.md); None: nothing.
+        self.item_features = bundle.item_features
         # The codes a new item's vector reads (docs/bundle.md, model.new_item_codes): the
         # nearest path of the bundle's trained items, whose SID rows were trained.
         self.vector_paths: CodePaths | None = None
@@ -817,9 +820,14 @@ class Catalog:
         return codes, self.codebooks.assign(content, within=self.vector_paths)
 
     async def _derive(
-        self, item_ids: list[str], content: np.ndarray, generation: str | None = None
+        self,
+        item_ids: list[str],
+        content: np.ndarray,
+        fields: list[dict[str, str]],
+        generation: str | None = None,
     ) -> list[Derived]:
-        """content float32 [B, D] -> SID and item vector per item, under this bundle."""
+        """content float32 [B, D] and the items' fields -> SID and item vector per item,
+        under this bundle."""
         with metrics.stage("sid_assign"):
             codes, vector_codes = await run_in_threadpool(self._codes, content)  # [B, L] each
             sids = np.zeros((len(item_ids), self.layers + 1), np.int64)
@@ -844,7 +852,12 @@ class Catalog:
                     sids[i, self.layers] = next(digits)
             graph_codes = sids.copy()
             graph_codes[:, : self.layers] = vector_codes
-            vectors = await run_in_threadpool(self.runtime.new_item_vectors, graph_codes, content)
+            graph_content = content
+            if self.item_features is not None:
+                graph_content = self.item_features.extend(content, fields)  # [B, D + F]
+            vectors = await run_in_threadpool(
+                self.runtime.new_item_vectors, graph_codes, graph_content
+            )
         derived = []
         for i, item_id in enumerate(item_ids):
             vector = (
@@ -1031,7 +1044,8 @@ class Catalog:
         item_ids: list[str],
         generation: str | None,
     ) -> list[IngestResult]:
-        derived = await self._derive(item_ids, content, generation)
+        fields = [item.fields for item in items]
+        derived = await self._derive(item_ids, content, fields, generation)
         now = time.time()
         stored = [
             StoredItem(
@@ -1096,7 +1110,9 @@ class Catalog:
             if reencode:
                 texts = [found[missing[j]][1].text for j in reencode]
                 content[reencode] = await run_in_threadpool(self.runtime.content_vectors, texts)
-            derived = await self._derive([found[k][0] for k in missing], content)
+            derived = await self._derive(
+                [found[k][0] for k in missing], content, [found[k][1].fields for k in missing]
+            )
             for k, d in zip(missing, derived, strict=True):
                 await self.store.put_derived(self.version, found[k][0], d)
                 found[k] = (found[k][0], found[k][1], d)

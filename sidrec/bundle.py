@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from sidrec.content_term import ContentTerm
+from sidrec.item_features import ItemFeatures
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -112,6 +113,19 @@ class Bundle:
     def content_term(self) -> ContentTerm:
         """The content term's weights (docs/bundle.md; none for bundles without one)."""
         return ContentTerm.from_record(self.model)
+
+    @property
+    def item_features(self) -> ItemFeatures | None:
+        """The genres and years a new item's vector reads beside its content vector (docs/
+        bundle.md, model.new_item_content_features); None: the content vector alone."""
+        record = self.model.get("new_item_content_features")
+        return ItemFeatures.from_record(record) if record else None
+
+    @property
+    def new_item_content_dim(self) -> int:
+        """Numbers the new-item graph's content input holds per item."""
+        features = self.item_features
+        return int(self.manifest["content"]["dim"]) + (features.dim if features else 0)
 
     def item_content(self) -> np.ndarray | None:
         """float32 [n + 1, C] unit content vectors, row 0 zeros, for a bundle with a content

@@ -10,6 +10,7 @@ plots; users who mostly stay within one theme) by `offline.pipeline.Steps` - the
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -165,39 +166,70 @@ def sum_run(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> tuple
     return bundle, root / "run" / "hybrid-sum" / "checkpoint.pt"
 
 
-@pytest.fixture(scope="session")
-def neighbours_run(
-    tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
+def _with_content_part(
+    tmp_path_factory: pytest.TempPathFactory,
+    sum_run: tuple[Path, Path],
+    name: str,
+    item_features: bool,
 ) -> tuple[Path, Path]:
-    """(bundle, checkpoint) of sum_run's model with the content neighbours' part in place of
-    whichever content part its calibration kept, exported again."""
+    """(bundle, checkpoint) of a copy of sum_run's model given the content neighbours' part
+    in place of whichever content part its calibration kept, fitted on the content vectors
+    or (item_features) on them extended with the items' genres and years, exported again."""
     import torch
 
+    from sidrec.item_features import ItemFeatures
     from sidrec.offline import pipeline
-    from sidrec.offline.new_items import attach_neighbour_part
+    from sidrec.offline.new_items import NEW_ITEMS_FILE, attach_content_part
     from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
     source = sum_run[1].parent.parent.parent  # root/run/hybrid-sum/checkpoint.pt -> root
-    root = tmp_path_factory.mktemp("neighbours")
+    root = tmp_path_factory.mktemp(name)
     shutil.copytree(source / "run", root / "run")
     checkpoint = root / "run" / "hybrid-sum" / CHECKPOINT_FILE
     model, _, ckpt = load_checkpoint(checkpoint)
     trained = torch.as_tensor(ckpt["trained"], dtype=torch.bool)
-    attach_neighbour_part(model, trained, np.load(root / "run" / "content_vectors.npy"))
+    content = np.load(root / "run" / "content_vectors.npy")
+    steps = pipeline.Steps.open(source / "data", root / "run")
+    record_path = checkpoint.parent / NEW_ITEMS_FILE
+    record = json.loads(record_path.read_text())
+    record["content_part"]["item_features"] = None
+    if item_features:
+        fields = steps.data.catalog.fields
+        features = ItemFeatures.fit(fields)
+        assert features is not None, "the synthetic catalog names its items' genres"
+        content = features.extend(content, fields)
+        record["content_part"]["item_features"] = features.record()
+    record_path.write_text(json.dumps(record))
+    attach_content_part(model, trained, content, "neighbours")
     ckpt["state_dict"] = {k: v.cpu() for k, v in model.state_dict().items()}
     torch.save(ckpt, checkpoint)
     old_cache = os.environ.get("SIDREC_CACHE")
     os.environ["SIDREC_CACHE"] = str(_RUN.get("cache", source / "cache"))  # MiniLM's export
     try:
-        bundle = pipeline.Steps.open(source / "data", root / "run").export(
-            "hybrid-sum", root / "bundle"
-        )
+        bundle = steps.export("hybrid-sum", root / "bundle")
     finally:
         if old_cache is None:
             os.environ.pop("SIDREC_CACHE", None)
         else:
             os.environ["SIDREC_CACHE"] = old_cache
     return bundle, checkpoint
+
+
+@pytest.fixture(scope="session")
+def neighbours_run(
+    tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
+) -> tuple[Path, Path]:
+    """sum_run's model with the content neighbours' part, exported again."""
+    return _with_content_part(tmp_path_factory, sum_run, "neighbours", item_features=False)
+
+
+@pytest.fixture(scope="session")
+def features_run(
+    tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
+) -> tuple[Path, Path]:
+    """sum_run's model with the content neighbours' part over the content vectors extended
+    with the items' genres (sidrec/item_features.py), exported again."""
+    return _with_content_part(tmp_path_factory, sum_run, "features", item_features=True)
 
 
 @pytest.fixture(scope="session")

@@ -136,11 +136,15 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     fit = hybrid["new_items"]["content_part"]
     assert fit["penalty"] in RIDGE_PENALTIES
     assert fit["fitted_on_items"] == hybrid["split"]["trained_items"]
-    # the content neighbours' part replaced the ridge part only where it found more new items
-    # on validation at its own warm-rule scale
-    found = {kind: fit[f"valid_cold_start_hr@10_{kind}"] for kind in ("ridge", "neighbours")}
-    assert fit["kind"] == ("neighbours" if found["neighbours"] > found["ridge"] else "ridge")
-    assert fit[f"new_item_scale_{fit['kind']}"] == chosen  # the kept table's own rule
+    # each part at its own warm-rule scale: the content neighbours' part, and both parts on
+    # the content vector plus the items' genres (the catalog names them), replaced the ridge
+    # part only where they found more new items on validation (the earlier on a tie)
+    names = ("ridge", "neighbours", "ridge_features", "neighbours_features")
+    found = {name: fit[f"valid_cold_start_hr@10_{name}"] for name in names}
+    kept = max(names, key=lambda name: found[name])
+    assert fit["kind"] == kept.removesuffix("_features")
+    assert (fit["item_features"] is not None) == kept.endswith("_features")
+    assert fit[f"new_item_scale_{kept}"] == chosen  # the kept table's own rule
     assert set(hybrid["unscaled"]) == {"valid", "test"}
     assert "new_items" not in json.loads((run / "id" / "metrics.json").read_text())
 
@@ -153,6 +157,7 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     assert bundle.lists("item_content.npy") == bundle.content_term.active
     assert bundle.model["new_items"] == "sid+content"
     assert bundle.model["new_item_content_part"] == fit["kind"]
+    assert bundle.model["new_item_content_features"] == fit["item_features"]
     assert bundle.manifest["sid"] == {**bundle.manifest["sid"], "layers": 2, "codes": 8}
     assert bundle.manifest["metrics"]["test"] == results["hybrid-sum"]["test"]["overall"]
 

@@ -225,9 +225,8 @@ def test_new_items_read_the_paths_the_bundles_untrained_items_read(
     ][:6]
     assert moved, "no untrained item's two paths differ: the test could not tell them apart"
     for r, vector in moved:
-        answer = a.post(
-            "/v1/items", {"item_id": f"copy-{r.item_id}", "content_vector": vector.tolist()}
-        )
+        copy = {"item_id": f"copy-{r.item_id}", "content_vector": vector.tolist()}
+        answer = a.post("/v1/items", {**copy, "fields": r.fields})  # the genres it may read
         assert answer.status_code == 200, answer.text
         assert answer.json()["items"][0]["sid"][:layers] == list(r.sid[:layers])  # its own SID
     history = [r.item_id for r in records if r.popularity > 0][:5]
@@ -270,6 +269,51 @@ def test_an_ingested_item_reads_its_content_neighbours_in_the_bundles_graph(
         scores = {i["item_id"]: i["score"] for i in answer.json()["items"]}
         for r in untrained:
             assert scores[f"copy-{r.item_id}"] == pytest.approx(scores[r.item_id], abs=1e-4)
+    finally:
+        service.stop()
+
+
+def test_an_ingested_item_reads_its_genres_beside_its_content_vector(
+    tmp_path: Path, features_run: tuple[Path, Path]
+) -> None:
+    """A bundle whose content part was fitted on the content vector and the items' genres
+    and years (docs/bundle.md, model.new_item_content_features): the service extends an
+    ingested item's content vector with the genres and year its fields give, as the offline
+    table did. A copy of an untrained catalog item ingested with its fields scores as the
+    bundle's own row; the same vector under another theme's genres gets another vector."""
+    bundle_dir, checkpoint = features_run
+    bundle = load_bundle(bundle_dir)
+    features = bundle.item_features
+    themes = [theme.replace("|", ", ") for theme in THEMES]  # as the generic layout reads them
+    assert features is not None
+    assert set(features.genres) == {g.lower() for theme in THEMES for g in theme.split("|")}
+    assert bundle.new_item_content_dim == bundle.manifest["content"]["dim"] + features.dim
+    records = bundle.items()
+    content = np.load(checkpoint.parent.parent / "content_vectors.npy")  # row r at r - 1
+    untrained = [r for r in records if r.popularity == 0][:6]
+    assert untrained
+    service = Service(bundle_dir, tmp_path / "service.log")
+    service.start()
+    try:
+        for r in untrained:
+            assert r.fields["genres"] in themes
+            other = next(g for g in themes if g != r.fields["genres"])
+            vector = content[r.row - 1].tolist()
+            copies = {f"copy-{r.item_id}": r.fields, f"recast-{r.item_id}": {"genres": other}}
+            for item_id, fields in copies.items():
+                answer = service.post(
+                    "/v1/items", {"item_id": item_id, "content_vector": vector, "fields": fields}
+                )
+                assert answer.status_code == 200, answer.text
+        history = [r.item_id for r in records if r.popularity > 0][:5]
+        answer = service.post(
+            "/v1/recommend", {"user_id": "genre-watcher", "k": 1000, "history": history}
+        )
+        assert answer.status_code == 200, answer.text
+        scores = {i["item_id"]: i["score"] for i in answer.json()["items"]}
+        for r in untrained:
+            assert scores[f"copy-{r.item_id}"] == pytest.approx(scores[r.item_id], abs=1e-4)
+            assert abs(scores[f"recast-{r.item_id}"] - scores[r.item_id]) > 1e-3
     finally:
         service.stop()
 

@@ -22,7 +22,9 @@ with the warm rule's figures on validation: RUN/<variant>/rare_term_ablation.jso
 `--neighbours K:T,...` compares the content parts calibration chooses between: the ridge part
 and the content neighbours' part with k = K and temperature T per cell, each on the paths the
 run's calibration kept and at the scale the warm rule picks for it over NEW_ITEM_SCALES (no
-content term): RUN/<variant>/content_neighbours_ablation.json.
+content term): RUN/<variant>/content_neighbours_ablation.json. With `--item-features` each
+part is also fitted on the content vector extended with the items' genres and year
+(sidrec/item_features.py), cells named "features ...".
 
 --seed and --cold-fraction must be the run's, so the split is the one it was trained on.
 """
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 
 from sidrec.content_term import ContentTerm
+from sidrec.item_features import ItemFeatures
 from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
 from sidrec.offline.new_items import (
     NEW_ITEMS_FILE,
@@ -248,6 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--neighbours", default="", help="comma-separated K:T, content neighbours' parts"
     )
+    parser.add_argument(
+        "--item-features",
+        action="store_true",
+        help="--neighbours: also each part on the content vector plus genres and year",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cold-fraction", type=float, default=0.05)
     args = parser.parse_args(argv)
@@ -271,10 +279,16 @@ def main(argv: list[str] | None = None) -> None:
         (folder / "rare_term_ablation.json").write_text(json.dumps(out, indent=2) + "\n")
         return
     if args.neighbours:
-        pairs = [c.split(":") for c in args.neighbours.split(",")]
-        out = neighbour_cells(
-            folder, split, [(int(k), float(t)) for k, t in pairs], steps.content_vectors
-        )
+        pairs = [(int(k), float(t)) for k, t in (c.split(":") for c in args.neighbours.split(","))]
+        out = neighbour_cells(folder, split, pairs, steps.content_vectors)
+        if args.item_features:
+            fields = steps.data.catalog.fields
+            features = ItemFeatures.fit(fields)
+            if features is None:
+                raise SystemExit(f"{args.data}: too few items have genres or a year")
+            extended = features.extend(steps.content_vectors, fields)
+            cells = neighbour_cells(folder, split, pairs, extended)
+            out.update({f"features {key}": cell for key, cell in cells.items()})
         for key, cell in out.items():
             print(f"{key:28s} scale {cell['scale']:g} valid ndcg@10 "
                   f"{cell['valid']['overall']['ndcg@10']:.4f} cold-start "

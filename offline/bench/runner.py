@@ -146,7 +146,12 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
         from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
 
         calibrate_scale(
-            folder, split, content, log=lambda _: None, codebooks=prepared_codebooks(out, run)
+            folder,
+            split,
+            content,
+            log=lambda _: None,
+            codebooks=prepared_codebooks(out, run),
+            item_fields=data.catalog.fields,
         )
         model = load_checkpoint(folder / CHECKPOINT_FILE)[0]  # with its content part, if any
     info = {
@@ -229,7 +234,12 @@ def finish_stopped(data_dir: Path, out: Path, run: Run) -> dict | None:
         from sidrec.offline.new_items import calibrate_scale
 
         calibrate_scale(
-            folder, split, content, log=lambda _: None, codebooks=prepared_codebooks(out, run)
+            folder,
+            split,
+            content,
+            log=lambda _: None,
+            codebooks=prepared_codebooks(out, run),
+            item_fields=data.catalog.fields,
         )
         model = load_checkpoint(folder / CHECKPOINT_FILE)[0]  # with its content part, if any
     info = {
