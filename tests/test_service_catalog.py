@@ -8,7 +8,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import THEMES, RedisServer, Service
 
-from sidrec.bundle import load_bundle
+from sidrec.bundle import ItemRecord, load_bundle
 from sidrec.sid_codebook import Codebooks, CodePaths
 
 SCIFI = "Sci-Fi|Adventure"
@@ -237,6 +237,37 @@ def test_new_items_read_the_paths_the_bundles_untrained_items_read(
         assert scores[f"copy-{r.item_id}"] == pytest.approx(scores[r.item_id], abs=1e-4)
 
 
+def _ingested_copies_scores(
+    bundle_dir: Path,
+    checkpoint: Path,
+    log: Path,
+    copies_of: Callable[[ItemRecord], dict[str, dict[str, str]]],
+) -> tuple[list[ItemRecord], dict[str, float]]:
+    """Start a service on bundle_dir, ingest for each of six untrained bundle items the copies
+    copies_of(record) names ({item id: fields}), each with the item's own content vector,
+    and return those items and a warm history's scores over the top 1,000."""
+    records = load_bundle(bundle_dir).items()
+    content = np.load(checkpoint.parent.parent / "content_vectors.npy")  # row r at r - 1
+    untrained = [r for r in records if r.popularity == 0][:6]
+    assert untrained
+    service = Service(bundle_dir, log)
+    service.start()
+    try:
+        for r in untrained:
+            vector = content[r.row - 1].tolist()
+            for item_id, fields in copies_of(r).items():
+                answer = service.post(
+                    "/v1/items", {"item_id": item_id, "content_vector": vector, "fields": fields}
+                )
+                assert answer.status_code == 200, answer.text
+        history = [r.item_id for r in records if r.popularity > 0][:5]
+        answer = service.post("/v1/recommend", {"user_id": "copies", "k": 1000, "history": history})
+        assert answer.status_code == 200, answer.text
+        return untrained, {i["item_id"]: i["score"] for i in answer.json()["items"]}
+    finally:
+        service.stop()
+
+
 def test_an_ingested_item_reads_its_content_neighbours_in_the_bundles_graph(
     tmp_path: Path, neighbours_run: tuple[Path, Path]
 ) -> None:
@@ -244,33 +275,15 @@ def test_an_ingested_item_reads_its_content_neighbours_in_the_bundles_graph(
     model.new_item_content_part): the exported graph holds the trained items' content
     vectors and id rows, so a copy of an untrained catalog item ingested under a new id scores
     as the bundle's own row, which the offline table computed."""
-    bundle_dir, checkpoint = neighbours_run
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(neighbours_run[0])
     assert bundle.model["new_items"] == "sid+content"
     assert bundle.model["new_item_content_part"] == "neighbours"
-    records = bundle.items()
-    content = np.load(checkpoint.parent.parent / "content_vectors.npy")  # row r at r - 1
-    untrained = [r for r in records if r.popularity == 0][:6]
-    assert untrained
-    service = Service(bundle_dir, tmp_path / "service.log")
-    service.start()
-    try:
-        for r in untrained:
-            vector = content[r.row - 1].tolist()
-            answer = service.post(
-                "/v1/items", {"item_id": f"copy-{r.item_id}", "content_vector": vector}
-            )
-            assert answer.status_code == 200, answer.text
-        history = [r.item_id for r in records if r.popularity > 0][:5]
-        answer = service.post(
-            "/v1/recommend", {"user_id": "neighbour-watcher", "k": 1000, "history": history}
-        )
-        assert answer.status_code == 200, answer.text
-        scores = {i["item_id"]: i["score"] for i in answer.json()["items"]}
-        for r in untrained:
-            assert scores[f"copy-{r.item_id}"] == pytest.approx(scores[r.item_id], abs=1e-4)
-    finally:
-        service.stop()
+    assert bundle.item_features is None
+    untrained, scores = _ingested_copies_scores(
+        *neighbours_run, tmp_path / "service.log", lambda r: {f"copy-{r.item_id}": {}}
+    )
+    for r in untrained:
+        assert scores[f"copy-{r.item_id}"] == pytest.approx(scores[r.item_id], abs=1e-4)
 
 
 def test_an_ingested_item_reads_its_genres_beside_its_content_vector(
@@ -281,41 +294,22 @@ def test_an_ingested_item_reads_its_genres_beside_its_content_vector(
     ingested item's content vector with the genres and year its fields give, as the offline
     table did. A copy of an untrained catalog item ingested with its fields scores as the
     bundle's own row; the same vector under another theme's genres gets another vector."""
-    bundle_dir, checkpoint = features_run
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(features_run[0])
     features = bundle.item_features
     themes = [theme.replace("|", ", ") for theme in THEMES]  # as the generic layout reads them
     assert features is not None
     assert set(features.genres) == {g.lower() for theme in THEMES for g in theme.split("|")}
     assert bundle.new_item_content_dim == bundle.manifest["content"]["dim"] + features.dim
-    records = bundle.items()
-    content = np.load(checkpoint.parent.parent / "content_vectors.npy")  # row r at r - 1
-    untrained = [r for r in records if r.popularity == 0][:6]
-    assert untrained
-    service = Service(bundle_dir, tmp_path / "service.log")
-    service.start()
-    try:
-        for r in untrained:
-            assert r.fields["genres"] in themes
-            other = next(g for g in themes if g != r.fields["genres"])
-            vector = content[r.row - 1].tolist()
-            copies = {f"copy-{r.item_id}": r.fields, f"recast-{r.item_id}": {"genres": other}}
-            for item_id, fields in copies.items():
-                answer = service.post(
-                    "/v1/items", {"item_id": item_id, "content_vector": vector, "fields": fields}
-                )
-                assert answer.status_code == 200, answer.text
-        history = [r.item_id for r in records if r.popularity > 0][:5]
-        answer = service.post(
-            "/v1/recommend", {"user_id": "genre-watcher", "k": 1000, "history": history}
-        )
-        assert answer.status_code == 200, answer.text
-        scores = {i["item_id"]: i["score"] for i in answer.json()["items"]}
-        for r in untrained:
-            assert scores[f"copy-{r.item_id}"] == pytest.approx(scores[r.item_id], abs=1e-4)
-            assert abs(scores[f"recast-{r.item_id}"] - scores[r.item_id]) > 1e-3
-    finally:
-        service.stop()
+
+    def copies_of(r: ItemRecord) -> dict[str, dict[str, str]]:
+        assert r.fields["genres"] in themes
+        other = next(g for g in themes if g != r.fields["genres"])
+        return {f"copy-{r.item_id}": r.fields, f"recast-{r.item_id}": {"genres": other}}
+
+    untrained, scores = _ingested_copies_scores(*features_run, tmp_path / "service.log", copies_of)
+    for r in untrained:
+        assert scores[f"copy-{r.item_id}"] == pytest.approx(scores[r.item_id], abs=1e-4)
+        assert abs(scores[f"recast-{r.item_id}"] - scores[r.item_id]) > 1e-3
 
 
 def test_restart_keeps_every_ingested_item(pair: tuple[Service, Service]) -> None:

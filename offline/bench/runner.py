@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from sidrec.offline.data.dataset import Interactions
     from sidrec.offline.split import Split
     from sidrec.offline.train import SequentialRecommender
     from sidrec.sid_codebook import Codebooks
@@ -142,18 +143,7 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
         attach_tower(folder, split, content, codes, log=lambda _: None)
         tower = (folder, sids, content)
     elif content is not None:
-        from sidrec.offline.new_items import calibrate_scale
-        from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
-
-        calibrate_scale(
-            folder,
-            split,
-            content,
-            log=lambda _: None,
-            codebooks=prepared_codebooks(out, run),
-            item_fields=data.catalog.fields,
-        )
-        model = load_checkpoint(folder / CHECKPOINT_FILE)[0]  # with its content part, if any
+        model = calibrated_model(folder, split, content, data, prepared_codebooks(out, run))
     info = {
         # the generative-retrieval papers' rule (history items stay candidates), for
         # comparing with their published figures; the benchmark's own rule excludes them
@@ -171,6 +161,19 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
     }
     (folder / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def calibrated_model(
+    folder: Path, split: Split, content: np.ndarray, data: Interactions, codebooks: Codebooks
+) -> SequentialRecommender:
+    """Calibrate folder's trained SID model for new items (offline/new_items.py) and load it
+    with the content part and paths calibration kept."""
+    from sidrec.offline.new_items import calibrate_scale
+    from sidrec.offline.train import CHECKPOINT_FILE, load_checkpoint
+
+    calibrate_scale(folder, split, content, log=lambda _: None, codebooks=codebooks,
+                    item_fields=data.catalog.fields)  # fmt: skip
+    return load_checkpoint(folder / CHECKPOINT_FILE)[0]
 
 
 def prepared_content(out: Path, run: Run) -> np.ndarray:
@@ -231,17 +234,7 @@ def finish_stopped(data_dir: Path, out: Path, run: Run) -> dict | None:
     (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     content = prepared_content(out, run) if cfg.variant != "id" else None
     if content is not None:
-        from sidrec.offline.new_items import calibrate_scale
-
-        calibrate_scale(
-            folder,
-            split,
-            content,
-            log=lambda _: None,
-            codebooks=prepared_codebooks(out, run),
-            item_fields=data.catalog.fields,
-        )
-        model = load_checkpoint(folder / CHECKPOINT_FILE)[0]  # with its content part, if any
+        model = calibrated_model(folder, split, content, data, prepared_codebooks(out, run))
     info = {
         "test_history_kept": history_kept_test(model, split, cfg.max_len, None, folder, content),
         "run": run.as_dict(),
