@@ -149,7 +149,7 @@ def build_model(settings: Settings, stores: Stores, bundle: Bundle) -> Services:
         np.ones((1, 1), np.bool_),
         np.zeros(1, np.int64),
     )
-    runtime.new_item_vectors(sids[1:2], np.zeros((1, bundle.new_item_content_dim), np.float32))
+    runtime.new_item_vectors(sids[1:2], np.zeros((1, runtime.content_dim), np.float32))
     runtime.content_vectors(["warm-up"])
     cache = None
     if settings.user_cache_size:

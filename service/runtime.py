@@ -41,7 +41,7 @@ class Engine(Protocol):
     provider: str  # what the user encoder runs on, for /readyz and sidrec_model_info
     max_len: int
     d: int
-    content_dim: int
+    content_dim: int  # numbers new_item_vectors reads per item (bundle.new_item_content_dim)
 
     def encode_users(
         self,
@@ -183,7 +183,7 @@ class Runtime:
             )
         self.max_len = int(bundle.model["max_len"])
         self.d = int(bundle.model["d"])
-        self.content_dim = int(bundle.manifest["content"]["dim"])
+        self.content_dim = bundle.new_item_content_dim
 
     def encode_users(
         self,

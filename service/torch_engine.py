@@ -117,7 +117,7 @@ class TorchRuntime:
             raise BundleError(
                 f"{bundle.file(TORCH_WEIGHTS)}: d={self.model.d}, manifest.json says {self.d}"
             )
-        self.content_dim = int(bundle.manifest["content"]["dim"])
+        self.content_dim = bundle.new_item_content_dim
         # The content encoder is ONNX only; it takes ORT's CUDA provider where one is
         # installed and the CPU otherwise, never failing the torch engine's start for it.
         content_providers = [CPU]
