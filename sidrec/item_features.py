@@ -99,8 +99,9 @@ class ItemFeatures:
     def fit(cls, fields: Sequence[dict[str, str]]) -> ItemFeatures | None:
         """The parts a catalog (its items' fields) supports; None where it supports neither."""
         n = max(len(fields), 1)
-        counts = Counter(g for item in fields for g in item_genres(item))
-        has_genres = sum(1 for item in fields if item_genres(item)) / n >= MIN_SHARE
+        named = [item_genres(item) for item in fields]
+        counts = Counter(g for genres in named for g in genres)
+        has_genres = sum(1 for genres in named if genres) / n >= MIN_SHARE
         genres = tuple(sorted(g for g, c in counts.items() if c >= MIN_GENRE_ITEMS))
         years = [y for y in (item_year(item) for item in fields) if y is not None]
         has_years = len(years) / n >= MIN_SHARE
