@@ -30,7 +30,7 @@ from sidrec.offline.onnx_export import (
 )
 from sidrec.offline.tower import item_table, load_tower
 from sidrec.offline.train import load_checkpoint
-from sidrec.sid_codebook import Codebooks, normalize_rows
+from sidrec.sid_codebook import Codebooks
 
 POPULAR_LIST = 1000
 # items.jsonl keeps an item's fields up to this many characters (see below).
@@ -53,7 +53,8 @@ def export_bundle(
     A content tower saved beside the checkpoint (offline/tower.py) goes into the bundle: its
     table is item_vectors.npy and item_vector.onnx makes new items' vectors; it needs the
     catalog's `content` vectors float32 [n, C], as does a content term (offline/new_items.py),
-    whose unit content vectors go in as item_content.npy. `content_precision` picks the content
+    whose unit vectors (content vectors, and the items' genres and years where the term reads
+    them) go in as item_content.npy. `content_precision` picks the content
     encoder graph, the one the catalog's content vectors (and so the SIDs) were made with.
 
     The folder is written next to `out_dir` first and renamed into place, so a half-written
@@ -95,7 +96,7 @@ def export_bundle(
     np.save(tmp / "item_vectors.npy", table.numpy().astype(np.float32))
     if term.active:
         assert content is not None
-        unit = normalize_rows(np.asarray(content, np.float32))  # [n, C]
+        unit = term.vectors(content, data.catalog.fields)  # [n, C'], unit rows
         rows = np.concatenate([np.zeros_like(unit[:1]), unit])  # row 0: padding
         np.save(tmp / "item_content.npy", rows.astype(np.float32))
     # After table(): it records which SID rows trained items read, and model.pt keeps that.
@@ -197,7 +198,9 @@ def export_bundle(
             ),
             # plus this weight * cos(the history's mean content, the item's content), from
             # item_content.npy and the ingested items' content vectors (0: no term); the
-            # items with 1..rare_item_max_count training events get rare_item_content_weight
+            # items with 1..rare_item_max_count training events get rare_item_content_weight;
+            # content_term_features: the genres and years the cosine reads beside the content
+            # vector (item_content.npy holds both), null: the vector alone
             **term.record(),
             # which codes a new item's SID graph reads: its own, or the nearest path that the
             # trained items have (offline/new_items.py), the SID it is given staying its own

@@ -493,6 +493,17 @@ def calibrate_scale(
             return items.table(trained)  # [n + 1, d], with the paths set on items
 
     counts = np.asarray(ckpt["train_counts"])  # [n + 1]: which rows a content term reaches
+    features = ItemFeatures.fit(item_fields) if item_fields is not None else None
+    vectors_by_features: dict[ItemFeatures | None, torch.Tensor] = {}
+
+    def term_vectors(term: ContentTerm) -> torch.Tensor:
+        # [n, C'] the term's cosines read, made once per kind
+        if term.features not in vectors_by_features:
+            assert content is not None
+            vectors_by_features[term.features] = torch.from_numpy(
+                term.vectors(content, item_fields)
+            )
+        return vectors_by_features[term.features]
 
     def ranks(
         table: torch.Tensor,
@@ -503,9 +514,8 @@ def calibrate_scale(
     ) -> np.ndarray:
         scorer = table_scorer(model.encoder, table, scales, offsets)
         if term is not None and term.active:
-            assert content is not None
             weights = torch.from_numpy(term.row_weights(counts))
-            scorer = with_content_term(scorer, torch.as_tensor(content), weights)
+            scorer = with_content_term(scorer, term_vectors(term), weights)
         return rank_targets(scorer, split, stage, batch_size, cfg.max_len)
 
     hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
@@ -542,7 +552,6 @@ def calibrate_scale(
         # vector extended with them. One is kept where it finds more new items on
         # validation than the ridge part and the parts before it (the earlier on a tie).
         ridge_record = dict(record["content_part"])
-        features = ItemFeatures.fit(item_fields) if item_fields is not None else None
         # name -> (kind, the vectors [n, C'] the part is fitted on)
         parts = {"ridge": ("ridge", content), "neighbours": ("neighbours", content)}
         if features is not None:
@@ -573,24 +582,50 @@ def calibrate_scale(
     chosen, valid = best["new_item_scale"], best["valid"]
     table, term = best["table"], ContentTerm()
     if content is not None and gets_content_part(cfg.variant, cfg.fusion):
-        by_weight = choose_content_term(
-            best["valid_by_new_item_scale"], chosen, valid,
-            lambda s, w: ranks(table, "valid", scales_for(trained, s), term=ContentTerm(w)),
-            hot, hot_reference, split, tolerance,
-        )  # fmt: skip
+        # The term's cosine on the content vector, and where the catalog's fields give genres
+        # or years on the vector extended with them: each kind's weight and scale by the warm
+        # rule, then the kind whose pick finds more new items on validation (the content
+        # vector alone on a tie).
+        term_kinds = {"content": None} | ({"content_features": features} if features else {})
+        by_kind = {
+            kind: choose_content_term(
+                best["valid_by_new_item_scale"], chosen, valid,
+                lambda s, w, f=f: ranks(table, "valid", scales_for(trained, s),
+                                        term=ContentTerm(w, features=f)),
+                hot, hot_reference, split, tolerance,
+            )
+            for kind, f in term_kinds.items()
+        }  # fmt: skip
+
+        def term_finds(kind: str) -> float:
+            cell = by_kind[kind]["chosen_cell"]
+            return -1.0 if cell is None else float(cell["valid"]["cold_start"]["hr@10"])
+
+        kind = max(term_kinds, key=term_finds)  # the first of the best
+        by_weight = by_kind[kind]
         record["content_term"] = {k: v for k, v in by_weight.items() if k != "chosen_cell"}
+        record["content_term"] |= {
+            "reads": kind,
+            **{f"valid_cold_start_hr@10_{k}": max(term_finds(k), 0.0) for k in term_kinds},
+        }
         cell = by_weight["chosen_cell"]
         served_warm = best["valid_by_new_item_scale"][str(chosen)]
         if cell is not None:
-            chosen, term, valid = cell["scale"], ContentTerm(cell["weight"]), cell["valid"]
+            chosen, valid = cell["scale"], cell["valid"]
+            weight = cell["weight"]
+            term = ContentTerm(weight, features=term_kinds[kind] if weight else None)
             served_warm = cell["warm"]
-        log(f"content term: weight {term.new_weight:g} at scale {chosen:g} (validation "
-            f"cold-start HR@10 {valid['cold_start']['hr@10']:.4f}; per weight the warm rule's "
-            f"scale {by_weight['picked']})")  # fmt: skip
+        reads = "content vector" + (" + genres/years" if term.features else "")
+        log(f"content term: weight {term.new_weight:g} at scale {chosen:g} on the {reads} "
+            f"(validation cold-start HR@10 {valid['cold_start']['hr@10']:.4f}; per weight the "
+            f"warm rule's scale {by_weight['picked']})")  # fmt: skip
         scales = scales_for(trained, chosen)
+        # the rarely trained items' term reads the vectors the new items' term picked (the
+        # content vector where it picked no term)
+        rare_features = term_kinds[kind]
 
         def rare_cell(count: int, weight: float) -> dict[str, Any]:
-            rare_term = ContentTerm(term.new_weight, weight, count)
+            rare_term = ContentTerm(term.new_weight, weight, count, rare_features)
             r = ranks(table, "valid", scales, term=rare_term)
             return {"warm": warm_figures(r, hot), "valid": summarize(r, split, "valid")}
 
@@ -599,7 +634,9 @@ def calibrate_scale(
         )
         record["rare_term"] = {k: v for k, v in rare.items() if k != "chosen_cell"}
         count, weight = rare["chosen"]
-        term = ContentTerm(term.new_weight, weight, count)
+        term = ContentTerm(term.new_weight, weight, count, rare_features)
+        if not term.active:
+            term = ContentTerm()
         valid = rare["chosen_cell"]["valid"]
         cold_bin = valid["by_popularity"]["cold"]["hr@10"]
         log(f"rarely trained items' term: weight {weight:g} on items with at most {count} "

@@ -464,8 +464,9 @@ class Steps:
         content = self.content_vectors if tower is not None or term.active else None
         scale = load_new_item_scale(self.run / name)
         scorer = model_scorer(
-            model, ckpt["train_counts"], ckpt["sids"], tower, content, scale, term
-        )
+            model, ckpt["train_counts"], ckpt["sids"], tower, content, scale, term,
+            self.data.catalog.fields,
+        )  # fmt: skip
         batch_size = cfg.eval_batch_size or 32
         reports = {}
         for stage in ("valid", "test"):

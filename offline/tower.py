@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -403,13 +403,15 @@ def model_scorer(
     content: np.ndarray | None = None,
     new_item_scale: float = 1.0,
     content_term: ContentTerm | None = None,
+    item_fields: Sequence[dict[str, str]] | None = None,
 ) -> Callable:
     """offline/evaluate.py's scorer for the table the service holds for a trained `model` (a
     SequentialRecommender; training events per row `train_counts` [n + 1], 0 for untrained
     rows): with a content tower, the tower's vectors and score scale and offset for untrained
     rows (which need the SIDs and content vectors [n, C]); without, the model's own rows and
     `new_item_scale` for untrained ones, plus the rows' `content_term` (which needs the
-    content vectors; offline/new_items.py)."""
+    content vectors, and the catalog's `item_fields` where it reads genres and years;
+    offline/new_items.py)."""
     from sidrec.offline.evaluate import table_scorer
 
     counts = np.asarray(train_counts)
@@ -425,7 +427,8 @@ def model_scorer(
         if content is None:
             raise ValueError("a content term is scored with the content vectors")
         weights = torch.from_numpy(content_term.row_weights(counts))
-        return with_content_term(scorer, torch.as_tensor(content), weights)
+        vectors = torch.from_numpy(content_term.vectors(content, item_fields))
+        return with_content_term(scorer, vectors, weights)
     if sids is None or content is None:
         raise ValueError("a model with a content tower is scored with its SIDs and content")
     with torch.no_grad():
@@ -433,14 +436,19 @@ def model_scorer(
     return table_scorer(model.encoder, *served)
 
 
-def served_scorer(checkpoint: Path, content: np.ndarray | None = None) -> Callable:
+def served_scorer(
+    checkpoint: Path,
+    content: np.ndarray | None = None,
+    item_fields: Sequence[dict[str, str]] | None = None,
+) -> Callable:
     """model_scorer for `checkpoint` (offline/train.py) and the content tower or new-item
     scale and content term beside it, if any (a tower or a term needs the catalog's content
-    vectors [n, C])."""
+    vectors [n, C], a term that reads genres and years its items' fields too)."""
     from sidrec.offline.train import load_checkpoint
 
     model, _, ckpt = load_checkpoint(checkpoint)
     model.eval()
     folder = Path(checkpoint).parent
     return model_scorer(model, ckpt["train_counts"], ckpt["sids"], load_tower(folder), content,
-                        load_new_item_scale(folder), load_content_term(folder))  # fmt: skip
+                        load_new_item_scale(folder), load_content_term(folder),
+                        item_fields)  # fmt: skip

@@ -783,6 +783,8 @@ class Catalog:
         # and gains this weight * cos(history's mean content, its content) where the table
         # has a content term (service/retrieval.py)
         self.new_item_content_weight = bundle.content_term.new_weight if table.content_dim else 0.0
+        # what that cosine reads: the content vector, or that and the item's genres and years
+        self.content_term = bundle.content_term
         # What a new item's vector reads beside its content vector: its genres and years, for
         # a bundle whose content part was fitted on them (docs/bundle.md); None: nothing.
         self.item_features = bundle.item_features
@@ -877,10 +879,12 @@ class Catalog:
         if row is not None and np.array_equal(derived.vector, self.bundle_vectors[row]):
             scale, offset = float(self.bundle_scales[row]), float(self.bundle_offsets[row])
             weight = float(self.bundle_content_weights[row])
+        term_vector = stored.content_vector  # [D]
+        if self.table.content_dim and self.content_term.features is not None:
+            term_vector = self.content_term.vectors(term_vector[None, :], [stored.fields])[0]
         created = self.table.upsert(
-            stored.item_id, derived.sid, derived.vector, scale, offset,
-            stored.content_vector, weight,
-        )  # fmt: skip
+            stored.item_id, derived.sid, derived.vector, scale, offset, term_vector, weight
+        )
         self.retired.pop(stored.item_id, None)  # ingested again after a retirement: live
         self.held[stored.item_id] = (stored, derived)
         popularity = self.meta.get(stored.item_id, {}).get("popularity", 0)

@@ -128,8 +128,9 @@ class Bundle:
         return int(self.manifest["content"]["dim"]) + (features.dim if features else 0)
 
     def item_content(self) -> np.ndarray | None:
-        """float32 [n + 1, C] unit content vectors, row 0 zeros, for a bundle with a content
-        term; None for one without."""
+        """float32 [n + 1, C'] the unit vectors the content term reads (the content vectors,
+        extended with the items' genres and years where content_term.features), row 0 zeros,
+        for a bundle with a content term; None for one without."""
         if not self.content_term.active:
             return None
         if not self.lists("item_content.npy"):

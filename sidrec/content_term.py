@@ -4,15 +4,20 @@ Items whose id row training never saw (withheld, ingested) or saw only a few tim
 weakest vectors in the table; the term scores them by their content as well, as the
 content-only baseline would. Calibration (offline/new_items.py) chooses the weights on
 validation, the bundle records them (docs/bundle.md) and the service adds the same term
-(service/retrieval.py). Torch-free: offline and the service both read it.
+(service/retrieval.py). Where the catalog's fields name genres or years, validation may
+have the cosine read them beside the content vector (sidrec/item_features.py), as it may the
+new items' content part. Torch-free: offline and the service both read it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from sidrec.item_features import ItemFeatures
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,8 @@ class ContentTerm:
     new_weight: float = 0.0  # items with no training event
     rare_weight: float = 0.0  # items with 1..rare_max_count training events
     rare_max_count: int = 0
+    # the genres and years the cosine reads beside the content vector; None: the vector alone
+    features: ItemFeatures | None = None
 
     @property
     def active(self) -> bool:
@@ -37,20 +44,37 @@ class ContentTerm:
         weights[:1] = 0.0
         return weights.astype(np.float32)
 
+    def vectors(
+        self, content: np.ndarray, fields: Sequence[dict[str, str]] | None = None
+    ) -> np.ndarray:
+        """float32 [B, C'] unit vectors whose cosines the term adds: the content vectors
+        [B, C], extended with the items' genres and years (their `fields`) where the term
+        reads them (C' = C + features.dim)."""
+        x = np.asarray(content, np.float32)
+        if self.features is not None:
+            if fields is None:
+                raise ValueError("this content term reads the items' fields too")
+            x = self.features.extend(x, fields)
+        norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return (x / norms).astype(np.float32)
+
     def record(self) -> dict[str, Any]:
         """The fields new_items.json and the bundle's manifest keep (docs/bundle.md)."""
         return {
             "new_item_content_weight": self.new_weight,
             "rare_item_content_weight": self.rare_weight,
             "rare_item_max_count": self.rare_max_count,
+            "content_term_features": None if self.features is None else self.features.record(),
         }
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> ContentTerm:
         """The term `record` (a manifest's "model" or new_items.json) keeps; none where it
-        keeps no field (bundles and runs from before the term)."""
+        keeps no field (bundles and runs from before the term, or before its features)."""
+        features = record.get("content_term_features")
         return cls(
             float(record.get("new_item_content_weight", 0.0)),
             float(record.get("rare_item_content_weight", 0.0)),
             int(record.get("rare_item_max_count", 0)),
+            ItemFeatures.from_record(features) if features else None,
         )

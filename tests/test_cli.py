@@ -18,6 +18,7 @@ from conftest import RedisServer, write_synthetic_dataset
 
 from sidrec.bundle import load_bundle
 from sidrec.content_term import ContentTerm
+from sidrec.item_features import ItemFeatures
 from sidrec.offline.demo import run_demo
 from sidrec.offline.new_items import NEW_ITEM_SCALES, RIDGE_PENALTIES, choose_scale
 
@@ -153,8 +154,24 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     bundle = load_bundle(run / "bundle")
     assert bundle.model["variant"] == "hybrid"
     assert bundle.model["new_item_score_scale"] == hybrid["new_items"]["new_item_scale"]
-    assert bundle.content_term == ContentTerm(weight, rare_weight, rare_count)
+    # the term's cosine reads the content vector, or that and the items' genres: both were
+    # offered (the catalog names genres), and the one whose pick found more new items on
+    # validation kept (the content vector on a tie)
+    term_record = hybrid["new_items"]["content_term"]
+    found_by = {
+        k: term_record[f"valid_cold_start_hr@10_{k}"] for k in ("content", "content_features")
+    }
+    assert term_record["reads"] == max(found_by, key=lambda k: found_by[k])
+    read = hybrid["new_items"]["content_term_features"]
+    assert read is None or (term_record["reads"] == "content_features" and (weight or rare_count))
+    features = ItemFeatures.from_record(read) if read else None
+    assert bundle.content_term == ContentTerm(weight, rare_weight, rare_count, features)
     assert bundle.lists("item_content.npy") == bundle.content_term.active
+    if bundle.content_term.active:
+        term_vectors = bundle.item_content()
+        assert term_vectors is not None
+        width = bundle.manifest["content"]["dim"] + (features.dim if features else 0)
+        assert term_vectors.shape == (len(bundle.items()) + 1, width)
     assert bundle.model["new_items"] == "sid+content"
     assert bundle.model["new_item_content_part"] == fit["kind"]
     assert bundle.model["new_item_content_features"] == fit["item_features"]

@@ -215,6 +215,7 @@ def test_hybrid_tower_trains_fits_evaluates_exports_and_ablates(tmp_path: Path) 
 
 def test_a_runs_content_term_is_read_from_its_record(tmp_path: Path) -> None:
     from sidrec.content_term import ContentTerm
+    from sidrec.item_features import ItemFeatures
     from sidrec.offline.new_items import NEW_ITEMS_FILE, load_content_term
 
     assert load_content_term(tmp_path) == ContentTerm()  # not calibrated: no term
@@ -225,6 +226,11 @@ def test_a_runs_content_term_is_read_from_its_record(tmp_path: Path) -> None:
     # a run calibrated before the rarely trained items' term keeps its new items' weight
     record.write_text(json.dumps({"new_item_scale": 0.9, "content_weight": 0.5}))
     assert load_content_term(tmp_path) == ContentTerm(new_weight=0.5)
+    # a term that reads the items' genres and years keeps them
+    features = ItemFeatures(("comedy", "drama"), (1990, 2000))
+    term = ContentTerm(new_weight=1.0, features=features)
+    record.write_text(json.dumps({"new_item_scale": 0.9, **term.record()}))
+    assert load_content_term(tmp_path) == term
 
 
 def test_content_term_moves_only_the_rows_it_weights() -> None:

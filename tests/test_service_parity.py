@@ -2,7 +2,8 @@
 scorer (PyTorch, the trained checkpoint) and through the HTTP service (ONNX + FAISS) gives the
 same top-k with the same scores, for a cosine bundle with a content tower (the session's), a
 dot-scored id one (the short-history defaults), a dot-scored hybrid-sum one with a content
-part and a new-item scale (the demo's) and that one again with a content term for new items."""
+part and a new-item scale (the demo's) and that one again with a content term for new items
+(on the content vectors, and on them and the items' genres)."""
 
 from __future__ import annotations
 
@@ -44,13 +45,14 @@ TERM_WEIGHT = 3.0  # large, so that new items reach the top K of most histories
 RARE_WEIGHT = 1.0  # the rarely trained items' term: the rarest quarter of trained items
 
 
-@pytest.fixture(scope="module")
-def term_run(
-    tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
+def _term_bundle(
+    tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path], item_features: bool
 ) -> tuple[Path, Path]:
     """(bundle, checkpoint) of the hybrid-sum run with its new items' content-term weight set
     to TERM_WEIGHT and its rarest trained quarter's to RARE_WEIGHT (whatever its calibration
-    chose) and exported again."""
+    chose), the term reading the items' genres beside their content vectors where
+    `item_features`, exported again."""
+    from sidrec.item_features import ItemFeatures
     from sidrec.offline import pipeline
     from sidrec.offline.train import load_checkpoint
 
@@ -62,12 +64,13 @@ def term_run(
     assert "content_term" in record and "rare_term" in record  # calibration chose them
     counts = np.asarray(load_checkpoint(sum_run[1])[2]["train_counts"])
     rare_count = int(np.quantile(counts[counts > 0], 0.25))
-    term = ContentTerm(TERM_WEIGHT, RARE_WEIGHT, rare_count)
-    record_path.write_text(json.dumps({**record, **term.record()}))
     old_cache = os.environ.get("SIDREC_CACHE")
     os.environ["SIDREC_CACHE"] = str(_RUN.get("cache", source / "cache"))  # MiniLM's export
     try:
         steps = pipeline.Steps.open(source / "data", root / "run")
+        features = ItemFeatures.fit(steps.data.catalog.fields) if item_features else None
+        term = ContentTerm(TERM_WEIGHT, RARE_WEIGHT, rare_count, features)
+        record_path.write_text(json.dumps({**record, **term.record()}))
         bundle = steps.export("hybrid-sum", root / "bundle")
     finally:
         if old_cache is None:
@@ -78,20 +81,44 @@ def term_run(
     assert loaded.content_term == term and loaded.lists("item_content.npy")
     assert sum(0 < r.popularity <= rare_count for r in loaded.items()) > 0
     content = loaded.item_content()
-    assert content is not None and content.shape[0] == len(loaded.items()) + 1
+    width = loaded.manifest["content"]["dim"] + (features.dim if features else 0)
+    assert content is not None and content.shape == (len(loaded.items()) + 1, width)
     return bundle, root / "run" / "hybrid-sum" / "checkpoint.pt"
 
 
-@pytest.fixture(scope="module", params=["session", "dot", "hybrid-sum", "content-term"])
+@pytest.fixture(scope="module")
+def term_run(
+    tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
+) -> tuple[Path, Path]:
+    """The hybrid-sum run with a content term (_term_bundle) on the content vectors."""
+    return _term_bundle(tmp_path_factory, sum_run, item_features=False)
+
+
+@pytest.fixture(scope="module")
+def features_term_run(
+    tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
+) -> tuple[Path, Path]:
+    """The hybrid-sum run with a content term (_term_bundle) on the content vectors and the
+    items' genres (the synthetic catalog names them)."""
+    return _term_bundle(tmp_path_factory, sum_run, item_features=True)
+
+
+@pytest.fixture(
+    scope="module",
+    params=["session", "dot", "hybrid-sum", "content-term", "content-term-features"],
+)
 def served(request: pytest.FixtureRequest, bundle_dir: Path) -> tuple[Path, Path]:
     """(bundle, its checkpoint): the session's (cosine, a content tower), a dot id model's, a
-    dot hybrid-sum model's and that one with a content term."""
+    dot hybrid-sum model's and that one with a content term, on the content vectors and on
+    them and the items' genres."""
     if request.param == "dot":
         return request.getfixturevalue("dot_run")
     if request.param == "hybrid-sum":
         return request.getfixturevalue("sum_run")
     if request.param == "content-term":
         return request.getfixturevalue("term_run")
+    if request.param == "content-term-features":
+        return request.getfixturevalue("features_term_run")
     return bundle_dir, request.getfixturevalue("checkpoint_path")
 
 
@@ -112,7 +139,9 @@ def scorer(served: tuple[Path, Path]) -> Scorer:
     # a content term
     content_path = checkpoint_path.parent.parent / "content_vectors.npy"
     content = np.load(content_path) if content_path.is_file() else None
-    return served_scorer(checkpoint_path, content)
+    # the catalog's fields, as exported, for a term that reads the items' genres
+    fields = [r.fields for r in load_bundle(served[0]).items()]
+    return served_scorer(checkpoint_path, content, fields)
 
 
 def theme(items: list[dict], _rng: np.random.Generator) -> list[int]:
@@ -226,3 +255,52 @@ def test_ingested_items_get_the_content_term_and_keep_it_across_a_restart(
     finally:
         service.stop()
         redis.stop()
+
+
+def test_an_ingested_item_reads_its_genres_in_the_content_term(
+    features_term_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A bundle whose content term reads the items' genres beside their content vectors
+    (model.content_term_features): an item ingested with an untrained bundle item's content
+    vector and fields scores as that item, the service extending its vector as the export
+    did; sent under another theme's genres, its term follows those genres."""
+    bundle_path, checkpoint = features_term_run
+    bundle = load_bundle(bundle_path)
+    term = bundle.content_term
+    assert term.features is not None and term.features.genres
+    extended = bundle.item_content()  # [n + 1, C + F]
+    plain = np.load(checkpoint.parent.parent / "content_vectors.npy")  # row r at r - 1
+    assert extended is not None
+    items = bundle.items()
+    history_rows = theme([{"row": r.row, "text": r.text} for r in items], np.random.default_rng(0))
+    mean = extended[history_rows].mean(0)
+    mean /= np.linalg.norm(mean)
+    untrained = [r for r in items if r.popularity == 0 and r.row not in history_rows]
+    twin = max(untrained, key=lambda r: float(extended[r.row] @ mean))
+    genres = sorted({r.fields["genres"] for r in items})
+    recast = {**twin.fields, "genres": next(g for g in genres if g != twin.fields["genres"])}
+    lift = {
+        name: term.new_weight * float(term.vectors(plain[twin.row - 1][None, :], [f])[0] @ mean)
+        for name, f in (("copy", twin.fields), ("recast", recast))
+    }
+    assert lift["copy"] == pytest.approx(term.new_weight * float(extended[twin.row] @ mean))
+    assert abs(lift["copy"] - lift["recast"]) > 1e-3  # the genres move the term
+    service = Service(bundle_path, tmp_path / "service.log")
+    service.start()
+    try:
+        vector = plain[twin.row - 1].tolist()
+        for name, fields in (("copy", twin.fields), ("recast", recast)):
+            body = {"item_id": name, "content_vector": vector, "fields": fields}
+            assert service.post("/v1/items", body).status_code == 200
+        history = [items[r - 1].item_id for r in history_rows]
+        r = service.post("/v1/recommend", {"history": history, "k": 1000})
+        assert r.status_code == 200, r.text
+        scores = {i["item_id"]: i["score"] for i in r.json()["items"]}
+    finally:
+        service.stop()
+    assert scores["copy"] == pytest.approx(scores[twin.item_id], abs=1e-4)
+    if bundle.item_features is None:  # the new-item graph reads the content vector alone
+        moved = scores["recast"] - scores["copy"]
+        assert moved == pytest.approx(lift["recast"] - lift["copy"], abs=1e-4)
+    else:
+        assert abs(scores["recast"] - scores["copy"]) > 1e-3

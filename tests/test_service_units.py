@@ -741,3 +741,35 @@ def test_bundle_content_weights_follow_each_rows_training_events(tmp_path: Path)
     np.testing.assert_array_equal(term.row_weights(counts), weights)
     assert not ContentTerm().active and not ContentTerm(0.0, 1.0, 0).active
     assert ContentTerm(0.0, 1.0, 1).active and ContentTerm(1.0).active
+
+
+def test_a_content_term_reads_genres_and_years_beside_the_content_vector(tmp_path: Path) -> None:
+    from sidrec.bundle import Bundle
+    from sidrec.content_term import ContentTerm
+    from sidrec.item_features import ItemFeatures
+
+    content = np.array([[3.0, 4.0], [0.0, 2.0]], np.float32)
+    fields = [{"genres": "Comedy|Drama", "year": "1995"}, {"genres": "Horror"}]
+    # the content vector alone: unit rows
+    np.testing.assert_allclose(ContentTerm(1.0).vectors(content), [[0.6, 0.8], [0.0, 1.0]])
+    features = ItemFeatures(("comedy", "drama", "horror"), (1990, 2000))
+    term = ContentTerm(1.0, features=features)
+    vectors = term.vectors(content, fields)  # [2, 2 + 3 + 6]: unit rows of the extended vector
+    assert vectors.shape == (2, 2 + features.dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-6)
+    extended = features.extend(content, fields)
+    np.testing.assert_allclose(vectors, extended / np.linalg.norm(extended, axis=1)[:, None])
+    # one item of two genres and a year (three unit parts), one of a genre and no year (two)
+    np.testing.assert_allclose(vectors[0, :2], [0.6 / 3**0.5, 0.8 / 3**0.5], rtol=1e-6)
+    np.testing.assert_allclose(vectors[1, :2], [0.0, 1 / 2**0.5], rtol=1e-6)
+    assert vectors[1, 2 + 3 :].max() == 0.0  # no year part
+    with pytest.raises(ValueError, match="fields"):
+        term.vectors(content)
+    # the manifest keeps what it reads; a manifest from before it reads the vector alone
+    bundle = Bundle(tmp_path, {"model": term.record(), "files": {}})
+    assert bundle.content_term == term
+    assert Bundle(tmp_path, {"model": ContentTerm(1.0).record(), "files": {}}).content_term == (
+        ContentTerm(1.0)
+    )
+    legacy = {k: v for k, v in term.record().items() if k != "content_term_features"}
+    assert Bundle(tmp_path, {"model": legacy, "files": {}}).content_term.features is None

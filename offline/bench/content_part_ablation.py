@@ -122,20 +122,25 @@ def _served_table(
 
 
 def content_term_cells(
-    run_dir: Path, split: Split, scales: list[float], weights: list[float], content: np.ndarray
+    run_dir: Path,
+    split: Split,
+    scales: list[float],
+    weights: list[float],
+    content: np.ndarray,
+    item_fields: list[dict[str, str]],
 ) -> dict[str, Any]:
     """The served table of run_dir's calibrated checkpoint (its rarely trained items' term
-    included) plus weight * the content-only score on its untrained rows, at each (scale,
-    weight): {"cells": {"scale S weight W": {"valid", "test", "warm": warm_figures}},
-    "picked": per weight the warm rule's scale, "chosen": the cell passing the rule with the
-    most validation cold-start HR@10}."""
+    included) plus weight * the content-only score on its untrained rows (on the vectors the
+    served term reads), at each (scale, weight): {"cells": {"scale S weight W": {"valid",
+    "test", "warm": warm_figures}}, "picked": per weight the warm rule's scale, "chosen": the
+    cell passing the rule with the most validation cold-start HR@10}."""
     model, cfg, trained, table, hot, hot_reference = _served_table(run_dir, split)
     served = load_content_term(run_dir)
-    content_rows = torch.as_tensor(content)  # [n, C]
+    content_rows = torch.from_numpy(served.vectors(content, item_fields))  # [n, C']
     batch_size = cfg.eval_batch_size or 32
     cells: dict[str, dict[str, Any]] = {}
     for weight in weights:
-        term = ContentTerm(weight, served.rare_weight, served.rare_max_count)
+        term = ContentTerm(weight, served.rare_weight, served.rare_max_count, served.features)
         row_weights = torch.from_numpy(term.row_weights(split.train_counts))
         for scale in scales:
             base = table_scorer(model.encoder, table, scales_for(trained, scale))
@@ -154,7 +159,12 @@ def content_term_cells(
 
 
 def rare_term_cells(
-    run_dir: Path, split: Split, counts: list[int], weights: list[float], content: np.ndarray
+    run_dir: Path,
+    split: Split,
+    counts: list[int],
+    weights: list[float],
+    content: np.ndarray,
+    item_fields: list[dict[str, str]],
 ) -> dict[str, Any]:
     """The served table of run_dir's calibrated checkpoint (scale and content term on its
     untrained rows) plus weight * the content-only score on the trained rows with at most
@@ -166,12 +176,13 @@ def rare_term_cells(
     scale, served = load_new_item_scale(run_dir), load_content_term(run_dir)
     batch_size = cfg.eval_batch_size or 32
     base = table_scorer(model.encoder, table, scales_for(trained, scale))
+    content_rows = torch.from_numpy(served.vectors(content, item_fields))  # [n, C']
     cells: dict[str, dict[str, Any]] = {}
     for count, weight in [(0, 0.0), *((c, w) for c in counts for w in weights)]:
-        term = ContentTerm(served.new_weight, weight, count)
+        term = ContentTerm(served.new_weight, weight, count, served.features)
         rare = (split.train_counts > 0) & (split.train_counts <= count)
         row_weights = torch.from_numpy(term.row_weights(split.train_counts))
-        scorer = with_content_term(base, torch.as_tensor(content), row_weights)
+        scorer = with_content_term(base, content_rows, row_weights)
         ranks = {stage: rank_targets(scorer, split, stage, batch_size, cfg.max_len)
                  for stage in ("valid", "test")}  # fmt: skip
         cells[f"count {count} weight {weight:g}"] = {
@@ -268,7 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.rare_counts:
         counts = [int(c) for c in args.rare_counts.split(",")]
         rare_weights = [float(w) for w in args.rare_weights.split(",")]
-        out = rare_term_cells(folder, split, counts, rare_weights, steps.content_vectors)
+        out = rare_term_cells(
+            folder, split, counts, rare_weights, steps.content_vectors, steps.data.catalog.fields
+        )
         for key, cell in out["cells"].items():
             valid = cell["valid"]
             print(f"{key} ({cell['rare_items']} items) valid ndcg@10 "
@@ -298,7 +311,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.content_weights:
         weights = [float(w) for w in args.content_weights.split(",")]
-        out = content_term_cells(folder, split, scales, weights, steps.content_vectors)
+        out = content_term_cells(
+            folder, split, scales, weights, steps.content_vectors, steps.data.catalog.fields
+        )
         for key, cell in out["cells"].items():
             print(f"{key} valid ndcg@10 {cell['valid']['overall']['ndcg@10']:.4f} hot "
                   f"{cell['warm']['hot_ndcg@10']:.4f} cold-start "

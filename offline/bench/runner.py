@@ -21,7 +21,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -147,7 +147,9 @@ def train_run(data_dir: Path, out: Path, run: Run, budget: Budget, device: str) 
     info = {
         # the generative-retrieval papers' rule (history items stay candidates), for
         # comparing with their published figures; the benchmark's own rule excludes them
-        "test_history_kept": history_kept_test(model, split, cfg.max_len, tower, folder, content),
+        "test_history_kept": history_kept_test(
+            model, split, cfg.max_len, tower, folder, content, data.catalog.fields
+        ),
         "run": run.as_dict(),
         "resolved_variant": variant,
         "picked_settings_of": picked,
@@ -236,7 +238,9 @@ def finish_stopped(data_dir: Path, out: Path, run: Run) -> dict | None:
     if content is not None:
         model = calibrated_model(folder, split, content, data, prepared_codebooks(out, run))
     info = {
-        "test_history_kept": history_kept_test(model, split, cfg.max_len, None, folder, content),
+        "test_history_kept": history_kept_test(
+            model, split, cfg.max_len, None, folder, content, data.catalog.fields
+        ),
         "run": run.as_dict(),
         "resolved_variant": run.variant,
         "best_epoch": ckpt["epoch"],
@@ -256,11 +260,13 @@ def history_kept_test(
     tower: tuple[Path, np.ndarray, np.ndarray] | None = None,
     folder: Path | None = None,
     content: np.ndarray | None = None,
+    item_fields: Sequence[dict[str, str]] | None = None,
 ) -> dict:
     """Test report of a trained model with the user's history items left as candidates;
     `tower` = (run folder, SIDs, content vectors) for a model with a content tower; `folder`,
     the run folder of one without, holds its new-item scale and content-term weight
-    (offline/new_items.py; a term needs the catalog's `content` vectors)."""
+    (offline/new_items.py; a term needs the catalog's `content` vectors, and its items'
+    fields where it reads genres and years)."""
     from sidrec.content_term import ContentTerm
     from sidrec.offline.evaluate import evaluate
     from sidrec.offline.new_items import load_content_term, load_new_item_scale
@@ -270,8 +276,9 @@ def history_kept_test(
         scale = 1.0 if folder is None else load_new_item_scale(folder)
         term = ContentTerm() if folder is None else load_content_term(folder)
         scorer = model_scorer(
-            model, split.train_counts, content=content, new_item_scale=scale, content_term=term
-        )
+            model, split.train_counts, content=content, new_item_scale=scale,
+            content_term=term, item_fields=item_fields,
+        )  # fmt: skip
     else:
         folder, sids, content = tower
         scorer = model_scorer(model, split.train_counts, sids, load_tower(folder), content)
