@@ -33,7 +33,9 @@ Last, hybrid-sum's new items may get a dense content term (sidrec/content_term.p
 cos(the history's mean content vector, the item's content vector) added to their score, the
 content-only baseline's score beside the model's. The warm rule picks a scale per weight (0
 and CONTENT_WEIGHTS), and of the picks that pass it the one that finds most new items on
-validation (choose_scale_and_weight). Then the rarely trained items (at most K training
+validation (choose_scale_and_weight); where the catalog's fields give genres or years, the
+cosine on the extended vector is offered too and the kind whose pick finds more new items
+kept (sidrec/content_term.py). Then the rarely trained items (at most K training
 events) may get a term too, for the long tail: of the (K, weight) cells that pass the warm
 rule, the one whose cold popularity bin does best on validation (choose_rare_term). The
 service adds the same terms (service/retrieval.py).
