@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sidrec.item_features import ItemFeatures
+from sidrec.sid_codebook import normalize_rows
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,7 @@ class ContentTerm:
             if fields is None:
                 raise ValueError("this content term reads the items' fields too")
             x = self.features.extend(x, fields)
-        norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return (x / norms).astype(np.float32)
+        return normalize_rows(x).astype(np.float32)
 
     def record(self) -> dict[str, Any]:
         """The fields new_items.json and the bundle's manifest keep (docs/bundle.md)."""

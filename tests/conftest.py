@@ -9,6 +9,7 @@ plots; users who mostly stay within one theme) by `offline.pipeline.Steps` - the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -104,6 +105,15 @@ BUNDLE_VARIANT = "hybrid-tower"
 _RUN: dict[str, Path] = {}
 
 
+@contextlib.contextmanager
+def sidrec_cache(cache: Path) -> Iterator[None]:
+    """SIDREC_CACHE set to `cache` inside the block (MiniLM's export goes there), as before
+    after it; for session fixtures, which cannot take monkeypatch."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SIDREC_CACHE", str(cache))
+        yield
+
+
 def train_synthetic_bundle(
     root: Path,
     variant: str,
@@ -118,9 +128,7 @@ def train_synthetic_bundle(
     from sidrec.offline import pipeline  # torch: only in the test process, never the service
 
     write_synthetic_dataset(root / "data")
-    old_cache = os.environ.get("SIDREC_CACHE")
-    os.environ["SIDREC_CACHE"] = str(cache)
-    try:
+    with sidrec_cache(cache):
         steps = pipeline.Steps.open(
             root / "data", root / "run", content_precision=content_precision
         )
@@ -128,11 +136,6 @@ def train_synthetic_bundle(
             steps.use_settings(None)
         steps.train(variant, epochs=TEST_EPOCHS, patience=TEST_EPOCHS)
         return steps.export(variant, root / "bundle")
-    finally:
-        if old_cache is None:
-            os.environ.pop("SIDREC_CACHE", None)
-        else:
-            os.environ["SIDREC_CACHE"] = old_cache
 
 
 @pytest.fixture(scope="session")
@@ -203,15 +206,8 @@ def _with_content_part(
     attach_content_part(model, trained, content, "neighbours")
     ckpt["state_dict"] = {k: v.cpu() for k, v in model.state_dict().items()}
     torch.save(ckpt, checkpoint)
-    old_cache = os.environ.get("SIDREC_CACHE")
-    os.environ["SIDREC_CACHE"] = str(_RUN.get("cache", source / "cache"))  # MiniLM's export
-    try:
+    with sidrec_cache(_RUN.get("cache", source / "cache")):  # MiniLM's export
         bundle = steps.export("hybrid-sum", root / "bundle")
-    finally:
-        if old_cache is None:
-            os.environ.pop("SIDREC_CACHE", None)
-        else:
-            os.environ["SIDREC_CACHE"] = old_cache
     return bundle, checkpoint
 
 

@@ -8,7 +8,6 @@ part and a new-item scale (the demo's) and that one again with a content term fo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import _RUN, Service
+from conftest import _RUN, Service, sidrec_cache
 
 from sidrec.bundle import load_bundle
 from sidrec.content_term import ContentTerm
@@ -64,19 +63,12 @@ def _term_bundle(
     assert "content_term" in record and "rare_term" in record  # calibration chose them
     counts = np.asarray(load_checkpoint(sum_run[1])[2]["train_counts"])
     rare_count = int(np.quantile(counts[counts > 0], 0.25))
-    old_cache = os.environ.get("SIDREC_CACHE")
-    os.environ["SIDREC_CACHE"] = str(_RUN.get("cache", source / "cache"))  # MiniLM's export
-    try:
+    with sidrec_cache(_RUN.get("cache", source / "cache")):  # MiniLM's export
         steps = pipeline.Steps.open(source / "data", root / "run")
         features = ItemFeatures.fit(steps.data.catalog.fields) if item_features else None
         term = ContentTerm(TERM_WEIGHT, RARE_WEIGHT, rare_count, features)
         record_path.write_text(json.dumps({**record, **term.record()}))
         bundle = steps.export("hybrid-sum", root / "bundle")
-    finally:
-        if old_cache is None:
-            os.environ.pop("SIDREC_CACHE", None)
-        else:
-            os.environ["SIDREC_CACHE"] = old_cache
     loaded = load_bundle(bundle)
     assert loaded.content_term == term and loaded.lists("item_content.npy")
     assert sum(0 < r.popularity <= rare_count for r in loaded.items()) > 0
