@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sidrec.content_term import ContentTerm
 from sidrec.offline.evaluate import EvalBatch, Scorer
 from sidrec.offline.split import Split
 
@@ -37,3 +38,10 @@ def content_scorer(content: np.ndarray | torch.Tensor) -> Scorer:
         return F.normalize(user, dim=-1, eps=1e-6) @ t.T  # [B, n + 1]
 
     return score
+
+
+def content_only_scorer(content: np.ndarray) -> Scorer:
+    """The content-only baseline: content_scorer on the catalog's vectors taken about their
+    mean (ContentTerm.centre), as the dense content term reads them. content: float[n, D]."""
+    centred = ContentTerm().centred_on(content)
+    return content_scorer(centred.vectors(content))

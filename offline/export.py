@@ -200,7 +200,9 @@ def export_bundle(
             # item_content.npy and the ingested items' content vectors (0: no term); the
             # items with 1..rare_item_max_count training events get rare_item_content_weight;
             # content_term_features: the genres and years the cosine reads beside the content
-            # vector (item_content.npy holds both), null: the vector alone
+            # vector (item_content.npy holds both), null: the vector alone;
+            # content_term_centre: the catalog's mean of those (unit) vectors, subtracted
+            # before the cosine, null: not centred
             **term.record(),
             # which codes a new item's SID graph reads: its own, or the nearest path that the
             # trained items have (offline/new_items.py), the SID it is given staying its own

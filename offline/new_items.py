@@ -30,8 +30,8 @@ Validation keeps whichever finds more new items at its warm-rule scale (docs/res
 content-tower.md: the nearest paths helped the demo's MovieLens-100K model, not Toys or Sports).
 
 Last, hybrid-sum's new items may get a dense content term (sidrec/content_term.py): weight *
-cos(the history's mean content vector, the item's content vector) added to their score, the
-content-only baseline's score beside the model's. The warm rule picks a scale per weight (0
+cos(the history's mean content vector, the item's content vector), both taken about the
+catalog's mean vector, added to their score. The warm rule picks a scale per weight (0
 and CONTENT_WEIGHTS), and of the picks that pass it the one that finds most new items on
 validation (choose_scale_and_weight); where the catalog's fields give genres or years, the
 cosine on the extended vector is offered too and the kind whose pick finds more new items
@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -496,16 +497,15 @@ def calibrate_scale(
 
     counts = np.asarray(ckpt["train_counts"])  # [n + 1]: which rows a content term reaches
     features = ItemFeatures.fit(item_fields) if item_fields is not None else None
-    vectors_by_features: dict[ItemFeatures | None, torch.Tensor] = {}
+    vectors_by_kind: dict[tuple[ItemFeatures | None, Any], torch.Tensor] = {}
 
     def term_vectors(term: ContentTerm) -> torch.Tensor:
         # [n, C'] the term's cosines read, made once per kind
-        if term.features not in vectors_by_features:
+        kind = (term.features, term.centre)
+        if kind not in vectors_by_kind:
             assert content is not None
-            vectors_by_features[term.features] = torch.from_numpy(
-                term.vectors(content, item_fields)
-            )
-        return vectors_by_features[term.features]
+            vectors_by_kind[kind] = torch.from_numpy(term.vectors(content, item_fields))
+        return vectors_by_kind[kind]
 
     def ranks(
         table: torch.Tensor,
@@ -588,15 +588,20 @@ def calibrate_scale(
         # or years on the vector extended with them: each kind's weight and scale by the warm
         # rule, then the kind whose pick finds more new items on validation (the content
         # vector alone on a tie).
-        term_kinds = {"content": None} | ({"content_features": features} if features else {})
+        # Each kind's cosine is taken about the catalog's mean vector (ContentTerm.centre).
+        term_kinds = {
+            kind: ContentTerm(features=f).centred_on(content, item_fields)
+            for kind, f in ({"content": None} | ({"content_features": features} if features
+                                                 else {})).items()
+        }  # fmt: skip
         by_kind = {
             kind: choose_content_term(
                 best["valid_by_new_item_scale"], chosen, valid,
-                lambda s, w, f=f: ranks(table, "valid", scales_for(trained, s),
-                                        term=ContentTerm(w, features=f)),
+                lambda s, w, base=base: ranks(table, "valid", scales_for(trained, s),
+                                              term=replace(base, new_weight=w)),
                 hot, hot_reference, split, tolerance,
             )
-            for kind, f in term_kinds.items()
+            for kind, base in term_kinds.items()
         }  # fmt: skip
 
         def term_finds(kind: str) -> float:
@@ -615,19 +620,19 @@ def calibrate_scale(
         if cell is not None:
             chosen, valid = cell["scale"], cell["valid"]
             weight = cell["weight"]
-            term = ContentTerm(weight, features=term_kinds[kind] if weight else None)
+            term = replace(term_kinds[kind], new_weight=weight) if weight else ContentTerm()
             served_warm = cell["warm"]
-        reads = "content vector" + (" + genres/years" if term.features else "")
+        reads = "centred content vector" + (" + genres/years" if term.features else "")
         log(f"content term: weight {term.new_weight:g} at scale {chosen:g} on the {reads} "
             f"(validation cold-start HR@10 {valid['cold_start']['hr@10']:.4f}; per weight the "
             f"warm rule's scale {by_weight['picked']})")  # fmt: skip
         scales = scales_for(trained, chosen)
         # the rarely trained items' term reads the vectors the new items' term picked (the
         # content vector where it picked no term)
-        rare_features = term_kinds[kind]
+        rare_base = replace(term_kinds[kind], new_weight=term.new_weight)
 
         def rare_cell(count: int, weight: float) -> dict[str, Any]:
-            rare_term = ContentTerm(term.new_weight, weight, count, rare_features)
+            rare_term = replace(rare_base, rare_weight=weight, rare_max_count=count)
             r = ranks(table, "valid", scales, term=rare_term)
             return {"warm": warm_figures(r, hot), "valid": summarize(r, split, "valid")}
 
@@ -636,7 +641,7 @@ def calibrate_scale(
         )
         record["rare_term"] = {k: v for k, v in rare.items() if k != "chosen_cell"}
         count, weight = rare["chosen"]
-        term = ContentTerm(term.new_weight, weight, count, rare_features)
+        term = replace(rare_base, rare_weight=weight, rare_max_count=count)
         if not term.active:
             term = ContentTerm()
         valid = rare["chosen_cell"]["valid"]

@@ -427,12 +427,12 @@ class Steps:
         return json.loads((self.run / name / METRICS_FILE).read_text())
 
     def baselines(self, keep_history: bool = False) -> dict[str, dict[str, Any]]:
-        from sidrec.offline.baselines import content_scorer, most_popular_scorer
+        from sidrec.offline.baselines import content_only_scorer, most_popular_scorer
         from sidrec.offline.evaluate import evaluate
 
         scorers = {
             "most-popular": most_popular_scorer(self.split),
-            "content-only": content_scorer(self.content_vectors),
+            "content-only": content_only_scorer(self.content_vectors),
         }
         results = {
             name: {

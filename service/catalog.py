@@ -880,7 +880,7 @@ class Catalog:
             scale, offset = float(self.bundle_scales[row]), float(self.bundle_offsets[row])
             weight = float(self.bundle_content_weights[row])
         term_vector = stored.content_vector  # [D]
-        if self.table.content_dim and self.content_term.features is not None:
+        if self.table.content_dim and self.content_term.transforms:
             term_vector = self.content_term.vectors(term_vector[None, :], [stored.fields])[0]
         created = self.table.upsert(
             stored.item_id, derived.sid, derived.vector, scale, offset, term_vector, weight

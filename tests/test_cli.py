@@ -9,10 +9,12 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from conftest import RedisServer, write_synthetic_dataset
 
@@ -165,13 +167,21 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     read = hybrid["new_items"]["content_term_features"]
     assert read is None or (term_record["reads"] == "content_features" and (weight or rare_count))
     features = ItemFeatures.from_record(read) if read else None
-    assert bundle.content_term == ContentTerm(weight, rare_weight, rare_count, features)
-    assert bundle.lists("item_content.npy") == bundle.content_term.active
-    if bundle.content_term.active:
+    term = bundle.content_term
+    assert replace(term, centre=None) == ContentTerm(weight, rare_weight, rare_count, features)
+    # calibration takes the term's cosine about the catalog's mean: a kept term has its centre
+    assert (term.centre is not None) == term.active
+    assert bundle.lists("item_content.npy") == term.active
+    if term.active:
         term_vectors = bundle.item_content()
         assert term_vectors is not None
         width = bundle.manifest["content"]["dim"] + (features.dim if features else 0)
         assert term_vectors.shape == (len(bundle.items()) + 1, width)
+        content = np.load(run / "content_vectors.npy")  # row r of the bundle at r - 1
+        fields = [r.fields for r in sorted(bundle.items(), key=lambda r: r.row)]
+        centred = ContentTerm(features=features).centred_on(content, fields)
+        np.testing.assert_allclose(term.centre, centred.centre, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(term_vectors[1:], term.vectors(content, fields))
     assert bundle.model["new_items"] == "sid+content"
     assert bundle.model["new_item_content_part"] == fit["kind"]
     assert bundle.model["new_item_content_features"] == fit["item_features"]

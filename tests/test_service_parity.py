@@ -45,12 +45,15 @@ RARE_WEIGHT = 1.0  # the rarely trained items' term: the rarest quarter of train
 
 
 def _term_bundle(
-    tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path], item_features: bool
+    tmp_path_factory: pytest.TempPathFactory,
+    sum_run: tuple[Path, Path],
+    item_features: bool,
+    centred: bool,
 ) -> tuple[Path, Path]:
     """(bundle, checkpoint) of the hybrid-sum run with its new items' content-term weight set
     to TERM_WEIGHT and its rarest trained quarter's to RARE_WEIGHT (whatever its calibration
     chose), the term reading the items' genres beside their content vectors where
-    `item_features`, exported again."""
+    `item_features` and taken about the catalog's mean where `centred`, exported again."""
     from sidrec.item_features import ItemFeatures
     from sidrec.offline import pipeline
     from sidrec.offline.train import load_checkpoint
@@ -67,6 +70,8 @@ def _term_bundle(
         steps = pipeline.Steps.open(source / "data", root / "run")
         features = ItemFeatures.fit(steps.data.catalog.fields) if item_features else None
         term = ContentTerm(TERM_WEIGHT, RARE_WEIGHT, rare_count, features)
+        if centred:
+            term = term.centred_on(steps.content_vectors, steps.data.catalog.fields)
         record_path.write_text(json.dumps({**record, **term.record()}))
         bundle = steps.export("hybrid-sum", root / "bundle")
     loaded = load_bundle(bundle)
@@ -82,8 +87,9 @@ def _term_bundle(
 def term_run(
     tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
 ) -> tuple[Path, Path]:
-    """The hybrid-sum run with a content term (_term_bundle) on the content vectors."""
-    return _term_bundle(tmp_path_factory, sum_run, item_features=False)
+    """The hybrid-sum run with a content term (_term_bundle) on the content vectors, not
+    centred (as bundles exported before the twenty-ninth session)."""
+    return _term_bundle(tmp_path_factory, sum_run, item_features=False, centred=False)
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +97,8 @@ def features_term_run(
     tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
 ) -> tuple[Path, Path]:
     """The hybrid-sum run with a content term (_term_bundle) on the content vectors and the
-    items' genres (the synthetic catalog names them)."""
-    return _term_bundle(tmp_path_factory, sum_run, item_features=True)
+    items' genres (the synthetic catalog names them), centred as calibration centres it."""
+    return _term_bundle(tmp_path_factory, sum_run, item_features=True, centred=True)
 
 
 @pytest.fixture(
@@ -102,7 +108,7 @@ def features_term_run(
 def served(request: pytest.FixtureRequest, bundle_dir: Path) -> tuple[Path, Path]:
     """(bundle, its checkpoint): the session's (cosine, a content tower), a dot id model's, a
     dot hybrid-sum model's and that one with a content term, on the content vectors and on
-    them and the items' genres."""
+    them and the items' genres (centred)."""
     if request.param == "dot":
         return request.getfixturevalue("dot_run")
     if request.param == "hybrid-sum":
@@ -253,13 +259,14 @@ def test_an_ingested_item_reads_its_genres_in_the_content_term(
     features_term_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """A bundle whose content term reads the items' genres beside their content vectors
-    (model.content_term_features): an item ingested with an untrained bundle item's content
-    vector and fields scores as that item, the service extending its vector as the export
-    did; sent under another theme's genres, its term follows those genres."""
+    (model.content_term_features), about the catalog's mean (model.content_term_centre): an
+    item ingested with an untrained bundle item's content vector and fields scores as that
+    item, the service extending and centring its vector as the export did; sent under another
+    theme's genres, its term follows those genres."""
     bundle_path, checkpoint = features_term_run
     bundle = load_bundle(bundle_path)
     term = bundle.content_term
-    assert term.features is not None and term.features.genres
+    assert term.features is not None and term.features.genres and term.centre is not None
     extended = bundle.item_content()  # [n + 1, C + F]
     plain = np.load(checkpoint.parent.parent / "content_vectors.npy")  # row r at r - 1
     assert extended is not None

@@ -773,3 +773,47 @@ def test_a_content_term_reads_genres_and_years_beside_the_content_vector(tmp_pat
     )
     legacy = {k: v for k, v in term.record().items() if k != "content_term_features"}
     assert Bundle(tmp_path, {"model": legacy, "files": {}}).content_term.features is None
+
+
+def test_a_centred_content_term_takes_its_cosine_about_the_catalogs_mean(tmp_path: Path) -> None:
+    from sidrec.bundle import Bundle
+    from sidrec.content_term import ContentTerm
+    from sidrec.item_features import ItemFeatures
+
+    # three items sharing one large direction (the first axis), apart in the second
+    content = np.array([[4.0, 1.0], [4.0, -1.0], [4.0, 0.0]], np.float32)
+    plain = ContentTerm(1.0).vectors(content)
+    assert float(plain[0] @ plain[1]) > 0.8  # uncentred, two opposite items look alike
+    term = ContentTerm(1.0).centred_on(content)
+    unit = content / np.linalg.norm(content, axis=1, keepdims=True)
+    np.testing.assert_allclose(term.centre, unit.mean(0), rtol=1e-6)
+    vectors = term.vectors(content)
+    np.testing.assert_allclose(np.linalg.norm(vectors[:2], axis=1), 1.0, rtol=1e-6)
+    shifted = unit - unit.mean(0)
+    np.testing.assert_allclose(
+        vectors, shifted / np.linalg.norm(shifted, axis=1, keepdims=True), rtol=1e-5, atol=1e-6
+    )
+    assert float(vectors[0] @ vectors[1]) < -0.99  # centred: opposite
+    # a new item is centred on the catalog's mean, not its own batch's
+    np.testing.assert_allclose(term.vectors(content[:1]), vectors[:1], atol=1e-6)
+    # with the genres and years: the mean of the extended vectors
+    fields = [{"genres": "Comedy", "year": "1995"}, {"genres": "Horror"}, {"genres": "Comedy"}]
+    features = ItemFeatures(("comedy", "horror"), (1990, 2000))
+    extended = ContentTerm(1.0, features=features).centred_on(content, fields)
+    np.testing.assert_allclose(extended.centre, features.extend(content, fields).mean(0), rtol=1e-6)
+    moved = features.extend(content, fields) - np.asarray(extended.centre, np.float32)
+    np.testing.assert_allclose(
+        extended.vectors(content, fields),
+        moved / np.linalg.norm(moved, axis=1, keepdims=True),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert term.transforms and not ContentTerm(1.0).transforms
+    # the manifest keeps the centre to the bit; one from before it is not centred
+    bundle = Bundle(tmp_path, {"model": extended.record(), "files": {}})
+    assert bundle.content_term == extended
+    np.testing.assert_array_equal(
+        bundle.content_term.vectors(content, fields), extended.vectors(content, fields)
+    )
+    legacy = {k: v for k, v in term.record().items() if k != "content_term_centre"}
+    assert Bundle(tmp_path, {"model": legacy, "files": {}}).content_term.centre is None

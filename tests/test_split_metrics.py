@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sidrec.offline.baselines import content_scorer, most_popular_scorer
+from sidrec.offline.baselines import content_only_scorer, content_scorer, most_popular_scorer
 from sidrec.offline.data.dataset import Catalog, Interactions
 from sidrec.offline.evaluate import EvalBatch, evaluate, random_hit_rate, rank_targets
 from sidrec.offline.metrics import CUTOFFS, metrics_from_ranks, ranks_from_scores
@@ -293,6 +293,27 @@ def test_content_baseline_toy() -> None:
     batch = next(iter(_single_batch(split)))
     s = scorer(batch)
     assert s.shape == (3, 6) and torch.isfinite(s).all()
+
+
+def test_content_only_baseline_ranks_by_the_cosine_about_the_catalogs_mean() -> None:
+    """Items that share one large direction: the plain cosine puts the most typical item
+    first for a history of one kind; taken about the catalog's mean, the item of that kind."""
+    from sidrec.offline.evaluate import EvalBatch
+
+    # rows 1-6: two kinds (second and third axis) on a common direction; row 5 is the
+    # common direction alone, row 6 far along the first kind
+    content = np.array([5.0, 0.0, 0.0]) + np.array(
+        [[0, 1, 0], [0, 0.8, 0.2], [0, 0, 1], [0, 0.2, 0.8], [0, 0, 0], [0, 3, 0]], np.float64
+    )
+    history = torch.tensor([[1, 2, 0]])  # of the first kind, one padding slot
+    zeros = torch.zeros((1, 3), dtype=torch.int64)
+    batch = EvalBatch(torch.tensor([0]), history, zeros, history > 0, torch.tensor([0]), history)
+    unit = content / np.linalg.norm(content, axis=1, keepdims=True)
+    scores = content_only_scorer(content)(batch)  # [1, 7]
+    torch.testing.assert_close(scores, content_scorer(unit - unit.mean(0))(batch))
+    plain = content_scorer(content)(batch)
+    assert plain[0, 5] > plain[0, 6]  # the common direction alone beats the history's kind
+    assert scores[0, 6] > scores[0, 5] and scores[0, 6] == scores[0, 3:].max()  # unseen items
 
 
 def _single_batch(split):

@@ -70,7 +70,7 @@ def prepare(
     data_dir: Path, out: Path, cache_dir: Path | None, log: Callable[[str], None] = print
 ) -> Path:
     """Write out/prepared/ (skipping files already there); returns that folder."""
-    from sidrec.offline.baselines import content_scorer, most_popular_scorer
+    from sidrec.offline.baselines import content_only_scorer, most_popular_scorer
     from sidrec.offline.content import encode_texts
     from sidrec.offline.data.load import load_dataset
     from sidrec.offline.evaluate import evaluate
@@ -116,7 +116,7 @@ def prepare(
         split = make_split(data, cold_fraction=0.05, seed=SPLIT_SEED)
         scorers = {
             "most-popular": most_popular_scorer(split),
-            "content-only": content_scorer(vectors["full"]),
+            "content-only": content_only_scorer(vectors["full"]),
         }
         results = {
             name: {stage: evaluate(scorer, split, stage) for stage in ("valid", "test")}
