@@ -388,9 +388,8 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
     assert cells["as trained scale 1 valid"]["overall"] == metrics["unscaled"]["valid"]["overall"]
     assert cells["sid only scale 1 test"] != cells["as trained scale 1 test"]
     # a dense content term on new items: weight 0 is the table without it, calibration's
-    # weight the served one. The synthetic items' content vectors follow their theme, as a
-    # user's history does, so a heavy weight lifts the new items of the history's theme over
-    # warm ones: new targets found, warm ones pushed down
+    # weight the served one; a heavy weight reorders the new items by their content (about
+    # the catalog's mean it lowers as many as it lifts, so warm targets may rise or fall)
     weights = sorted({0.0, weight, 50.0})
     main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--scales",
           f"{chosen}", "--content-weights", ",".join(f"{w:g}" for w in weights),
@@ -402,10 +401,20 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
         assert cells[f"{served} scale {chosen:g} test"] == none
     heavy = terms["cells"][f"scale {chosen:g} weight 50"]["test"]
     assert heavy["cold_start"]["hr@10"] >= none["cold_start"]["hr@10"]
-    assert heavy["warm"]["hr@10"] <= none["warm"]["hr@10"]
     assert heavy != none
     assert set(terms["picked"]) == {f"{w:g}" for w in weights}
     assert terms["chosen"] in (None, *terms["cells"])
+    # the term's cosine about the catalog's mean or not, whatever was served: calibration
+    # centres a term it keeps, and serves none (so plain vectors, unused) otherwise
+    by_centre = {}
+    for centre in ("centred", "plain"):
+        main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--scales",
+              f"{chosen}", "--content-weights", ",".join(f"{w:g}" for w in weights),
+              "--cold-fraction", "0.2", "--term-centre", centre])  # fmt: skip
+        name = f"content_term_ablation-{centre}.json"
+        by_centre[centre] = json.loads((tmp_path / "run" / "hybrid-sum" / name).read_text())
+    served_centre = "centred" if weight or rare_count else "plain"
+    assert by_centre[served_centre]["cells"] == terms["cells"]
     # a term on rarely trained items too: count 0 is the served table; a heavy weight on the
     # cold popularity bin's items finds more of its targets, at the hot bin's expense
     split = steps.split
@@ -417,10 +426,11 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
           "--cold-fraction", "0.2"])  # fmt: skip
     rare = json.loads((tmp_path / "run" / "hybrid-sum" / "rare_term_ablation.json").read_text())
     assert rare["served"] == [rare_count, rare_weight]
-    # the served cell (count 0 where calibration gave trained items no term)
+    # the served cell (count 0 where calibration gave trained items no term); whether it
+    # passes the warm rule depends on the grid's best cell, so only calibration's own record
+    # below says it passed
     served_cell = f"count {rare_count} weight {rare_weight:g}" if rare_count else "count 0 weight 0"
     assert rare["cells"][served_cell]["test"] == metrics["test"]
-    assert rare["cells"][served_cell]["passes"]
     lifted = rare["cells"][f"count {rarest} weight 50"]
     assert lifted["rare_items"] > 0
     bins = lifted["test"]["by_popularity"]

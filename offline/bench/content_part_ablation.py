@@ -10,6 +10,8 @@ added to new items' scores at each scale: W * cos(mean content of the history, t
 content), the content-only baseline's score, in logits (the tower ablation's term, on
 hybrid-sum). For each weight the warm rule picks a scale on validation, and across weights
 the pair that passes it and finds most new items on validation (offline/new_items.py).
+`--term-centre centred|plain` takes the term's cosine about the catalog's mean vector or not
+(ContentTerm.centre) whatever the served term does; `served` (the default) as it does.
 
     python -m sidrec.offline.bench.content_part_ablation --data ../shared/data/amazon-toys \\
         --run runs/toys-hs --scales 0.9,1.0  # RUN/hybrid-sum/ from `sidrec train`
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -128,14 +131,20 @@ def content_term_cells(
     weights: list[float],
     content: np.ndarray,
     item_fields: list[dict[str, str]],
+    centre: str = "served",
 ) -> dict[str, Any]:
     """The served table of run_dir's calibrated checkpoint (its rarely trained items' term
     included) plus weight * the content-only score on its untrained rows (on the vectors the
-    served term reads), at each (scale, weight): {"cells": {"scale S weight W": {"valid",
-    "test", "warm": warm_figures}}, "picked": per weight the warm rule's scale, "chosen": the
-    cell passing the rule with the most validation cold-start HR@10}."""
+    served term reads; `centre` "centred" or "plain": about the catalog's mean or not), at
+    each (scale, weight): {"cells": {"scale S weight W": {"valid", "test", "warm":
+    warm_figures}}, "picked": per weight the warm rule's scale, "chosen": the cell passing the
+    rule with the most validation cold-start HR@10}."""
     model, cfg, trained, table, hot, hot_reference = _served_table(run_dir, split)
     served = load_content_term(run_dir)
+    if centre == "centred":
+        served = replace(served, centre=None).centred_on(content, item_fields)
+    elif centre == "plain":
+        served = replace(served, centre=None)
     content_rows = torch.from_numpy(served.vectors(content, item_fields))  # [n, C']
     batch_size = cfg.eval_batch_size or 32
     cells: dict[str, dict[str, Any]] = {}
@@ -257,6 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--content-weights", default="", help="comma-separated content-term weights (logits)"
     )
+    parser.add_argument(
+        "--term-centre",
+        choices=("served", "centred", "plain"),
+        default="served",
+        help="--content-weights: the term's cosine about the catalog's mean, or not",
+    )
     parser.add_argument("--rare-counts", default="", help="comma-separated training counts")
     parser.add_argument("--rare-weights", default="1", help="comma-separated weights (logits)")
     parser.add_argument(
@@ -312,7 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.content_weights:
         weights = [float(w) for w in args.content_weights.split(",")]
         out = content_term_cells(
-            folder, split, scales, weights, steps.content_vectors, steps.data.catalog.fields
+            folder,
+            split,
+            scales,
+            weights,
+            steps.content_vectors,
+            steps.data.catalog.fields,
+            args.term_centre,
         )
         for key, cell in out["cells"].items():
             print(f"{key} valid ndcg@10 {cell['valid']['overall']['ndcg@10']:.4f} hot "
@@ -321,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
                   + _line("", cell["test"]).strip(), flush=True)  # fmt: skip
         print(f"served scale {load_new_item_scale(folder):g}; warm rule per weight "
               f"{out['picked']}; chosen {out['chosen']}")  # fmt: skip
-        (folder / "content_term_ablation.json").write_text(json.dumps(out, indent=2) + "\n")
+        name = "" if args.term_centre == "served" else f"-{args.term_centre}"
+        (folder / f"content_term_ablation{name}.json").write_text(json.dumps(out, indent=2) + "\n")
         return
     codebooks, sids = steps.sids()
     nearest = nearest_trained_paths(codebooks, sids, split.trained, steps.content_vectors)
