@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from sidrec.sid_codebook import normalize_rows
+
 GENRE_KEYS = ("genres", "genre")  # field names, matched ignoring case (as item_text does)
 YEAR_KEYS = ("year",)
 # The year part: Gaussian bumps YEAR_STEP years apart, YEAR_WIDTH years wide (their standard
@@ -92,7 +94,7 @@ class ItemFeatures:
     def extend(self, content: np.ndarray, fields: Sequence[dict[str, str]]) -> np.ndarray:
         """content float32 [B, C] (any norm) and the items' fields -> float32 [B, C + dim]:
         the unit content vector and the unit parts, so each weighs alike in a cosine."""
-        unit = content / np.maximum(np.linalg.norm(content, axis=1, keepdims=True), 1e-12)
+        unit = normalize_rows(content)
         return np.concatenate([unit.astype(np.float32), self.parts(fields)], axis=1)
 
     @classmethod
