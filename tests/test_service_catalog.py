@@ -274,13 +274,14 @@ def test_an_ingested_item_reads_its_content_neighbours_in_the_bundles_graph(
     """A bundle whose content part is the content neighbours' (docs/bundle.md,
     model.new_item_content_part): the exported graph holds the trained items' content
     vectors and id rows, so a copy of an untrained catalog item ingested under a new id scores
-    as the bundle's own row, which the offline table computed."""
+    as the bundle's own row, which the offline table computed. The copy carries the item's
+    fields, which a content term calibration kept may read (its genres)."""
     bundle = load_bundle(neighbours_run[0])
     assert bundle.model["new_items"] == "sid+content"
     assert bundle.model["new_item_content_part"] == "neighbours"
     assert bundle.item_features is None
     untrained, scores = _ingested_copies_scores(
-        *neighbours_run, tmp_path / "service.log", lambda r: {f"copy-{r.item_id}": {}}
+        *neighbours_run, tmp_path / "service.log", lambda r: {f"copy-{r.item_id}": r.fields}
     )
     for r in untrained:
         assert scores[f"copy-{r.item_id}"] == pytest.approx(scores[r.item_id], abs=1e-4)
