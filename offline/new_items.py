@@ -497,7 +497,7 @@ def calibrate_scale(
 
     counts = np.asarray(ckpt["train_counts"])  # [n + 1]: which rows a content term reaches
     features = ItemFeatures.fit(item_fields) if item_fields is not None else None
-    vectors_by_kind: dict[tuple[ItemFeatures | None, Any], torch.Tensor] = {}
+    vectors_by_kind: dict[tuple[ItemFeatures | None, tuple[float, ...] | None], torch.Tensor] = {}
 
     def term_vectors(term: ContentTerm) -> torch.Tensor:
         # [n, C'] the term's cosines read, made once per kind
@@ -628,7 +628,7 @@ def calibrate_scale(
             f"warm rule's scale {by_weight['picked']})")  # fmt: skip
         scales = scales_for(trained, chosen)
         # the rarely trained items' term reads the vectors the new items' term picked (the
-        # content vector where it picked no term)
+        # centred content vector where it picked no term)
         rare_base = replace(term_kinds[kind], new_weight=term.new_weight)
 
         def rare_cell(count: int, weight: float) -> dict[str, Any]:
