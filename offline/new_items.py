@@ -589,11 +589,11 @@ def calibrate_scale(
         # rule, then the kind whose pick finds more new items on validation (the content
         # vector alone on a tie).
         # Each kind's cosine is taken about the catalog's mean vector (ContentTerm.centre).
+        kind_features = {"content": None} | ({"content_features": features} if features else {})
         term_kinds = {
             kind: ContentTerm(features=f).centred_on(content, item_fields)
-            for kind, f in ({"content": None} | ({"content_features": features} if features
-                                                 else {})).items()
-        }  # fmt: skip
+            for kind, f in kind_features.items()
+        }
         by_kind = {
             kind: choose_content_term(
                 best["valid_by_new_item_scale"], chosen, valid,
