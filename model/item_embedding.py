@@ -22,8 +22,11 @@ an item without a trained id gets, in place of the id row, a guess from its cont
 or the id rows of its content neighbours, the k trained items whose content vectors are
 nearest by cosine, weighted by softmax(cosine / temperature) (attach_content_neighbours). The
 map guesses the average; the neighbours carry a sequel's or a near-duplicate's audience, which
-no linear map of the text does. Without a content part, items with one semantic code tuple
-share one vector; with one, distinct texts get distinct vectors.
+no linear map of the text does. The neighbours' cosine may be taken about a centre, the
+catalog's mean unit vector, as the content term's is (sidrec/content_term.py): one catalog's
+text vectors share a large common direction, which otherwise makes the most typical items
+everyone's neighbours. Without a content part, items with one semantic code tuple share one
+vector; with one, distinct texts get distinct vectors.
 
 Frequency gate (sid_gate, hybrid sum only): the SID part is scaled by 1 + g[b], one learned
 scalar per bucket b = min(floor(log2(1 + training events)), GATE_BUCKETS - 1), meant to let
@@ -247,11 +250,13 @@ class ItemEmbedding(nn.Module):
         self.register_buffer("content_map", None)
         self.register_buffer("content_bias", None)
         self.register_buffer("content_part", None)
-        # attach_content_neighbours instead: unit content vectors [m, C] of trained items,
-        # their id rows [m, d], and (k, temperature) [2]
+        # attach_content_neighbours instead: unit content vectors [m, C] of trained items
+        # (less the centre, renormalised), their id rows [m, d], (k, temperature) [2], and
+        # the centre [C] the cosine is taken about (None: the plain cosine)
         self.register_buffer("content_keys", None)
         self.register_buffer("content_values", None)
         self.register_buffer("content_knn", None)
+        self.register_buffer("content_centre", None)
         self.content_k = 0  # k as an int, so an exported graph has a constant TopK
 
         self.alpha: nn.Parameter | None = None
@@ -345,10 +350,17 @@ class ItemEmbedding(nn.Module):
         # content [B, C] -> the id part [B, d] of items without a trained id
         if self.content_keys is None:
             return content.to(self.content_map.dtype) @ self.content_map + self.content_bias
-        query = nn.functional.normalize(content.to(self.content_keys.dtype), dim=-1)
+        query = self._neighbour_query(content.to(self.content_keys.dtype))
         cosine, nearest = (query @ self.content_keys.T).topk(self.content_k, dim=-1)  # [B, k]
         weights = torch.softmax(cosine / self.content_knn[1], dim=-1)
         return (weights[..., None] * self.content_values[nearest]).sum(-2)
+
+    def _neighbour_query(self, content: torch.Tensor) -> torch.Tensor:
+        # content [B, C] -> unit vectors [B, C] whose dot products are the neighbours' cosine
+        unit = nn.functional.normalize(content, dim=-1)
+        if self.content_centre is None:
+            return unit
+        return nn.functional.normalize(unit - self.content_centre, dim=-1)
 
     @torch.no_grad()
     def attach_content_map(
@@ -360,6 +372,7 @@ class ItemEmbedding(nn.Module):
             raise ValueError("a content part replaces the id part of a hybrid-sum item only")
         device = self.id_emb.weight.device
         self.content_keys = self.content_values = self.content_knn = None
+        self.content_centre = None
         self.content_k = 0
         self.content_map, self.content_bias = weight.float().to(device), bias.float().to(device)
         self._attach_content_part(catalog_content)
@@ -372,17 +385,21 @@ class ItemEmbedding(nn.Module):
         k: int,
         temperature: float,
         catalog_content: torch.Tensor,
+        centre: torch.Tensor | None = None,
     ) -> None:
         """Items without a trained id get the softmax(cosine / temperature)-weighted id rows of
         their k nearest keys as their id part. keys [m, C]: content vectors of trained items,
-        values [m, d]: their id rows, catalog_content [n, C] (rows 1..n)."""
+        values [m, d]: their id rows, catalog_content [n, C] (rows 1..n), centre [C]: the
+        unit vector subtracted from every unit content vector before the cosine (None:
+        none)."""
         if self.variant != "hybrid" or self.fusion != "sum":
             raise ValueError("a content part replaces the id part of a hybrid-sum item only")
         if not 0 < k <= len(keys) or temperature <= 0:
             raise ValueError(f"need 0 < k <= {len(keys)} keys and temperature > 0")
         device = self.id_emb.weight.device
         self.content_map = self.content_bias = None
-        self.content_keys = nn.functional.normalize(keys.float().to(device), dim=-1)
+        self.content_centre = None if centre is None else centre.float().to(device)
+        self.content_keys = self._neighbour_query(keys.float().to(device))
         self.content_values = values.float().to(device)
         self.content_knn = torch.tensor([float(k), float(temperature)], device=device)
         self.content_k = int(k)
@@ -400,7 +417,8 @@ class ItemEmbedding(nn.Module):
             state_dict[key] = torch.ones_like(self.sid_row_trained)
         # a content part is attached after training: take its shapes from the saved one
         for name in ("untrained_sid_rows", "content_map", "content_bias", "content_part",
-                     "content_keys", "content_values", "content_knn"):  # fmt: skip
+                     "content_keys", "content_values", "content_knn",
+                     "content_centre"):  # fmt: skip
             if prefix + name in state_dict and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         if prefix + "content_knn" in state_dict:

@@ -21,7 +21,9 @@ regression shrinks every guess towards the average id row, the neighbours keep a
 a near-duplicate's. Where the catalog's fields name genres or years, both parts are also
 fitted on the content vector extended with them (sidrec/item_features.py): MiniLM's vector of
 a movie's whole text says little of its genres and year, which say more of its audience.
-Validation keeps the part that finds most new items at its warm-rule scale.
+The neighbours may also be found by the cosine about the catalog's mean vector, as the
+content term's is (model/item_embedding.py). Validation keeps the part that finds most new
+items at its warm-rule scale.
 
 And a SID variant's untrained items read the SID rows of either their own code paths or the
 nearest paths that trained items have (nearest_trained_paths): an item's own path often
@@ -31,14 +33,15 @@ content-tower.md: the nearest paths helped the demo's MovieLens-100K model, not 
 
 Last, hybrid-sum's new items may get a dense content term (sidrec/content_term.py): weight *
 cos(the history's mean content vector, the item's content vector), both taken about the
-catalog's mean vector, added to their score. The warm rule picks a scale per weight (0
-and CONTENT_WEIGHTS), and of the picks that pass it the one that finds most new items on
-validation (choose_scale_and_weight); where the catalog's fields give genres or years, the
-cosine on the extended vector is offered too and the kind whose pick finds more new items
-kept (sidrec/content_term.py). Then the rarely trained items (at most K training
-events) may get a term too, for the long tail: of the (K, weight) cells that pass the warm
-rule, the one whose cold popularity bin does best on validation (choose_rare_term). The
-service adds the same terms (service/retrieval.py).
+catalog's mean vector and the history's recent events weighing more (the content-only
+baseline's half-life on validation, offline/baselines.py), added to their score. The warm
+rule picks a scale per weight (0 and CONTENT_WEIGHTS), and of the picks that pass it the
+one that finds most new items on validation (choose_scale_and_weight); where the catalog's
+fields give genres or years, the cosine on the extended vector is offered too and the kind
+whose pick finds more new items kept (sidrec/content_term.py). Then the rarely trained
+items (at most K training events) may get a term too, for the long tail: of the (K, weight)
+cells that pass the warm rule, the one whose cold popularity bin does best on validation
+(choose_rare_term). The service adds the same terms (service/retrieval.py).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ import torch
 from sidrec.content_term import ContentTerm
 from sidrec.item_features import ItemFeatures
 from sidrec.offline.split import Split
-from sidrec.sid_codebook import Codebooks, CodePaths
+from sidrec.sid_codebook import Codebooks, CodePaths, normalize_rows
 
 if TYPE_CHECKING:
     from sidrec.offline.evaluate import EvalBatch, Scorer
@@ -149,28 +152,37 @@ def attach_neighbour_part(
     content: np.ndarray,
     k: int = CONTENT_NEIGHBOURS,
     temperature: float = NEIGHBOUR_TEMPERATURE,
+    centred: bool = False,
 ) -> dict[str, Any]:
     """Attach the content neighbours' part to `model`'s item embedding (hybrid-sum) in place
-    of any other: content vectors [n, C] of rows 1..n, bool `trained` [n + 1]. Returns its
-    record."""
+    of any other: content vectors [n, C] of rows 1..n, bool `trained` [n + 1]; `centred`:
+    the cosine about the catalog's mean unit vector. Returns its record."""
     items = model.items
     rows = torch.nonzero(trained).flatten()
     rows = rows[rows > 0]
     keys = torch.as_tensor(content[rows.numpy() - 1])
     values = items.id_emb.weight.detach()[rows]
     k = min(k, len(rows))
-    items.attach_content_neighbours(keys, values, k, temperature, torch.as_tensor(content))
-    return {"neighbours": k, "temperature": temperature, "fitted_on_items": len(rows)}
+    centre = None
+    if centred:
+        centre = torch.from_numpy(normalize_rows(content).mean(0, dtype=np.float64)).float()
+    items.attach_content_neighbours(keys, values, k, temperature, torch.as_tensor(content), centre)
+    return {"neighbours": k, "temperature": temperature, "fitted_on_items": len(rows),
+            "centred": centred}  # fmt: skip
 
 
 def attach_content_part(
-    model: torch.nn.Module, trained: torch.Tensor, content: np.ndarray, kind: str
+    model: torch.nn.Module,
+    trained: torch.Tensor,
+    content: np.ndarray,
+    kind: str,
+    centred: bool = False,
 ) -> dict[str, Any]:
-    """Attach the content part of `kind` ("ridge" or "neighbours", at the defaults) fitted
-    on content [n, C]; returns its record."""
+    """Attach the content part of `kind` ("ridge" or "neighbours", at the defaults; the
+    neighbours' `centred` or not) fitted on content [n, C]; returns its record."""
     if kind == "ridge":
         return fit_content_part(model, trained, content)
-    return attach_neighbour_part(model, trained, content)
+    return attach_neighbour_part(model, trained, content, centred=centred)
 
 
 def load_item_features(run_dir: Path) -> ItemFeatures | None:
@@ -279,13 +291,16 @@ def choose_scale_and_weight(
     return picked, None if best is None else f"scale {best['scale']:g} weight {best['weight']:g}"
 
 
-def with_content_term(base: Scorer, content: torch.Tensor, weights: torch.Tensor) -> Scorer:
+def with_content_term(
+    base: Scorer, content: torch.Tensor, weights: torch.Tensor, half_life: float | None = None
+) -> Scorer:
     """Scorer `base` plus weights[row] * the content-only baseline's score of the row (the
-    cosine of the history's mean content vector and the row's): content [n, C] float (rows
-    1..n), weights [n + 1] (0 for rows without the term). What the service's term index adds."""
+    cosine of the history's mean content vector, its events weighted by `half_life`, and the
+    row's): content [n, C] float (rows 1..n), weights [n + 1] (0 for rows without the term).
+    What the service's term index adds."""
     from sidrec.offline.baselines import content_scorer
 
-    content_scores = content_scorer(content)
+    content_scores = content_scorer(content, half_life)
 
     def score(batch: EvalBatch) -> torch.Tensor:
         return base(batch) + content_scores(batch) * weights[None, :].to(torch.float32)
@@ -461,6 +476,7 @@ def calibrate_scale(
     no untrained item keeps scale 1 and none of these. `item_fields`, the catalog items'
     fields, offer the content part the items' genres and years too (sidrec/item_features.py).
     Returns metrics.json."""
+    from sidrec.offline.baselines import choose_content_half_life
     from sidrec.offline.evaluate import rank_targets, summarize, table_scorer
     from sidrec.offline.metrics import metrics_from_ranks
     from sidrec.offline.split import BIN_NAMES
@@ -517,7 +533,7 @@ def calibrate_scale(
         scorer = table_scorer(model.encoder, table, scales, offsets)
         if term is not None and term.active:
             weights = torch.from_numpy(term.row_weights(counts))
-            scorer = with_content_term(scorer, term_vectors(term), weights)
+            scorer = with_content_term(scorer, term_vectors(term), weights, term.half_life)
         return rank_targets(scorer, split, stage, batch_size, cfg.max_len)
 
     hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
@@ -554,27 +570,30 @@ def calibrate_scale(
         # vector extended with them. One is kept where it finds more new items on
         # validation than the ridge part and the parts before it (the earlier on a tie).
         ridge_record = dict(record["content_part"])
-        # name -> (kind, the vectors [n, C'] the part is fitted on)
-        parts = {"ridge": ("ridge", content), "neighbours": ("neighbours", content)}
+        # name -> (kind, the vectors [n, C'] the part is fitted on); the neighbours' part
+        # also with its cosine about the catalog's mean ("_centred")
+        parts = {"ridge": ("ridge", content), "neighbours": ("neighbours", content),
+                 "neighbours_centred": ("neighbours", content)}  # fmt: skip
         if features is not None:
             assert item_fields is not None
             extended = features.extend(content, item_fields)
             parts |= {"ridge_features": ("ridge", extended),
-                      "neighbours_features": ("neighbours", extended)}  # fmt: skip
+                      "neighbours_features": ("neighbours", extended),
+                      "neighbours_features_centred": ("neighbours", extended)}  # fmt: skip
         found = {"ridge": best}  # the part fitted above
         for name, (kind, x) in parts.items():
             if name not in found:
-                attach_content_part(model, trained, x, kind)
+                attach_content_part(model, trained, x, kind, name.endswith("_centred"))
                 found[name] = by_new_item_scale()
         kept = max(found, key=lambda name: finds(found[name]))  # the first of the best
         kind, x = parts[kept]
-        read = features if kept.endswith("_features") else None
+        read = features if "_features" in kept else None
         record["content_part"] = {
             **ridge_record,  # the ridge part's fit on the content vector
             "kind": kind,
             # the genres and years the kept part reads beside the content vector; null: none
             "item_features": read.record() if read is not None else None,
-            "fit": attach_content_part(model, trained, x, kind),
+            "fit": attach_content_part(model, trained, x, kind, kept.endswith("_centred")),
             **{f"valid_cold_start_hr@10_{n}": finds(e) for n, e in found.items()},
             **{f"new_item_scale_{n}": e["new_item_scale"] for n, e in found.items()},
         }
@@ -588,10 +607,15 @@ def calibrate_scale(
         # or years on the vector extended with them: each kind's weight and scale by the warm
         # rule, then the kind whose pick finds more new items on validation (the content
         # vector alone on a tie).
-        # Each kind's cosine is taken about the catalog's mean vector (ContentTerm.centre).
+        # Each kind's cosine is taken about the catalog's mean vector (ContentTerm.centre),
+        # with the history's events weighted by the content-only baseline's half-life on
+        # validation.
+        half_life, by_half_life = choose_content_half_life(content, split, cfg.max_len)
+        log(f"content term: history half-life {half_life} (content-only validation NDCG@10 "
+            + ", ".join(f"{h} {v:.4f}" for h, v in by_half_life.items()) + ")")  # fmt: skip
         kind_features = {"content": None} | ({"content_features": features} if features else {})
         term_kinds = {
-            kind: ContentTerm(features=f).centred_on(content, item_fields)
+            kind: ContentTerm(features=f, half_life=half_life).centred_on(content, item_fields)
             for kind, f in kind_features.items()
         }
         by_kind = {
@@ -613,6 +637,7 @@ def calibrate_scale(
         record["content_term"] = {k: v for k, v in by_weight.items() if k != "chosen_cell"}
         record["content_term"] |= {
             "reads": kind,
+            "content_only_valid_ndcg@10_by_half_life": by_half_life,
             **{f"valid_cold_start_hr@10_{k}": max(term_finds(k), 0.0) for k in term_kinds},
         }
         cell = by_weight["chosen_cell"]
@@ -623,6 +648,7 @@ def calibrate_scale(
             term = replace(term_kinds[kind], new_weight=weight) if weight else ContentTerm()
             served_warm = cell["warm"]
         reads = "centred content vector" + (" + genres/years" if term.features else "")
+        reads += f", history half-life {half_life}"
         log(f"content term: weight {term.new_weight:g} at scale {chosen:g} on the {reads} "
             f"(validation cold-start HR@10 {valid['cold_start']['hr@10']:.4f}; per weight the "
             f"warm rule's scale {by_weight['picked']})")  # fmt: skip

@@ -427,13 +427,11 @@ class Steps:
         return json.loads((self.run / name / METRICS_FILE).read_text())
 
     def baselines(self, keep_history: bool = False) -> dict[str, dict[str, Any]]:
-        from sidrec.offline.baselines import content_only_scorer, most_popular_scorer
+        from sidrec.offline.baselines import content_only_baseline, most_popular_scorer
         from sidrec.offline.evaluate import evaluate
 
-        scorers = {
-            "most-popular": most_popular_scorer(self.split),
-            "content-only": content_only_scorer(self.content_vectors),
-        }
+        content_only, choice = content_only_baseline(self.content_vectors, self.split)
+        scorers = {"most-popular": most_popular_scorer(self.split), "content-only": content_only}
         results = {
             name: {
                 stage: evaluate(scorer, self.split, stage, keep_history=keep_history)
@@ -441,6 +439,8 @@ class Steps:
             }
             for name, scorer in scorers.items()
         }
+        for report in results["content-only"].values():  # the history half-life it ranked with
+            report["history_half_life"] = choice
         (self.run / "baselines.json").write_text(json.dumps(results, indent=2) + "\n")
         return results
 

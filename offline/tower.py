@@ -428,7 +428,7 @@ def model_scorer(
             raise ValueError("a content term is scored with the content vectors")
         weights = torch.from_numpy(content_term.row_weights(counts))
         vectors = torch.from_numpy(content_term.vectors(content, item_fields))
-        return with_content_term(scorer, vectors, weights)
+        return with_content_term(scorer, vectors, weights, content_term.half_life)
     if sids is None or content is None:
         raise ValueError("a model with a content tower is scored with its SIDs and content")
     with torch.no_grad():

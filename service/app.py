@@ -139,6 +139,7 @@ def build_model(settings: Settings, stores: Stores, bundle: Bundle) -> Services:
         scoring=bundle.model.get("scoring", "cosine"),
         content=bundle.item_content(),
         content_weights=bundle_content_weights(bundle, records),
+        content_half_life=bundle.content_term.half_life,
     )
     catalog = Catalog(bundle, runtime, codebooks, table, vectors, stores.catalog)
     popular = [str(i) for i in bundle.manifest.get("popular", [])]

@@ -30,7 +30,8 @@ with `add`, so items ingested at run time are searchable at once.
 `loadtests/gpu_bench.py` times flat and torch on the CPU and the GPU.
 
 A bundle with a content term (`model.new_item_content_weight`, docs/bundle.md) adds
-W * cos(the history's mean content vector, the item's) to the score of each item without a
+W * cos(the history's mean content vector, its recent events weighing more where the bundle
+gives a half-life, and the item's) to the score of each item without a
 trained id (and W_r to the rarely trained ones', `model.rare_item_content_weight`), as the
 offline evaluator does. Those rows (few: the catalog's untrained, rarest and ingested items)
 are also held in a second, exact index whose rows carry W * their unit content
@@ -51,6 +52,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
+
+from sidrec.content_term import recency_weights
 
 log = logging.getLogger("sidrec.service")
 
@@ -203,6 +206,7 @@ class ItemTable:
         scoring: str = "cosine",  # the bundle's: "cosine" indexes unit rows, "dot" raw ones
         content: np.ndarray | None = None,  # float32 [n + 1, C] content vectors, row 0 zero
         content_weights: np.ndarray | None = None,  # float32 [n + 1] content-term weight
+        content_half_life: float | None = None,  # the term's history recency (ContentTerm)
     ) -> None:
         if scoring not in ("cosine", "dot"):
             raise ValueError(f"scoring must be cosine or dot, not {scoring!r}")
@@ -226,6 +230,7 @@ class ItemTable:
         # The content term (module docstring): unit content vectors of every row (what a
         # history's mean is taken over) and each row's term weight (0: no term).
         self.content: np.ndarray | None = None
+        self.content_half_life = content_half_life
         self.content_weights = np.zeros(self._capacity, np.float32)  # [capacity]
         if content is not None:
             content = np.asarray(content, np.float32)
@@ -318,15 +323,17 @@ class ItemTable:
         return np.ascontiguousarray(np.concatenate([base, term], axis=1), np.float32)
 
     def content_query(self, rows: np.ndarray) -> np.ndarray:
-        """rows int64 [n] of a history -> float32 [C]: its mean unit content vector, unit
-        length (zeros for no rows): what the content term's cosine is taken with. Under the
-        lock (rows are renumbered by compaction)."""
+        """rows int64 [n] of a history, oldest first -> float32 [C]: its mean unit content
+        vector, the events weighted by the term's half-life (recency_weights), unit length
+        (zeros for no rows): what the content term's cosine is taken with. Under the lock
+        (rows are renumbered by compaction)."""
         assert self.content is not None
         if len(rows) == 0:
             return np.zeros(self.content_dim, np.float32)
         # a sum by matrix product (BLAS) is several times faster than .mean(axis=0) here,
         # and the scale is normalised away
-        return normalized(np.ones(len(rows), np.float32) @ self.content[rows])
+        weights = recency_weights(len(rows), self.content_half_life)
+        return normalized(weights @ self.content[rows])
 
     def _indexed(self, vectors: np.ndarray) -> np.ndarray:
         # [m, d] raw -> the rows the index ranks by inner product with the user vector

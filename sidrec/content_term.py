@@ -9,8 +9,10 @@ have the cosine read them beside the content vector (sidrec/item_features.py), a
 new items' content part. The cosine is taken after subtracting the catalog's mean vector
 (`centre`): MiniLM's vectors of one catalog share a large common direction, which makes every
 item look alike to every history; centred, the content-only ranking finds the next item 1.3
-to 3.3 times as often (docs/results/content-tower.md, twenty-ninth session). Torch-free:
-offline and the service both read it.
+to 3.3 times as often (docs/results/content-tower.md, twenty-ninth session). The history's
+content vector may weigh its recent items more (`half_life`, the content-only baseline's,
+chosen on validation: offline/baselines.py): what a user bought or watched last says most of
+what comes next. Torch-free: offline and the service both read it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class ContentTerm:
     # the catalog's mean of the vectors below before their last normalisation, subtracted
     # from every item's (centred_on); None: not centred (runs and bundles from before)
     centre: tuple[float, ...] | None = None
+    # the history's event j of n weighs 0.5 ** ((n - 1 - j) / half_life) in its content
+    # vector (history_weights); None: every event alike (runs and bundles from before)
+    half_life: float | None = None
 
     @property
     def active(self) -> bool:
@@ -51,6 +56,11 @@ class ContentTerm:
             weights = np.where(rare, self.rare_weight, weights)
         weights[:1] = 0.0
         return weights.astype(np.float32)
+
+    def history_weights(self, n: int) -> np.ndarray:
+        """float32 [n]: the weights of a history's n events, oldest first, in its content
+        vector (which is normalised, so only their ratios count)."""
+        return recency_weights(n, self.half_life)
 
     @property
     def transforms(self) -> bool:
@@ -95,6 +105,7 @@ class ContentTerm:
             "rare_item_max_count": self.rare_max_count,
             "content_term_features": None if self.features is None else self.features.record(),
             "content_term_centre": None if self.centre is None else list(self.centre),
+            "content_term_half_life": self.half_life,
         }
 
     @classmethod
@@ -102,10 +113,23 @@ class ContentTerm:
         """The term `record` (a manifest's "model" or new_items.json) keeps; none where it
         keeps no field (bundles and runs from before the term, or before its features)."""
         features, centre = record.get("content_term_features"), record.get("content_term_centre")
+        half_life = record.get("content_term_half_life")
         return cls(
             float(record.get("new_item_content_weight", 0.0)),
             float(record.get("rare_item_content_weight", 0.0)),
             int(record.get("rare_item_max_count", 0)),
             ItemFeatures.from_record(features) if features else None,
             tuple(float(v) for v in centre) if centre else None,
+            None if half_life is None else float(half_life),
         )
+
+
+def recency_weights(n: int, half_life: float | None) -> np.ndarray:
+    """float32 [n]: 0.5 ** (age / half_life) per event of an n-event history, oldest first
+    (age 0 the latest); ones where half_life is None."""
+    if half_life is None:
+        return np.ones(n, np.float32)
+    if half_life <= 0:
+        raise ValueError(f"half_life must be positive, not {half_life}")
+    age = np.arange(n - 1, -1, -1, dtype=np.float64)
+    return (0.5 ** (age / half_life)).astype(np.float32)

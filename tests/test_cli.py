@@ -141,12 +141,15 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     assert fit["fitted_on_items"] == hybrid["split"]["trained_items"]
     # each part at its own warm-rule scale: the content neighbours' part, and both parts on
     # the content vector plus the items' genres (the catalog names them), replaced the ridge
-    # part only where they found more new items on validation (the earlier on a tie)
-    names = ("ridge", "neighbours", "ridge_features", "neighbours_features")
+    # part only where they found more new items on validation (the earlier on a tie); the
+    # neighbours' part also by the cosine about the catalog's mean
+    names = ("ridge", "neighbours", "neighbours_centred", "ridge_features",
+             "neighbours_features", "neighbours_features_centred")  # fmt: skip
     found = {name: fit[f"valid_cold_start_hr@10_{name}"] for name in names}
     kept = max(names, key=lambda name: found[name])
-    assert fit["kind"] == kept.removesuffix("_features")
-    assert (fit["item_features"] is not None) == kept.endswith("_features")
+    assert fit["kind"] == kept.removesuffix("_centred").removesuffix("_features")
+    assert (fit["item_features"] is not None) == ("_features" in kept)
+    assert fit["fit"].get("centred", False) == kept.endswith("_centred")
     assert fit[f"new_item_scale_{kept}"] == chosen  # the kept table's own rule
     assert set(hybrid["unscaled"]) == {"valid", "test"}
     assert "new_items" not in json.loads((run / "id" / "metrics.json").read_text())
@@ -168,7 +171,13 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     assert read is None or (term_record["reads"] == "content_features" and (weight or rare_count))
     features = ItemFeatures.from_record(read) if read else None
     term = bundle.content_term
-    assert replace(term, centre=None) == ContentTerm(weight, rare_weight, rare_count, features)
+    # the history's half-life: the content-only baseline's best on validation
+    by_half_life = term_record["content_only_valid_ndcg@10_by_half_life"]
+    best = max(by_half_life, key=lambda h: by_half_life[h])
+    if term.active:
+        assert str(term.half_life) == best == str(hybrid["new_items"]["content_term_half_life"])
+    expected = ContentTerm(weight, rare_weight, rare_count, features, half_life=term.half_life)
+    assert replace(term, centre=None) == expected
     # calibration takes the term's cosine about the catalog's mean: a kept term has its centre
     assert (term.centre is not None) == term.active
     assert bundle.lists("item_content.npy") == term.active

@@ -689,6 +689,49 @@ def test_content_neighbours_part_is_the_weighted_id_rows_of_the_nearest_trained_
         emb.attach_content_neighbours(content[warm - 1], id_rows, len(warm) + 1, 0.1, content)
 
 
+def test_centred_content_neighbours_are_the_nearest_about_the_centre() -> None:
+    emb = make_embedding("hybrid").eval()
+    sids = make_sids()
+    C, k, temperature = 6, 3, 0.1
+    gen = torch.Generator().manual_seed(5)
+    # every vector shares one large direction, as one catalog's text vectors do
+    content = torch.randn(N_ITEMS, C, generator=gen) + 4 * torch.eye(C)[0]
+    trained = torch.ones(N_ITEMS + 1, dtype=torch.bool)
+    trained[[4, 5, 9]] = False
+    before = emb.table(trained)
+    warm = trained.nonzero().flatten()
+    warm = warm[warm > 0]
+    id_rows = emb.id_emb.weight.detach()[warm]
+    unit = torch.nn.functional.normalize(content, dim=-1)
+    centre = unit.mean(0)
+    emb.attach_content_neighbours(content[warm - 1], id_rows, k, temperature, content, centre)
+    table = emb.table(trained)
+    torch.testing.assert_close(table[warm], before[warm])
+    # brute force: the k most similar trained items by the cosine about the centre
+    centred = torch.nn.functional.normalize(unit - centre, dim=-1)
+    differ = 0  # items whose neighbours the plain cosine would choose otherwise
+    for row in (4, 5, 9):
+        cosine = centred[warm - 1] @ centred[row - 1]
+        top = cosine.argsort(descending=True)[:k]
+        weights = torch.softmax(cosine[top] / temperature, 0)
+        torch.testing.assert_close(
+            table[row], before[row] + (weights[:, None] * id_rows[top]).sum(0)
+        )
+        plain = (unit[warm - 1] @ unit[row - 1]).argsort(descending=True)[:k]
+        differ += set(plain.tolist()) != set(top.tolist())
+    assert differ
+    cold = torch.tensor([4, 5, 9])
+    torch.testing.assert_close(SidContentToVector(emb)(sids[cold], content[cold - 1]), table[cold])
+    # saved with the weights; a ridge map or an uncentred part drops it
+    fresh = make_embedding("hybrid")
+    fresh.load_state_dict(emb.state_dict())
+    torch.testing.assert_close(fresh.content_centre, centre)
+    torch.testing.assert_close(fresh.table(trained), table)
+    fresh.attach_content_neighbours(content[warm - 1], id_rows, k, temperature, content)
+    assert fresh.content_centre is None
+    assert not torch.allclose(fresh.table(trained)[cold], table[cold])
+
+
 @pytest.mark.parametrize("variant", ["sid-prefixn", "hybrid"])
 def test_untrained_codes_change_only_untrained_rows_and_are_saved(variant: str) -> None:
     emb = make_embedding(variant).eval()

@@ -227,7 +227,8 @@ def test_sid_to_vector_parity_for_new_tuples(tmp_path: Path, options: dict) -> N
 
 
 @pytest.mark.parametrize("sid_gate, part", [(False, "ridge"), (True, "ridge"),
-                                            (False, "neighbours")])  # fmt: skip
+                                            (False, "neighbours"),
+                                            (False, "centred neighbours")])  # fmt: skip
 def test_sid_to_vector_with_a_content_part_reads_content(
     tmp_path: Path, sid_gate: bool, part: str
 ) -> None:
@@ -251,7 +252,10 @@ def test_sid_to_vector_with_a_content_part_reads_content(
     else:  # the trained items' content vectors and id rows, read inside the graph
         warm = trained[1:].nonzero().flatten() + 1
         keys, values = content[warm - 1], embedding.id_emb.weight.detach()[warm]
-        embedding.attach_content_neighbours(keys, values, 5, 0.05, content)
+        centre = None
+        if part == "centred neighbours":  # the catalog's mean unit vector, inside the graph
+            centre = torch.nn.functional.normalize(content, dim=-1).mean(0)
+        embedding.attach_content_neighbours(keys, values, 5, 0.05, content, centre)
     table = embedding.table(trained).numpy()
     path = tmp_path / "sid_to_vector.onnx"
     export_sid_to_vector(embedding, path)

@@ -456,7 +456,8 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
     # warm-rule scale: the ablation's cells are calibration's figures
     cells_arg = f"{CONTENT_NEIGHBOURS}:{NEIGHBOUR_TEMPERATURE},1:1"
     main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--neighbours",
-          cells_arg, "--item-features", "--cold-fraction", "0.2"])  # fmt: skip
+          cells_arg, "--item-features", "--centred-neighbours",
+          "--cold-fraction", "0.2"])  # fmt: skip
     parts = json.loads(
         (tmp_path / "run" / "hybrid-sum" / "content_neighbours_ablation.json").read_text()
     )
@@ -465,13 +466,16 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
     # each part on the content vector and on it plus the items' genres (the synthetic
     # catalog's themes), as calibration measured them
     for name, key in (("ridge", "ridge"), ("neighbours", default),
+                      ("neighbours_centred", f"centred {default}"),
                       ("ridge_features", "features ridge"),
-                      ("neighbours_features", f"features {default}")):  # fmt: skip
+                      ("neighbours_features", f"features {default}"),
+                      ("neighbours_features_centred", f"features centred {default}")):  # fmt: skip
         found = parts[key]["valid"]["cold_start"]["hr@10"]
         assert found == pytest.approx(fit[f"valid_cold_start_hr@10_{name}"])
         assert parts[key]["scale"] == fit[f"new_item_scale_{name}"]
     assert parts["features ridge"]["record"]["fitted_on_items"] == fit["fitted_on_items"]
     assert parts["k 1 temperature 1"]["record"]["neighbours"] == 1
+    assert parts["centred k 1 temperature 1"]["record"]["centred"]
     # the hot-bin reference is calibration's (users' histories hold new items, so it depends
     # on the table it was read from): one no scale can keep leaves every cell at the smallest
     record_path = tmp_path / "run" / "hybrid-sum" / "new_items.json"

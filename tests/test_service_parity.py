@@ -49,11 +49,13 @@ def _term_bundle(
     sum_run: tuple[Path, Path],
     item_features: bool,
     centred: bool,
+    half_life: float | None = None,
 ) -> tuple[Path, Path]:
     """(bundle, checkpoint) of the hybrid-sum run with its new items' content-term weight set
     to TERM_WEIGHT and its rarest trained quarter's to RARE_WEIGHT (whatever its calibration
     chose), the term reading the items' genres beside their content vectors where
-    `item_features` and taken about the catalog's mean where `centred`, exported again."""
+    `item_features` and taken about the catalog's mean where `centred`, the history's events
+    weighted by `half_life`, exported again."""
     from sidrec.item_features import ItemFeatures
     from sidrec.offline import pipeline
     from sidrec.offline.train import load_checkpoint
@@ -69,7 +71,7 @@ def _term_bundle(
     with sidrec_cache(_RUN.get("cache", source / "cache")):  # MiniLM's export
         steps = pipeline.Steps.open(source / "data", root / "run")
         features = ItemFeatures.fit(steps.data.catalog.fields) if item_features else None
-        term = ContentTerm(TERM_WEIGHT, RARE_WEIGHT, rare_count, features)
+        term = ContentTerm(TERM_WEIGHT, RARE_WEIGHT, rare_count, features, half_life=half_life)
         if centred:
             term = term.centred_on(steps.content_vectors, steps.data.catalog.fields)
         record_path.write_text(json.dumps({**record, **term.record()}))
@@ -97,8 +99,9 @@ def features_term_run(
     tmp_path_factory: pytest.TempPathFactory, sum_run: tuple[Path, Path]
 ) -> tuple[Path, Path]:
     """The hybrid-sum run with a content term (_term_bundle) on the content vectors and the
-    items' genres (the synthetic catalog names them), centred as calibration centres it."""
-    return _term_bundle(tmp_path_factory, sum_run, item_features=True, centred=True)
+    items' genres (the synthetic catalog names them), centred as calibration centres it, the
+    history's latest events weighing most (a half-life of 2 events)."""
+    return _term_bundle(tmp_path_factory, sum_run, item_features=True, centred=True, half_life=2.0)
 
 
 @pytest.fixture(
@@ -108,7 +111,7 @@ def features_term_run(
 def served(request: pytest.FixtureRequest, bundle_dir: Path) -> tuple[Path, Path]:
     """(bundle, its checkpoint): the session's (cosine, a content tower), a dot id model's, a
     dot hybrid-sum model's and that one with a content term, on the content vectors and on
-    them and the items' genres (centred)."""
+    them and the items' genres (centred, by recency)."""
     if request.param == "dot":
         return request.getfixturevalue("dot_run")
     if request.param == "hybrid-sum":

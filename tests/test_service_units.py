@@ -817,3 +817,44 @@ def test_a_centred_content_term_takes_its_cosine_about_the_catalogs_mean(tmp_pat
     )
     legacy = {k: v for k, v in term.record().items() if k != "content_term_centre"}
     assert Bundle(tmp_path, {"model": legacy, "files": {}}).content_term.centre is None
+
+
+def test_a_content_term_with_a_half_life_weighs_the_latest_events_most(tmp_path: Path) -> None:
+    from sidrec.bundle import Bundle
+    from sidrec.content_term import ContentTerm, recency_weights
+
+    np.testing.assert_allclose(recency_weights(4, 2.0), [2**-1.5, 2**-1.0, 2**-0.5, 1.0])
+    np.testing.assert_array_equal(recency_weights(3, None), np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="positive"):
+        recency_weights(3, 0.0)
+    term = ContentTerm(1.0, half_life=2.0)
+    np.testing.assert_array_equal(term.history_weights(5), recency_weights(5, 2.0))
+    # the manifest keeps it; one from before it weighs every event alike
+    assert Bundle(tmp_path, {"model": term.record(), "files": {}}).content_term == term
+    legacy = {k: v for k, v in term.record().items() if k != "content_term_half_life"}
+    assert Bundle(tmp_path, {"model": legacy, "files": {}}).content_term.half_life is None
+
+    # the service's query: the recency-weighted mean of the history's unit content vectors
+    rng = np.random.default_rng(7)
+    n, d, c = 20, 4, 5
+    vectors = rng.normal(size=(n + 1, d)).astype(np.float32)
+    content = rng.normal(size=(n + 1, c)).astype(np.float32)
+    vectors[0] = content[0] = 0.0
+    weights = np.zeros(n + 1, np.float32)
+    weights[[2, 9]] = 1.0
+    args = (vectors, [f"i{r}" for r in range(1, n + 1)], np.zeros((n + 1, 3), np.int64), 4)
+    recent = ItemTable(*args, use_gpu=False, scoring="dot", content=content,
+                       content_weights=weights, content_half_life=1.0)  # fmt: skip
+    flat = ItemTable(*args, use_gpu=False, scoring="dot", content=content, content_weights=weights)
+    history = np.array([5, 11, 3, 17], np.int64)  # oldest first
+    unit = content[history] / np.linalg.norm(content[history], axis=1, keepdims=True)
+    want = np.array([0.125, 0.25, 0.5, 1.0]) @ unit
+    with recent.lock, flat.lock:
+        np.testing.assert_allclose(
+            recent.content_query(history), want / np.linalg.norm(want), atol=1e-6
+        )
+        plain = flat.content_query(history)
+        np.testing.assert_allclose(plain, unit.mean(0) / np.linalg.norm(unit.mean(0)), atol=1e-6)
+        # the order of the history matters only with a half-life
+        np.testing.assert_allclose(flat.content_query(history[::-1]), plain, atol=1e-6)
+        assert not np.allclose(recent.content_query(history[::-1]), recent.content_query(history))

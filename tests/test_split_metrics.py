@@ -365,3 +365,54 @@ def test_plots_are_written(tmp_path) -> None:
         image = matplotlib.image.imread(p)
         assert image.shape[0] > 100 and image.shape[1] > 100
         assert image[..., :3].std() > 0.01  # something was drawn, not a blank canvas
+
+
+def test_content_scorer_with_a_half_life_weighs_the_latest_events_most() -> None:
+    from sidrec.content_term import recency_weights
+
+    rng = np.random.default_rng(3)
+    content = rng.normal(size=(7, 4))
+    history = torch.tensor([[3, 1, 6, 2], [5, 4, 0, 0]])  # oldest first, right-padded
+    zeros = torch.zeros((2, 4), dtype=torch.int64)
+    batch = EvalBatch(torch.tensor([0, 1]), history, zeros, history > 0, torch.tensor([0, 0]),
+                      history)  # fmt: skip
+    scores = content_scorer(content, half_life=2.0)(batch)  # [2, 8]
+    unit = content / np.linalg.norm(content, axis=1, keepdims=True)
+    for b, rows in enumerate(([3, 1, 6, 2], [5, 4])):
+        user = recency_weights(len(rows), 2.0) @ unit[np.array(rows) - 1]
+        want = unit @ (user / np.linalg.norm(user))
+        np.testing.assert_allclose(scores[b, 1:].numpy(), want, atol=1e-5)
+
+
+def test_content_only_baseline_chooses_its_half_life_on_validation() -> None:
+    """Users who move from one kind of item to another: the history's plain mean points at
+    the old kind, the latest events at the new one, where the next item lies."""
+    from sidrec.offline.baselines import (
+        CONTENT_HALF_LIVES,
+        choose_content_half_life,
+        content_only_baseline,
+    )
+
+    rng = np.random.default_rng(0)
+    kinds, per_kind = 6, 10
+    n = kinds * per_kind
+    content = np.repeat(np.eye(kinds), per_kind, axis=0) + 0.2 * rng.normal(size=(n, kinds))
+    sequences = []
+    for _ in range(120):
+        old, new = rng.choice(kinds, 2, replace=False)
+        old_items = rng.choice(per_kind, 8, replace=False) + old * per_kind + 1
+        new_items = rng.choice(per_kind, 4, replace=False) + new * per_kind + 1
+        sequences.append(np.concatenate([old_items, new_items]).astype(np.int64))
+    data = Interactions(
+        name="drift", catalog=make_catalog(n), users=[f"u{u}" for u in range(len(sequences))],
+        sequences=sequences, timestamps=[np.arange(len(s)) + 1_000_000 for s in sequences],
+    )  # fmt: skip
+    split = make_split(data, cold_fraction=0.0)
+    half_life, figures = choose_content_half_life(content, split, max_history=50)
+    assert set(figures) == {str(h) for h in CONTENT_HALF_LIVES}
+    assert half_life is not None and half_life <= 5.0
+    assert figures[str(half_life)] == max(figures.values()) > figures["None"] + 0.1
+    scorer, record = content_only_baseline(content, split, max_history=50)
+    assert record == {"half_life": half_life, "valid_ndcg@10_by_half_life": figures}
+    ranks = rank_targets(scorer, split, "valid", max_history=50)
+    assert metrics_from_ranks(ranks)["ndcg@10"] == pytest.approx(figures[str(half_life)])

@@ -12,6 +12,8 @@ hybrid-sum). For each weight the warm rule picks a scale on validation, and acro
 the pair that passes it and finds most new items on validation (offline/new_items.py).
 `--term-centre centred|plain` takes the term's cosine about the catalog's mean vector or not
 (ContentTerm.centre) whatever the served term does; `served` (the default) as it does.
+`--term-half-life none|EVENTS` likewise weighs the history's events alike or by recency
+(ContentTerm.half_life).
 
     python -m sidrec.offline.bench.content_part_ablation --data ../shared/data/amazon-toys \\
         --run runs/toys-hs --scales 0.9,1.0  # RUN/hybrid-sum/ from `sidrec train`
@@ -26,7 +28,9 @@ and the content neighbours' part with k = K and temperature T per cell, each on 
 run's calibration kept and at the scale the warm rule picks for it over NEW_ITEM_SCALES (no
 content term): RUN/<variant>/content_neighbours_ablation.json. With `--item-features` each
 part is also fitted on the content vector extended with the items' genres and year
-(sidrec/item_features.py), cells named "features ...".
+(sidrec/item_features.py), cells named "features ...". With `--centred-neighbours` each
+neighbours' part is also measured with its cosine taken about the catalog's mean unit vector,
+cells named "centred ...".
 
 --seed and --cold-fraction must be the run's, so the split is the one it was trained on.
 """
@@ -124,6 +128,14 @@ def _served_table(
     return model, cfg, trained, table, hot, hot_reference
 
 
+def with_half_life(term: ContentTerm, half_life: str) -> ContentTerm:
+    """`term` with the history half-life `half_life` names: "served" (its own), "none" (the
+    plain mean) or a number of events."""
+    if half_life == "served":
+        return term
+    return replace(term, half_life=None if half_life == "none" else float(half_life))
+
+
 def content_term_cells(
     run_dir: Path,
     split: Split,
@@ -132,6 +144,7 @@ def content_term_cells(
     content: np.ndarray,
     item_fields: list[dict[str, str]],
     centre: str = "served",
+    half_life: str = "served",
 ) -> dict[str, Any]:
     """The served table of run_dir's calibrated checkpoint (its rarely trained items' term
     included) plus weight * the content-only score on its untrained rows (on the vectors the
@@ -145,15 +158,16 @@ def content_term_cells(
         served = replace(served, centre=None).centred_on(content, item_fields)
     elif centre == "plain":
         served = replace(served, centre=None)
+    served = with_half_life(served, half_life)
     content_rows = torch.from_numpy(served.vectors(content, item_fields))  # [n, C']
     batch_size = cfg.eval_batch_size or 32
     cells: dict[str, dict[str, Any]] = {}
     for weight in weights:
-        term = ContentTerm(weight, served.rare_weight, served.rare_max_count, served.features)
+        term = replace(served, new_weight=weight)
         row_weights = torch.from_numpy(term.row_weights(split.train_counts))
         for scale in scales:
             base = table_scorer(model.encoder, table, scales_for(trained, scale))
-            scorer = with_content_term(base, content_rows, row_weights)
+            scorer = with_content_term(base, content_rows, row_weights, term.half_life)
             ranks = {stage: rank_targets(scorer, split, stage, batch_size, cfg.max_len)
                      for stage in ("valid", "test")}  # fmt: skip
             cells[f"scale {scale:g} weight {weight:g}"] = {
@@ -174,6 +188,7 @@ def rare_term_cells(
     weights: list[float],
     content: np.ndarray,
     item_fields: list[dict[str, str]],
+    half_life: str = "served",
 ) -> dict[str, Any]:
     """The served table of run_dir's calibrated checkpoint (scale and content term on its
     untrained rows) plus weight * the content-only score on the trained rows with at most
@@ -182,16 +197,17 @@ def rare_term_cells(
     "served": the (count, weight) calibration chose}. "passes": the warm rule over the cells
     (passing_warm_rule)."""
     model, cfg, trained, table, hot, hot_reference = _served_table(run_dir, split)
-    scale, served = load_new_item_scale(run_dir), load_content_term(run_dir)
+    scale = load_new_item_scale(run_dir)
+    served = with_half_life(load_content_term(run_dir), half_life)
     batch_size = cfg.eval_batch_size or 32
     base = table_scorer(model.encoder, table, scales_for(trained, scale))
     content_rows = torch.from_numpy(served.vectors(content, item_fields))  # [n, C']
     cells: dict[str, dict[str, Any]] = {}
     for count, weight in [(0, 0.0), *((c, w) for c in counts for w in weights)]:
-        term = ContentTerm(served.new_weight, weight, count, served.features)
+        term = replace(served, rare_weight=weight, rare_max_count=count)
         rare = (split.train_counts > 0) & (split.train_counts <= count)
         row_weights = torch.from_numpy(term.row_weights(split.train_counts))
-        scorer = with_content_term(base, content_rows, row_weights)
+        scorer = with_content_term(base, content_rows, row_weights, term.half_life)
         ranks = {stage: rank_targets(scorer, split, stage, batch_size, cfg.max_len)
                  for stage in ("valid", "test")}  # fmt: skip
         cells[f"count {count} weight {weight:g}"] = {
@@ -210,20 +226,25 @@ def rare_term_cells(
 
 
 def neighbour_cells(
-    run_dir: Path, split: Split, cells: list[tuple[int, float]], content: np.ndarray
+    run_dir: Path,
+    split: Split,
+    cells: list[tuple[int, float]],
+    content: np.ndarray,
+    centred: bool = False,
 ) -> dict[str, Any]:
     """The ridge part and the content neighbours' part per (k, temperature) in `cells` on
     run_dir's calibrated checkpoint (its paths), each at its warm-rule scale: {"ridge" or "k K
-    temperature T": {"record", "scale", "warm", "valid", "test"}}."""
+    temperature T": {"record", "scale", "warm", "valid", "test"}}. `centred`: the
+    neighbours' cosine about the catalog's mean, cells named "centred k K ...", no ridge."""
     model, cfg, trained, _, hot, hot_reference = _served_table(run_dir, split)
     batch_size = cfg.eval_batch_size or 32
     out: dict[str, Any] = {}
-    for k, temperature in [(0, 0.0), *cells]:
+    for k, temperature in [*([] if centred else [(0, 0.0)]), *cells]:
         if k == 0:
             key, record = "ridge", fit_content_part(model, trained, content)
         else:
-            key = f"k {k} temperature {temperature:g}"
-            record = attach_neighbour_part(model, trained, content, k, temperature)
+            key = ("centred " if centred else "") + f"k {k} temperature {temperature:g}"
+            record = attach_neighbour_part(model, trained, content, k, temperature, centred)
         with torch.no_grad():
             table = model.items.table(trained)
 
@@ -272,6 +293,11 @@ def main(argv: list[str] | None = None) -> None:
         default="served",
         help="--content-weights: the term's cosine about the catalog's mean, or not",
     )
+    parser.add_argument(
+        "--term-half-life",
+        default="served",
+        help="--content-weights, --rare-counts: the history's half-life, served|none|EVENTS",
+    )
     parser.add_argument("--rare-counts", default="", help="comma-separated training counts")
     parser.add_argument("--rare-weights", default="1", help="comma-separated weights (logits)")
     parser.add_argument(
@@ -281,6 +307,11 @@ def main(argv: list[str] | None = None) -> None:
         "--item-features",
         action="store_true",
         help="--neighbours: also each part on the content vector plus genres and year",
+    )
+    parser.add_argument(
+        "--centred-neighbours",
+        action="store_true",
+        help="--neighbours: also each neighbours' part with its cosine about the catalog's mean",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cold-fraction", type=float, default=0.05)
@@ -295,8 +326,9 @@ def main(argv: list[str] | None = None) -> None:
         counts = [int(c) for c in args.rare_counts.split(",")]
         rare_weights = [float(w) for w in args.rare_weights.split(",")]
         out = rare_term_cells(
-            folder, split, counts, rare_weights, steps.content_vectors, steps.data.catalog.fields
-        )
+            folder, split, counts, rare_weights, steps.content_vectors,
+            steps.data.catalog.fields, args.term_half_life,
+        )  # fmt: skip
         for key, cell in out["cells"].items():
             valid = cell["valid"]
             print(f"{key} ({cell['rare_items']} items) valid ndcg@10 "
@@ -308,15 +340,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.neighbours:
         pairs = [(int(k), float(t)) for k, t in (c.split(":") for c in args.neighbours.split(","))]
-        out = neighbour_cells(folder, split, pairs, steps.content_vectors)
+        centring = (False, True) if args.centred_neighbours else (False,)
+        out = {}
+        for centred in centring:
+            out |= neighbour_cells(folder, split, pairs, steps.content_vectors, centred)
         if args.item_features:
             fields = steps.data.catalog.fields
             features = ItemFeatures.fit(fields)
             if features is None:
                 raise SystemExit(f"{args.data}: too few items have genres or a year")
             extended = features.extend(steps.content_vectors, fields)
-            cells = neighbour_cells(folder, split, pairs, extended)
-            out.update({f"features {key}": cell for key, cell in cells.items()})
+            for centred in centring:
+                cells = neighbour_cells(folder, split, pairs, extended, centred)
+                out.update({f"features {key}": cell for key, cell in cells.items()})
         for key, cell in out.items():
             print(f"{key:28s} scale {cell['scale']:g} valid ndcg@10 "
                   f"{cell['valid']['overall']['ndcg@10']:.4f} cold-start "
@@ -334,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
             steps.content_vectors,
             steps.data.catalog.fields,
             args.term_centre,
+            args.term_half_life,
         )
         for key, cell in out["cells"].items():
             print(f"{key} valid ndcg@10 {cell['valid']['overall']['ndcg@10']:.4f} hot "
@@ -343,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"served scale {load_new_item_scale(folder):g}; warm rule per weight "
               f"{out['picked']}; chosen {out['chosen']}")  # fmt: skip
         name = "" if args.term_centre == "served" else f"-{args.term_centre}"
+        name += "" if args.term_half_life == "served" else f"-half-life-{args.term_half_life}"
         (folder / f"content_term_ablation{name}.json").write_text(json.dumps(out, indent=2) + "\n")
         return
     codebooks, sids = steps.sids()

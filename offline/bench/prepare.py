@@ -70,7 +70,7 @@ def prepare(
     data_dir: Path, out: Path, cache_dir: Path | None, log: Callable[[str], None] = print
 ) -> Path:
     """Write out/prepared/ (skipping files already there); returns that folder."""
-    from sidrec.offline.baselines import content_only_scorer, most_popular_scorer
+    from sidrec.offline.baselines import content_only_baseline, most_popular_scorer
     from sidrec.offline.content import encode_texts
     from sidrec.offline.data.load import load_dataset
     from sidrec.offline.evaluate import evaluate
@@ -114,14 +114,14 @@ def prepare(
     path = folder / "baselines.json"
     if not path.is_file():
         split = make_split(data, cold_fraction=0.05, seed=SPLIT_SEED)
-        scorers = {
-            "most-popular": most_popular_scorer(split),
-            "content-only": content_only_scorer(vectors["full"]),
-        }
+        content_only, choice = content_only_baseline(vectors["full"], split)
+        scorers = {"most-popular": most_popular_scorer(split), "content-only": content_only}
         results = {
             name: {stage: evaluate(scorer, split, stage) for stage in ("valid", "test")}
             for name, scorer in scorers.items()
         }
+        for report in results["content-only"].values():
+            report["history_half_life"] = choice
         path.write_text(json.dumps(results, indent=2) + "\n")
         log("baselines: most-popular, content-only")
     return folder

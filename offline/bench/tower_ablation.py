@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from sidrec.offline.baselines import content_only_scorer
+from sidrec.offline.baselines import content_only_baseline
 from sidrec.offline.evaluate import Scorer, rank_targets, summarize, table_scorer
 from sidrec.offline.new_items import with_content_term
 from sidrec.offline.pipeline import Steps
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(_line(name, out[name]), flush=True)
 
     cell("id rows only", table_scorer(model.encoder, id_table))
-    cell("content-only", content_only_scorer(steps.content_vectors))
+    cell("content-only", content_only_baseline(steps.content_vectors, steps.split, cfg.max_len)[0])
     states = None
     for objective in args.objectives.split(","):
         if objective == "users" and states is None:
