@@ -513,3 +513,26 @@ def test_content_term_rule_takes_the_pick_that_keeps_the_hot_bin_and_finds_most_
     cells["scale 1 weight 1"]["valid"]["cold_start"]["hr@10"] = 0.03
     assert choose_scale_and_weight(cells, [0, 1, 4], 0.100)[1] == "scale 1.2 weight 0"
     assert choose_scale_and_weight(cells, [4], 0.100)[1] is None
+
+
+def test_content_half_life_bench_ranks_content_only_at_each_half_life(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidrec.offline.baselines import CONTENT_HALF_LIVES, choose_content_half_life
+    from sidrec.offline.bench.content_half_life import main
+
+    write_synthetic_dataset(tmp_path / "data", users=40, per_theme=5)
+    steps = pipeline.Steps.open(tmp_path / "data", tmp_path / "run", cold_fraction=0.2)
+    rng = np.random.default_rng(1)  # random content vectors: no MiniLM needed here
+    content = rng.normal(size=(steps.data.num_items, 16)).astype(np.float32)
+    monkeypatch.setattr(pipeline.Steps, "content_vectors", property(lambda _: content))
+    main(["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"),
+          "--cold-fraction", "0.2"])  # fmt: skip
+    cells = json.loads((tmp_path / "run" / "content_half_life.json").read_text())
+    assert list(cells) == [str(h) for h in CONTENT_HALF_LIVES]
+    # validation's figures are the ones the baseline's and calibration's choice reads
+    _, figures = choose_content_half_life(content, steps.split, 200)
+    for name, cell in cells.items():
+        assert cell["valid"]["overall"]["ndcg@10"] == pytest.approx(figures[name])
+        assert cell["test"]["history_excluded"] and "random_hr@10" in cell["test"]["cold_start"]
+    assert len({c["valid"]["overall"]["ndcg@10"] for c in cells.values()}) > 1
