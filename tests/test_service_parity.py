@@ -262,7 +262,8 @@ def test_an_ingested_item_reads_its_genres_in_the_content_term(
     features_term_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """A bundle whose content term reads the items' genres beside their content vectors
-    (model.content_term_features), about the catalog's mean (model.content_term_centre): an
+    (model.content_term_features), about the catalog's mean (model.content_term_centre), the
+    history weighted by recency (model.content_term_half_life): an
     item ingested with an untrained bundle item's content vector and fields scores as that
     item, the service extending and centring its vector as the export did; sent under another
     theme's genres, its term follows those genres."""
@@ -275,7 +276,9 @@ def test_an_ingested_item_reads_its_genres_in_the_content_term(
     assert extended is not None
     items = bundle.items()
     history_rows = theme([{"row": r.row, "text": r.text} for r in items], np.random.default_rng(0))
-    mean = extended[history_rows].mean(0)
+    # the history's content vector, its latest events weighing most (the term's half-life)
+    assert term.half_life is not None
+    mean = term.history_weights(len(history_rows)) @ extended[history_rows]
     mean /= np.linalg.norm(mean)
     untrained = [r for r in items if r.popularity == 0 and r.row not in history_rows]
     twin = max(untrained, key=lambda r: float(extended[r.row] @ mean))
