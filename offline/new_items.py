@@ -80,6 +80,10 @@ CONTENT_SCALE_STEPS = (-8, -4, -2, 0)
 # events and weight 2 kept the hot bin on three seeds and at most 5 and weight 1 did not
 # (docs/results/content-tower.md, eighteenth session); the grid spans both.
 RARE_MAX_COUNTS = (1, 2, 3, 5)
+# The warm term's weights (every other trained item: ContentTerm.warm_weight), in logits. On
+# Amazon Toys (seed 1, a history half-life of 1) validation NDCG@10 rose up to 6-8 and the hot
+# bin fell past 2% from 4 (docs/results/content-tower.md, thirtieth session).
+WARM_WEIGHTS = (1.0, 2.0, 3.0, 4.0, 6.0)
 RARE_WEIGHTS = (0.5, 1.0, 2.0)
 # The content neighbours' part: the k trained items nearest by content cosine, weighted by
 # softmax(cosine / temperature). The best of 1-20 neighbours on Toys validation cold-start
@@ -351,6 +355,42 @@ def choose_content_term(
     }
 
 
+def choose_warm_term(
+    reference: dict[str, float],
+    valid_ranks: dict[str, Callable[[float], np.ndarray]],
+    hot: np.ndarray,
+    hot_reference: float,
+    tolerance: float = HOT_TOLERANCE,
+) -> dict[str, Any]:
+    """The warm term's weight and kind: each WARM_WEIGHTS weight of each kind, ranked by
+    valid_ranks[kind](weight) on validation (new items never recommended), against the table
+    without it (its warm_figures `reference`). A cell passes where its NDCG@10 beats the
+    reference's by more than one standard error and its hot-bin NDCG@10 (bool `hot` per
+    target) is within `tolerance` of hot_reference; of those, the one with the best NDCG@10
+    (the first on a tie), else none. Returns {"weight" (0: none), "reads" (its kind or None),
+    "hot_ndcg@10" (the chosen table's), "valid_by_cell": warm figures per cell, "passes",
+    "valid_ndcg@10_by_cell"}."""
+    cells: dict[str, dict[str, Any]] = {"weight 0": {**reference, "reads": None, "weight": 0.0}}
+    for kind, ranks in valid_ranks.items():
+        for weight in WARM_WEIGHTS:
+            figures = warm_figures(ranks(weight), hot)
+            cells[f"{kind} weight {weight:g}"] = {**figures, "reads": kind, "weight": weight}
+    passing = [
+        key for key, c in cells.items()
+        if c["weight"] and c["ndcg@10"] > reference["ndcg@10"] + reference["se"]
+        and c["hot_ndcg@10"] >= (1.0 - tolerance) * hot_reference
+    ]  # fmt: skip
+    key = max(passing, key=lambda k: cells[k]["ndcg@10"]) if passing else "weight 0"
+    return {
+        "weight": cells[key]["weight"],
+        "reads": cells[key]["reads"],
+        "hot_ndcg@10": cells[key]["hot_ndcg@10"],
+        "passes": passing,
+        "valid_by_cell": cells,
+        "valid_ndcg@10_by_cell": {k: round(c["ndcg@10"], 4) for k, c in cells.items()},
+    }
+
+
 def choose_rare_term(
     served: dict[str, Any],
     valid_cell: Callable[[int, float], dict[str, Any]],
@@ -539,14 +579,53 @@ def calibrate_scale(
     hot = split.popularity_bin[split.valid.targets] == BIN_NAMES.index("hot")
     # new items never recommended (so the paths they would read do not matter)
     never = torch.where(trained, 0.0, float("inf"))
-    hot_reference = metrics_from_ranks(ranks(item_table(), "valid", None, never)[hot])["ndcg@10"]
+    never_ranks = ranks(item_table(), "valid", None, never)
+    hot_reference = metrics_from_ranks(never_ranks[hot])["ndcg@10"]
+    # The content term's kinds: its cosine on the content vector, and where the catalog's
+    # fields give genres or years on the vector extended with them; each about the catalog's
+    # mean vector (ContentTerm.centre), the history's events weighted by the content-only
+    # baseline's half-life on validation.
+    term_kinds: dict[str, ContentTerm] = {}
+    warm = ContentTerm()  # the warm term, or none; the new and rare items' terms weigh over it
+    if content is not None and gets_content_part(cfg.variant, cfg.fusion):
+        half_life, by_half_life = choose_content_half_life(content, split, cfg.max_len)
+        log(f"content term: history half-life {half_life} (content-only validation NDCG@10 "
+            + ", ".join(f"{h} {v:.4f}" for h, v in by_half_life.items()) + ")")  # fmt: skip
+        kind_features = {"content": None} | ({"content_features": features} if features else {})
+        term_kinds = {
+            kind: ContentTerm(features=f, half_life=half_life).centred_on(content, item_fields)
+            for kind, f in kind_features.items()
+        }
+        # First the warm term, on every trained item: it moves every score, so the new items'
+        # scale and terms are chosen on the table with it, and its hot bin is the reference.
+        warm_table = item_table()
+        warm_choice = choose_warm_term(
+            warm_figures(never_ranks, hot),
+            {kind: (lambda w, base=base: ranks(warm_table, "valid", None, never,
+                                               term=replace(base, warm_weight=w)))
+             for kind, base in term_kinds.items()},
+            hot, hot_reference, tolerance,
+        )  # fmt: skip
+        record["warm_term"] = {k: v for k, v in warm_choice.items() if k != "valid_by_cell"}
+        if warm_choice["weight"]:
+            kind = warm_choice["reads"]
+            warm = replace(term_kinds[kind], warm_weight=warm_choice["weight"])
+            term_kinds = {kind: replace(warm, new_weight=warm.warm_weight)}
+            hot_reference = warm_choice["hot_ndcg@10"]
+        by_cell = warm_choice["valid_ndcg@10_by_cell"]
+        log(f"warm items' term: weight {warm.warm_weight:g}"
+            + (f" on the {warm_choice['reads']} vector" if warm.warm_weight else "")
+            + f" (validation NDCG@10 by cell {by_cell})")  # fmt: skip
+    # new items weigh as the warm ones until their own term is chosen
+    neutral = term_kinds[next(iter(term_kinds))] if warm.warm_weight else None
 
     def by_new_item_scale() -> dict[str, Any]:
         # the table as the item embedding now stands, with the warm rule's scale
         table = item_table()
         chosen, valid_ranks, by_scale = scale_by_warm_rule(
-            lambda s: ranks(table, "valid", scales_for(trained, s)), hot, hot_reference, tolerance
-        )
+            lambda s: ranks(table, "valid", scales_for(trained, s), term=neutral),
+            hot, hot_reference, tolerance,
+        )  # fmt: skip
         valid = summarize(valid_ranks[str(chosen)], split, "valid")
         return {"new_item_scale": chosen, "valid": valid, "table": table,
                 "valid_by_new_item_scale": by_scale}  # fmt: skip
@@ -602,27 +681,15 @@ def calibrate_scale(
         log(f"content part: validation cold-start HR@10 {figures}: {kept} kept")
     chosen, valid = best["new_item_scale"], best["valid"]
     table, term = best["table"], ContentTerm()
-    if content is not None and gets_content_part(cfg.variant, cfg.fusion):
-        # The term's cosine on the content vector, and where the catalog's fields give genres
-        # or years on the vector extended with them: each kind's weight and scale by the warm
-        # rule, then the kind whose pick finds more new items on validation (the content
-        # vector alone on a tie).
-        # Each kind's cosine is taken about the catalog's mean vector (ContentTerm.centre),
-        # with the history's events weighted by the content-only baseline's half-life on
-        # validation.
-        half_life, by_half_life = choose_content_half_life(content, split, cfg.max_len)
-        log(f"content term: history half-life {half_life} (content-only validation NDCG@10 "
-            + ", ".join(f"{h} {v:.4f}" for h, v in by_half_life.items()) + ")")  # fmt: skip
-        kind_features = {"content": None} | ({"content_features": features} if features else {})
-        term_kinds = {
-            kind: ContentTerm(features=f, half_life=half_life).centred_on(content, item_fields)
-            for kind, f in kind_features.items()
-        }
+    if term_kinds:
+        # The new items' term on each kind (the warm term's alone where it has one): each
+        # kind's weight over the warm one and scale by the warm rule, then the kind whose pick
+        # finds more new items on validation (the content vector alone on a tie).
         by_kind = {
             kind: choose_content_term(
                 best["valid_by_new_item_scale"], chosen, valid,
                 lambda s, w, base=base: ranks(table, "valid", scales_for(trained, s),
-                                              term=replace(base, new_weight=w)),
+                                              term=replace(base, new_weight=warm.warm_weight + w)),
                 hot, hot_reference, split, tolerance,
             )
             for kind, base in term_kinds.items()
@@ -642,10 +709,12 @@ def calibrate_scale(
         }
         cell = by_weight["chosen_cell"]
         served_warm = best["valid_by_new_item_scale"][str(chosen)]
+        term = replace(term_kinds[kind], new_weight=warm.warm_weight) if warm.active else term
         if cell is not None:
             chosen, valid = cell["scale"], cell["valid"]
             weight = cell["weight"]
-            term = replace(term_kinds[kind], new_weight=weight) if weight else ContentTerm()
+            if weight:
+                term = replace(term_kinds[kind], new_weight=warm.warm_weight + weight)
             served_warm = cell["warm"]
         reads = "centred content vector" + (" + genres/years" if term.features else "")
         reads += f", history half-life {half_life}"
@@ -658,7 +727,9 @@ def calibrate_scale(
         rare_base = replace(term_kinds[kind], new_weight=term.new_weight)
 
         def rare_cell(count: int, weight: float) -> dict[str, Any]:
-            rare_term = replace(rare_base, rare_weight=weight, rare_max_count=count)
+            rare_term = replace(
+                rare_base, rare_weight=warm.warm_weight + weight, rare_max_count=count
+            )
             r = ranks(table, "valid", scales, term=rare_term)
             return {"warm": warm_figures(r, hot), "valid": summarize(r, split, "valid")}
 
@@ -667,7 +738,8 @@ def calibrate_scale(
         )
         record["rare_term"] = {k: v for k, v in rare.items() if k != "chosen_cell"}
         count, weight = rare["chosen"]
-        term = replace(rare_base, rare_weight=weight, rare_max_count=count)
+        term = replace(rare_base, rare_weight=warm.warm_weight + weight if count else 0.0,
+                       rare_max_count=count)  # fmt: skip
         if not term.active:
             term = ContentTerm()
         valid = rare["chosen_cell"]["valid"]

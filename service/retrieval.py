@@ -670,17 +670,22 @@ class ItemTable:
         # query short of k after that is searched again)
         fetch = min(self.size, fetch + min(n_term, 2 * fetch * n_term // self.size + max(ks)))
         term_fetch = min(n_term, most + self.dead + 1)
+        # every row has a term (a warm term): the term index holds the whole table
+        whole = n_term >= self.size - 1
         out: list[list[tuple[int, float]]] = [[] for _ in ks]
         pending = list(range(len(ks)))
         while pending:
-            rows, scores = self._search(main[pending], fetch)
+            if whole:
+                rows, scores = [[] for _ in pending], [[] for _ in pending]
+            else:
+                rows, scores = self._search(main[pending], fetch)
             if term is not None:
                 assert self.term_index is not None
                 term_scores, positions = self.term_index.search(term[pending], term_fetch)
             short = []
             for j, q in enumerate(pending):
                 hits = self._hits(rows[j], scores[j], ks[q], excluded[q], accepts[q], n_term > 0)
-                missing = len(hits) < ks[q] and fetch < self.size
+                missing = len(hits) < ks[q] and fetch < self.size and not whole
                 if term is not None:
                     found = [self.term_rows[p] if p >= 0 else -1 for p in positions[j].tolist()]
                     more = self._hits(

@@ -2,17 +2,19 @@
 
 Items whose id row training never saw (withheld, ingested) or saw only a few times have the
 weakest vectors in the table; the term scores them by their content as well, as the
-content-only baseline would. Calibration (offline/new_items.py) chooses the weights on
-validation, the bundle records them (docs/bundle.md) and the service adds the same term
-(service/retrieval.py). Where the catalog's fields name genres or years, validation may
-have the cosine read them beside the content vector (sidrec/item_features.py), as it may the
-new items' content part. The cosine is taken after subtracting the catalog's mean vector
-(`centre`): MiniLM's vectors of one catalog share a large common direction, which makes every
-item look alike to every history; centred, the content-only ranking finds the next item 1.3
-to 3.3 times as often (docs/results/content-tower.md, twenty-ninth session). The history's
-content vector may weigh its recent items more (`half_life`, the content-only baseline's,
-chosen on validation: offline/baselines.py): what a user bought or watched last says most of
-what comes next. Torch-free: offline and the service both read it.
+content-only baseline would. The other trained items may get it too (`warm_weight`): where
+the next item is often like the last (Amazon's), content adds what the ids miss.
+Calibration (offline/new_items.py) chooses the weights on validation, the bundle records
+them (docs/bundle.md) and the service adds the same term (service/retrieval.py). Where the
+catalog's fields name genres or years, validation may have the cosine read them beside the
+content vector (sidrec/item_features.py), as it may the new items' content part. The cosine
+is taken after subtracting the catalog's mean vector (`centre`): MiniLM's vectors of one
+catalog share a large common direction, which makes every item look alike to every history;
+centred, the content-only ranking finds the next item 1.3 to 3.3 times as often
+(docs/results/content-tower.md, twenty-ninth session). The history's content vector may
+weigh its recent items more (`half_life`, the content-only baseline's, chosen on
+validation: offline/baselines.py): what a user bought or watched last says most of what
+comes next. Torch-free: offline and the service both read it.
 """
 
 from __future__ import annotations
@@ -40,17 +42,20 @@ class ContentTerm:
     # the history's event j of n weighs 0.5 ** ((n - 1 - j) / half_life) in its content
     # vector (history_weights); None: every event alike (runs and bundles from before)
     half_life: float | None = None
+    # the other trained items (more than rare_max_count training events): the warm term
+    warm_weight: float = 0.0
 
     @property
     def active(self) -> bool:
         """Whether any row gets the term (so the content vectors are needed)."""
-        return bool(self.new_weight or (self.rare_weight and self.rare_max_count > 0))
+        rare = self.rare_weight and self.rare_max_count > 0
+        return bool(self.new_weight or rare or self.warm_weight)
 
     def row_weights(self, train_counts: np.ndarray) -> np.ndarray:
         """float32 [n + 1]: each row's weight from its training events (int [n + 1], row 0
         the padding row, which never gets the term)."""
         counts = np.asarray(train_counts)
-        weights = np.where(counts == 0, self.new_weight, 0.0)
+        weights = np.where(counts == 0, self.new_weight, self.warm_weight)
         if self.rare_max_count > 0:
             rare = (counts > 0) & (counts <= self.rare_max_count)
             weights = np.where(rare, self.rare_weight, weights)
@@ -106,6 +111,7 @@ class ContentTerm:
             "content_term_features": None if self.features is None else self.features.record(),
             "content_term_centre": None if self.centre is None else list(self.centre),
             "content_term_half_life": self.half_life,
+            "warm_item_content_weight": self.warm_weight,
         }
 
     @classmethod
@@ -121,6 +127,7 @@ class ContentTerm:
             ItemFeatures.from_record(features) if features else None,
             tuple(float(v) for v in centre) if centre else None,
             None if half_life is None else float(half_life),
+            float(record.get("warm_item_content_weight", 0.0)),
         )
 
 
