@@ -121,16 +121,28 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     rare_count = hybrid["new_items"]["rare_item_max_count"]
     rare_weight = hybrid["new_items"]["rare_item_content_weight"]
     valid_ndcg = hybrid["valid"]["overall"]["ndcg@10"]
+    # the warm term, chosen first: the passing cell with the best validation NDCG@10, or none;
+    # the new and rare items' weights are chosen over it
+    warm_weight = hybrid["new_items"]["warm_item_content_weight"]
+    warm_record = hybrid["new_items"]["warm_term"]
+    assert warm_record["weight"] == warm_weight
+    warm_ndcg = warm_record["valid_ndcg@10_by_cell"]
+    if warm_weight:
+        kept = f"{warm_record['reads']} weight {warm_weight:g}"
+        assert warm_ndcg[kept] == max(warm_ndcg[c] for c in warm_record["passes"])
+        assert warm_ndcg[kept] > warm_ndcg["weight 0"]
+    else:
+        assert warm_record["passes"] == []
     if rare_count:  # a term on rarely trained items: the cell its rule took
         by_cell = hybrid["new_items"]["rare_term"]["valid_by_cell"]
-        cell = f"count {rare_count} weight {rare_weight:g}"
+        cell = f"count {rare_count} weight {rare_weight - warm_weight:g}"
         assert valid_ndcg == pytest.approx(by_cell[cell]["ndcg@10"])
-    elif weight == 0:  # no content term: the scale alone, by the warm rule
+    elif weight == warm_weight:  # no new items' term over the warm one: the scale alone
         assert hybrid["new_items"]["new_item_scale"] == chosen
         assert valid_ndcg == pytest.approx(by_scale[str(chosen)]["ndcg@10"])
     else:  # the (scale, weight) cell the rule took over the term's cells and weight 0's
         scale = hybrid["new_items"]["new_item_scale"]
-        cell = f"scale {scale:g} weight {weight:g}"
+        cell = f"scale {scale:g} weight {weight - warm_weight:g}"
         assert hybrid["new_items"]["content_term"]["chosen"] == cell
         by_cell = hybrid["new_items"]["content_term"]["valid_by_cell"]
         assert valid_ndcg == pytest.approx(by_cell[cell]["ndcg@10"])
@@ -160,15 +172,16 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     assert bundle.model["variant"] == "hybrid"
     assert bundle.model["new_item_score_scale"] == hybrid["new_items"]["new_item_scale"]
     # the term's cosine reads the content vector, or that and the items' genres: both were
-    # offered (the catalog names genres), and the one whose pick found more new items on
-    # validation kept (the content vector on a tie)
+    # offered (the catalog names genres; the warm term's kind alone where it has one), and the
+    # one whose pick found more new items on validation kept (the content vector on a tie)
     term_record = hybrid["new_items"]["content_term"]
-    found_by = {
-        k: term_record[f"valid_cold_start_hr@10_{k}"] for k in ("content", "content_features")
-    }
+    kinds = [warm_record["reads"]] if warm_weight else ["content", "content_features"]
+    found_by = {k: term_record[f"valid_cold_start_hr@10_{k}"] for k in kinds}
     assert term_record["reads"] == max(found_by, key=lambda k: found_by[k])
     read = hybrid["new_items"]["content_term_features"]
-    assert read is None or (term_record["reads"] == "content_features" and (weight or rare_count))
+    assert read is None or (
+        term_record["reads"] == "content_features" and (weight or rare_count or warm_weight)
+    )
     features = ItemFeatures.from_record(read) if read else None
     term = bundle.content_term
     # the history's half-life: the content-only baseline's best on validation
@@ -176,7 +189,8 @@ def test_steps_through_the_cli(tmp_path: Path) -> None:
     best = max(by_half_life, key=lambda h: by_half_life[h])
     if term.active:
         assert str(term.half_life) == best == str(hybrid["new_items"]["content_term_half_life"])
-    expected = ContentTerm(weight, rare_weight, rare_count, features, half_life=term.half_life)
+    expected = ContentTerm(weight, rare_weight, rare_count, features, half_life=term.half_life,
+                           warm_weight=warm_weight)  # fmt: skip
     assert replace(term, centre=None) == expected
     # calibration takes the term's cosine about the catalog's mean: a kept term has its centre
     assert (term.centre is not None) == term.active

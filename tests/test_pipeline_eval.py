@@ -382,7 +382,8 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
     weight = metrics["new_items"]["new_item_content_weight"]  # the term calibration chose
     rare_count = metrics["new_items"]["rare_item_max_count"]  # and on rare items, if any
     rare_weight = metrics["new_items"]["rare_item_content_weight"]
-    if weight == 0 and rare_count == 0:
+    warm = metrics["new_items"]["warm_item_content_weight"]  # and on every other trained item
+    if weight == 0 and rare_count == 0 and warm == 0:
         assert cells[f"{served} scale {chosen:g} test"] == metrics["test"]
     assert cells["as trained scale 1 test"]["overall"] == metrics["unscaled"]["test"]["overall"]
     assert cells["as trained scale 1 valid"]["overall"] == metrics["unscaled"]["valid"]["overall"]
@@ -397,7 +398,7 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
     terms = json.loads((tmp_path / "run" / "hybrid-sum" / "content_term_ablation.json").read_text())
     assert terms["cells"][f"scale {chosen:g} weight {weight:g}"]["test"] == metrics["test"]
     none = terms["cells"][f"scale {chosen:g} weight 0"]["test"]
-    if rare_count == 0:  # else the cells keep the rare items' term
+    if rare_count == 0 and warm == 0:  # else the cells keep the trained items' terms
         assert cells[f"{served} scale {chosen:g} test"] == none
     heavy = terms["cells"][f"scale {chosen:g} weight 50"]["test"]
     assert heavy["cold_start"]["hr@10"] >= none["cold_start"]["hr@10"]
@@ -413,7 +414,7 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
               "--cold-fraction", "0.2", "--term-centre", centre])  # fmt: skip
         name = f"content_term_ablation-{centre}.json"
         by_centre[centre] = json.loads((tmp_path / "run" / "hybrid-sum" / name).read_text())
-    served_centre = "centred" if weight or rare_count else "plain"
+    served_centre = "centred" if weight or rare_count or warm else "plain"
     assert by_centre[served_centre]["cells"] == terms["cells"]
     # a term on rarely trained items too: count 0 is the served table; a heavy weight on the
     # cold popularity bin's items finds more of its targets, at the hot bin's expense
@@ -435,18 +436,22 @@ def test_content_part_ablation_ranks_the_served_table_and_the_one_without(
     assert lifted["rare_items"] > 0
     bins = lifted["test"]["by_popularity"]
     without = rare["cells"]["count 0 weight 0"]["test"]["by_popularity"]
-    assert bins["cold"]["hr@10"] > without["cold"]["hr@10"]
-    assert bins["hot"]["ndcg@10"] <= without["hot"]["ndcg@10"]
+    if warm == 0:  # a warm term already lifts the cold bin's items by their content
+        assert bins["cold"]["hr@10"] > without["cold"]["hr@10"]
+        assert bins["hot"]["ndcg@10"] <= without["hot"]["ndcg@10"]
+    assert bins != without
     # calibration's record of the term: the cells it tried and its pick
     record = metrics["new_items"]["content_term"]
     assert set(record["picked"]) == {"0", "0.5", "1", "2"}
-    assert record["chosen"] is None or record["chosen"].endswith(f"weight {weight:g}")
+    # (its weights over the warm term's)
+    assert record["chosen"] is None or record["chosen"].endswith(f"weight {weight - warm:g}")
     # and of the rarely trained items' term: every cell, and the passing one with the best
     # cold bin on validation, whose figures metrics.json reports as the served table's
     rare_record = metrics["new_items"]["rare_term"]
     assert len(rare_record["valid_by_cell"]) == 1 + len(RARE_MAX_COUNTS) * len(RARE_WEIGHTS)
-    assert rare_record["chosen"] == [rare_count, rare_weight]
-    chosen_cell = rare_record["valid_by_cell"][served_cell]
+    assert rare_record["chosen"] == [rare_count, rare_weight - warm if rare_count else 0.0]
+    over_warm = f"count {rare_count} weight {rare_weight - warm:g}" if rare_count else served_cell
+    chosen_cell = rare_record["valid_by_cell"][over_warm]
     assert chosen_cell["passes"]
     assert chosen_cell["cold_bin_hr@10"] == max(
         c["cold_bin_hr@10"] for c in rare_record["valid_by_cell"].values() if c["passes"]
@@ -536,3 +541,35 @@ def test_content_half_life_bench_ranks_content_only_at_each_half_life(
         assert cell["valid"]["overall"]["ndcg@10"] == pytest.approx(figures[name])
         assert cell["test"]["history_excluded"] and "random_hr@10" in cell["test"]["cold_start"]
     assert len({c["valid"]["overall"]["ndcg@10"] for c in cells.values()}) > 1
+
+
+def test_warm_term_rule_takes_the_best_gain_past_one_se_that_keeps_the_hot_bin() -> None:
+    from sidrec.offline.new_items import WARM_WEIGHTS, choose_warm_term, warm_figures
+
+    hot = np.arange(1000) < 300  # 300 hot targets of 1,000
+
+    def ranks(hot_hits: int, other_hits: int) -> np.ndarray:
+        # rank 1 (gain 1) for the hits, rank 500 (gain 0) for the rest: NDCG@10 = hit share
+        r = np.full(1000, 500)
+        r[:hot_hits] = 1
+        r[300 : 300 + other_hits] = 1
+        return r
+
+    reference = warm_figures(ranks(150, 100), hot)  # NDCG@10 0.25, hot 0.5, SE ~0.014
+    content = {1.0: ranks(150, 110),  # +0.010: within one SE, no gain
+               2.0: ranks(149, 130), 3.0: ranks(148, 140),  # pass; 3 the best that passes
+               4.0: ranks(145, 170), 6.0: ranks(140, 180)}  # hot bin 3% and 7% down  # fmt: skip
+    assert set(content) == set(WARM_WEIGHTS)
+    by_kind = {"content": lambda w: content[w], "content_features": lambda w: ranks(150, 135)}
+    got = choose_warm_term(reference, by_kind, hot, hot_reference=0.5)
+    assert (got["weight"], got["reads"]) == (3.0, "content")
+    assert got["hot_ndcg@10"] == pytest.approx(148 / 300)
+    assert set(got["passes"]) == {"content weight 2", "content weight 3"} | {
+        f"content_features weight {w:g}" for w in WARM_WEIGHTS
+    }
+    assert got["valid_ndcg@10_by_cell"]["weight 0"] == 0.25
+    assert got["valid_ndcg@10_by_cell"]["content weight 4"] == 0.315
+    # no cell gains more than one SE within the hot bin's tolerance: no warm term
+    flat = choose_warm_term(reference, {"content": lambda w: ranks(140, 200)}, hot, 0.5)
+    assert (flat["weight"], flat["reads"], flat["passes"]) == (0.0, None, [])
+    assert flat["hot_ndcg@10"] == reference["hot_ndcg@10"]

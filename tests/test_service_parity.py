@@ -50,12 +50,13 @@ def _term_bundle(
     item_features: bool,
     centred: bool,
     half_life: float | None = None,
+    warm_weight: float = 0.0,
 ) -> tuple[Path, Path]:
     """(bundle, checkpoint) of the hybrid-sum run with its new items' content-term weight set
     to TERM_WEIGHT and its rarest trained quarter's to RARE_WEIGHT (whatever its calibration
     chose), the term reading the items' genres beside their content vectors where
     `item_features` and taken about the catalog's mean where `centred`, the history's events
-    weighted by `half_life`, exported again."""
+    weighted by `half_life`, every other trained item's weight `warm_weight`, exported again."""
     from sidrec.item_features import ItemFeatures
     from sidrec.offline import pipeline
     from sidrec.offline.train import load_checkpoint
@@ -71,7 +72,8 @@ def _term_bundle(
     with sidrec_cache(_RUN.get("cache", source / "cache")):  # MiniLM's export
         steps = pipeline.Steps.open(source / "data", root / "run")
         features = ItemFeatures.fit(steps.data.catalog.fields) if item_features else None
-        term = ContentTerm(TERM_WEIGHT, RARE_WEIGHT, rare_count, features, half_life=half_life)
+        term = ContentTerm(TERM_WEIGHT, RARE_WEIGHT, rare_count, features, half_life=half_life,
+                           warm_weight=warm_weight)  # fmt: skip
         if centred:
             term = term.centred_on(steps.content_vectors, steps.data.catalog.fields)
         record_path.write_text(json.dumps({**record, **term.record()}))
@@ -100,8 +102,10 @@ def features_term_run(
 ) -> tuple[Path, Path]:
     """The hybrid-sum run with a content term (_term_bundle) on the content vectors and the
     items' genres (the synthetic catalog names them), centred as calibration centres it, the
-    history's latest events weighing most (a half-life of 2 events)."""
-    return _term_bundle(tmp_path_factory, sum_run, item_features=True, centred=True, half_life=2.0)
+    history's latest events weighing most (a half-life of 2 events), every other trained item
+    with a warm term."""
+    return _term_bundle(tmp_path_factory, sum_run, item_features=True, centred=True,
+                        half_life=2.0, warm_weight=0.5)  # fmt: skip
 
 
 @pytest.fixture(

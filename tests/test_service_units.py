@@ -858,3 +858,52 @@ def test_a_content_term_with_a_half_life_weighs_the_latest_events_most(tmp_path:
         # the order of the history matters only with a half-life
         np.testing.assert_allclose(flat.content_query(history[::-1]), plain, atol=1e-6)
         assert not np.allclose(recent.content_query(history[::-1]), recent.content_query(history))
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_warm_content_term_weighs_every_trained_row_and_its_index_ranks_alone(
+    kind: str, tmp_path: Path
+) -> None:
+    """A warm term (every trained item's, ContentTerm.warm_weight) puts every row in the
+    term index: it alone ranks the table, exactly, before and after an ingest."""
+    from sidrec.bundle import Bundle
+    from sidrec.content_term import ContentTerm
+    from sidrec.service.retrieval import IndexSpec
+
+    term = ContentTerm(3.0, 2.0, 2, warm_weight=1.0)
+    counts = np.array([0, 0, 1, 2, 5, 9])  # row 0 padding, then new, rare, rare, warm, warm
+    np.testing.assert_array_equal(term.row_weights(counts), [0, 3, 2, 2, 1, 1])
+    assert ContentTerm(warm_weight=1.0).active and not ContentTerm().active
+    assert Bundle(tmp_path, {"model": term.record(), "files": {}}).content_term == term
+    legacy = {k: v for k, v in term.record().items() if k != "warm_item_content_weight"}
+    assert Bundle(tmp_path, {"model": legacy, "files": {}}).content_term.warm_weight == 0.0
+
+    rng = np.random.default_rng(11)
+    n, d, c = 80, 8, 6
+    vectors = rng.normal(size=(n + 1, d)).astype(np.float32)
+    content = rng.normal(size=(n + 1, c)).astype(np.float32)
+    vectors[0] = content[0] = 0.0
+    train_counts = np.concatenate([[0], rng.integers(0, 6, size=n)])
+    weights = ContentTerm(3.0, warm_weight=1.5).row_weights(train_counts)
+    assert (weights[1:] > 0).all()
+    spec = IndexSpec(kind, device="cpu", hnsw_ef_search=200)
+    table = ItemTable(vectors, [f"i{r}" for r in range(1, n + 1)], np.zeros((n + 1, 3), np.int64),
+                      4, use_gpu=False, index=spec, scoring="dot", content=content,
+                      content_weights=weights, content_half_life=2.0)  # fmt: skip
+    assert table.term_rows == list(range(1, n + 1))
+    with table.lock:
+        cq = table.content_query(np.array([4, 9, 17], np.int64))
+    query = rng.normal(size=d).astype(np.float32)
+    for k in (5, n):
+        want = content_term_scores(table, query, cq, k)
+        (got,) = table.rank_batch(query[None], [k], [{"i3"}], None, cq[None])
+        want = [(i, s) for i, s in want if i != "i3"][: len(got)]
+        assert [i for i, _, _ in got] == [i for i, _ in want] and len(got) == min(k, n - 1)
+        np.testing.assert_allclose([s for _, s, _ in got], [s for _, s in want], atol=1e-5)
+    # an ingested item with its weight joins the term index, and the ranking stays exact
+    vector, unit = rng.normal(size=d).astype(np.float32), rng.normal(size=c).astype(np.float32)
+    table.upsert("new", np.zeros(3, np.int64), vector, 1.0, 0.0, unit, 3.0)
+    assert len(table.term_rows) == n + 1
+    want = content_term_scores(table, query, cq)
+    (got,) = table.rank_batch(query[None], [len(want)], [set()], None, cq[None])
+    assert [i for i, _, _ in got] == [i for i, _ in want]

@@ -231,13 +231,25 @@ def neighbour_cells(
     cells: list[tuple[int, float]],
     content: np.ndarray,
     centred: bool = False,
+    catalog: tuple[np.ndarray, list[dict[str, str]]] | None = None,
 ) -> dict[str, Any]:
     """The ridge part and the content neighbours' part per (k, temperature) in `cells` on
     run_dir's calibrated checkpoint (its paths), each at its warm-rule scale: {"ridge" or "k K
     temperature T": {"record", "scale", "warm", "valid", "test"}}. `centred`: the
-    neighbours' cosine about the catalog's mean, cells named "centred k K ...", no ridge."""
+    neighbours' cosine about the catalog's mean, cells named "centred k K ...", no ridge.
+    Where the run serves a warm term, every item gets it as calibration measured the parts
+    (new items at the warm weight): `catalog`, the content vectors and fields it reads."""
     model, cfg, trained, _, hot, hot_reference = _served_table(run_dir, split)
     batch_size = cfg.eval_batch_size or 32
+    served = load_content_term(run_dir)
+    term = None
+    if served.warm_weight:
+        if catalog is None:
+            raise ValueError(f"{run_dir} serves a warm term: give the catalog's content")
+        term = ContentTerm(served.warm_weight, features=served.features, centre=served.centre,
+                           half_life=served.half_life, warm_weight=served.warm_weight)  # fmt: skip
+        term_rows = torch.from_numpy(term.vectors(*catalog))
+        row_weights = torch.from_numpy(term.row_weights(split.train_counts))
     out: dict[str, Any] = {}
     for k, temperature in [*([] if centred else [(0, 0.0)]), *cells]:
         if k == 0:
@@ -250,6 +262,8 @@ def neighbour_cells(
 
         def ranks(stage: str, scale: float, table: torch.Tensor = table) -> np.ndarray:
             scorer = table_scorer(model.encoder, table, scales_for(trained, scale))
+            if term is not None:
+                scorer = with_content_term(scorer, term_rows, row_weights, term.half_life)
             return rank_targets(scorer, split, stage, batch_size, cfg.max_len)
 
         scale, by_scale, warm = scale_by_warm_rule(
@@ -342,8 +356,9 @@ def main(argv: list[str] | None = None) -> None:
         pairs = [(int(k), float(t)) for k, t in (c.split(":") for c in args.neighbours.split(","))]
         centring = (False, True) if args.centred_neighbours else (False,)
         out = {}
+        catalog = (steps.content_vectors, steps.data.catalog.fields)
         for centred in centring:
-            out |= neighbour_cells(folder, split, pairs, steps.content_vectors, centred)
+            out |= neighbour_cells(folder, split, pairs, steps.content_vectors, centred, catalog)
         if args.item_features:
             fields = steps.data.catalog.fields
             features = ItemFeatures.fit(fields)
@@ -351,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{args.data}: too few items have genres or a year")
             extended = features.extend(steps.content_vectors, fields)
             for centred in centring:
-                cells = neighbour_cells(folder, split, pairs, extended, centred)
+                cells = neighbour_cells(folder, split, pairs, extended, centred, catalog)
                 out.update({f"features {key}": cell for key, cell in cells.items()})
         for key, cell in out.items():
             print(f"{key:28s} scale {cell['scale']:g} valid ndcg@10 "
