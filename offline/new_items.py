@@ -42,6 +42,13 @@ whose pick finds more new items kept (sidrec/content_term.py). Then the rarely t
 items (at most K training events) may get a term too, for the long tail: of the (K, weight)
 cells that pass the warm rule, the one whose cold popularity bin does best on validation
 (choose_rare_term). The service adds the same terms (service/retrieval.py).
+
+Before all of these, hybrid-sum's every other trained item may get the term too, the warm
+term (choose_warm_term): where the next item is often like the last one, content adds to
+every score what the id rows miss (Amazon Toys, docs/results/content-tower.md, thirtieth
+session). It is chosen first, on the table with new items never recommended, because it moves
+every score: the new items' scale, content part and paths are then chosen with new items at
+the warm weight, and the new and rare items' weights over it.
 """
 
 from __future__ import annotations
