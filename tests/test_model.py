@@ -646,6 +646,18 @@ def test_content_part_replaces_only_the_missing_id_part() -> None:
     torch.testing.assert_close(fresh.table(trained), table)
 
 
+def untrained_4_5_9(
+    emb: ItemEmbedding,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(trained [n + 1] with items 4, 5 and 9 untrained, emb's table before a content part,
+    the trained rows [m], their id rows [m, d])."""
+    trained = torch.ones(N_ITEMS + 1, dtype=torch.bool)
+    trained[[4, 5, 9]] = False
+    warm = trained.nonzero().flatten()
+    warm = warm[warm > 0]
+    return trained, emb.table(trained), warm, emb.id_emb.weight.detach()[warm]
+
+
 def test_content_neighbours_part_is_the_weighted_id_rows_of_the_nearest_trained_items() -> None:
     emb = make_embedding("hybrid").eval()
     sids = make_sids()
@@ -653,12 +665,7 @@ def test_content_neighbours_part_is_the_weighted_id_rows_of_the_nearest_trained_
     gen = torch.Generator().manual_seed(4)
     content = torch.randn(N_ITEMS, C, generator=gen)
     content[3] = content[5] * 2.5 + 0.01 * torch.randn(C, generator=gen)  # item 4 ~ item 6
-    trained = torch.ones(N_ITEMS + 1, dtype=torch.bool)
-    trained[[4, 5, 9]] = False
-    before = emb.table(trained)
-    warm = trained.nonzero().flatten()
-    warm = warm[warm > 0]
-    id_rows = emb.id_emb.weight.detach()[warm]
+    trained, before, warm, id_rows = untrained_4_5_9(emb)
     emb.attach_content_neighbours(content[warm - 1], id_rows, k, temperature, content)
     table = emb.table(trained)
     torch.testing.assert_close(table[warm], before[warm])  # warm items lose nothing
@@ -696,12 +703,7 @@ def test_centred_content_neighbours_are_the_nearest_about_the_centre() -> None:
     gen = torch.Generator().manual_seed(5)
     # every vector shares one large direction, as one catalog's text vectors do
     content = torch.randn(N_ITEMS, C, generator=gen) + 4 * torch.eye(C)[0]
-    trained = torch.ones(N_ITEMS + 1, dtype=torch.bool)
-    trained[[4, 5, 9]] = False
-    before = emb.table(trained)
-    warm = trained.nonzero().flatten()
-    warm = warm[warm > 0]
-    id_rows = emb.id_emb.weight.detach()[warm]
+    trained, before, warm, id_rows = untrained_4_5_9(emb)
     unit = torch.nn.functional.normalize(content, dim=-1)
     centre = unit.mean(0)
     emb.attach_content_neighbours(content[warm - 1], id_rows, k, temperature, content, centre)
