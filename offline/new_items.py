@@ -716,27 +716,22 @@ def calibrate_scale(
         }
         cell = by_weight["chosen_cell"]
         served_warm = best["valid_by_new_item_scale"][str(chosen)]
-        term = replace(term_kinds[kind], new_weight=warm.warm_weight) if warm.active else term
+        weight = 0.0  # over the warm one
         if cell is not None:
             chosen, valid = cell["scale"], cell["valid"]
-            weight = cell["weight"]
-            if weight:
-                term = replace(term_kinds[kind], new_weight=warm.warm_weight + weight)
-            served_warm = cell["warm"]
+            weight, served_warm = cell["weight"], cell["warm"]
+        # the new items' term; the rarely trained items' term reads the vectors it picked
+        # (the centred content vector where it picked none)
+        term = replace(term_kinds[kind], new_weight=warm.warm_weight + weight)
         reads = "centred content vector" + (" + genres/years" if term.features else "")
         reads += f", history half-life {half_life}"
         log(f"content term: weight {term.new_weight:g} at scale {chosen:g} on the {reads} "
             f"(validation cold-start HR@10 {valid['cold_start']['hr@10']:.4f}; per weight the "
             f"warm rule's scale {by_weight['picked']})")  # fmt: skip
         scales = scales_for(trained, chosen)
-        # the rarely trained items' term reads the vectors the new items' term picked (the
-        # centred content vector where it picked no term)
-        rare_base = replace(term_kinds[kind], new_weight=term.new_weight)
 
         def rare_cell(count: int, weight: float) -> dict[str, Any]:
-            rare_term = replace(
-                rare_base, rare_weight=warm.warm_weight + weight, rare_max_count=count
-            )
+            rare_term = replace(term, rare_weight=warm.warm_weight + weight, rare_max_count=count)
             r = ranks(table, "valid", scales, term=rare_term)
             return {"warm": warm_figures(r, hot), "valid": summarize(r, split, "valid")}
 
@@ -745,7 +740,7 @@ def calibrate_scale(
         )
         record["rare_term"] = {k: v for k, v in rare.items() if k != "chosen_cell"}
         count, weight = rare["chosen"]
-        term = replace(rare_base, rare_weight=warm.warm_weight + weight if count else 0.0,
+        term = replace(term, rare_weight=warm.warm_weight + weight if count else 0.0,
                        rare_max_count=count)  # fmt: skip
         if not term.active:
             term = ContentTerm()

@@ -246,8 +246,7 @@ def neighbour_cells(
     if served.warm_weight:
         if catalog is None:
             raise ValueError(f"{run_dir} serves a warm term: give the catalog's content")
-        term = ContentTerm(served.warm_weight, features=served.features, centre=served.centre,
-                           half_life=served.half_life, warm_weight=served.warm_weight)  # fmt: skip
+        term = replace(served, new_weight=served.warm_weight, rare_weight=0.0, rare_max_count=0)
         term_rows = torch.from_numpy(term.vectors(*catalog))
         row_weights = torch.from_numpy(term.row_weights(split.train_counts))
     out: dict[str, Any] = {}
